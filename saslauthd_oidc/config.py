@@ -1,0 +1,487 @@
+"""Configuration: TOML parsed once into frozen dataclasses, with errors that name the key.
+
+``load_config(path)`` / ``parse_config(dict)`` return a :class:`Config` or raise
+:class:`ConfigError`, whose message starts with the dotted key that is wrong
+(``rule[2].audiences: expected a list of strings``). ``Config.warnings`` lists
+what is legal but probably not meant. No I/O other than reading the file and
+the secret files it names.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+DEFAULT_CONFIG_PATH = "/etc/saslauthd-oidc/saslauthd-oidc.toml"
+CONFIG_ENV = "SASLAUTHD_OIDC_CONFIG"
+
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+KNOWN_MECHANISMS = ("OAUTHBEARER", "XOAUTH2", "PLAIN", "LOGIN")
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``key`` is the dotted path of the offending setting."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    auth_socket: str | None = "/run/saslauthd-oidc/auth"
+    auth_socket_mode: int = 0o660
+    auth_socket_group: str | None = None
+    saslauthd_socket: str | None = None
+    http_listen: str | None = None
+    mechanisms: tuple[str, ...] = ("OAUTHBEARER", "XOAUTH2")
+    request_timeout: float = 5.0
+    tempfail: Literal["fail", "disconnect"] = "fail"
+    workers: int = 1
+    max_connections: int = 4096
+    max_token_bytes: int = 16384
+
+
+@dataclass(frozen=True, slots=True)
+class CacheConfig:
+    max_entries: int = 100_000
+    ttl: float = 300.0
+    negative_ttl: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingConfig:
+    level: str = "info"
+    format: Literal["json", "console"] = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    name: str
+    issuer: str
+    discovery_url: str | None = None
+    jwks_uri: str | None = None
+    algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256", "EdDSA")
+    leeway: float = 60.0
+    token_types: tuple[str, ...] = ()
+    allow_http: bool = False
+    ca_file: str | None = None
+    jwks_refresh: float = 3600.0  # seconds between background refetches of the key set
+    jwks_cooldown: float = 30.0  # an unknown kid refetches at most once per this many seconds
+    # A shared HMAC secret (only for providers that cannot sign asymmetrically).
+    hmac_secret_file: str | None = None
+
+    @property
+    def effective_discovery_url(self) -> str:
+        if self.discovery_url:
+            return self.discovery_url
+        return self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+
+
+@dataclass(frozen=True, slots=True)
+class RuleConfig:
+    name: str
+    provider: str
+    audiences: tuple[str, ...] = ()
+    authorized_parties: tuple[str, ...] = ()
+    required_scopes: tuple[str, ...] = ()
+    claims: Mapping[str, str | int | bool] = field(default_factory=dict)
+    domains: tuple[str, ...] = ()
+    services: tuple[str, ...] = ()
+    hosts: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
+    mechanisms: tuple[str, ...] = ()
+    username: str = "{email}"
+    normalize: bool = True  # NFKC + lower case
+    authzid: Literal["match", "ignore"] = "match"
+    fallback: bool = False
+    discovery_hint: str | None = None
+    challenge_scope: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    providers: tuple[ProviderConfig, ...] = ()
+    rules: tuple[RuleConfig, ...] = ()
+    warnings: tuple[str, ...] = ()
+    source: str = "<built-in>"
+
+    def provider(self, name: str) -> ProviderConfig:
+        for p in self.providers:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def resolve_config_path(cli_value: str | None) -> str:
+    return cli_value or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {p}: {exc.strerror}") from None
+    try:
+        st = p.stat()
+    except OSError:  # pragma: no cover - raced with a delete
+        st = None
+    if st is not None and st.st_mode & stat.S_IWOTH:
+        raise ConfigError("", f"{p} is world-writable; refusing to use it (chmod o-w)")
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError("", f"{p}: not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{p}: TOML syntax error: {exc}") from None
+    return parse_config(data, source=str(p))
+
+
+T = TypeVar("T")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
+
+
+class _Section:
+    """Typed accessors over one TOML table that name the key on error and spot typos."""
+
+    def __init__(self, key: str, data: Any) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(key, "expected a table")
+        self.key = key
+        self.data: dict[str, Any] = data
+        self.seen: set[str] = set()
+
+    def _k(self, name: str) -> str:
+        return f"{self.key}.{name}" if self.key else name
+
+    def _get(self, name: str) -> Any:
+        self.seen.add(name)
+        return self.data.get(name)
+
+    def str(self, name: str, default: T) -> str | T:
+        v = self._get(name)
+        if v is None:
+            return default
+        if not isinstance(v, str):
+            raise ConfigError(self._k(name), "expected a string")
+        return v
+
+    def required_str(self, name: str) -> str:
+        v = self.str(name, None)
+        if not v:
+            raise ConfigError(self._k(name), "required, expected a non-empty string")
+        return v
+
+    def bool(self, name: str, default: bool) -> bool:
+        v = self._get(name)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise ConfigError(self._k(name), "expected true or false")
+        return v
+
+    def number(self, name: str, default: float, *, minimum: float = 0.0) -> float:
+        v = self._get(name)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ConfigError(self._k(name), "expected a number")
+        if v < minimum:
+            raise ConfigError(self._k(name), f"must be at least {minimum:g}")
+        return float(v)
+
+    def int(self, name: str, default: int, *, minimum: int = 0) -> int:
+        v = self._get(name)
+        if v is None:
+            return default
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(self._k(name), "expected a whole number")
+        if v < minimum:
+            raise ConfigError(self._k(name), f"must be at least {minimum}")
+        return v
+
+    def str_list(self, name: str, default: Sequence[str] = ()) -> tuple[str, ...]:
+        v = self._get(name)
+        if v is None:
+            return tuple(default)
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, list) or not all(isinstance(i, str) and i for i in v):
+            raise ConfigError(self._k(name), "expected a list of non-empty strings")
+        return tuple(v)
+
+    def choice(self, name: str, default: str, choices: Sequence[str]) -> str:
+        v = self.str(name, default)
+        if v not in choices:
+            raise ConfigError(self._k(name), f"expected one of {', '.join(map(repr, choices))}")
+        return v
+
+    def reject_unknown(self) -> None:
+        unknown = sorted(set(self.data) - self.seen)
+        if unknown:
+            raise ConfigError(self._k(unknown[0]), "unknown setting (misspelt?)")
+
+
+def _parse_mode(key: str, v: Any) -> int:
+    if isinstance(v, str) and re.fullmatch(r"0?[0-7]{3,4}", v):
+        return int(v, 8)
+    raise ConfigError(key, 'expected an octal string such as "0660"')
+
+
+def _check_url(key: str, url: str, *, allow_http: bool) -> str:
+    if url.startswith("https://") or (allow_http and url.startswith("http://")):
+        return url
+    hint = "" if allow_http else " (plain http needs allow_http = true)"
+    raise ConfigError(key, f"expected an https:// URL{hint}")
+
+
+def _parse_server(data: Any) -> ServerConfig:
+    s = _Section("server", data)
+    d = ServerConfig()
+    mode_raw = s._get("auth_socket_mode")
+    mechanisms = tuple(m.upper() for m in s.str_list("mechanisms", d.mechanisms))
+    for m in mechanisms:
+        if m not in KNOWN_MECHANISMS:
+            raise ConfigError("server.mechanisms", f"unknown mechanism {m!r}")
+    if not mechanisms:
+        raise ConfigError("server.mechanisms", "at least one mechanism is needed")
+    auth_socket = s.str("auth_socket", d.auth_socket)
+    cfg = ServerConfig(
+        auth_socket=auth_socket or None,
+        auth_socket_mode=d.auth_socket_mode
+        if mode_raw is None
+        else _parse_mode("server.auth_socket_mode", mode_raw),
+        auth_socket_group=s.str("auth_socket_group", None),
+        saslauthd_socket=s.str("saslauthd_socket", None),
+        http_listen=s.str("http_listen", None),
+        mechanisms=mechanisms,
+        request_timeout=s.number("request_timeout", d.request_timeout, minimum=0.1),
+        tempfail=s.choice("tempfail", d.tempfail, ("fail", "disconnect")),  # type: ignore[arg-type]
+        workers=s.int("workers", d.workers, minimum=1),
+        max_connections=s.int("max_connections", d.max_connections, minimum=1),
+        max_token_bytes=s.int("max_token_bytes", d.max_token_bytes, minimum=256),
+    )
+    if cfg.request_timeout >= 10:
+        raise ConfigError(
+            "server.request_timeout",
+            "must be below 10 seconds: Postfix gives up on the auth server after 10 s",
+        )
+    s.reject_unknown()
+    return cfg
+
+
+def _parse_cache(data: Any) -> CacheConfig:
+    s = _Section("cache", data)
+    d = CacheConfig()
+    cfg = CacheConfig(
+        max_entries=s.int("max_entries", d.max_entries),
+        ttl=s.number("ttl", d.ttl),
+        negative_ttl=s.number("negative_ttl", d.negative_ttl),
+    )
+    s.reject_unknown()
+    return cfg
+
+
+def _parse_logging(data: Any) -> LoggingConfig:
+    s = _Section("logging", data)
+    cfg = LoggingConfig(
+        level=s.choice("level", "info", ("debug", "info", "warning", "error")),
+        format=s.choice("format", "json", ("json", "console")),  # type: ignore[arg-type]
+    )
+    s.reject_unknown()
+    return cfg
+
+
+def _parse_provider(index: int, data: Any) -> ProviderConfig:
+    key = f"provider[{index}]"
+    s = _Section(key, data)
+    d_algs = ProviderConfig.__dataclass_fields__["algorithms"].default
+    name = s.required_str("name")
+    if not _NAME_RE.match(name):
+        raise ConfigError(f"{key}.name", "use letters, digits, '.', '_' and '-' only")
+    allow_http = s.bool("allow_http", False)
+    issuer = _check_url(f"{key}.issuer", s.required_str("issuer"), allow_http=allow_http)
+    discovery_url = s.str("discovery_url", None)
+    if discovery_url:
+        _check_url(f"{key}.discovery_url", discovery_url, allow_http=allow_http)
+    jwks_uri = s.str("jwks_uri", None)
+    if jwks_uri:
+        _check_url(f"{key}.jwks_uri", jwks_uri, allow_http=allow_http)
+    algorithms = s.str_list("algorithms", d_algs)  # type: ignore[arg-type]
+    hmac_secret_file = s.str("hmac_secret_file", None)
+    for alg in algorithms:
+        if alg in SYMMETRIC_ALGORITHMS:
+            if not hmac_secret_file:
+                raise ConfigError(
+                    f"{key}.algorithms",
+                    f"{alg} is a shared-secret algorithm; it needs hmac_secret_file",
+                )
+        elif alg not in ASYMMETRIC_ALGORITHMS:
+            raise ConfigError(f"{key}.algorithms", f"unsupported algorithm {alg!r}")
+    if not algorithms:
+        raise ConfigError(f"{key}.algorithms", "at least one algorithm is needed")
+    cfg = ProviderConfig(
+        name=name,
+        issuer=issuer,
+        discovery_url=discovery_url,
+        jwks_uri=jwks_uri,
+        algorithms=algorithms,
+        leeway=s.number("leeway", 60.0),
+        token_types=s.str_list("token_types"),
+        allow_http=allow_http,
+        ca_file=s.str("ca_file", None),
+        jwks_refresh=s.number("jwks_refresh", 3600.0, minimum=10.0),
+        jwks_cooldown=s.number("jwks_cooldown", 30.0, minimum=0.0),
+        hmac_secret_file=hmac_secret_file,
+    )
+    if cfg.leeway > 600:
+        raise ConfigError(f"{key}.leeway", "at most 600 seconds")
+    s.reject_unknown()
+    return cfg
+
+
+def _parse_rule(index: int, data: Any, provider_names: set[str]) -> RuleConfig:
+    key = f"rule[{index}]"
+    s = _Section(key, data)
+    name = s.str("name", f"rule{index}")
+    if not _NAME_RE.match(name):
+        raise ConfigError(f"{key}.name", "use letters, digits, '.', '_' and '-' only")
+    provider = s.required_str("provider")
+    if provider not in provider_names:
+        known = ", ".join(sorted(provider_names)) or "none defined"
+        raise ConfigError(f"{key}.provider", f"no [[provider]] named {provider!r} ({known})")
+    ports_raw = s._get("ports")
+    ports: tuple[int, ...] = ()
+    if ports_raw is not None:
+        if not isinstance(ports_raw, list) or not all(
+            isinstance(p, int) and not isinstance(p, bool) and 0 < p < 65536 for p in ports_raw
+        ):
+            raise ConfigError(f"{key}.ports", "expected a list of port numbers")
+        ports = tuple(ports_raw)
+    claims_raw = s._get("claims")
+    claims: dict[str, str | int | bool] = {}
+    if claims_raw is not None:
+        if not isinstance(claims_raw, dict):
+            raise ConfigError(f"{key}.claims", "expected a table of claim = value")
+        for ck, cv in claims_raw.items():
+            if not isinstance(cv, str | int | bool):
+                raise ConfigError(f"{key}.claims.{ck}", "expected a string, number or boolean")
+            claims[ck] = cv
+    username = s.str("username", "{email}")
+    placeholders = _PLACEHOLDER_RE.findall(username)
+    if not placeholders or any(not p.strip() for p in placeholders):
+        raise ConfigError(f"{key}.username", 'expected a template with a "{claim}" placeholder')
+    if username.count("{") != len(placeholders) or username.count("}") != len(placeholders):
+        raise ConfigError(f"{key}.username", "unbalanced braces in template")
+    mechanisms = tuple(m.upper() for m in s.str_list("mechanisms"))
+    for m in mechanisms:
+        if m not in KNOWN_MECHANISMS:
+            raise ConfigError(f"{key}.mechanisms", f"unknown mechanism {m!r}")
+    discovery_hint = s.str("discovery_hint", None)
+    if discovery_hint:
+        _check_url(f"{key}.discovery_hint", discovery_hint, allow_http=True)
+    cfg = RuleConfig(
+        name=name,
+        provider=provider,
+        audiences=s.str_list("audiences"),
+        authorized_parties=s.str_list("authorized_parties"),
+        required_scopes=s.str_list("required_scopes"),
+        claims=claims,
+        domains=tuple(d.lower().lstrip("@") for d in s.str_list("domains")),
+        services=tuple(v.lower() for v in s.str_list("services")),
+        hosts=tuple(h.lower().rstrip(".") for h in s.str_list("hosts")),
+        ports=ports,
+        mechanisms=mechanisms,
+        username=username,
+        normalize=s.bool("normalize", True),
+        authzid=s.choice("authzid", "match", ("match", "ignore")),  # type: ignore[arg-type]
+        fallback=s.bool("fallback", False),
+        discovery_hint=discovery_hint,
+        challenge_scope=s.str("challenge_scope", None),
+    )
+    s.reject_unknown()
+    return cfg
+
+
+def parse_config(data: Mapping[str, Any], *, source: str = "<memory>") -> Config:
+    top = _Section("", dict(data))
+    server = _parse_server(top._get("server") or {})
+    cache = _parse_cache(top._get("cache") or {})
+    logging_cfg = _parse_logging(top._get("logging") or {})
+    providers_raw = top._get("provider") or []
+    if not isinstance(providers_raw, list):
+        raise ConfigError("provider", "expected [[provider]] tables")
+    providers = tuple(_parse_provider(i, p) for i, p in enumerate(providers_raw))
+    names = [p.name for p in providers]
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            raise ConfigError(f"provider[{i}].name", f"duplicate provider name {n!r}")
+    rules_raw = top._get("rule") or []
+    if not isinstance(rules_raw, list):
+        raise ConfigError("rule", "expected [[rule]] tables")
+    rules = tuple(_parse_rule(i, r, set(names)) for i, r in enumerate(rules_raw))
+    rule_names = [r.name for r in rules]
+    for i, n in enumerate(rule_names):
+        if n in rule_names[:i]:
+            raise ConfigError(f"rule[{i}].name", f"duplicate rule name {n!r}")
+    if not rules:
+        raise ConfigError("rule", "at least one [[rule]] is needed")
+    top.reject_unknown()
+    cfg = Config(
+        server=server,
+        cache=cache,
+        logging=logging_cfg,
+        providers=providers,
+        rules=rules,
+        source=source,
+    )
+    return _with_warnings(cfg)
+
+
+def _with_warnings(cfg: Config) -> Config:
+    # Lazy import: rules.py owns the reachability analysis and imports this module.
+    from saslauthd_oidc.rules import config_warnings
+
+    return Config(
+        server=cfg.server,
+        cache=cfg.cache,
+        logging=cfg.logging,
+        providers=cfg.providers,
+        rules=cfg.rules,
+        warnings=tuple(config_warnings(cfg)),
+        source=cfg.source,
+    )
+
+
+def read_secret_file(key: str, path: str) -> str:
+    """Read a secret (client secret, HMAC key) from a file that others cannot write."""
+    p = Path(path)
+    try:
+        st = p.stat()
+        text = p.read_text("utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {p}: {exc.strerror}") from None
+    if st.st_mode & (stat.S_IWOTH | stat.S_IROTH):
+        raise ConfigError(key, f"{p} is readable or writable by others; chmod 0600 it")
+    if not text:
+        raise ConfigError(key, f"{p} is empty")
+    return text
