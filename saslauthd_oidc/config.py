@@ -26,6 +26,7 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 )
 SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 KNOWN_MECHANISMS = ("OAUTHBEARER", "XOAUTH2", "PLAIN", "LOGIN")
+USERNAME_FILTERS = ("localpart", "domain", "lower")
 
 
 class ConfigError(Exception):
@@ -116,7 +117,6 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     providers: tuple[ProviderConfig, ...] = ()
     rules: tuple[RuleConfig, ...] = ()
-    warnings: tuple[str, ...] = ()
     source: str = "<built-in>"
 
     def provider(self, name: str) -> ProviderConfig:
@@ -177,7 +177,7 @@ class _Section:
         self.seen.add(name)
         return self.data.get(name)
 
-    def str(self, name: str, default: T) -> str | T:
+    def text(self, name: str, default: T) -> str | T:
         v = self._get(name)
         if v is None:
             return default
@@ -186,12 +186,12 @@ class _Section:
         return v
 
     def required_str(self, name: str) -> str:
-        v = self.str(name, None)
+        v = self.text(name, None)
         if not v:
             raise ConfigError(self._k(name), "required, expected a non-empty string")
         return v
 
-    def bool(self, name: str, default: bool) -> bool:
+    def flag(self, name: str, default: bool) -> bool:
         v = self._get(name)
         if v is None:
             return default
@@ -209,7 +209,7 @@ class _Section:
             raise ConfigError(self._k(name), f"must be at least {minimum:g}")
         return float(v)
 
-    def int(self, name: str, default: int, *, minimum: int = 0) -> int:
+    def whole(self, name: str, default: int, *, minimum: int = 0) -> int:
         v = self._get(name)
         if v is None:
             return default
@@ -219,7 +219,7 @@ class _Section:
             raise ConfigError(self._k(name), f"must be at least {minimum}")
         return v
 
-    def str_list(self, name: str, default: Sequence[str] = ()) -> tuple[str, ...]:
+    def texts(self, name: str, default: Sequence[str] = ()) -> tuple[str, ...]:
         v = self._get(name)
         if v is None:
             return tuple(default)
@@ -230,7 +230,7 @@ class _Section:
         return tuple(v)
 
     def choice(self, name: str, default: str, choices: Sequence[str]) -> str:
-        v = self.str(name, default)
+        v = self.text(name, default)
         if v not in choices:
             raise ConfigError(self._k(name), f"expected one of {', '.join(map(repr, choices))}")
         return v
@@ -258,27 +258,27 @@ def _parse_server(data: Any) -> ServerConfig:
     s = _Section("server", data)
     d = ServerConfig()
     mode_raw = s._get("auth_socket_mode")
-    mechanisms = tuple(m.upper() for m in s.str_list("mechanisms", d.mechanisms))
+    mechanisms = tuple(m.upper() for m in s.texts("mechanisms", d.mechanisms))
     for m in mechanisms:
         if m not in KNOWN_MECHANISMS:
             raise ConfigError("server.mechanisms", f"unknown mechanism {m!r}")
     if not mechanisms:
         raise ConfigError("server.mechanisms", "at least one mechanism is needed")
-    auth_socket = s.str("auth_socket", d.auth_socket)
+    auth_socket = s.text("auth_socket", d.auth_socket)
     cfg = ServerConfig(
         auth_socket=auth_socket or None,
         auth_socket_mode=d.auth_socket_mode
         if mode_raw is None
         else _parse_mode("server.auth_socket_mode", mode_raw),
-        auth_socket_group=s.str("auth_socket_group", None),
-        saslauthd_socket=s.str("saslauthd_socket", None),
-        http_listen=s.str("http_listen", None),
+        auth_socket_group=s.text("auth_socket_group", None),
+        saslauthd_socket=s.text("saslauthd_socket", None),
+        http_listen=s.text("http_listen", None),
         mechanisms=mechanisms,
         request_timeout=s.number("request_timeout", d.request_timeout, minimum=0.1),
         tempfail=s.choice("tempfail", d.tempfail, ("fail", "disconnect")),  # type: ignore[arg-type]
-        workers=s.int("workers", d.workers, minimum=1),
-        max_connections=s.int("max_connections", d.max_connections, minimum=1),
-        max_token_bytes=s.int("max_token_bytes", d.max_token_bytes, minimum=256),
+        workers=s.whole("workers", d.workers, minimum=1),
+        max_connections=s.whole("max_connections", d.max_connections, minimum=1),
+        max_token_bytes=s.whole("max_token_bytes", d.max_token_bytes, minimum=256),
     )
     if cfg.request_timeout >= 10:
         raise ConfigError(
@@ -293,7 +293,7 @@ def _parse_cache(data: Any) -> CacheConfig:
     s = _Section("cache", data)
     d = CacheConfig()
     cfg = CacheConfig(
-        max_entries=s.int("max_entries", d.max_entries),
+        max_entries=s.whole("max_entries", d.max_entries),
         ttl=s.number("ttl", d.ttl),
         negative_ttl=s.number("negative_ttl", d.negative_ttl),
     )
@@ -318,16 +318,16 @@ def _parse_provider(index: int, data: Any) -> ProviderConfig:
     name = s.required_str("name")
     if not _NAME_RE.match(name):
         raise ConfigError(f"{key}.name", "use letters, digits, '.', '_' and '-' only")
-    allow_http = s.bool("allow_http", False)
+    allow_http = s.flag("allow_http", False)
     issuer = _check_url(f"{key}.issuer", s.required_str("issuer"), allow_http=allow_http)
-    discovery_url = s.str("discovery_url", None)
+    discovery_url = s.text("discovery_url", None)
     if discovery_url:
         _check_url(f"{key}.discovery_url", discovery_url, allow_http=allow_http)
-    jwks_uri = s.str("jwks_uri", None)
+    jwks_uri = s.text("jwks_uri", None)
     if jwks_uri:
         _check_url(f"{key}.jwks_uri", jwks_uri, allow_http=allow_http)
-    algorithms = s.str_list("algorithms", d_algs)  # type: ignore[arg-type]
-    hmac_secret_file = s.str("hmac_secret_file", None)
+    algorithms = s.texts("algorithms", d_algs)  # type: ignore[arg-type]
+    hmac_secret_file = s.text("hmac_secret_file", None)
     for alg in algorithms:
         if alg in SYMMETRIC_ALGORITHMS:
             if not hmac_secret_file:
@@ -346,9 +346,9 @@ def _parse_provider(index: int, data: Any) -> ProviderConfig:
         jwks_uri=jwks_uri,
         algorithms=algorithms,
         leeway=s.number("leeway", 60.0),
-        token_types=s.str_list("token_types"),
+        token_types=s.texts("token_types"),
         allow_http=allow_http,
-        ca_file=s.str("ca_file", None),
+        ca_file=s.text("ca_file", None),
         jwks_refresh=s.number("jwks_refresh", 3600.0, minimum=10.0),
         jwks_cooldown=s.number("jwks_cooldown", 30.0, minimum=0.0),
         hmac_secret_file=hmac_secret_file,
@@ -362,7 +362,7 @@ def _parse_provider(index: int, data: Any) -> ProviderConfig:
 def _parse_rule(index: int, data: Any, provider_names: set[str]) -> RuleConfig:
     key = f"rule[{index}]"
     s = _Section(key, data)
-    name = s.str("name", f"rule{index}")
+    name = s.text("name", f"rule{index}")
     if not _NAME_RE.match(name):
         raise ConfigError(f"{key}.name", "use letters, digits, '.', '_' and '-' only")
     provider = s.required_str("provider")
@@ -386,37 +386,45 @@ def _parse_rule(index: int, data: Any, provider_names: set[str]) -> RuleConfig:
             if not isinstance(cv, str | int | bool):
                 raise ConfigError(f"{key}.claims.{ck}", "expected a string, number or boolean")
             claims[ck] = cv
-    username = s.str("username", "{email}")
+    username = s.text("username", "{email}")
     placeholders = _PLACEHOLDER_RE.findall(username)
     if not placeholders or any(not p.strip() for p in placeholders):
         raise ConfigError(f"{key}.username", 'expected a template with a "{claim}" placeholder')
     if username.count("{") != len(placeholders) or username.count("}") != len(placeholders):
         raise ConfigError(f"{key}.username", "unbalanced braces in template")
-    mechanisms = tuple(m.upper() for m in s.str_list("mechanisms"))
+    for body in placeholders:
+        claim, *filters = (part.strip() for part in body.split("|"))
+        if not claim:
+            raise ConfigError(f"{key}.username", f"empty claim name in {{{body}}}")
+        for f in filters:
+            if f not in USERNAME_FILTERS:
+                known = ", ".join(USERNAME_FILTERS)
+                raise ConfigError(f"{key}.username", f"unknown filter {f!r} (known: {known})")
+    mechanisms = tuple(m.upper() for m in s.texts("mechanisms"))
     for m in mechanisms:
         if m not in KNOWN_MECHANISMS:
             raise ConfigError(f"{key}.mechanisms", f"unknown mechanism {m!r}")
-    discovery_hint = s.str("discovery_hint", None)
+    discovery_hint = s.text("discovery_hint", None)
     if discovery_hint:
         _check_url(f"{key}.discovery_hint", discovery_hint, allow_http=True)
     cfg = RuleConfig(
         name=name,
         provider=provider,
-        audiences=s.str_list("audiences"),
-        authorized_parties=s.str_list("authorized_parties"),
-        required_scopes=s.str_list("required_scopes"),
+        audiences=s.texts("audiences"),
+        authorized_parties=s.texts("authorized_parties"),
+        required_scopes=s.texts("required_scopes"),
         claims=claims,
-        domains=tuple(d.lower().lstrip("@") for d in s.str_list("domains")),
-        services=tuple(v.lower() for v in s.str_list("services")),
-        hosts=tuple(h.lower().rstrip(".") for h in s.str_list("hosts")),
+        domains=tuple(d.lower().lstrip("@") for d in s.texts("domains")),
+        services=tuple(v.lower() for v in s.texts("services")),
+        hosts=tuple(h.lower().rstrip(".") for h in s.texts("hosts")),
         ports=ports,
         mechanisms=mechanisms,
         username=username,
-        normalize=s.bool("normalize", True),
+        normalize=s.flag("normalize", True),
         authzid=s.choice("authzid", "match", ("match", "ignore")),  # type: ignore[arg-type]
-        fallback=s.bool("fallback", False),
+        fallback=s.flag("fallback", False),
         discovery_hint=discovery_hint,
-        challenge_scope=s.str("challenge_scope", None),
+        challenge_scope=s.text("challenge_scope", None),
     )
     s.reject_unknown()
     return cfg
@@ -454,22 +462,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<memory>") -> Config
         rules=rules,
         source=source,
     )
-    return _with_warnings(cfg)
-
-
-def _with_warnings(cfg: Config) -> Config:
-    # Lazy import: rules.py owns the reachability analysis and imports this module.
-    from saslauthd_oidc.rules import config_warnings
-
-    return Config(
-        server=cfg.server,
-        cache=cfg.cache,
-        logging=cfg.logging,
-        providers=cfg.providers,
-        rules=cfg.rules,
-        warnings=tuple(config_warnings(cfg)),
-        source=cfg.source,
-    )
+    return cfg
 
 
 def read_secret_file(key: str, path: str) -> str:

@@ -1,0 +1,196 @@
+"""Rule selection: which configured rules fit a request, and which one a verified token satisfies.
+
+Selection is deterministic (README "How a rule is chosen"):
+
+1. context conditions narrow the rules: mechanism, service, host and port
+   (OAUTHBEARER ``host=``/``port=``, else TLS SNI and the local port), the
+   user's domain (authzid / XOAUTH2 ``user=`` / login);
+2. the *unverified* token's ``iss`` may only narrow them further (exact match);
+3. the token is verified by each remaining rule's provider (once per provider);
+4. the first rule in file order whose claim conditions hold on the verified
+   claims wins; fallback rules are tried only after every other rule.
+
+Pure: no I/O, no clock. Also owns the load-time analysis (shadowed rules,
+overlapping fallbacks) that ``check-config`` reports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from saslauthd_oidc.outcome import DiscoveryHint, Reason
+from saslauthd_oidc.request import AuthRequest
+
+if TYPE_CHECKING:
+    from saslauthd_oidc.config import Config, ProviderConfig, RuleConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Mismatch:
+    reason: Reason
+    detail: str
+
+
+def ordered(rules: Iterable[RuleConfig]) -> list[RuleConfig]:
+    """File order, with fallback rules moved behind all others."""
+    rules = list(rules)
+    return [r for r in rules if not r.fallback] + [r for r in rules if r.fallback]
+
+
+def request_host(request: AuthRequest) -> str | None:
+    host = request.credentials.host or request.context.local_name
+    return host.lower().rstrip(".") if host else None
+
+
+def request_port(request: AuthRequest) -> int | None:
+    return request.credentials.port or request.context.local_port
+
+
+def context_mismatch(rule: RuleConfig, request: AuthRequest) -> Mismatch | None:
+    """Why ``rule`` cannot serve this request, judged on the request alone (no token)."""
+    ctx = request.context
+    if rule.mechanisms and request.mechanism.value not in rule.mechanisms:
+        return Mismatch(Reason.NO_RULE_FOR_CONTEXT, f"mechanism {request.mechanism} not in rule")
+    if rule.services and (ctx.service or "") not in rule.services:
+        return Mismatch(Reason.NO_RULE_FOR_CONTEXT, f"service {ctx.service!r} not in rule")
+    if rule.hosts:
+        host = request_host(request)
+        if host not in rule.hosts:
+            return Mismatch(Reason.HOST_MISMATCH, f"host {host!r} not in rule")
+    if rule.ports:
+        port = request_port(request)
+        if port not in rule.ports:
+            return Mismatch(Reason.HOST_MISMATCH, f"port {port!r} not in rule")
+    if rule.domains:
+        domain = request.credentials.user_domain
+        if domain not in rule.domains:
+            return Mismatch(Reason.NO_RULE_FOR_CONTEXT, f"user domain {domain!r} not in rule")
+    return None
+
+
+def _as_list(value: Any) -> list[Any] | None:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list):
+        return value
+    return None
+
+
+def token_scopes(claims: Mapping[str, Any]) -> set[str] | None:
+    """``scope`` as a space-separated string (RFC 9068) or an array; Entra uses ``scp``."""
+    for key in ("scope", "scp"):
+        value = claims.get(key)
+        if isinstance(value, str):
+            return set(value.split())
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return set(value)
+    return None
+
+
+def claim_mismatch(rule: RuleConfig, claims: Mapping[str, Any]) -> Mismatch | None:
+    """Why the verified ``claims`` do not satisfy ``rule``'s claim conditions."""
+    audiences = _as_list(claims.get("aud"))
+    if audiences is not None and not all(isinstance(a, str) for a in audiences):
+        return Mismatch(Reason.BAD_CLAIM, "aud is not a string or a list of strings")
+    azp = claims.get("azp")
+    party = azp if azp is not None else claims.get("client_id")
+    if party is not None and not isinstance(party, str):
+        return Mismatch(Reason.BAD_CLAIM, "azp/client_id is not a string")
+    if rule.audiences:
+        if not audiences:
+            return Mismatch(Reason.WRONG_AUDIENCE, "token has no aud")
+        if not set(audiences) & set(rule.audiences):
+            return Mismatch(Reason.WRONG_AUDIENCE, f"aud {audiences!r} not in rule")
+    if audiences and len(set(audiences)) > 1:
+        # OIDC Core 3.1.3.7: with several audiences, azp must name a party we trust.
+        trusted = rule.authorized_parties or rule.audiences
+        if not isinstance(azp, str) or azp not in trusted:
+            return Mismatch(
+                Reason.UNTRUSTED_AUTHORIZED_PARTY,
+                f"token has {len(audiences)} audiences and azp {azp!r} is not trusted by the rule",
+            )
+    if rule.authorized_parties and party not in rule.authorized_parties:
+        return Mismatch(Reason.UNTRUSTED_AUTHORIZED_PARTY, f"azp/client_id {party!r} not in rule")
+    if rule.required_scopes:
+        scopes = token_scopes(claims) or set()
+        missing = [s for s in rule.required_scopes if s not in scopes]
+        if missing:
+            return Mismatch(Reason.INSUFFICIENT_SCOPE, f"scope {missing[0]!r} missing")
+    for name, expected in rule.claims.items():
+        actual = claims.get(name)
+        if isinstance(actual, list):
+            ok = expected in actual
+        else:
+            ok = actual == expected and type(actual) is type(expected)
+        if not ok:
+            return Mismatch(Reason.CLAIM_MISMATCH, f"claim {name!r} is not {expected!r}")
+    return None
+
+
+def discovery_hint(rule: RuleConfig | None, provider: ProviderConfig | None) -> DiscoveryHint:
+    """What the failure challenge tells the client: the IdP serving the rule that fits."""
+    if rule is None:
+        return DiscoveryHint()
+    url = rule.discovery_hint or (provider.effective_discovery_url if provider else None)
+    scope = rule.challenge_scope or (rule.required_scopes[0] if rule.required_scopes else None)
+    return DiscoveryHint(openid_configuration=url, scope=scope)
+
+
+# --------------------------------------------------------------------------- load-time analysis
+
+_CONTEXT_FIELDS = ("mechanisms", "services", "hosts", "ports", "domains")
+_CLAIM_FIELDS = ("audiences", "authorized_parties")
+
+
+def _covers(wide: Sequence[Any], narrow: Sequence[Any]) -> bool:
+    """A condition list ``wide`` accepts everything ``narrow`` accepts (empty = anything)."""
+    return not wide or (bool(narrow) and set(narrow) <= set(wide))
+
+
+def shadows(earlier: RuleConfig, later: RuleConfig) -> bool:
+    """Every request and token ``later`` accepts, ``earlier`` accepts first."""
+    if earlier.provider != later.provider:
+        return False
+    for name in _CONTEXT_FIELDS + _CLAIM_FIELDS:
+        if not _covers(getattr(earlier, name), getattr(later, name)):
+            return False
+    if not set(earlier.required_scopes) <= set(later.required_scopes):
+        return False
+    return all(later.claims.get(k) == v for k, v in earlier.claims.items())
+
+
+def _overlap(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    return not a or not b or bool(set(a) & set(b))
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    warnings: list[str] = []
+    rules = ordered(cfg.rules)
+    index = {r.name: i for i, r in enumerate(cfg.rules)}
+    for pos, later in enumerate(rules):
+        for earlier in rules[:pos]:
+            if earlier.fallback and not later.fallback:
+                continue
+            if shadows(earlier, later):
+                warnings.append(
+                    f"rule[{index[later.name]}] ({later.name}) can never match: "
+                    f"rule[{index[earlier.name]}] ({earlier.name}) accepts everything it does first"
+                )
+                break
+    fallbacks = [r for r in rules if r.fallback]
+    for i, a in enumerate(fallbacks):
+        for b in fallbacks[i + 1 :]:
+            if all(_overlap(getattr(a, f), getattr(b, f)) for f in _CONTEXT_FIELDS):
+                warnings.append(
+                    f"fallback rules {a.name!r} and {b.name!r} overlap: "
+                    f"file order decides between them"
+                )
+    for i, r in enumerate(cfg.rules):
+        if not r.audiences and not r.authorized_parties:
+            warnings.append(
+                f"rule[{i}] ({r.name}) checks no audience: any token of provider "
+                f"{r.provider!r}, for any client, is accepted"
+            )
+    return warnings
