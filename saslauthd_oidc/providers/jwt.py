@@ -1,0 +1,502 @@
+"""Pure JWS/JWT handling: strict peeking, key sets from JWKS, and verification.
+
+No trio, no httpx, no clock of its own: :func:`verify_jwt` receives ``now``.
+
+* :func:`peek` parses a token *without* verifying it, strictly (length cap first,
+  base64url without padding, UTF-8 JSON objects, no duplicate keys, bounded
+  nesting). The result may only narrow the candidate providers by ``iss``.
+* :class:`KeySet` turns a JWKS document into ``PyJWK`` objects keyed by
+  ``(kid, alg)``, once, with each key bound to the algorithms of its family that
+  the provider allows. ``oct`` keys from a JWKS are always dropped; HMAC keys
+  only come from a provider's configured secret.
+* :func:`verify_jwt` checks ``alg`` against the allow-list, refuses ``crit``,
+  applies the ``typ`` policy, looks the key up (never from ``jku``/``x5u``/
+  ``jwk``/``x5c``), verifies signature and ``iss`` through PyJWT and checks the
+  time claims itself.
+
+Results are values: :class:`VerifiedClaims` or :class:`TokenRejected`. No
+``detail`` string ever contains the token.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import jwt as pyjwt
+from jwt import exceptions as jwt_exc
+
+from saslauthd_oidc.outcome import Reason
+
+MAX_TOKEN_BYTES = 16384
+MAX_HEADER_BYTES = 4096
+MAX_JSON_DEPTH = 16
+MAX_KID_LENGTH = 256
+MIN_RSA_BITS = 2048
+HMAC_MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}  # RFC 7518 §3.2
+
+_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
+
+RSA_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
+EC_CURVE_ALGORITHMS = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
+OKP_CURVES = frozenset({"Ed25519", "Ed448"})
+HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
+ASYMMETRIC_ALGORITHMS = frozenset((*RSA_ALGORITHMS, *EC_CURVE_ALGORITHMS.values(), "EdDSA"))
+_PUBLIC_MEMBERS = {"RSA": ("n", "e"), "EC": ("crv", "x", "y"), "OKP": ("crv", "x")}
+_TYP_PREFIX = "application/"
+
+
+# --------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRejected:
+    """Why a token was refused. ``detail`` is for operators and never holds the token."""
+
+    reason: Reason
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class UnverifiedToken:
+    """Header and claims of a token whose signature has NOT been checked.
+
+    Use it only to narrow the candidate providers (by ``iss``), never to decide.
+    """
+
+    header: Mapping[str, Any]
+    claims: Mapping[str, Any] = field(repr=False)
+
+    @property
+    def issuer(self) -> str | None:
+        iss = self.claims.get("iss")
+        return iss if isinstance(iss, str) else None
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedClaims:
+    """Claims of a token whose signature, issuer and time claims were verified."""
+
+    claims: Mapping[str, Any]
+    header: Mapping[str, Any]
+    expires_at: float
+
+
+class JwksError(ValueError):
+    """The JWKS document as a whole is unusable (not an object, no ``keys`` list)."""
+
+
+# --------------------------------------------------------------------------- strict JSON
+
+
+class _DuplicateKeyError(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKeyError(key)
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def json_depth_ok(text: str, max_depth: int = MAX_JSON_DEPTH) -> bool:
+    """True when ``text`` nests objects/arrays at most ``max_depth`` deep (strings skipped)."""
+    if text.count("{") + text.count("[") <= max_depth:
+        return True
+    depth = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+            if depth > max_depth:
+                return False
+        elif ch in "}]":
+            depth -= 1
+    return True
+
+
+def strict_json_loads(data: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Parse UTF-8 JSON strictly: no duplicate keys, no NaN/Infinity, bounded nesting.
+
+    Raises :class:`ValueError` (``UnicodeDecodeError`` and ``JSONDecodeError`` are
+    subclasses) on any violation.
+    """
+    text = data.decode("utf-8")
+    if not json_depth_ok(text, max_depth):
+        raise ValueError("JSON nested too deeply")
+    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+
+
+# --------------------------------------------------------------------------- peek
+
+
+def _b64url_decode(segment: str) -> bytes:
+    """Decode base64url without padding; raise ValueError on anything else."""
+    if not _B64URL_RE.fullmatch(segment) or len(segment) % 4 == 1:
+        raise ValueError("not base64url without padding")
+    try:
+        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+    except binascii.Error as exc:  # pragma: no cover - excluded by the regex
+        raise ValueError("not base64url") from exc
+
+
+def looks_like_jws(token: str) -> bool:
+    """Cheap test: three base64url segments whose first decodes to something like ``{``.
+
+    Lets the engine tell compact JWS apart from opaque tokens (which may
+    contain dots too) without parsing JSON.
+    """
+    parts = token.split(".")
+    if len(parts) != 3 or not parts[0] or not parts[1]:
+        return False
+    if not all(_B64URL_RE.fullmatch(p) for p in parts):
+        return False
+    try:
+        head = _b64url_decode(parts[0][:8])
+    except ValueError:
+        return False
+    return head.lstrip(b" \t\r\n").startswith(b"{")
+
+
+def _decode_object(segment: str, what: str) -> dict[str, Any] | TokenRejected:
+    try:
+        value = strict_json_loads(_b64url_decode(segment))
+    except _DuplicateKeyError:
+        return TokenRejected(Reason.MALFORMED_TOKEN, f"duplicate key in JWT {what}")
+    except (ValueError, RecursionError):
+        return TokenRejected(Reason.MALFORMED_TOKEN, f"JWT {what} is not strict base64url JSON")
+    if not isinstance(value, dict):
+        return TokenRejected(Reason.MALFORMED_TOKEN, f"JWT {what} is not a JSON object")
+    return value
+
+
+def peek(token: str, *, max_bytes: int = MAX_TOKEN_BYTES) -> UnverifiedToken | TokenRejected:
+    """Parse a compact JWS strictly without verifying it (see module docstring)."""
+    if len(token) > max_bytes:
+        return TokenRejected(Reason.TOKEN_TOO_LARGE, f"token longer than {max_bytes} bytes")
+    if not token.isascii():
+        return TokenRejected(Reason.MALFORMED_TOKEN, "token is not ASCII")
+    parts = token.split(".")
+    if len(parts) != 3:
+        return TokenRejected(Reason.MALFORMED_TOKEN, "not a JWS")
+    head_seg, body_seg, sig_seg = parts
+    if len(head_seg) * 3 // 4 > MAX_HEADER_BYTES:
+        return TokenRejected(Reason.MALFORMED_TOKEN, f"JWT header over {MAX_HEADER_BYTES} bytes")
+    if not _B64URL_RE.fullmatch(sig_seg) or len(sig_seg) % 4 == 1:
+        return TokenRejected(Reason.MALFORMED_TOKEN, "JWT signature is not base64url")
+    header = _decode_object(head_seg, "header")
+    if isinstance(header, TokenRejected):
+        return header
+    claims = _decode_object(body_seg, "payload")
+    if isinstance(claims, TokenRejected):
+        return claims
+    return UnverifiedToken(header=header, claims=claims)
+
+
+# --------------------------------------------------------------------------- key sets
+
+
+def algorithms_for_jwk(jwk: Mapping[str, Any], allowed: Collection[str]) -> tuple[str, ...]:
+    """The allowed algorithms this public JWK may verify (its family, or its ``alg``)."""
+    kty, crv = jwk.get("kty"), jwk.get("crv")
+    if kty == "RSA":
+        family: tuple[str, ...] = RSA_ALGORITHMS
+    elif kty == "EC" and isinstance(crv, str) and crv in EC_CURVE_ALGORITHMS:
+        family = (EC_CURVE_ALGORITHMS[crv],)
+    elif kty == "OKP" and crv in OKP_CURVES:
+        family = ("EdDSA",)
+    else:
+        return ()
+    alg = jwk.get("alg")
+    if alg is not None:
+        family = tuple(a for a in family if a == alg)
+    return tuple(a for a in family if a in allowed)
+
+
+def _skip_reason(jwk: Any, allowed: Collection[str]) -> str | None:
+    if not isinstance(jwk, dict):
+        return "not a JSON object"
+    kty = jwk.get("kty")
+    if kty == "oct":
+        return "symmetric (oct) keys are never taken from a JWKS"
+    if kty not in _PUBLIC_MEMBERS:
+        return f"unsupported kty {str(kty)[:16]!r}"
+    if jwk.get("use", "sig") != "sig":
+        return "use is not sig"
+    ops = jwk.get("key_ops")
+    if ops is not None and (not isinstance(ops, list) or "verify" not in ops):
+        return "key_ops does not allow verify"
+    kid = jwk.get("kid")
+    if kid is not None and (not isinstance(kid, str) or len(kid) > MAX_KID_LENGTH):
+        return "kid is not a short string"
+    alg = jwk.get("alg")
+    if alg is not None and alg not in allowed:
+        return f"alg {str(alg)[:16]!r} not allowed for this provider"
+    if not algorithms_for_jwk(jwk, allowed):
+        return "no allowed algorithm fits this key"
+    return None
+
+
+def _public_jwk(jwk: Mapping[str, Any]) -> dict[str, Any]:
+    """Only the public members: private material in a published JWKS is ignored."""
+    kty = jwk["kty"]
+    return {"kty": kty, **{m: jwk[m] for m in _PUBLIC_MEMBERS[kty] if m in jwk}}
+
+
+def _build_keys(jwk: Mapping[str, Any], algs: Iterable[str]) -> list[tuple[str, pyjwt.PyJWK]]:
+    public = _public_jwk(jwk)
+    out = []
+    for alg in algs:
+        key = pyjwt.PyJWK(public, algorithm=alg)
+        size = getattr(key.key, "key_size", None)
+        if jwk["kty"] == "RSA" and (size is None or size < MIN_RSA_BITS):
+            raise ValueError(f"RSA key shorter than {MIN_RSA_BITS} bits")
+        out.append((alg, key))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class KeySet:
+    """Verification keys by ``(kid, alg)``; built once per JWKS fetch."""
+
+    keys: Mapping[tuple[str | None, str], pyjwt.PyJWK] = field(default_factory=dict)
+    skipped: tuple[str, ...] = ()
+    any_kid_algorithms: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_jwks(cls, doc: Any, allowed_algorithms: Collection[str]) -> KeySet:
+        """Build from a JWKS document; unusable keys are skipped and listed in ``skipped``.
+
+        Raises :class:`JwksError` when the document itself is not a JWKS.
+        """
+        if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+            raise JwksError("JWKS is not an object with a 'keys' list")
+        allowed = frozenset(allowed_algorithms) & ASYMMETRIC_ALGORITHMS
+        keys: dict[tuple[str | None, str], pyjwt.PyJWK] = {}
+        skipped: list[str] = []
+        for index, jwk in enumerate(doc["keys"]):
+            label = _key_label(index, jwk)
+            reason = _skip_reason(jwk, allowed)
+            if reason is not None:
+                skipped.append(f"{label}: {reason}")
+                continue
+            try:
+                built = _build_keys(jwk, algorithms_for_jwk(jwk, allowed))
+            except (jwt_exc.PyJWTError, ValueError, TypeError, KeyError) as exc:
+                skipped.append(f"{label}: invalid key ({type(exc).__name__})")
+                continue
+            for alg, key in built:
+                if (jwk.get("kid"), alg) in keys:
+                    skipped.append(f"{label}: duplicate kid for {alg}")
+                    continue
+                keys[(jwk.get("kid"), alg)] = key
+        return cls(keys=keys, skipped=tuple(skipped))
+
+    @classmethod
+    def with_hmac_secret(cls, secret: str | bytes, algorithms: Collection[str]) -> KeySet:
+        """A key set holding a configured shared secret for the allowed HS* algorithms.
+
+        The secret matches any ``kid`` (there is only one). Raises ValueError when
+        the secret is shorter than the hash of an algorithm asked for (RFC 7518 §3.2).
+        """
+        raw = secret.encode("utf-8") if isinstance(secret, str) else secret
+        algs = [a for a in HMAC_ALGORITHMS if a in algorithms]
+        for alg in algs:
+            if len(raw) < HMAC_MIN_SECRET_BYTES[alg]:
+                raise ValueError(f"HMAC secret shorter than {HMAC_MIN_SECRET_BYTES[alg]} bytes")
+        k = base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+        keys: dict[tuple[str | None, str], pyjwt.PyJWK] = {
+            (None, a): pyjwt.PyJWK({"kty": "oct", "k": k}, algorithm=a) for a in algs
+        }
+        return cls(keys=keys, any_kid_algorithms=frozenset(algs))
+
+    def merged(self, other: KeySet) -> KeySet:
+        """Union of two key sets (``other`` wins on equal ``(kid, alg)``)."""
+        return KeySet(
+            keys={**self.keys, **other.keys},
+            skipped=self.skipped + other.skipped,
+            any_kid_algorithms=self.any_kid_algorithms | other.any_kid_algorithms,
+        )
+
+    def __len__(self) -> int:
+        return len({kid for kid, _ in self.keys})
+
+    @property
+    def kids(self) -> frozenset[str | None]:
+        return frozenset(kid for kid, _ in self.keys)
+
+    def lookup(self, kid: str | None, alg: str) -> pyjwt.PyJWK | None:
+        """The key for exactly this kid and alg; absent kid only if one key fits ``alg``."""
+        if alg in self.any_kid_algorithms:
+            return self.keys.get((None, alg))
+        if kid is not None:
+            if not isinstance(kid, str) or len(kid) > MAX_KID_LENGTH:
+                return None
+            return self.keys.get((kid, alg))
+        fitting = [key for (_, a), key in self.keys.items() if a == alg]
+        return fitting[0] if len(fitting) == 1 else None
+
+
+def _key_label(index: int, jwk: Any) -> str:
+    kid = jwk.get("kid") if isinstance(jwk, dict) else None
+    return f"key[{index}] kid={kid[:40]!r}" if isinstance(kid, str) else f"key[{index}]"
+
+
+# --------------------------------------------------------------------------- verification
+
+
+def _is_number(value: Any) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= 0
+    )
+
+
+def check_time_claims(
+    claims: Mapping[str, Any], *, now: float, leeway: float
+) -> float | TokenRejected:
+    """Check ``exp`` (required), ``nbf`` and ``iat`` as JSON numbers; return ``exp``."""
+    exp = claims.get("exp")
+    if exp is None:
+        return TokenRejected(Reason.BAD_CLAIM, "exp claim missing")
+    for name in ("exp", "nbf", "iat"):
+        if name in claims and not _is_number(claims[name]):
+            return TokenRejected(Reason.BAD_CLAIM, f"{name} claim is not a non-negative number")
+    nbf, iat = claims.get("nbf"), claims.get("iat")
+    if iat is not None and exp < iat:
+        return TokenRejected(Reason.BAD_CLAIM, "exp is before iat")
+    if nbf is not None and exp < nbf:
+        return TokenRejected(Reason.BAD_CLAIM, "exp is before nbf")
+    if exp < now - leeway:
+        return TokenRejected(Reason.EXPIRED, f"expired {now - exp:.0f}s ago")
+    if nbf is not None and nbf > now + leeway:
+        return TokenRejected(Reason.NOT_YET_VALID, f"not valid for another {nbf - now:.0f}s")
+    if iat is not None and iat > now + leeway:
+        return TokenRejected(Reason.ISSUED_IN_FUTURE, f"issued {iat - now:.0f}s in the future")
+    return float(exp)
+
+
+def _normalize_typ(typ: str) -> str:
+    typ = typ.lower()
+    return typ[len(_TYP_PREFIX) :] if typ.startswith(_TYP_PREFIX) else typ
+
+
+def check_header(
+    header: Mapping[str, Any], *, algorithms: Collection[str], token_types: Collection[str]
+) -> TokenRejected | None:
+    """Header policy: alg allow-list, no ``crit``/``b64``, ``typ`` policy, kid type."""
+    alg = header.get("alg")
+    if not isinstance(alg, str) or alg.lower() == "none" or alg not in algorithms:
+        shown = alg[:16] if isinstance(alg, str) else type(alg).__name__
+        return TokenRejected(Reason.UNSUPPORTED_ALGORITHM, f"alg {shown!r} not allowed")
+    if "crit" in header or "b64" in header:
+        return TokenRejected(Reason.MALFORMED_TOKEN, "crit/b64 header extensions not supported")
+    typ = header.get("typ")
+    if typ is not None and not isinstance(typ, str):
+        return TokenRejected(Reason.MALFORMED_TOKEN, "typ header is not a string")
+    if token_types:
+        wanted = {_normalize_typ(t) for t in token_types}
+        if typ is None or _normalize_typ(typ) not in wanted:
+            shown_typ = typ[:32] if typ is not None else None
+            return TokenRejected(Reason.WRONG_TOKEN_TYPE, f"typ {shown_typ!r} not accepted")
+    kid = header.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        return TokenRejected(Reason.MALFORMED_TOKEN, "kid header is not a string")
+    return None
+
+
+def _map_pyjwt_error(exc: Exception) -> TokenRejected:
+    if isinstance(exc, jwt_exc.InvalidSignatureError):
+        return TokenRejected(Reason.BAD_SIGNATURE, "signature does not verify")
+    if isinstance(exc, jwt_exc.InvalidIssuerError):
+        return TokenRejected(Reason.WRONG_ISSUER, "iss does not match the provider")
+    if isinstance(exc, jwt_exc.MissingRequiredClaimError):
+        reason = Reason.WRONG_ISSUER if exc.claim == "iss" else Reason.BAD_CLAIM
+        return TokenRejected(reason, f"{exc.claim} claim missing")
+    if isinstance(exc, jwt_exc.InvalidAlgorithmError):
+        return TokenRejected(Reason.UNSUPPORTED_ALGORITHM, "algorithm does not fit the key")
+    if isinstance(exc, jwt_exc.InvalidKeyError):
+        return TokenRejected(Reason.UNKNOWN_KEY, "key unusable for this algorithm")
+    if isinstance(exc, jwt_exc.InvalidSubjectError | jwt_exc.InvalidJTIError):
+        return TokenRejected(Reason.BAD_CLAIM, "sub/jti claim is not a string")
+    return TokenRejected(Reason.MALFORMED_TOKEN, f"undecodable JWT ({type(exc).__name__})")
+
+
+def _signature_and_issuer(
+    token: str, key: pyjwt.PyJWK, alg: str, issuer: str
+) -> dict[str, Any] | TokenRejected:
+    options: Any = {
+        "verify_signature": True,
+        "verify_aud": False,
+        "verify_exp": False,
+        "verify_nbf": False,
+        "verify_iat": False,
+        "verify_iss": True,
+        "require": ["exp", "iss"],
+    }
+    try:
+        claims: dict[str, Any] = pyjwt.decode(
+            token, key, algorithms=[alg], options=options, issuer=issuer
+        )
+    except (jwt_exc.PyJWTError, ValueError, TypeError) as exc:
+        return _map_pyjwt_error(exc)
+    return claims
+
+
+def verify_jwt(
+    token: str,
+    unverified: UnverifiedToken,
+    keys: KeySet,
+    *,
+    issuer: str,
+    algorithms: Collection[str],
+    leeway: float,
+    token_types: Collection[str],
+    now: float,
+) -> VerifiedClaims | TokenRejected:
+    """Verify a peeked token against one provider's keys and issuer (see module docstring)."""
+    header = unverified.header
+    refused = check_header(header, algorithms=algorithms, token_types=token_types)
+    if refused is not None:
+        return refused
+    alg: str = header["alg"]
+    kid = header.get("kid")
+    key = keys.lookup(kid, alg)
+    if key is None:
+        shown = kid[:40] if isinstance(kid, str) else None
+        return TokenRejected(Reason.UNKNOWN_KEY, f"no {alg} key for kid {shown!r}")
+    claims = _signature_and_issuer(token, key, alg, issuer)
+    if isinstance(claims, TokenRejected):
+        return claims
+    if claims != unverified.claims:
+        return TokenRejected(Reason.MALFORMED_TOKEN, "verified payload differs from the peek")
+    if claims.get("iss") != issuer:  # belt and braces: exact string equality
+        return TokenRejected(Reason.WRONG_ISSUER, "iss does not match the provider")
+    expires = check_time_claims(claims, now=now, leeway=leeway)
+    if isinstance(expires, TokenRejected):
+        return expires
+    return VerifiedClaims(claims=claims, header=dict(header), expires_at=expires)

@@ -1,0 +1,165 @@
+"""Test helpers for JWT and provider tests: keys, JWKs and hand-crafted JWS.
+
+``sign_raw`` builds compact JWS byte by byte (any header/payload bytes, any
+algorithm, any key), so tests can produce tokens PyJWT would refuse to make.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import hashlib
+import hmac
+import json
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm, get_default_algorithms
+
+from saslauthd_oidc.providers.jwt import KeySet, UnverifiedToken, peek
+
+NOW = 1_800_000_000.0
+ISS = "https://idp.example.org/realms/mail"
+ALL_ASYM = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
+
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+
+
+def b64u(data: bytes | str) -> str:
+    if isinstance(data, str):
+        data = data.encode()
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def rsa_key(name: str = "a", bits: int = 2048) -> rsa.RSAPrivateKey:
+    return _rsa_key(name, bits)
+
+
+def ec_key(curve: str = "P-256", name: str = "a") -> ec.EllipticCurvePrivateKey:
+    return _ec_key(curve, name)
+
+
+def ed_key(name: str = "a") -> ed25519.Ed25519PrivateKey:
+    return _ed_key(name)
+
+
+@functools.cache
+def _rsa_key(name: str, bits: int) -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits)
+
+
+@functools.cache
+def _ec_key(curve: str, name: str) -> ec.EllipticCurvePrivateKey:
+    curves: dict[str, ec.EllipticCurve] = {
+        "P-256": ec.SECP256R1(),
+        "P-384": ec.SECP384R1(),
+        "P-521": ec.SECP521R1(),
+        "secp256k1": ec.SECP256K1(),
+    }
+    return ec.generate_private_key(curves[curve])
+
+
+@functools.cache
+def _ed_key(name: str) -> ed25519.Ed25519PrivateKey:
+    return ed25519.Ed25519PrivateKey.generate()
+
+
+def key_for(alg: str, name: str = "a") -> PrivateKey:
+    if alg.startswith(("RS", "PS")):
+        return rsa_key(name)
+    if alg == "ES256":
+        return ec_key("P-256", name)
+    if alg == "ES384":
+        return ec_key("P-384", name)
+    if alg == "ES512":
+        return ec_key("P-521", name)
+    if alg == "EdDSA":
+        return ed_key(name)
+    raise ValueError(alg)
+
+
+def public_jwk(key: PrivateKey, kid: str | None = None, **extra: Any) -> dict[str, Any]:
+    pub = key.public_key()
+    jwk: dict[str, Any]
+    if isinstance(pub, rsa.RSAPublicKey):
+        jwk = RSAAlgorithm.to_jwk(pub, as_dict=True)
+    elif isinstance(pub, ec.EllipticCurvePublicKey):
+        jwk = ECAlgorithm.to_jwk(pub, as_dict=True)
+    else:
+        jwk = OKPAlgorithm.to_jwk(pub, as_dict=True)
+    if kid is not None:
+        jwk["kid"] = kid
+    jwk.update(extra)
+    return {k: v for k, v in jwk.items() if v is not None}
+
+
+def _encode_part(part: dict[str, Any] | bytes | str) -> str:
+    if isinstance(part, dict):
+        part = json.dumps(part, separators=(",", ":"))
+    return b64u(part)
+
+
+def sign_raw(
+    header: dict[str, Any] | bytes | str,
+    payload: dict[str, Any] | bytes | str,
+    key: Any,
+    alg: str,
+) -> str:
+    """A compact JWS over exactly these header/payload bytes, signed with ``alg``.
+
+    For HS* ``key`` is the raw secret (bytes). Anything else goes through
+    PyJWT's algorithm implementations with the given private key.
+    """
+    signing_input = f"{_encode_part(header)}.{_encode_part(payload)}"
+    msg = signing_input.encode("ascii")
+    if alg.startswith("HS"):
+        digest = {"HS256": hashlib.sha256, "HS384": hashlib.sha384, "HS512": hashlib.sha512}[alg]
+        sig = hmac.new(key, msg, digest).digest()
+    else:
+        sig = get_default_algorithms()[alg].sign(msg, key)
+    return f"{signing_input}.{b64u(sig)}"
+
+
+def claims(**overrides: Any) -> dict[str, Any]:
+    """Realistic access-token claims at ``NOW``; ``None`` deletes a claim."""
+    base: dict[str, Any] = {
+        "iss": ISS,
+        "sub": "alice",
+        "aud": "mail",
+        "exp": NOW + 600,
+        "iat": NOW,
+        "nbf": NOW,
+        "jti": "j1",
+        "email": "alice@example.org",
+    }
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def token(alg: str = "ES256", kid: str | None = "k1", name: str = "a", **kw: Any) -> str:
+    header: dict[str, Any] = {"alg": alg, "typ": "at+jwt"}
+    if kid is not None:
+        header["kid"] = kid
+    header.update(kw.pop("header", {}))
+    return sign_raw(header, claims(**kw), key_for(alg, name), alg)
+
+
+def keyset(*jwks: dict[str, Any], algorithms: tuple[str, ...] = ALL_ASYM) -> KeySet:
+    return KeySet.from_jwks({"keys": list(jwks)}, algorithms)
+
+
+def must_peek(tok: str) -> UnverifiedToken:
+    result = peek(tok)
+    assert isinstance(result, UnverifiedToken), result
+    return result
