@@ -1,0 +1,311 @@
+"""The ``saslauthd-oidc`` command: serve, check-config, explain, auth-test, dev.
+
+Exit codes (DESIGN.md §5): 0 ok, 1 authentication refused, 2 usage or config
+error, 3 temporary failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from saslauthd_oidc import __version__
+from saslauthd_oidc.config import (
+    Config,
+    ConfigError,
+    LoggingConfig,
+    load_config,
+    resolve_config_path,
+)
+from saslauthd_oidc.observability import configure_logging
+from saslauthd_oidc.outcome import Outcome, Verdict
+from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
+from saslauthd_oidc.rules import config_warnings
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_TEMPFAIL = 0, 1, 2, 3
+_EXIT_FOR = {Outcome.OK: EXIT_OK, Outcome.FAIL: EXIT_REFUSED, Outcome.TEMPFAIL: EXIT_TEMPFAIL}
+
+
+class UsageError(Exception):
+    pass
+
+
+def read_token(value: str) -> str:
+    """TOKEN, @FILE or - (standard input): files and stdin keep tokens out of ``ps``."""
+    if value == "-":
+        text = sys.stdin.read()
+    elif value.startswith("@"):
+        try:
+            text = Path(value[1:]).read_text("utf-8")
+        except OSError as exc:
+            raise UsageError(f"--token: cannot read {value[1:]}: {exc.strerror}") from None
+    else:
+        text = value
+    token = text.strip()
+    if not token:
+        raise UsageError("--token: empty token")
+    return token
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(resolve_config_path(args.config))
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from saslauthd_oidc.daemon import run_daemon
+
+    config = _load(args)
+    configure_logging(config.logging)
+    import structlog
+
+    log = structlog.get_logger("saslauthd_oidc.daemon")
+    for warning in config_warnings(config):
+        log.warning("config", warning=warning)
+    trio.run(lambda: run_daemon(config))
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- check-config
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    config = _load(args)
+    print(f"{config.source}: ok")
+    print(f"  providers: {', '.join(p.name for p in config.providers) or '(none)'}")
+    print(f"  rules (in evaluation order): {', '.join(_rule_order(config))}")
+    warnings = config_warnings(config)
+    for w in warnings:
+        print(f"warning: {w}")
+    if not args.online:
+        return EXIT_OK
+    configure_logging(LoggingConfig(level="error", format="console"))
+    return trio.run(_check_online, config)
+
+
+def _rule_order(config: Config) -> list[str]:
+    from saslauthd_oidc.rules import ordered
+
+    return [r.name + (" (fallback)" if r.fallback else "") for r in ordered(config.rules)]
+
+
+async def _check_online(config: Config) -> int:
+    from saslauthd_oidc.providers import ProviderRegistry
+    from saslauthd_oidc.providers.http import make_http_client
+
+    status = EXIT_OK
+    async with make_http_client() as client:
+        registry = ProviderRegistry(config, client)
+        for p in config.providers:
+            ok = await registry.get(p.name).refresh()
+            print(f"provider {p.name}: {'keys loaded' if ok else 'UNREACHABLE or invalid'}")
+            if not ok:
+                status = EXIT_TEMPFAIL
+        await registry.aclose()
+    return status
+
+
+# --------------------------------------------------------------------------- explain
+
+
+def _request_from_args(args: argparse.Namespace) -> AuthRequest:
+    mechanism = Mechanism.parse(args.mech)
+    if mechanism is None:
+        raise UsageError(f"--mech: unknown mechanism {args.mech!r}")
+    return AuthRequest(
+        mechanism=mechanism,
+        credentials=Credentials(
+            token=read_token(args.token), authzid=args.user, host=args.host, port=args.port
+        ),
+        context=RequestContext(
+            frontend="explain",
+            service=args.service,
+            local_port=args.port,
+            local_name=args.host,
+        ),
+    )
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    config = _load(args)
+    request = _request_from_args(args)
+    configure_logging(LoggingConfig(level="error", format="console"))
+    verdict = trio.run(_explain, config, request)
+    if args.json:
+        print(json.dumps(explain_json(request, verdict), indent=2))
+    else:
+        print(explain_text(request, verdict))
+    return _EXIT_FOR[verdict.outcome]
+
+
+async def _explain(config: Config, request: AuthRequest) -> Verdict:
+    from saslauthd_oidc.engine import Engine
+    from saslauthd_oidc.providers import ProviderRegistry
+    from saslauthd_oidc.providers.http import make_http_client
+
+    async with make_http_client() as client:
+        registry = ProviderRegistry(config, client)
+        verdict = await Engine(config, registry).evaluate(request)
+        await registry.aclose()
+    return verdict
+
+
+def explain_json(request: AuthRequest, verdict: Verdict) -> dict[str, Any]:
+    return {
+        "outcome": verdict.outcome.value,
+        "reason": verdict.reason.value,
+        "detail": verdict.detail,
+        "rule": verdict.rule,
+        "provider": verdict.provider,
+        "account": verdict.account,
+        "token": request.credentials.fingerprint,
+        "challenge": {
+            "openid-configuration": verdict.hint.openid_configuration,
+            "scope": verdict.hint.scope,
+        },
+        "rules": [
+            {"rule": t.rule, "matched": t.matched, "reason": t.reason.value, "detail": t.detail}
+            for t in verdict.trace
+        ],
+    }
+
+
+def explain_text(request: AuthRequest, verdict: Verdict) -> str:
+    c, ctx = request.credentials, request.context
+    lines = [
+        f"token    sha256:{c.fingerprint}",
+        f"request  mech={request.mechanism} service={ctx.service or '-'} user={c.authzid or '-'} "
+        f"host={c.host or '-'} port={c.port or '-'}",
+        "",
+    ]
+    width = max((len(t.rule) for t in verdict.trace), default=4)
+    for t in verdict.trace:
+        mark = "MATCH" if t.matched else "no   "
+        lines.append(f"  rule {t.rule:<{width}}  {mark}  {t.reason.value:<28} {t.detail}")
+    lines.append("")
+    lines.append(f"outcome  {verdict.outcome.value} ({verdict.reason.value})")
+    if verdict.detail:
+        lines.append(f"detail   {verdict.detail}")
+    lines.append(f"rule     {verdict.rule or '-'}")
+    lines.append(f"account  {verdict.account or '-'}")
+    if not verdict.ok and verdict.hint.openid_configuration:
+        lines.append(f"client is told: openid-configuration {verdict.hint.openid_configuration}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- auth-test
+
+
+def cmd_auth_test(args: argparse.Namespace) -> int:
+    from saslauthd_oidc.authtest import run_auth_test
+
+    token = read_token(args.token)
+    result = trio.run(
+        lambda: run_auth_test(
+            args.socket,
+            token,
+            user=args.user,
+            mechanism=args.mech.upper(),
+            service=args.service,
+            host=args.host,
+            port=args.port,
+            timeout=args.timeout,
+        )
+    )
+    for line in result.transcript:
+        print(line)
+    if result.challenge is not None:
+        print(f"challenge: {json.dumps(result.challenge)}")
+    print(f"result: {result.outcome.value}" + (f" user={result.user}" if result.user else ""))
+    return _EXIT_FOR[result.outcome]
+
+
+# --------------------------------------------------------------------------- dev
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from saslauthd_oidc.devmode import run_dev
+
+    return trio.run(lambda: run_dev(Path(args.dir), issuer_port=args.issuer_port))
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        metavar="PATH",
+        help="config file (default: $SASLAUTHD_OIDC_CONFIG or /etc/saslauthd-oidc/saslauthd-oidc.toml)",
+    )
+
+
+def _add_request(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", required=True, help="TOKEN, @FILE or - for standard input")
+    p.add_argument("--user", help="authzid / XOAUTH2 user / login the client claims")
+    p.add_argument("--mech", default="OAUTHBEARER", help="OAUTHBEARER (default), XOAUTH2, PLAIN")
+    p.add_argument("--service", default="smtp", help="service name (default smtp)")
+    p.add_argument("--host", help="host the client connected to (OAUTHBEARER host=, TLS SNI)")
+    p.add_argument("--port", type=int, help="port the client connected to")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="saslauthd-oidc",
+        description="SASL OAUTHBEARER/XOAUTH2 for mail servers, against several OpenID providers.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the daemon in the foreground")
+    _add_config(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check-config", help="validate the configuration")
+    _add_config(p)
+    p.add_argument("--online", action="store_true", help="also fetch every provider's keys")
+    p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("explain", help="show rule by rule why a token is accepted or refused")
+    _add_config(p)
+    _add_request(p)
+    p.add_argument("--json", action="store_true", help="one JSON object for scripts")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("auth-test", help="authenticate once through a running daemon's socket")
+    p.add_argument("--socket", required=True, help="the daemon's auth socket (Dovecot protocol)")
+    _add_request(p)
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_auth_test)
+
+    p = sub.add_parser("dev", help="run with a built-in development issuer (try it out)")
+    p.add_argument("--dir", default="/tmp/saslauthd-oidc-dev", help="where socket, config and token go")
+    p.add_argument("--issuer-port", type=int, default=0, help="loopback port of the dev issuer")
+    p.set_defaults(func=cmd_dev)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"saslauthd-oidc: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as exc:
+        print(f"saslauthd-oidc: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return code
+
+

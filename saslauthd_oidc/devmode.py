@@ -1,0 +1,115 @@
+"""``saslauthd-oidc dev``: the daemon on a built-in development issuer, for a first try.
+
+Starts a :class:`~saslauthd_oidc.devissuer.DevIssuer` on loopback (a real
+HTTP server with discovery and JWKS), writes the equivalent TOML config and a
+freshly minted token into a work directory, prints how to try it with
+``auth-test``, curl and Postfix, and serves until interrupted. Nothing here is
+for production: the issuer's keys live in memory and die with the process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+import trio
+
+from saslauthd_oidc.config import Config, parse_config
+from saslauthd_oidc.daemon import run_daemon
+from saslauthd_oidc.devissuer import DevIssuer
+from saslauthd_oidc.engine import Engine
+from saslauthd_oidc.observability import configure_logging
+
+DEV_USER = "alice@example.org"
+DEV_AUDIENCE = "mail"
+
+
+def dev_config(issuer: str, workdir: Path) -> dict[str, Any]:
+    return {
+        "server": {
+            "auth_socket": str(workdir / "auth"),
+            # Postfix's smtpd runs as user postfix and must reach the socket.
+            "auth_socket_mode": "0666",
+            "mechanisms": ["OAUTHBEARER", "XOAUTH2"],
+        },
+        "logging": {"level": "info", "format": "console"},
+        "provider": [
+            {
+                "name": "dev",
+                "issuer": issuer,
+                "allow_http": True,
+                "algorithms": ["ES256", "RS256"],
+                "token_types": ["at+jwt"],
+            }
+        ],
+        "rule": [
+            {
+                "name": "dev",
+                "provider": "dev",
+                "audiences": [DEV_AUDIENCE],
+                "username": "{email}",
+            }
+        ],
+    }
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def instructions(workdir: Path, socket_path: str, issuer: str) -> str:
+    token_file = workdir / "token"
+    return f"""
+saslauthd-oidc development mode
+  issuer        {issuer}  (discovery: {issuer}/.well-known/openid-configuration)
+  auth socket   {socket_path}  (Dovecot auth protocol)
+  config        {workdir / "saslauthd-oidc.toml"}  (what this run is using)
+  token         {token_file}  (an ES256 access token for {DEV_USER}, valid 1 hour)
+
+Try it from another terminal:
+  .venv/bin/saslauthd-oidc auth-test --socket {socket_path} --token @{token_file} --user {DEV_USER}
+  .venv/bin/saslauthd-oidc auth-test --socket {socket_path} --token @{token_file} --mech XOAUTH2 --user {DEV_USER}
+  .venv/bin/saslauthd-oidc explain --config {workdir / "saslauthd-oidc.toml"} --token @{token_file} --user {DEV_USER}
+
+Through Postfix (main.cf; the socket is world-accessible in dev mode):
+  smtpd_sasl_auth_enable = yes
+  smtpd_sasl_type = dovecot
+  smtpd_sasl_path = {socket_path}
+and then:
+  curl -v --url smtp://127.0.0.1:25 --oauth2-bearer "$(cat {token_file})" \\
+       --login-options AUTH=OAUTHBEARER --user {DEV_USER}: -X NOOP
+
+Stop with Ctrl-C.
+"""
+
+
+async def run_dev(workdir: Path, *, issuer_port: int = 0) -> int:
+    workdir.mkdir(parents=True, exist_ok=True)
+    workdir.chmod(0o755)  # the postfix user must be able to reach the socket inside
+    issuer = DevIssuer(algorithms=("ES256", "RS256"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(issuer.serve, "127.0.0.1", issuer_port)
+        raw = dev_config(issuer.issuer, workdir)
+        config_path = workdir / "saslauthd-oidc.toml"
+        _write_private(config_path, tomli_w.dumps(raw))
+        config = parse_config(raw, source=str(config_path))
+        token = issuer.mint(email=DEV_USER, audience=DEV_AUDIENCE, lifetime=3600)
+        _write_private(workdir / "token", token + "\n")
+        configure_logging(config.logging)
+        await nursery.start(_daemon_then_stop, config, nursery.cancel_scope)
+        assert config.server.auth_socket is not None
+        print(instructions(workdir, config.server.auth_socket, issuer.issuer), file=sys.stderr)
+    return 0
+
+
+async def _daemon_then_stop(
+    config: Config, scope: trio.CancelScope, *, task_status: trio.TaskStatus[Engine]
+) -> None:
+    """run_daemon returns on SIGINT/SIGTERM; the issuer must stop with it."""
+    await run_daemon(config, task_status=task_status)
+    scope.cancel()

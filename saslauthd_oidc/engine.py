@@ -1,0 +1,182 @@
+"""The engine: one ``AuthRequest`` in, one ``Verdict`` out, for every frontend.
+
+It strings the pure pieces together — rule selection (``rules``), token
+verification (``providers``), identity mapping (``identity``) — and writes the
+one log line per authentication. It knows no wire protocol: frontends turn the
+Verdict into their own reply.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import structlog
+
+from saslauthd_oidc.config import Config, RuleConfig
+from saslauthd_oidc.identity import IdentityError, check_authzid, render_username
+from saslauthd_oidc.outcome import Outcome, Reason, RuleTrace, Verdict
+from saslauthd_oidc.providers.jwt import TokenRejected, UnverifiedToken, VerifiedClaims, peek
+from saslauthd_oidc.request import AuthRequest
+from saslauthd_oidc.rules import claim_mismatch, context_mismatch, discovery_hint, ordered
+
+log = structlog.get_logger("saslauthd_oidc.auth")
+
+
+class TokenVerifier(Protocol):
+    """What the engine needs of a provider (``providers.oidc.OidcProvider``)."""
+
+    async def verify(
+        self, token: str, unverified: UnverifiedToken
+    ) -> VerifiedClaims | TokenRejected: ...
+
+
+class ProviderLookup(Protocol):
+    def get(self, name: str) -> TokenVerifier: ...
+
+
+class Engine:
+    def __init__(
+        self,
+        config: Config,
+        providers: ProviderLookup,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.providers = providers
+        self._clock = clock
+        self._rules = ordered(config.rules)
+        self._mechanisms = frozenset(config.server.mechanisms)
+
+    async def authenticate(self, request: AuthRequest) -> Verdict:
+        started = self._clock()
+        try:
+            verdict = await self.evaluate(request)
+        except Exception:
+            log.exception("engine error", token=request.credentials.fingerprint)
+            verdict = Verdict(reason=Reason.INTERNAL_ERROR, detail="unexpected engine error")
+        self._log(request, verdict, self._clock() - started)
+        return verdict
+
+    async def evaluate(self, request: AuthRequest) -> Verdict:
+        """Decide without logging: ``explain`` calls this directly."""
+        if request.mechanism.value not in self._mechanisms:
+            return Verdict(
+                reason=Reason.UNSUPPORTED_MECHANISM,
+                detail=f"{request.mechanism} is not enabled (server.mechanisms)",
+            )
+        trace: list[RuleTrace] = []
+        candidates: list[RuleConfig] = []
+        for rule in self._rules:
+            mismatch = context_mismatch(rule, request)
+            if mismatch is None:
+                candidates.append(rule)
+            else:
+                trace.append(RuleTrace(rule.name, False, mismatch.reason, mismatch.detail))
+        if not candidates:
+            return Verdict(
+                reason=Reason.NO_RULE_FOR_CONTEXT,
+                detail="no rule fits this request's context",
+                trace=tuple(trace),
+            )
+        hint_rule = candidates[0]
+        hint = discovery_hint(hint_rule, self.config.provider(hint_rule.provider))
+
+        def refuse(reason: Reason, detail: str) -> Verdict:
+            return Verdict(reason=reason, detail=detail, hint=hint, trace=tuple(trace))
+
+        unverified = peek(request.credentials.token, max_bytes=self.config.server.max_token_bytes)
+        if isinstance(unverified, TokenRejected):
+            return refuse(unverified.reason, unverified.detail)
+        iss = unverified.claims.get("iss")
+        by_issuer = [r for r in candidates if self.config.provider(r.provider).issuer == iss]
+        for rule in candidates:
+            if rule not in by_issuer:
+                trace.append(
+                    RuleTrace(rule.name, False, Reason.UNKNOWN_ISSUER, "token iss is not its issuer")
+                )
+        if not by_issuer:
+            return refuse(Reason.UNKNOWN_ISSUER, "no rule's provider has the token's issuer")
+
+        results: dict[str, VerifiedClaims | TokenRejected] = {}
+        first_refusal: tuple[Reason, str] | None = None
+        temporary: tuple[Reason, str] | None = None
+        for rule in by_issuer:
+            if rule.provider not in results:
+                verifier = self.providers.get(rule.provider)
+                results[rule.provider] = await verifier.verify(request.credentials.token, unverified)
+            result = results[rule.provider]
+            if isinstance(result, TokenRejected):
+                trace.append(RuleTrace(rule.name, False, result.reason, result.detail))
+                if result.reason.outcome is Outcome.TEMPFAIL:
+                    temporary = temporary or (result.reason, f"{rule.provider}: {result.detail}")
+                else:
+                    first_refusal = first_refusal or (result.reason, result.detail)
+                continue
+            mismatch = claim_mismatch(rule, result.claims)
+            if mismatch is not None:
+                trace.append(RuleTrace(rule.name, False, mismatch.reason, mismatch.detail))
+                first_refusal = first_refusal or (mismatch.reason, mismatch.detail)
+                continue
+            return self._conclude(request, rule, result.claims, hint, trace)
+        if temporary is not None:
+            return refuse(*temporary)
+        assert first_refusal is not None
+        return refuse(*first_refusal)
+
+    def _conclude(
+        self,
+        request: AuthRequest,
+        rule: RuleConfig,
+        claims: Mapping[str, Any],
+        hint: Any,
+        trace: list[RuleTrace],
+    ) -> Verdict:
+        account = render_username(rule.username, claims, normalize=rule.normalize)
+        problem: IdentityError | None = account if isinstance(account, IdentityError) else None
+        if problem is None and rule.authzid == "match":
+            assert isinstance(account, str)
+            problem = check_authzid(account, request.credentials.authzid, normalize=rule.normalize)
+        if problem is not None:
+            trace.append(RuleTrace(rule.name, False, problem.reason, problem.detail))
+            return Verdict(
+                reason=problem.reason,
+                rule=rule.name,
+                provider=rule.provider,
+                detail=problem.detail,
+                hint=hint,
+                trace=tuple(trace),
+            )
+        assert isinstance(account, str)
+        trace.append(RuleTrace(rule.name, True, Reason.OK, f"account {account!r}"))
+        return Verdict(
+            reason=Reason.OK,
+            account=account,
+            rule=rule.name,
+            provider=rule.provider,
+            trace=tuple(trace),
+            claims=dict(claims),
+        )
+
+    def _log(self, request: AuthRequest, verdict: Verdict, latency: float) -> None:
+        ctx = request.context
+        fields: dict[str, Any] = {
+            "mech": request.mechanism.value,
+            "frontend": ctx.frontend,
+            "service": ctx.service,
+            "remote": ctx.remote_ip,
+            "user": request.credentials.authzid,
+            "rule": verdict.rule,
+            "outcome": verdict.outcome.value,
+            "reason": verdict.reason.value,
+            "latency_ms": round(latency * 1000, 2),
+            "token": request.credentials.fingerprint,
+        }
+        if verdict.ok:
+            log.info("authentication", account=verdict.account, **fields)
+        elif verdict.outcome is Outcome.TEMPFAIL:
+            log.warning("authentication", detail=verdict.detail, **fields)
+        else:
+            log.info("authentication", detail=verdict.detail, **fields)

@@ -1,0 +1,132 @@
+"""Config parsing: a valid file loads into frozen values; every error names its key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from saslauthd_oidc.cli import main
+from saslauthd_oidc.config import ConfigError, load_config, parse_config
+
+BASE: dict[str, Any] = {
+    "provider": [{"name": "idp", "issuer": "https://idp.example.org/realms/mail"}],
+    "rule": [{"name": "mail", "provider": "idp", "audiences": ["mail"]}],
+}
+
+
+def with_(section: str, **values: Any) -> dict[str, Any]:
+    data = {k: (list(v) if isinstance(v, list) else v) for k, v in BASE.items()}
+    if section in ("provider", "rule"):
+        data[section] = [{**data[section][0], **values}]
+    else:
+        data[section] = values
+    return data
+
+
+def test_minimal_config_has_safe_defaults() -> None:
+    cfg = parse_config(BASE)
+    assert cfg.server.mechanisms == ("OAUTHBEARER", "XOAUTH2")
+    assert cfg.server.auth_socket_mode == 0o660
+    assert cfg.server.request_timeout == 5.0
+    p = cfg.provider("idp")
+    assert p.effective_discovery_url == (
+        "https://idp.example.org/realms/mail/.well-known/openid-configuration"
+    )
+    assert "HS256" not in p.algorithms
+    r = cfg.rules[0]
+    assert (r.username, r.authzid, r.fallback) == ("{email}", "match", False)
+
+
+def test_discovery_url_drops_trailing_slash_of_issuer() -> None:
+    cfg = parse_config(with_("provider", issuer="https://ak.example.org/application/o/mail/"))
+    assert cfg.provider("idp").effective_discovery_url == (
+        "https://ak.example.org/application/o/mail/.well-known/openid-configuration"
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "fragment"),
+    [
+        (with_("rule", audiences=5), "rule[0].audiences", "list of non-empty strings"),
+        (with_("rule", audiences=["ok", 3]), "rule[0].audiences", "list of non-empty strings"),
+        (with_("rule", provider="nope"), "rule[0].provider", "no [[provider]] named 'nope'"),
+        (with_("rule", username="plain"), "rule[0].username", "placeholder"),
+        (with_("rule", username="{email|upper}"), "rule[0].username", "unknown filter 'upper'"),
+        (with_("rule", username="{email"), "rule[0].username", "placeholder"),
+        (with_("rule", ports=[0]), "rule[0].ports", "port numbers"),
+        (with_("rule", authzid="maybe"), "rule[0].authzid", "'match', 'ignore'"),
+        (with_("rule", audiencs=["x"]), "rule[0].audiencs", "unknown setting"),
+        (with_("provider", issuer="http://idp.example.org"), "provider[0].issuer", "https://"),
+        (with_("provider", algorithms=["HS256"]), "provider[0].algorithms", "hmac_secret_file"),
+        (with_("provider", algorithms=["none"]), "provider[0].algorithms", "unsupported"),
+        (with_("provider", leeway="60"), "provider[0].leeway", "expected a number"),
+        (with_("provider", name="a b"), "provider[0].name", "letters"),
+        (with_("server", request_timeout=12), "server.request_timeout", "below 10"),
+        (with_("server", mechanisms=["CRAM-MD5"]), "server.mechanisms", "unknown mechanism"),
+        (with_("server", auth_socket_mode=660), "server.auth_socket_mode", "octal"),
+        (with_("server", tempfail="drop"), "server.tempfail", "expected one of"),
+        (with_("logging", level="loud"), "logging.level", "expected one of"),
+        ({**BASE, "rule": []}, "rule", "at least one"),
+        ({**BASE, "rules": []}, "rules", "unknown setting"),
+    ],
+)
+def test_errors_name_the_key(data: dict[str, Any], key: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert info.value.key == key
+    assert str(info.value).startswith(f"{key}: ")
+    assert fragment in str(info.value)
+
+
+def test_duplicate_names_are_errors() -> None:
+    data = {**BASE, "rule": BASE["rule"] * 2}
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert info.value.key == "rule[1].name"
+
+
+def test_world_writable_config_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[[provider]]\nname="a"\nissuer="https://a.example"\n')
+    os.chmod(path, 0o666)
+    with pytest.raises(ConfigError, match="world-writable"):
+        load_config(path)
+
+
+def test_toml_syntax_error_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[server\n")
+    with pytest.raises(ConfigError, match="TOML syntax error"):
+        load_config(path)
+
+
+def test_check_config_exits_2_naming_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[[provider]]\nname = "idp"\nissuer = "https://idp.example.org"\n'
+        '[[rule]]\nprovider = "idp"\naudiences = "mail"\nusername = "{nope|shout}"\n'
+    )
+    assert main(["check-config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "rule[0].username: unknown filter 'shout'" in err
+
+
+def test_check_config_ok_prints_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[[provider]]\nname = "idp"\nissuer = "https://idp.example.org"\n'
+        '[[rule]]\nname = "any"\nprovider = "idp"\n'
+        '[[rule]]\nname = "web"\nprovider = "idp"\naudiences = ["web"]\n'
+    )
+    assert main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "rule[1] (web) can never match" in out
+    assert "rule[0] (any) checks no audience" in out
+
+
+def test_example_config_in_etc_is_valid() -> None:
+    cfg = load_config(Path(__file__).parent.parent / "etc" / "saslauthd-oidc.toml")
+    assert cfg.rules and cfg.providers
