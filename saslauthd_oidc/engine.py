@@ -23,6 +23,17 @@ from saslauthd_oidc.rules import claim_mismatch, context_mismatch, discovery_hin
 
 log = structlog.get_logger("saslauthd_oidc.auth")
 
+# How far a rule got through the claim checks. When every rule refuses, the
+# refusal of the rule that got furthest is the one meant for this client
+# (its audience matched, its scope did not) and is the one reported.
+_DEPTH = {
+    Reason.WRONG_AUDIENCE: 1,
+    Reason.BAD_CLAIM: 1,
+    Reason.UNTRUSTED_AUTHORIZED_PARTY: 2,
+    Reason.INSUFFICIENT_SCOPE: 3,
+    Reason.CLAIM_MISMATCH: 4,
+}
+
 
 class TokenVerifier(Protocol):
     """What the engine needs of a provider (``providers.oidc.OidcProvider``)."""
@@ -101,7 +112,7 @@ class Engine:
             return refuse(Reason.UNKNOWN_ISSUER, "no rule's provider has the token's issuer")
 
         results: dict[str, VerifiedClaims | TokenRejected] = {}
-        first_refusal: tuple[Reason, str] | None = None
+        refusal: tuple[Reason, str] | None = None
         temporary: tuple[Reason, str] | None = None
         for rule in by_issuer:
             if rule.provider not in results:
@@ -112,19 +123,20 @@ class Engine:
                 trace.append(RuleTrace(rule.name, False, result.reason, result.detail))
                 if result.reason.outcome is Outcome.TEMPFAIL:
                     temporary = temporary or (result.reason, f"{rule.provider}: {result.detail}")
-                else:
-                    first_refusal = first_refusal or (result.reason, result.detail)
+                elif refusal is None:
+                    refusal = (result.reason, result.detail)
                 continue
             mismatch = claim_mismatch(rule, result.claims)
             if mismatch is not None:
                 trace.append(RuleTrace(rule.name, False, mismatch.reason, mismatch.detail))
-                first_refusal = first_refusal or (mismatch.reason, mismatch.detail)
+                if refusal is None or _DEPTH.get(mismatch.reason, 0) > _DEPTH.get(refusal[0], 0):
+                    refusal = (mismatch.reason, mismatch.detail)
                 continue
             return self._conclude(request, rule, result.claims, hint, trace)
         if temporary is not None:
             return refuse(*temporary)
-        assert first_refusal is not None
-        return refuse(*first_refusal)
+        assert refusal is not None
+        return refuse(*refusal)
 
     def _conclude(
         self,
