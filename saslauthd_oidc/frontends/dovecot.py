@@ -1,0 +1,185 @@
+"""The Dovecot auth-client socket: a thin trio shell around the sans-I/O protocol.
+
+This module owns the I/O for the auth socket: accepting connections (bounded),
+one task per connection, one task per pending authentication, the per-request
+timeout, serialised writes, and what happens when a client vanishes. All wire
+decisions are made by :mod:`saslauthd_oidc.protocol.dovecot`; all
+authentication decisions by the ``authenticate`` callable (the engine).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
+
+import structlog
+import trio
+
+from saslauthd_oidc.outcome import Reason, Verdict
+from saslauthd_oidc.protocol.dovecot import DovecotServerConnection, NeedVerdict
+from saslauthd_oidc.request import AuthRequest, Mechanism
+
+__all__ = ["Authenticator", "handle_dovecot_stream", "serve_dovecot_listener"]
+
+Authenticator = Callable[[AuthRequest], Awaitable[Verdict]]
+
+log = structlog.get_logger("saslauthd_oidc.dovecot")
+
+_RECEIVE_SIZE = 65536
+# accept() errors that mean "out of resources right now", not "listener broken".
+_ACCEPT_RETRY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+_ACCEPT_RETRY_DELAY = 0.1
+
+
+async def serve_dovecot_listener(
+    listener: trio.SocketListener,
+    authenticate: Authenticator,
+    *,
+    mechanisms: Sequence[Mechanism],
+    tempfail_disconnect: bool = False,
+    request_timeout: float = 5.0,
+    max_connections: int = 4096,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept connections on ``listener`` forever, at most ``max_connections`` at a time."""
+    slots = trio.Semaphore(max_connections)
+    cuids = itertools.count(1)
+    spid = os.getpid()
+
+    async def serve_one(stream: trio.SocketStream) -> None:
+        try:
+            await handle_dovecot_stream(
+                stream,
+                authenticate,
+                mechanisms=mechanisms,
+                spid=spid,
+                cuid=next(cuids),
+                tempfail_disconnect=tempfail_disconnect,
+                request_timeout=request_timeout,
+            )
+        finally:
+            slots.release()
+
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            await slots.acquire()
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                slots.release()
+                if exc.errno not in _ACCEPT_RETRY_ERRNOS:
+                    raise
+                log.warning("accept_failed", error=os.strerror(exc.errno or 0))
+                await trio.sleep(_ACCEPT_RETRY_DELAY)
+                continue
+            nursery.start_soon(serve_one, stream)
+
+
+async def handle_dovecot_stream(
+    stream: trio.abc.Stream,
+    authenticate: Authenticator,
+    *,
+    mechanisms: Sequence[Mechanism],
+    spid: int,
+    cuid: int,
+    tempfail_disconnect: bool = False,
+    request_timeout: float = 5.0,
+) -> None:
+    """Serve one auth-client connection until EOF, a fatal protocol error or disconnect.
+
+    Never raises for anything the client does; closes ``stream`` on return.
+    """
+    connection = DovecotServerConnection(
+        mechanisms, spid=spid, cuid=cuid, cookie=secrets.token_hex(16)
+    )
+    session = _Session(stream, connection, authenticate, request_timeout, tempfail_disconnect)
+    log.debug("connection_open", cuid=cuid)
+    async with stream:
+        await session.run()
+    log.debug("connection_closed", cuid=cuid, client_pid=connection.client_pid)
+
+
+class _Session:
+    """One connection's tasks: the reader and one task per pending verdict."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        connection: DovecotServerConnection,
+        authenticate: Authenticator,
+        request_timeout: float,
+        tempfail_disconnect: bool,
+    ) -> None:
+        self._stream = stream
+        self._connection = connection
+        self._authenticate = authenticate
+        self._request_timeout = request_timeout
+        self._tempfail_disconnect = tempfail_disconnect
+        self._write_lock = trio.Lock()
+        self._cancel_scope = trio.CancelScope()
+
+    async def run(self) -> None:
+        with self._cancel_scope:
+            async with trio.open_nursery() as nursery:
+                await self._send(self._connection.handshake())
+                await self._read_loop(nursery)
+                # EOF or an unrecoverable protocol error: in-flight requests are moot.
+                nursery.cancel_scope.cancel()
+
+    async def _read_loop(self, nursery: trio.Nursery) -> None:
+        connection = self._connection
+        while not connection.closed:
+            try:
+                data = bytes(await self._stream.receive_some(_RECEIVE_SIZE))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            for need in connection.receive_data(data):
+                nursery.start_soon(self._conclude_one, need)
+            self._log_protocol_errors()
+            # Sending before reading more gives a client that never reads our
+            # replies backpressure instead of an ever-growing output queue.
+            await self._flush()
+
+    async def _conclude_one(self, need: NeedVerdict) -> None:
+        verdict = await self._verdict_for(need)
+        self._connection.conclude(need.request_id, verdict)
+        await self._flush()
+
+    async def _verdict_for(self, need: NeedVerdict) -> Verdict:
+        with trio.move_on_after(self._request_timeout):
+            try:
+                return await self._authenticate(need.request)
+            except Exception as exc:  # the engine's bug must not take the connection down
+                log.error(
+                    "authenticate_failed",
+                    request_id=need.request_id,
+                    error=type(exc).__name__,
+                    exc_info=True,
+                )
+                return Verdict(reason=Reason.INTERNAL_ERROR, detail="authenticator raised")
+        return Verdict(reason=Reason.TIMEOUT, detail="request_timeout exceeded")
+
+    async def _flush(self) -> None:
+        async with self._write_lock:
+            data = self._connection.data_to_send()
+            if data:
+                await self._send(data)
+            if self._tempfail_disconnect and self._connection.tempfail_sent:
+                # Postfix answers 454 (temporary) only for a dropped connection.
+                log.info("tempfail_disconnect")
+                self._cancel_scope.cancel()
+
+    async def _send(self, data: bytes) -> None:
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The client is gone: its in-flight requests go with it.
+            self._cancel_scope.cancel()
+
+    def _log_protocol_errors(self) -> None:
+        for error in self._connection.take_protocol_errors():
+            log.info("protocol_error", request_id=error.request_id, error=error.message)
