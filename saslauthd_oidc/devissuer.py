@@ -1,0 +1,379 @@
+"""A built-in development OpenID issuer: keys, token minting, discovery and JWKS over HTTP.
+
+Used by ``saslauthd-oidc dev`` (so a newcomer can try the daemon without an
+IdP) and by the test-suite as a real HTTP provider on loopback.
+
+* :class:`DevIssuer` generates one key per algorithm (RS256, PS256, ES256,
+  EdDSA/Ed25519), mints realistic RFC 9068 access tokens, rotates keys, and is
+  itself a plain ASGI application serving
+  ``{issuer_path}.well-known/openid-configuration`` and ``/jwks.json``.
+* :meth:`DevIssuer.serve` runs it with hypercorn's trio worker on loopback and
+  sets ``url`` (``http://127.0.0.1:PORT``) and ``issuer``, which is
+  ``f"{url}{issuer_path}".rstrip("/")`` — so with the default ``issuer_path="/"``
+  the issuer is exactly ``url``, and the provider's default discovery URL
+  (issuer + ``/.well-known/openid-configuration``) finds the document.
+* :class:`DevIssuerThread` runs a DevIssuer in a background thread with its own
+  ``trio.run``, for synchronous tests.
+
+Fault knobs for tests: ``fail_status``, ``delay``, ``jwks_override``,
+``redirect``. ``requests`` counts requests per path. This is NOT a real
+authorization server: its token endpoint is a stub that refuses every grant.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import contextlib
+import json
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import trio
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm, get_default_algorithms
+
+SUPPORTED_ALGORITHMS = ("RS256", "PS256", "ES256", "EdDSA")
+JWKS_PATH = "/jwks.json"
+TOKEN_PATH = "/token"
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+
+
+@dataclass(frozen=True, slots=True)
+class DevKey:
+    kid: str
+    alg: str
+    private_key: PrivateKey
+
+    def public_jwk(self) -> dict[str, Any]:
+        pub = self.private_key.public_key()
+        jwk: dict[str, Any]
+        if isinstance(pub, rsa.RSAPublicKey):
+            jwk = RSAAlgorithm.to_jwk(pub, as_dict=True)
+        elif isinstance(pub, ec.EllipticCurvePublicKey):
+            jwk = ECAlgorithm.to_jwk(pub, as_dict=True)
+        else:
+            jwk = OKPAlgorithm.to_jwk(pub, as_dict=True)
+        return {**jwk, "kid": self.kid, "alg": self.alg, "use": "sig"}
+
+
+def generate_key(alg: str) -> PrivateKey:
+    """A fresh private key for ``alg`` (RS*/PS* 2048-bit RSA, ES256 P-256, EdDSA Ed25519)."""
+    if alg in ("RS256", "PS256"):
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    if alg == "ES256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if alg == "EdDSA":
+        return ed25519.Ed25519PrivateKey.generate()
+    raise ValueError(
+        f"unsupported algorithm {alg!r} (supported: {', '.join(SUPPORTED_ALGORITHMS)})"
+    )
+
+
+class DevIssuer:
+    """An in-process OpenID issuer for development and tests (see module docstring)."""
+
+    def __init__(self, *, algorithms: Iterable[str] = ("ES256",), issuer_path: str = "/") -> None:
+        self.algorithms = tuple(algorithms)
+        self.issuer_path = issuer_path if issuer_path.endswith("/") else issuer_path + "/"
+        if not self.issuer_path.startswith("/"):
+            self.issuer_path = "/" + self.issuer_path
+        self._lock = threading.Lock()
+        self._keys: dict[str, DevKey] = {}
+        self._current: dict[str, str] = {}
+        for alg in self.algorithms:
+            self.add_key(alg)
+        self.url: str | None = None
+        self.issuer: str | None = None
+        self.port: int | None = None
+        self.requests: collections.Counter[str] = collections.Counter()
+        self.fail_status: int | None = None
+        self.delay: float = 0.0
+        self.jwks_override: bytes | None = None
+        self.redirect: str | None = None
+        self._shutdown: trio.Event | None = None
+
+    # ----------------------------------------------------------------- keys
+
+    @property
+    def discovery_url(self) -> str:
+        return self._require_url() + self.issuer_path + ".well-known/openid-configuration"
+
+    @property
+    def jwks_uri(self) -> str:
+        return self._require_url() + JWKS_PATH
+
+    def kid(self, alg: str = "ES256") -> str:
+        """The current key id for ``alg``."""
+        return self._current[alg]
+
+    def add_key(self, alg: str) -> str:
+        """Generate another key for ``alg``; it becomes current, older ones stay published."""
+        key = DevKey(f"{alg.lower()}-{secrets.token_hex(4)}", alg, generate_key(alg))
+        with self._lock:
+            self._keys[key.kid] = key
+            self._current[alg] = key.kid
+        return key.kid
+
+    def rotate(self, alg: str) -> str:
+        """Replace ``alg``'s current key with a new one (new kid, old key unpublished)."""
+        old = self._current.get(alg)
+        kid = self.add_key(alg)
+        with self._lock:
+            if old is not None:
+                del self._keys[old]
+        return kid
+
+    def remove_key(self, kid: str) -> None:
+        with self._lock:
+            self._keys.pop(kid, None)
+
+    def jwks(self) -> dict[str, Any]:
+        """The public key set as served on ``/jwks.json``."""
+        with self._lock:
+            keys = list(self._keys.values())
+        return {"keys": [k.public_jwk() for k in keys]}
+
+    def discovery_document(self) -> dict[str, Any]:
+        issuer, url = self._require_issuer(), self._require_url()
+        return {
+            "issuer": issuer,
+            "jwks_uri": url + JWKS_PATH,
+            "token_endpoint": url + TOKEN_PATH,
+            "authorization_endpoint": url + "/authorize",
+            "response_types_supported": ["code"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": list(self.algorithms),
+            "grant_types_supported": ["authorization_code", "client_credentials"],
+            "scopes_supported": ["openid", "email", "profile"],
+            "token_endpoint_auth_methods_supported": ["client_secret_basic"],
+        }
+
+    # ----------------------------------------------------------------- minting
+
+    def mint(
+        self,
+        claims: dict[str, Any] | None = None,
+        *,
+        alg: str = "ES256",
+        kid: str | None = None,
+        header: dict[str, Any] | None = None,
+        lifetime: float = 600,
+        subject: str = "alice",
+        email: str = "alice@example.org",
+        audience: str | list[str] = "mail",
+        typ: str | None = "at+jwt",
+    ) -> str:
+        """A signed access token. ``claims`` override defaults; a ``None`` value drops a claim.
+
+        ``kid`` picks the signing key (default: ``alg``'s current key) and is put
+        in the header; ``header`` adds or overrides header fields (``None``
+        drops one), e.g. ``{"kid": None}`` or ``{"alg": "RS256"}``.
+        """
+        key = self._signing_key(alg, kid)
+        now = int(time.time())
+        payload: dict[str, Any] = {
+            "iss": self.issuer,
+            "sub": subject,
+            "aud": audience,
+            "exp": now + int(lifetime),
+            "iat": now,
+            "nbf": now,
+            "jti": uuid.uuid4().hex,
+            "client_id": "dev-client",
+            "scope": "openid email profile",
+            "email": email,
+            "preferred_username": email.split("@", 1)[0],
+        }
+        payload.update(claims or {})
+        payload = {k: v for k, v in payload.items() if v is not None}
+        if payload.get("iss") is None:
+            raise RuntimeError("no issuer yet: serve() first, or pass claims={'iss': ...}")
+        headers: dict[str, Any] = {"alg": alg, "typ": typ, "kid": key.kid, **(header or {})}
+        headers = {k: v for k, v in headers.items() if v is not None}
+        return _encode(payload, key.private_key, alg, headers)
+
+    def _signing_key(self, alg: str, kid: str | None) -> DevKey:
+        with self._lock:
+            chosen = kid or self._current.get(alg)
+            key = self._keys.get(chosen) if chosen else None
+        if key is None:
+            raise KeyError(f"no key {chosen!r} for {alg}; add_key({alg!r}) first")
+        return key
+
+    # ----------------------------------------------------------------- ASGI
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI application."""
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":  # pragma: no cover - websocket etc.
+            return
+        path: str = scope["path"]
+        self.requests[path] += 1
+        if self.delay:
+            await trio.sleep(self.delay)
+        status, headers, body = self._answer(scope["method"], path)
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def _answer(self, method: str, path: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        if self.redirect is not None:
+            return 302, [(b"location", self.redirect.encode())], b""
+        if self.fail_status is not None:
+            return _json(self.fail_status, {"error": "injected failure"})
+        if path == self.issuer_path + ".well-known/openid-configuration" and method == "GET":
+            return _json(200, self.discovery_document())
+        if path == JWKS_PATH and method == "GET":
+            if self.jwks_override is not None:
+                return 200, [(b"content-type", b"application/json")], self.jwks_override
+            return _json(200, self.jwks(), content_type=b"application/jwk-set+json")
+        if path == TOKEN_PATH:
+            return _json(400, {"error": "unsupported_grant_type"})
+        return _json(404, {"error": "not_found"})
+
+    # ----------------------------------------------------------------- serving
+
+    async def serve(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve over HTTP until cancelled or :meth:`stop`; reports the bound port."""
+        config = HypercornConfig()
+        config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+        config.accesslog = None
+        config.loglevel = "WARNING"
+        config.graceful_timeout = 1.0
+        self._shutdown = trio.Event()
+        async with trio.open_nursery() as nursery:
+            binds: list[str] = await nursery.start(self._run_hypercorn, config)
+            self.url = binds[0]
+            self.port = int(self.url.rsplit(":", 1)[1])
+            self.issuer = f"{self.url}{self.issuer_path}".rstrip("/")
+            task_status.started(self.port)
+
+    async def _run_hypercorn(
+        self, config: HypercornConfig, *, task_status: trio.TaskStatus[list[str]]
+    ) -> None:
+        assert self._shutdown is not None
+        app: Any = self  # a plain ASGI callable; hypercorn's typing wants its TypedDicts
+        await hypercorn_serve(
+            app, config, shutdown_trigger=self._shutdown.wait, task_status=task_status
+        )
+
+    def stop(self) -> None:
+        """Ask a running :meth:`serve` to shut down gracefully (call from its trio thread)."""
+        if self._shutdown is not None:
+            self._shutdown.set()
+
+    def _require_url(self) -> str:
+        if self.url is None:
+            raise RuntimeError("DevIssuer is not serving yet")
+        return self.url
+
+    def _require_issuer(self) -> str:
+        if self.issuer is None:
+            raise RuntimeError("DevIssuer is not serving yet")
+        return self.issuer
+
+
+class DevIssuerThread:
+    """Run a DevIssuer in a background thread: ``with DevIssuerThread(DevIssuer()) as i: ...``."""
+
+    def __init__(self, issuer: DevIssuer, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.issuer = issuer
+        self._host, self._port = host, port
+        self._thread: threading.Thread | None = None
+        self._started = threading.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._error: BaseException | None = None
+
+    def __enter__(self) -> DevIssuer:
+        self._thread = threading.Thread(target=self._run, name="dev-issuer", daemon=True)
+        self._thread.start()
+        if not self._started.wait(timeout=30):
+            raise RuntimeError("dev issuer did not start within 30 s")
+        if self._error is not None:
+            raise RuntimeError("dev issuer failed to start") from self._error
+        return self.issuer
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop the server and join the thread (idempotent)."""
+        if self._thread is None:
+            return
+        if self._token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(self.issuer.stop, trio_token=self._token)
+        self._thread.join(timeout=30)
+        self._thread = None
+
+    def _run(self) -> None:
+        try:
+            trio.run(self._main)
+        except BaseException as exc:  # reported to the starting thread
+            self._error = exc
+        finally:
+            self._started.set()
+
+    async def _main(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.issuer.serve, self._host, self._port)
+            self._started.set()
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+def _json(
+    status: int, doc: Any, *, content_type: bytes = b"application/json"
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    body = json.dumps(doc).encode()
+    return status, [(b"content-type", content_type), (b"cache-control", b"no-store")], body
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _encode(payload: dict[str, Any], key: PrivateKey, alg: str, header: dict[str, Any]) -> str:
+    """Compact JWS signed with ``alg`` whatever the header says (tests forge mismatches)."""
+    compact = (",", ":")
+    signing_input = (
+        f"{_b64url(json.dumps(header, separators=compact).encode())}."
+        f"{_b64url(json.dumps(payload, separators=compact).encode())}"
+    )
+    signature = get_default_algorithms()[alg].sign(signing_input.encode("ascii"), key)
+    return f"{signing_input}.{_b64url(signature)}"

@@ -1,0 +1,130 @@
+"""Bounded HTTP for provider metadata: one client factory and one JSON fetcher.
+
+Every fetch has a total deadline, a byte cap, no redirects and no transparent
+decompression (``Accept-Encoding: identity``; a compressed answer is refused),
+so a hostile or broken provider can cost us at most ``timeout`` seconds and
+``max_bytes`` of memory. Failures are :class:`FetchError` with a ``kind``.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any, Literal
+
+import httpx
+import trio
+
+from saslauthd_oidc import __version__
+from saslauthd_oidc.providers.jwt import strict_json_loads
+
+USER_AGENT = f"saslauthd-oidc/{__version__}"
+DEFAULT_TIMEOUT = 5.0
+DEFAULT_MAX_BYTES = 1_048_576
+_JSON_DEPTH = 32
+
+FetchErrorKind = Literal[
+    "unreachable", "timeout", "http_status", "too_large", "bad_json", "redirect"
+]
+
+
+class FetchError(Exception):
+    """A metadata fetch failed; ``kind`` says how, ``detail`` says what (no secrets)."""
+
+    def __init__(self, kind: FetchErrorKind, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind: FetchErrorKind = kind
+        self.detail = detail
+
+
+def make_ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """System trust store, or only ``ca_file`` when given (a private CA)."""
+    if ca_file:
+        return ssl.create_default_context(cafile=ca_file)
+    return ssl.create_default_context()
+
+
+def make_http_client(
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    max_connections: int = 20,
+    ca_file: str | None = None,
+) -> httpx.AsyncClient:
+    """The shared client: bounded pool, timeouts, no redirects, our User-Agent."""
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout, connect=min(timeout, 3.0)),
+        limits=httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=max(1, max_connections // 2),
+            keepalive_expiry=30.0,
+        ),
+        follow_redirects=False,
+        verify=make_ssl_context(ca_file),
+        headers={"User-Agent": USER_AGENT},
+        trust_env=False,
+    )
+
+
+async def fetch_json(
+    client: httpx.AsyncClient,
+    url: str,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> dict[str, Any]:
+    """GET ``url`` and return its JSON object; raise :class:`FetchError` otherwise."""
+    try:
+        with trio.fail_after(timeout):
+            body = await _fetch_body(client, url, max_bytes=max_bytes, timeout=timeout)
+    except trio.TooSlowError:
+        raise FetchError("timeout", f"no complete answer within {timeout:g}s") from None
+    except httpx.TimeoutException:
+        raise FetchError("timeout", f"no complete answer within {timeout:g}s") from None
+    except httpx.HTTPError as exc:
+        raise FetchError("unreachable", f"{type(exc).__name__}: {exc}"[:200]) from None
+    try:
+        doc = strict_json_loads(body, max_depth=_JSON_DEPTH)
+    except (ValueError, RecursionError):
+        raise FetchError("bad_json", "answer is not strict UTF-8 JSON") from None
+    if not isinstance(doc, dict):
+        raise FetchError("bad_json", "answer is not a JSON object")
+    return doc
+
+
+async def _fetch_body(
+    client: httpx.AsyncClient, url: str, *, max_bytes: int, timeout: float
+) -> bytes:
+    headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
+    async with client.stream(
+        "GET", url, headers=headers, timeout=timeout, follow_redirects=False
+    ) as response:
+        _check_response(response, max_bytes)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_raw():
+            size += len(chunk)
+            if size > max_bytes:
+                raise FetchError("too_large", f"answer exceeds {max_bytes} bytes")
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _check_response(response: httpx.Response, max_bytes: int) -> None:
+    status = response.status_code
+    if response.is_redirect or 300 <= status < 400:
+        target = _host_of(response.headers.get("location", ""))
+        raise FetchError("redirect", f"HTTP {status} redirect (to host {target[:80]!r}) refused")
+    if status != 200:
+        raise FetchError("http_status", f"HTTP {status}")
+    encoding = response.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise FetchError("bad_json", f"unexpected content-encoding {encoding[:20]!r}")
+    length = response.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > max_bytes:
+        raise FetchError("too_large", f"content-length {length} exceeds {max_bytes} bytes")
+
+
+def _host_of(url: str) -> str:
+    try:
+        return httpx.URL(url).host or "?"
+    except (httpx.InvalidURL, ValueError, TypeError):
+        return "?"
