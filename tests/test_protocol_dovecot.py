@@ -573,6 +573,13 @@ def test_ok_user_is_escaped() -> None:
     assert lines(conn) == ["OK\t1\tuser=ünï=code@example.org"]
 
 
+def test_unencodable_account_fails_instead_of_raising() -> None:
+    conn = client()
+    auth(conn, 1, oauthbearer_ir())
+    conn.conclude(1, Verdict(reason=Reason.OK, account="bad\ud800@example.org"))
+    assert lines(conn) == ["FAIL\t1\treason=Authentication failed"]
+
+
 def test_many_sequential_requests() -> None:
     conn = client("1\t0")
     for rid in range(1, 301):

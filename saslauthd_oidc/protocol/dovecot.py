@@ -204,7 +204,7 @@ class DovecotServerConnection:
         return len(self._requests)
 
     def _emit(self, *fields: str) -> None:
-        self._out.append(("\t".join(fields) + "\n").encode("utf-8", "surrogateescape"))
+        self._out.append(("\t".join(fields) + "\n").encode("utf-8"))
 
     def _fail(self, request_id: int, verdict: Verdict, text: str | None = None) -> None:
         fields = fail_fields(verdict, text)
@@ -434,8 +434,11 @@ class DovecotServerConnection:
             request = AuthRequest(entry.mechanism, step.credentials, entry.context)
             return NeedVerdict(request_id, request)
         del self._requests[request_id]
-        if isinstance(step, Succeeded):
+        if isinstance(step, Succeeded) and _encodable(step.account):
             self._emit("OK", str(request_id), "user=" + tab_escape(step.account))
+        elif isinstance(step, Succeeded):
+            self._error(request_id, "account name is not valid Unicode")
+            self._fail(request_id, Verdict(reason=Reason.INVALID_ACCOUNT))
         else:
             assert isinstance(step, Failed)
             self._fail(request_id, step.verdict)
@@ -447,6 +450,14 @@ class _Invalid:
 
 
 _INVALID = _Invalid()
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates
+        return False
+    return True
 
 
 def _parse_uint(field: str) -> int | None:
