@@ -265,10 +265,19 @@ async def test_tempfail_disconnect(nursery: trio.Nursery, socket_path: str) -> N
     await client.handshake()
     assert await client.authenticate(1, "bad") == "FAIL\t1\treason=Authentication failed"
     with trio.fail_after(3):
-        assert await client.authenticate(2, "temp") == (
-            "FAIL\t2\tcode=temp_fail\treason=Temporary authentication failure"
-        )
-        assert await client.line() is None  # then the server hangs up
+        # No FAIL: Postfix would read it and answer 535. Hanging up gives 454.
+        assert await client.authenticate(2, "temp") is None
+    second = await Client.connect(socket_path)  # the client reconnects and carries on
+    await second.handshake()
+    assert await second.authenticate(3, "good-h") == "OK\t3\tuser=h"
+
+
+async def test_tempfail_disconnect_on_timeout(nursery: trio.Nursery, socket_path: str) -> None:
+    await serve(nursery, socket_path, Stub(), tempfail_disconnect=True, request_timeout=0.2)
+    client = await Client.connect(socket_path)
+    await client.handshake()
+    with trio.fail_after(3):
+        assert await client.authenticate(1, "slow") is None
 
 
 async def test_tempfail_without_disconnect_keeps_connection(

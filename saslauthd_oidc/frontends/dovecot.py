@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import structlog
 import trio
 
-from saslauthd_oidc.outcome import Reason, Verdict
+from saslauthd_oidc.outcome import Outcome, Reason, Verdict
 from saslauthd_oidc.protocol.dovecot import DovecotServerConnection, NeedVerdict
 from saslauthd_oidc.request import AuthRequest, Mechanism
 
@@ -146,6 +146,13 @@ class _Session:
 
     async def _conclude_one(self, need: NeedVerdict) -> None:
         verdict = await self._verdict_for(need)
+        if self._tempfail_disconnect and verdict.outcome is Outcome.TEMPFAIL:
+            # Postfix turns every FAIL into 535 and reads it before noticing a
+            # close, so only hanging up *instead of* answering gives a 454.
+            log.info("tempfail_disconnect", request_id=need.request_id)
+            await self._flush()
+            self._cancel_scope.cancel()
+            return
         self._connection.conclude(need.request_id, verdict)
         await self._flush()
 
@@ -168,10 +175,6 @@ class _Session:
             data = self._connection.data_to_send()
             if data:
                 await self._send(data)
-            if self._tempfail_disconnect and self._connection.tempfail_sent:
-                # Postfix answers 454 (temporary) only for a dropped connection.
-                log.info("tempfail_disconnect")
-                self._cancel_scope.cancel()
 
     async def _send(self, data: bytes) -> None:
         try:

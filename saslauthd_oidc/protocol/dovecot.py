@@ -175,7 +175,6 @@ class DovecotServerConnection:
         self.client_version: tuple[int, int] | None = None
         self.client_pid: int | None = None
         self.closed = False
-        self.tempfail_sent = False
 
     # ----------------------------------------------------------------- output
 
@@ -207,10 +206,7 @@ class DovecotServerConnection:
         self._out.append(("\t".join(fields) + "\n").encode("utf-8"))
 
     def _fail(self, request_id: int, verdict: Verdict, text: str | None = None) -> None:
-        fields = fail_fields(verdict, text)
-        if "code=temp_fail" in fields:
-            self.tempfail_sent = True
-        self._emit("FAIL", str(request_id), *fields)
+        self._emit("FAIL", str(request_id), *fail_fields(verdict, text))
 
     def _error(self, request_id: int | None, message: str) -> None:
         self._errors.append(ProtocolError(request_id, message))
