@@ -1,0 +1,41 @@
+"""Shared test plumbing.  Keep this small: peer harnesses live in tests/peers/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.peers.postfix import make_shared_tmpdir, postfix_available
+
+REQUIRE_PEERS_ENV = "SASLAUTHD_OIDC_REQUIRE_PEERS"
+
+
+def require_peer(name: str, reason: str | None) -> None:
+    """Skip (locally) or fail (CI, ``SASLAUTHD_OIDC_REQUIRE_PEERS=1``) if a peer is missing.
+
+    ``reason`` is what the peer's ``*_available()`` probe returned: ``None``
+    means the peer is usable and this does nothing.
+    """
+    if reason is None:
+        return
+    if os.environ.get(REQUIRE_PEERS_ENV) == "1":
+        pytest.fail(f"{name} not available: {reason} ({REQUIRE_PEERS_ENV}=1)", pytrace=False)
+    pytest.skip(f"{name} not available: {reason}")
+
+
+@pytest.fixture(scope="session")
+def postfix_ready() -> None:
+    """Depend on this before starting a ``tests.peers.postfix.PostfixInstance``."""
+    require_peer("postfix", postfix_available())
+
+
+@pytest.fixture
+def shared_tmp_path() -> Iterator[Path]:
+    """Like ``tmp_path`` but mode 0755 under /tmp: for sockets other users must reach."""
+    path = make_shared_tmpdir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
