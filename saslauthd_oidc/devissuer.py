@@ -16,7 +16,8 @@ IdP) and by the test-suite as a real HTTP provider on loopback.
   ``trio.run``, for synchronous tests.
 
 Fault knobs for tests: ``fail_status``, ``delay``, ``jwks_override``,
-``redirect``. ``requests`` counts requests per path. This is NOT a real
+``redirect``. ``requests`` counts requests per path; ``last_request_headers``
+holds the headers of the latest request. This is NOT a real
 authorization server: its token endpoint is a stub that refuses every grant.
 """
 
@@ -100,6 +101,7 @@ class DevIssuer:
         self.issuer: str | None = None
         self.port: int | None = None
         self.requests: collections.Counter[str] = collections.Counter()
+        self.last_request_headers: dict[str, str] = {}
         self.fail_status: int | None = None
         self.delay: float = 0.0
         self.jwks_override: bytes | None = None
@@ -225,6 +227,9 @@ class DevIssuer:
             return
         path: str = scope["path"]
         self.requests[path] += 1
+        self.last_request_headers = {
+            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
+        }
         if self.delay:
             await trio.sleep(self.delay)
         status, headers, body = self._answer(scope["method"], path)
@@ -253,10 +258,18 @@ class DevIssuer:
         host: str = "127.0.0.1",
         port: int = 0,
         *,
+        certfile: str | None = None,
+        keyfile: str | None = None,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve over HTTP until cancelled or :meth:`stop`; reports the bound port."""
+        """Serve until cancelled or :meth:`stop`; reports the bound port.
+
+        Plain HTTP, or HTTPS when ``certfile``/``keyfile`` are given (``url``
+        then starts with ``https://``).
+        """
         config = HypercornConfig()
+        if certfile:
+            config.certfile, config.keyfile = certfile, keyfile
         config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
         config.accesslog = None
         config.loglevel = "WARNING"
