@@ -13,9 +13,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import structlog
 import trio
 
 from saslauthd_oidc import __version__
+from saslauthd_oidc.authtest import AuthTestError, run_auth_test
 from saslauthd_oidc.config import (
     Config,
     ConfigError,
@@ -23,10 +25,15 @@ from saslauthd_oidc.config import (
     load_config,
     resolve_config_path,
 )
+from saslauthd_oidc.daemon import run_daemon
+from saslauthd_oidc.devmode import DEFAULT_DEV_DIR, run_dev
+from saslauthd_oidc.engine import Engine
 from saslauthd_oidc.observability import configure_logging
 from saslauthd_oidc.outcome import Outcome, Verdict
+from saslauthd_oidc.providers import ProviderRegistry
+from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
-from saslauthd_oidc.rules import config_warnings
+from saslauthd_oidc.rules import config_warnings, ordered
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_TEMPFAIL = 0, 1, 2, 3
 _EXIT_FOR = {Outcome.OK: EXIT_OK, Outcome.FAIL: EXIT_REFUSED, Outcome.TEMPFAIL: EXIT_TEMPFAIL}
@@ -61,11 +68,9 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from saslauthd_oidc.daemon import run_daemon
 
     config = _load(args)
     configure_logging(config.logging)
-    import structlog
 
     log = structlog.get_logger("saslauthd_oidc.daemon")
     for warning in config_warnings(config):
@@ -92,14 +97,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def _rule_order(config: Config) -> list[str]:
-    from saslauthd_oidc.rules import ordered
 
     return [r.name + (" (fallback)" if r.fallback else "") for r in ordered(config.rules)]
 
 
 async def _check_online(config: Config) -> int:
-    from saslauthd_oidc.providers import ProviderRegistry
-    from saslauthd_oidc.providers.http import make_http_client
 
     status = EXIT_OK
     async with make_http_client() as client:
@@ -147,9 +149,6 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 async def _explain(config: Config, request: AuthRequest) -> Verdict:
-    from saslauthd_oidc.engine import Engine
-    from saslauthd_oidc.providers import ProviderRegistry
-    from saslauthd_oidc.providers.http import make_http_client
 
     async with make_http_client() as client:
         registry = ProviderRegistry(config, client)
@@ -205,21 +204,28 @@ def explain_text(request: AuthRequest, verdict: Verdict) -> str:
 
 
 def cmd_auth_test(args: argparse.Namespace) -> int:
-    from saslauthd_oidc.authtest import run_auth_test
 
+    if Mechanism.parse(args.mech) is None:
+        raise UsageError(f"--mech: unknown mechanism {args.mech!r}")
     token = read_token(args.token)
-    result = trio.run(
-        lambda: run_auth_test(
-            args.socket,
-            token,
-            user=args.user,
-            mechanism=args.mech.upper(),
-            service=args.service,
-            host=args.host,
-            port=args.port,
-            timeout=args.timeout,
+    try:
+        result = trio.run(
+            lambda: run_auth_test(
+                args.socket,
+                token,
+                user=args.user,
+                mechanism=args.mech.upper(),
+                service=args.service,
+                host=args.host,
+                port=args.port,
+                timeout=args.timeout,
+            )
         )
-    )
+    except AuthTestError as exc:
+        for line in exc.transcript:
+            print(line)
+        print(f"saslauthd-oidc: auth-test: {exc}", file=sys.stderr)
+        return EXIT_TEMPFAIL
     for line in result.transcript:
         print(line)
     if result.challenge is not None:
@@ -232,7 +238,6 @@ def cmd_auth_test(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from saslauthd_oidc.devmode import run_dev
 
     return trio.run(lambda: run_dev(Path(args.dir), issuer_port=args.issuer_port))
 
@@ -244,7 +249,8 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
         metavar="PATH",
-        help="config file (default: $SASLAUTHD_OIDC_CONFIG or /etc/saslauthd-oidc/saslauthd-oidc.toml)",
+        help="config file (default: $SASLAUTHD_OIDC_CONFIG, "
+        "else /etc/saslauthd-oidc/saslauthd-oidc.toml)",
     )
 
 
@@ -287,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_auth_test)
 
     p = sub.add_parser("dev", help="run with a built-in development issuer (try it out)")
-    p.add_argument("--dir", default="/tmp/saslauthd-oidc-dev", help="where socket, config and token go")
+    p.add_argument("--dir", default=DEFAULT_DEV_DIR, help="where socket, config and token go")
     p.add_argument("--issuer-port", type=int, default=0, help="loopback port of the dev issuer")
     p.set_defaults(func=cmd_dev)
     return parser
@@ -307,5 +313,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_OK
     return code
-
-

@@ -23,6 +23,9 @@ from saslauthd_oidc.devissuer import DevIssuer
 from saslauthd_oidc.engine import Engine
 from saslauthd_oidc.observability import configure_logging
 
+# Under /tmp so that the postfix user can reach the socket; run_dev refuses the
+# directory when another user owns it.
+DEFAULT_DEV_DIR = "/tmp/saslauthd-oidc-dev"  # noqa: S108
 DEV_USER = "alice@example.org"
 DEV_AUDIENCE = "mail"
 
@@ -72,9 +75,12 @@ saslauthd-oidc development mode
   token         {token_file}  (an ES256 access token for {DEV_USER}, valid 1 hour)
 
 Try it from another terminal:
-  .venv/bin/saslauthd-oidc auth-test --socket {socket_path} --token @{token_file} --user {DEV_USER}
-  .venv/bin/saslauthd-oidc auth-test --socket {socket_path} --token @{token_file} --mech XOAUTH2 --user {DEV_USER}
-  .venv/bin/saslauthd-oidc explain --config {workdir / "saslauthd-oidc.toml"} --token @{token_file} --user {DEV_USER}
+  .venv/bin/saslauthd-oidc auth-test --socket {socket_path} \\
+      --token @{token_file} --user {DEV_USER}
+  .venv/bin/saslauthd-oidc auth-test --socket {socket_path} \\
+      --token @{token_file} --mech XOAUTH2 --user {DEV_USER}
+  .venv/bin/saslauthd-oidc explain --config {workdir / "saslauthd-oidc.toml"} \\
+      --token @{token_file} --user {DEV_USER}
 
 Through Postfix (main.cf; the socket is world-accessible in dev mode):
   smtpd_sasl_auth_enable = yes
@@ -90,10 +96,14 @@ Stop with Ctrl-C.
 
 async def run_dev(workdir: Path, *, issuer_port: int = 0) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
+    if workdir.lstat().st_uid != os.getuid() or workdir.is_symlink():
+        print(f"saslauthd-oidc: {workdir} belongs to another user; use --dir", file=sys.stderr)
+        return 2
     workdir.chmod(0o755)  # the postfix user must be able to reach the socket inside
     issuer = DevIssuer(algorithms=("ES256", "RS256"))
     async with trio.open_nursery() as nursery:
         await nursery.start(issuer.serve, "127.0.0.1", issuer_port)
+        assert issuer.issuer is not None
         raw = dev_config(issuer.issuer, workdir)
         config_path = workdir / "saslauthd-oidc.toml"
         _write_private(config_path, tomli_w.dumps(raw))

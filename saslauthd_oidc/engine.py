@@ -106,7 +106,9 @@ class Engine:
         for rule in candidates:
             if rule not in by_issuer:
                 trace.append(
-                    RuleTrace(rule.name, False, Reason.UNKNOWN_ISSUER, "token iss is not its issuer")
+                    RuleTrace(
+                        rule.name, False, Reason.UNKNOWN_ISSUER, "token iss is not its issuer"
+                    )
                 )
         if not by_issuer:
             return refuse(Reason.UNKNOWN_ISSUER, "no rule's provider has the token's issuer")
@@ -117,7 +119,9 @@ class Engine:
         for rule in by_issuer:
             if rule.provider not in results:
                 verifier = self.providers.get(rule.provider)
-                results[rule.provider] = await verifier.verify(request.credentials.token, unverified)
+                results[rule.provider] = await verifier.verify(
+                    request.credentials.token, unverified
+                )
             result = results[rule.provider]
             if isinstance(result, TokenRejected):
                 trace.append(RuleTrace(rule.name, False, result.reason, result.detail))

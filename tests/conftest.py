@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from tests.peers.postfix import make_shared_tmpdir, postfix_available
 
@@ -39,3 +40,10 @@ def shared_tmp_path() -> Iterator[Path]:
     path = make_shared_tmpdir()
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging() -> Iterator[None]:
+    """A test that configures structlog must not leave it writing to its (closed) capture."""
+    yield
+    structlog.reset_defaults()

@@ -103,7 +103,9 @@ def test_toml_syntax_error_is_a_config_error(tmp_path: Path) -> None:
         load_config(path)
 
 
-def test_check_config_exits_2_naming_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_config_exits_2_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "c.toml"
     path.write_text(
         '[[provider]]\nname = "idp"\nissuer = "https://idp.example.org"\n'
@@ -114,7 +116,9 @@ def test_check_config_exits_2_naming_the_key(tmp_path: Path, capsys: pytest.Capt
     assert "rule[0].username: unknown filter 'shout'" in err
 
 
-def test_check_config_ok_prints_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_config_ok_prints_warnings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "c.toml"
     path.write_text(
         '[[provider]]\nname = "idp"\nissuer = "https://idp.example.org"\n'

@@ -61,12 +61,27 @@ CONFIG = {
     "rule": [
         {"name": "web", "provider": "a", "audiences": ["web"]},
         {"name": "imap-only", "provider": "a", "audiences": ["desk"], "services": ["imap"]},
-        {"name": "scoped", "provider": "a", "audiences": ["desk"], "required_scopes": ["mail"],
-         "username": "{preferred_username|localpart}@example.org"},
-        {"name": "b-domain", "provider": "b", "audiences": ["mail"], "domains": ["b.example"],
-         "discovery_hint": "https://b.example.org/custom"},
-        {"name": "catchall", "provider": "b", "audiences": ["any"], "fallback": True,
-         "authzid": "ignore"},
+        {
+            "name": "scoped",
+            "provider": "a",
+            "audiences": ["desk"],
+            "required_scopes": ["mail"],
+            "username": "{preferred_username|localpart}@example.org",
+        },
+        {
+            "name": "b-domain",
+            "provider": "b",
+            "audiences": ["mail"],
+            "domains": ["b.example"],
+            "discovery_hint": "https://b.example.org/custom",
+        },
+        {
+            "name": "catchall",
+            "provider": "b",
+            "audiences": ["any"],
+            "fallback": True,
+            "authzid": "ignore",
+        },
     ],
 }
 
@@ -76,8 +91,12 @@ def make_engine(**rejections: TokenRejected) -> tuple[Engine, FakeLookup]:
     return Engine(parse_config(CONFIG), lookup), lookup
 
 
-def request(tok: str, user: str | None = "alice@example.org", service: str = "smtp",
-            mech: Mechanism = Mechanism.OAUTHBEARER) -> AuthRequest:
+def request(
+    tok: str,
+    user: str | None = "alice@example.org",
+    service: str = "smtp",
+    mech: Mechanism = Mechanism.OAUTHBEARER,
+) -> AuthRequest:
     return AuthRequest(mech, Credentials(tok, user), RequestContext(service=service))
 
 
@@ -91,8 +110,13 @@ async def test_first_matching_rule_wins() -> None:
 
 async def test_rules_on_one_issuer_told_apart_by_service_and_scope() -> None:
     engine, lookup = make_engine()
-    claims = {"iss": A, "aud": "desk", "email": "alice@example.org",
-              "preferred_username": "alice@idm.example.org", "scope": "openid mail"}
+    claims = {
+        "iss": A,
+        "aud": "desk",
+        "email": "alice@example.org",
+        "preferred_username": "alice@idm.example.org",
+        "scope": "openid mail",
+    }
     v = await engine.authenticate(request(token(**claims), service="imap"))
     assert v.rule == "imap-only"
     v = await engine.authenticate(request(token(**claims), service="smtp"))
@@ -125,12 +149,14 @@ async def test_authzid_must_match_account() -> None:
 
 async def test_no_authzid_means_the_mapped_account() -> None:
     engine, _ = make_engine()
-    v = await engine.authenticate(request(token(iss=A, aud="web", email="alice@example.org"), user=None))
+    v = await engine.authenticate(
+        request(token(iss=A, aud="web", email="alice@example.org"), user=None)
+    )
     assert v.account == "alice@example.org"
 
 
 async def test_token_of_provider_a_refused_where_only_b_fits_the_context() -> None:
-    engine, lookup = make_engine()
+    engine, _ = make_engine()
     v = await engine.authenticate(
         request(token(iss=A, aud="mail", email="x@b.example"), user="x@b.example")
     )
@@ -197,17 +223,18 @@ async def test_engine_error_is_internal_tempfail() -> None:
 
 
 @pytest.mark.parametrize("user", ["alice@example.org", None])
-async def test_log_line_has_fingerprint_not_token(
-    user: str | None, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def test_log_line_has_fingerprint_not_token(user: str | None) -> None:
+    import io
+
     from saslauthd_oidc.config import LoggingConfig
     from saslauthd_oidc.observability import configure_logging
 
-    configure_logging(LoggingConfig(level="info", format="json"))
+    out = io.StringIO()
+    configure_logging(LoggingConfig(level="info", format="json"), stream=out)
     engine, _ = make_engine()
     tok = token(iss=A, aud="web", email="alice@example.org")
     v = await engine.authenticate(request(tok, user=user))
-    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    line = json.loads(out.getvalue().strip().splitlines()[-1])
     assert line["event"] == "authentication"
     assert line["outcome"] == "ok" and line["reason"] == "ok" and line["rule"] == "web"
     assert line["token"] == Credentials(tok).fingerprint

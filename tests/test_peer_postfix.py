@@ -229,7 +229,10 @@ def test_refused_tokens_give_535_and_the_daemon_says_why(
     daemon, pf = stack
     user = USER
     if case == "expired":
-        tok = good_token(issuer, claims={"exp": int(time.time()) - 3600, "iat": int(time.time()) - 7200, "nbf": None})
+        tok = good_token(
+            issuer,
+            claims={"exp": int(time.time()) - 3600, "iat": int(time.time()) - 7200, "nbf": None},
+        )
     elif case == "other_user":
         tok, user = good_token(issuer), "bob@example.org"
     elif case == "bad_signature":
@@ -246,7 +249,9 @@ def test_refused_tokens_give_535_and_the_daemon_says_why(
         head = base64.urlsafe_b64encode(b'{"alg":"none","typ":"at+jwt"}').rstrip(b"=").decode()
         body = good_token(issuer).split(".")[1]
         tok = f"{head}.{body}."
-    replies = smtp_auth(pf.host, pf.port, "OAUTHBEARER", oauthbearer(tok, user), continuation=b"\x01")
+    replies = smtp_auth(
+        pf.host, pf.port, "OAUTHBEARER", oauthbearer(tok, user), continuation=b"\x01"
+    )
     assert replies[0][0] == 334
     assert replies[-1][0] == 535
     expected = {

@@ -76,7 +76,11 @@ def test_context_conditions(
         ({"audiences": ["mail"]}, {"aud": [1, "mail"]}, Reason.BAD_CLAIM),
         # OIDC Core 3.1.3.7: several audiences need a trusted azp
         ({"audiences": ["mail"]}, {"aud": ["mail", "evil"]}, Reason.UNTRUSTED_AUTHORIZED_PARTY),
-        ({"audiences": ["mail"]}, {"aud": ["mail", "evil"], "azp": "evil"}, Reason.UNTRUSTED_AUTHORIZED_PARTY),
+        (
+            {"audiences": ["mail"]},
+            {"aud": ["mail", "evil"], "azp": "evil"},
+            Reason.UNTRUSTED_AUTHORIZED_PARTY,
+        ),
         ({"audiences": ["mail"]}, {"aud": ["mail", "account"], "azp": "mail"}, None),
         (
             {"audiences": ["account"], "authorized_parties": ["webmail"]},
@@ -85,7 +89,11 @@ def test_context_conditions(
         ),
         ({"authorized_parties": ["webmail"]}, {"azp": "webmail"}, None),
         ({"authorized_parties": ["webmail"]}, {"client_id": "webmail"}, None),
-        ({"authorized_parties": ["webmail"]}, {"azp": "other", "client_id": "webmail"}, Reason.UNTRUSTED_AUTHORIZED_PARTY),
+        (
+            {"authorized_parties": ["webmail"]},
+            {"azp": "other", "client_id": "webmail"},
+            Reason.UNTRUSTED_AUTHORIZED_PARTY,
+        ),
         ({"authorized_parties": ["webmail"]}, {}, Reason.UNTRUSTED_AUTHORIZED_PARTY),
         ({"required_scopes": ["email", "mail"]}, {"scope": "openid email mail"}, None),
         ({"required_scopes": ["email", "mail"]}, {"scope": ["email", "mail"]}, None),
@@ -98,7 +106,9 @@ def test_context_conditions(
         ({"claims": {"groups": "mail"}}, {"groups": ["staff", "mail"]}, None),
     ],
 )
-def test_claim_conditions(conditions: dict[str, Any], claims: dict[str, Any], reason: Reason | None) -> None:
+def test_claim_conditions(
+    conditions: dict[str, Any], claims: dict[str, Any], reason: Reason | None
+) -> None:
     m = claim_mismatch(rule(**conditions), claims)
     assert (m.reason if m else None) is reason
 
@@ -123,8 +133,12 @@ def test_discovery_hint_prefers_rule_setting() -> None:
             "provider": PROVIDERS,
             "rule": [
                 {"name": "a", "provider": "idp", "required_scopes": ["mail", "email"]},
-                {"name": "b", "provider": "idp", "discovery_hint": "https://h.example/x",
-                 "challenge_scope": "s"},
+                {
+                    "name": "b",
+                    "provider": "idp",
+                    "discovery_hint": "https://h.example/x",
+                    "challenge_scope": "s",
+                },
             ],
         }
     )
@@ -160,7 +174,9 @@ def test_shadowed_rule_is_warned() -> None:
     ],
 )
 def test_not_shadowed(later: dict[str, Any]) -> None:
-    w = warnings_for([{"name": "e", "provider": "idp", "audiences": ["mail"], "required_scopes": ["x"]}, later])
+    w = warnings_for(
+        [{"name": "e", "provider": "idp", "audiences": ["mail"], "required_scopes": ["x"]}, later]
+    )
     assert not any("can never match" in x for x in w)
 
 
@@ -168,14 +184,32 @@ def test_overlapping_fallbacks_warned() -> None:
     w = warnings_for(
         [
             {"name": "f1", "provider": "idp", "audiences": ["a"], "fallback": True},
-            {"name": "f2", "provider": "other", "audiences": ["b"], "fallback": True, "services": ["smtp"]},
+            {
+                "name": "f2",
+                "provider": "other",
+                "audiences": ["b"],
+                "fallback": True,
+                "services": ["smtp"],
+            },
         ]
     )
     assert any("fallback rules 'f1' and 'f2' overlap" in x for x in w)
     w2 = warnings_for(
         [
-            {"name": "f1", "provider": "idp", "audiences": ["a"], "fallback": True, "services": ["imap"]},
-            {"name": "f2", "provider": "other", "audiences": ["b"], "fallback": True, "services": ["smtp"]},
+            {
+                "name": "f1",
+                "provider": "idp",
+                "audiences": ["a"],
+                "fallback": True,
+                "services": ["imap"],
+            },
+            {
+                "name": "f2",
+                "provider": "other",
+                "audiences": ["b"],
+                "fallback": True,
+                "services": ["smtp"],
+            },
         ]
     )
     assert not any("overlap" in x for x in w2)
