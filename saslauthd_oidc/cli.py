@@ -299,6 +299,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leaves(group: BaseExceptionGroup[ConfigError]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return leaves
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -306,6 +313,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except ConfigError as exc:
         print(f"saslauthd-oidc: config error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BaseExceptionGroup as group:
+        config_errors, rest = group.split(ConfigError)
+        if rest is not None or config_errors is None:
+            raise
+        for error in _leaves(config_errors):
+            print(f"saslauthd-oidc: config error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except UsageError as exc:
         print(f"saslauthd-oidc: {exc}", file=sys.stderr)

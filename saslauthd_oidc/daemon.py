@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import stat
+from functools import partial
 from pathlib import Path
 
 import structlog
@@ -28,7 +29,7 @@ from saslauthd_oidc.request import Mechanism
 log = structlog.get_logger("saslauthd_oidc.daemon")
 
 
-def _socket_in_use(path: str) -> bool:
+def socket_in_use(path: str) -> bool:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(path)
@@ -53,7 +54,7 @@ def open_unix_listener(
         st = p.lstat()
         if not stat.S_ISSOCK(st.st_mode):
             raise ConfigError("server.auth_socket", f"{path} exists and is not a socket")
-        if _socket_in_use(path):
+        if socket_in_use(path):
             raise ConfigError("server.auth_socket", f"{path} is in use by another process")
         p.unlink()
     gid = -1
@@ -88,42 +89,48 @@ async def run_daemon(
 ) -> None:
     """Serve until SIGTERM/SIGINT (or cancellation). Reports the Engine once listening."""
     mechanisms = [Mechanism(m) for m in config.server.mechanisms]
-    async with make_http_client() as client:
-        registry = ProviderRegistry(config, client)
-        engine = Engine(config, registry)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(registry.refresh_all)
-            if config.server.auth_socket:
-                listener = open_unix_listener(
-                    config.server.auth_socket,
-                    config.server.auth_socket_mode,
-                    config.server.auth_socket_group,
-                )
-                await nursery.start(
-                    lambda task_status: serve_dovecot_listener(
-                        listener,
-                        engine.authenticate,
-                        mechanisms=mechanisms,
-                        tempfail_disconnect=config.server.tempfail == "disconnect",
-                        request_timeout=config.server.request_timeout,
-                        max_connections=config.server.max_connections,
-                        task_status=task_status,
-                    )
-                )
-                log.info("listening", socket=config.server.auth_socket, protocol="dovecot")
-            if handle_signals:
-                nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-            log.info(
-                "started",
-                config=config.source,
-                providers=[p.name for p in config.providers],
-                rules=[r.name for r in config.rules],
-            )
-            task_status.started(engine)
-        await registry.aclose()
+    # Sockets are opened before any nursery, so that their ConfigErrors reach
+    # the caller as themselves rather than wrapped in an exception group.
+    listener = None
     if config.server.auth_socket:
-        with contextlib.suppress(OSError):
-            os.unlink(config.server.auth_socket)
+        listener = open_unix_listener(
+            config.server.auth_socket,
+            config.server.auth_socket_mode,
+            config.server.auth_socket_group,
+        )
+    try:
+        async with make_http_client() as client:
+            registry = ProviderRegistry(config, client)
+            engine = Engine(config, registry)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(registry.refresh_all)
+                if listener is not None:
+                    await nursery.start(
+                        partial(
+                            serve_dovecot_listener,
+                            listener,
+                            engine.authenticate,
+                            mechanisms=mechanisms,
+                            tempfail_disconnect=config.server.tempfail == "disconnect",
+                            request_timeout=config.server.request_timeout,
+                            max_connections=config.server.max_connections,
+                        )
+                    )
+                    log.info("listening", socket=config.server.auth_socket, protocol="dovecot")
+                if handle_signals:
+                    nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+                log.info(
+                    "started",
+                    config=config.source,
+                    providers=[p.name for p in config.providers],
+                    rules=[r.name for r in config.rules],
+                )
+                task_status.started(engine)
+            await registry.aclose()
+    finally:
+        if listener is not None and config.server.auth_socket:
+            with contextlib.suppress(OSError):
+                os.unlink(config.server.auth_socket)
     log.info("stopped")
 
 

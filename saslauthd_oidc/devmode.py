@@ -18,7 +18,7 @@ import tomli_w
 import trio
 
 from saslauthd_oidc.config import Config, parse_config
-from saslauthd_oidc.daemon import run_daemon
+from saslauthd_oidc.daemon import run_daemon, socket_in_use
 from saslauthd_oidc.devissuer import DevIssuer
 from saslauthd_oidc.engine import Engine
 from saslauthd_oidc.observability import configure_logging
@@ -98,6 +98,9 @@ async def run_dev(workdir: Path, *, issuer_port: int = 0) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     if workdir.lstat().st_uid != os.getuid() or workdir.is_symlink():
         print(f"saslauthd-oidc: {workdir} belongs to another user; use --dir", file=sys.stderr)
+        return 2
+    if socket_in_use(str(workdir / "auth")):
+        print(f"saslauthd-oidc: {workdir / 'auth'} is in use by another process", file=sys.stderr)
         return 2
     workdir.chmod(0o755)  # the postfix user must be able to reach the socket inside
     issuer = DevIssuer(algorithms=("ES256", "RS256"))

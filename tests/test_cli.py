@@ -224,3 +224,27 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert run("explain", "--config", "/nonexistent", "--token", "x").returncode == 2
     r = run("auth-test", "--socket", "/x", "--token", "@/nonexistent/file")
     assert r.returncode == 2 and "cannot read" in r.stderr
+
+
+def test_serve_refuses_a_socket_path_that_is_a_file(tmp_path: Path) -> None:
+    target = tmp_path / "auth"
+    target.write_text("not a socket")
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'[server]\nauth_socket = "{target}"\n'
+        '[[provider]]\nname="a"\nissuer="https://a.example"\n'
+        '[[rule]]\nprovider="a"\naudiences=["x"]\n'
+    )
+    r = run("serve", "--config", str(path))
+    assert r.returncode == 2
+    assert "server.auth_socket" in r.stderr and "is not a socket" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert target.read_text() == "not a socket"  # changed nothing
+
+
+def test_dev_refuses_a_socket_in_use(dev_mode: Path) -> None:
+    token = (dev_mode / "token").read_text()
+    r = run("dev", "--dir", str(dev_mode))
+    assert r.returncode == 2
+    assert "in use by another process" in r.stderr
+    assert (dev_mode / "token").read_text() == token  # the running instance is untouched
