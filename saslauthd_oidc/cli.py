@@ -132,6 +132,8 @@ def _request_from_args(args: argparse.Namespace) -> AuthRequest:
             service=args.service,
             local_port=args.port,
             local_name=args.host,
+            remote_ip=args.remote,
+            secured=args.secured,
         ),
     )
 
@@ -283,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="show rule by rule why a token is accepted or refused")
     _add_config(p)
     _add_request(p)
+    p.add_argument("--remote", metavar="IP", help="the mail client's address (remote_networks)")
+    p.add_argument("--secured", action="store_true", help="the connection is TLS-protected")
     p.add_argument("--json", action="store_true", help="one JSON object for scripts")
     p.set_defaults(func=cmd_explain)
 

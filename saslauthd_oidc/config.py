@@ -9,12 +9,14 @@ the secret files it names.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -102,6 +104,8 @@ class RuleConfig:
     hosts: tuple[str, ...] = ()
     ports: tuple[int, ...] = ()
     mechanisms: tuple[str, ...] = ()
+    remote_networks: tuple[IPv4Network | IPv6Network, ...] = ()
+    require_secured: bool = False
     username: str = "{email}"
     normalize: bool = True  # NFKC + lower case
     authzid: Literal["match", "ignore"] = "match"
@@ -404,6 +408,14 @@ def _parse_rule(index: int, data: Any, provider_names: set[str]) -> RuleConfig:
     for m in mechanisms:
         if m not in KNOWN_MECHANISMS:
             raise ConfigError(f"{key}.mechanisms", f"unknown mechanism {m!r}")
+    remote_networks = []
+    for net in s.texts("remote_networks"):
+        try:
+            remote_networks.append(ipaddress.ip_network(net, strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"{key}.remote_networks", f"{net!r} is not an address or network"
+            ) from None
     discovery_hint = s.text("discovery_hint", None)
     if discovery_hint:
         _check_url(f"{key}.discovery_hint", discovery_hint, allow_http=True)
@@ -419,6 +431,8 @@ def _parse_rule(index: int, data: Any, provider_names: set[str]) -> RuleConfig:
         hosts=tuple(h.lower().rstrip(".") for h in s.texts("hosts")),
         ports=ports,
         mechanisms=mechanisms,
+        remote_networks=tuple(remote_networks),
+        require_secured=s.flag("require_secured", False),
         username=username,
         normalize=s.flag("normalize", True),
         authzid=s.choice("authzid", "match", ("match", "ignore")),  # type: ignore[arg-type]

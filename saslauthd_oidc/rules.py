@@ -4,7 +4,8 @@ Selection is deterministic (README "How a rule is chosen"):
 
 1. context conditions narrow the rules: mechanism, service, host and port
    (OAUTHBEARER ``host=``/``port=``, else TLS SNI and the local port), the
-   user's domain (authzid / XOAUTH2 ``user=`` / login);
+   user's domain (authzid / XOAUTH2 ``user=`` / login), the remote address,
+   whether the connection is secured;
 2. the *unverified* token's ``iss`` may only narrow them further (exact match);
 3. the token is verified by each remaining rule's provider (once per provider);
 4. the first rule in file order whose claim conditions hold on the verified
@@ -16,8 +17,10 @@ overlapping fallbacks) that ``check-config`` reports.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network
 from typing import TYPE_CHECKING, Any
 
 from saslauthd_oidc.outcome import DiscoveryHint, Reason
@@ -63,11 +66,25 @@ def context_mismatch(rule: RuleConfig, request: AuthRequest) -> Mismatch | None:
         port = request_port(request)
         if port not in rule.ports:
             return Mismatch(Reason.HOST_MISMATCH, f"port {port!r} not in rule")
+    if rule.require_secured and not ctx.secured:
+        return Mismatch(Reason.NO_RULE_FOR_CONTEXT, "connection is not secured (TLS)")
+    if rule.remote_networks and not _in_networks(ctx.remote_ip, rule.remote_networks):
+        return Mismatch(Reason.NO_RULE_FOR_CONTEXT, f"remote address {ctx.remote_ip!r} not in rule")
     if rule.domains:
         domain = request.credentials.user_domain
         if domain not in rule.domains:
             return Mismatch(Reason.NO_RULE_FOR_CONTEXT, f"user domain {domain!r} not in rule")
     return None
+
+
+def _in_networks(address: str | None, networks: Sequence[IPv4Network | IPv6Network]) -> bool:
+    if not address:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in networks)
 
 
 def _as_list(value: Any) -> list[Any] | None:
@@ -140,7 +157,7 @@ def discovery_hint(rule: RuleConfig | None, provider: ProviderConfig | None) -> 
 
 # --------------------------------------------------------------------------- load-time analysis
 
-_CONTEXT_FIELDS = ("mechanisms", "services", "hosts", "ports", "domains")
+_CONTEXT_FIELDS = ("mechanisms", "services", "hosts", "ports", "domains", "remote_networks")
 _CLAIM_FIELDS = ("audiences", "authorized_parties")
 
 
@@ -157,6 +174,8 @@ def shadows(earlier: RuleConfig, later: RuleConfig) -> bool:
         if not _covers(getattr(earlier, name), getattr(later, name)):
             return False
     if not set(earlier.required_scopes) <= set(later.required_scopes):
+        return False
+    if earlier.require_secured and not later.require_secured:
         return False
     return all(later.claims.get(k) == v for k, v in earlier.claims.items())
 

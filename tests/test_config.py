@@ -59,6 +59,12 @@ def test_discovery_url_drops_trailing_slash_of_issuer() -> None:
         (with_("rule", ports=[0]), "rule[0].ports", "port numbers"),
         (with_("rule", authzid="maybe"), "rule[0].authzid", "'match', 'ignore'"),
         (with_("rule", audiencs=["x"]), "rule[0].audiencs", "unknown setting"),
+        (
+            with_("rule", remote_networks=["10.0.0.0/33"]),
+            "rule[0].remote_networks",
+            "not an address",
+        ),
+        (with_("rule", require_secured="yes"), "rule[0].require_secured", "true or false"),
         (with_("provider", issuer="http://idp.example.org"), "provider[0].issuer", "https://"),
         (with_("provider", algorithms=["HS256"]), "provider[0].algorithms", "hmac_secret_file"),
         (with_("provider", algorithms=["none"]), "provider[0].algorithms", "unsupported"),

@@ -54,6 +54,17 @@ def req(
         ({"ports": [587]}, req(local_port=25), Reason.HOST_MISMATCH),
         ({"mechanisms": ["XOAUTH2"]}, req(), Reason.NO_RULE_FOR_CONTEXT),
         ({"mechanisms": ["XOAUTH2"]}, req(mech=Mechanism.XOAUTH2), None),
+        ({"remote_networks": ["10.0.0.0/8"]}, req(remote_ip="10.1.2.3"), None),
+        ({"remote_networks": ["10.0.0.0/8", "::1"]}, req(remote_ip="::1"), None),
+        (
+            {"remote_networks": ["10.0.0.0/8"]},
+            req(remote_ip="192.0.2.1"),
+            Reason.NO_RULE_FOR_CONTEXT,
+        ),
+        ({"remote_networks": ["10.0.0.0/8"]}, req(remote_ip=None), Reason.NO_RULE_FOR_CONTEXT),
+        ({"remote_networks": ["10.0.0.0/8"]}, req(remote_ip="garbage"), Reason.NO_RULE_FOR_CONTEXT),
+        ({"require_secured": True}, req(secured=True), None),
+        ({"require_secured": True}, req(), Reason.NO_RULE_FOR_CONTEXT),
     ],
 )
 def test_context_conditions(
