@@ -468,7 +468,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<memory>") -> Config
     if not rules:
         raise ConfigError("rule", "at least one [[rule]] is needed")
     top.reject_unknown()
-    cfg = Config(
+    return Config(
         server=server,
         cache=cache,
         logging=logging_cfg,
@@ -476,7 +476,6 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<memory>") -> Config
         rules=rules,
         source=source,
     )
-    return cfg
 
 
 def read_secret_file(key: str, path: str) -> str:

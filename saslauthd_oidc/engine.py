@@ -16,7 +16,7 @@ import structlog
 
 from saslauthd_oidc.config import Config, RuleConfig
 from saslauthd_oidc.identity import IdentityError, check_authzid, render_username
-from saslauthd_oidc.outcome import Outcome, Reason, RuleTrace, Verdict
+from saslauthd_oidc.outcome import DiscoveryHint, Outcome, Reason, RuleTrace, Verdict
 from saslauthd_oidc.providers.jwt import TokenRejected, UnverifiedToken, VerifiedClaims, peek
 from saslauthd_oidc.request import AuthRequest
 from saslauthd_oidc.rules import claim_mismatch, context_mismatch, discovery_hint, ordered
@@ -60,6 +60,7 @@ class Engine:
         self._clock = clock
         self._rules = ordered(config.rules)
         self._mechanisms = frozenset(config.server.mechanisms)
+        self._providers = {p.name: p for p in config.providers}
 
     async def authenticate(self, request: AuthRequest) -> Verdict:
         started = self._clock()
@@ -93,7 +94,7 @@ class Engine:
                 trace=tuple(trace),
             )
         hint_rule = candidates[0]
-        hint = discovery_hint(hint_rule, self.config.provider(hint_rule.provider))
+        hint = discovery_hint(hint_rule, self._providers[hint_rule.provider])
 
         def refuse(reason: Reason, detail: str) -> Verdict:
             return Verdict(reason=reason, detail=detail, hint=hint, trace=tuple(trace))
@@ -102,7 +103,7 @@ class Engine:
         if isinstance(unverified, TokenRejected):
             return refuse(unverified.reason, unverified.detail)
         iss = unverified.claims.get("iss")
-        by_issuer = [r for r in candidates if self.config.provider(r.provider).issuer == iss]
+        by_issuer = [r for r in candidates if self._providers[r.provider].issuer == iss]
         for rule in candidates:
             if rule not in by_issuer:
                 trace.append(
@@ -147,7 +148,7 @@ class Engine:
         request: AuthRequest,
         rule: RuleConfig,
         claims: Mapping[str, Any],
-        hint: Any,
+        hint: DiscoveryHint,
         trace: list[RuleTrace],
     ) -> Verdict:
         account = render_username(rule.username, claims, normalize=rule.normalize)

@@ -119,7 +119,3 @@ class Verdict:
     @property
     def ok(self) -> bool:
         return self.reason is Reason.OK
-
-    @classmethod
-    def refuse(cls, reason: Reason, detail: str = "", **kw: object) -> Verdict:
-        return cls(reason=reason, detail=detail, **kw)  # type: ignore[arg-type]
