@@ -107,6 +107,8 @@ class RuleConfig:
     remote_networks: tuple[IPv4Network | IPv6Network, ...] = ()
     require_secured: bool = False
     username: str = "{email}"
+    domain_map: Mapping[str, str] = field(default_factory=dict)  # account domain rewriting
+    account_domains: tuple[str, ...] = ()  # the mapped account's domain must be one of these
     normalize: bool = True  # NFKC + lower case
     authzid: Literal["match", "ignore"] = "match"
     fallback: bool = False
@@ -416,6 +418,16 @@ def _parse_rule(index: int, data: Any, provider_names: set[str]) -> RuleConfig:
             raise ConfigError(
                 f"{key}.remote_networks", f"{net!r} is not an address or network"
             ) from None
+    domain_map_raw = s._get("domain_map")
+    domain_map: dict[str, str] = {}
+    if domain_map_raw is not None:
+        if not isinstance(domain_map_raw, dict) or not all(
+            isinstance(v, str) and v for v in domain_map_raw.values()
+        ):
+            raise ConfigError(
+                f"{key}.domain_map", 'expected a table of "from.domain" = "to.domain"'
+            )
+        domain_map = {k.lower(): v.lower() for k, v in domain_map_raw.items()}
     discovery_hint = s.text("discovery_hint", None)
     if discovery_hint:
         _check_url(f"{key}.discovery_hint", discovery_hint, allow_http=True)
@@ -434,6 +446,8 @@ def _parse_rule(index: int, data: Any, provider_names: set[str]) -> RuleConfig:
         remote_networks=tuple(remote_networks),
         require_secured=s.flag("require_secured", False),
         username=username,
+        domain_map=domain_map,
+        account_domains=tuple(d.lower().lstrip("@") for d in s.texts("account_domains")),
         normalize=s.flag("normalize", True),
         authzid=s.choice("authzid", "match", ("match", "ignore")),  # type: ignore[arg-type]
         fallback=s.flag("fallback", False),

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import structlog
 
 from saslauthd_oidc.config import Config, RuleConfig
-from saslauthd_oidc.identity import IdentityError, check_authzid, render_username
+from saslauthd_oidc.identity import IdentityError, check_authzid, render_username, rewrite_domain
 from saslauthd_oidc.outcome import DiscoveryHint, Outcome, Reason, RuleTrace, Verdict
 from saslauthd_oidc.providers.jwt import TokenRejected, UnverifiedToken, VerifiedClaims, peek
 from saslauthd_oidc.request import AuthRequest
@@ -152,6 +152,8 @@ class Engine:
         trace: list[RuleTrace],
     ) -> Verdict:
         account = render_username(rule.username, claims, normalize=rule.normalize)
+        if isinstance(account, str) and (rule.domain_map or rule.account_domains):
+            account = rewrite_domain(account, rule.domain_map, rule.account_domains)
         problem: IdentityError | None = account if isinstance(account, IdentityError) else None
         if problem is None and rule.authzid == "match":
             assert isinstance(account, str)

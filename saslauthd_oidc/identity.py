@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +75,21 @@ def render_username(
     if "email" in template_claims(template) and claims.get("email_verified") is False:
         return IdentityError(Reason.IDENTITY_UNMAPPABLE, "email_verified is false")
     return validate_account(rendered, normalize=normalize)
+
+
+def rewrite_domain(
+    account: str, domain_map: Mapping[str, str], allowed: Sequence[str]
+) -> str | IdentityError:
+    """Apply a rule's ``domain_map`` to the account, then its ``account_domains`` allow-list."""
+    local, at, domain = account.rpartition("@")
+    if at and domain in domain_map:
+        domain = domain_map[domain]
+        account = f"{local}@{domain}"
+    if allowed and (not at or domain not in allowed):
+        return IdentityError(
+            Reason.INVALID_ACCOUNT, f"account {account!r} is not in an allowed domain"
+        )
+    return account
 
 
 def normalize_name(name: str) -> str:

@@ -241,3 +241,26 @@ async def test_log_line_has_fingerprint_not_token(user: str | None) -> None:
     assert isinstance(line["latency_ms"], float)
     assert tok not in json.dumps(line) and tok.split(".")[1] not in json.dumps(line)
     assert v.ok
+
+
+async def test_domain_map_applies_before_the_authzid_check() -> None:
+    cfg = {
+        "provider": [{"name": "a", "issuer": A}],
+        "rule": [
+            {
+                "name": "kanidm",
+                "provider": "a",
+                "audiences": ["web"],
+                "username": "{preferred_username}",
+                "domain_map": {"idm.example.org": "example.org"},
+                "account_domains": ["example.org"],
+            }
+        ],
+    }
+    engine = Engine(parse_config(cfg), FakeLookup(a=FakeVerifier(A, {})))
+    tok = token(iss=A, aud="web", preferred_username="carol@idm.example.org")
+    v = await engine.authenticate(request(tok, user="carol@example.org"))
+    assert (v.outcome, v.account) == (Outcome.OK, "carol@example.org")
+    tok = token(iss=A, aud="web", preferred_username="mallory@elsewhere.org")
+    v = await engine.authenticate(request(tok, user=None))
+    assert v.reason is Reason.INVALID_ACCOUNT

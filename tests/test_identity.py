@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from saslauthd_oidc.identity import IdentityError, check_authzid, render_username
+from saslauthd_oidc.identity import IdentityError, check_authzid, render_username, rewrite_domain
 from saslauthd_oidc.outcome import Reason
 
 
@@ -70,3 +70,29 @@ def test_authzid_compare() -> None:
     # Cyrillic а is not Latin a: NFKC does not fold it, so it must not match.
     assert check_authzid("alice@example.org", "\u0430lice@example.org") is not None
     assert check_authzid("Alice@X", "alice@x", normalize=False) is not None
+
+
+@pytest.mark.parametrize(
+    ("account", "domain_map", "allowed", "expected"),
+    [
+        ("a@idm.example.org", {"idm.example.org": "example.org"}, (), "a@example.org"),
+        ("a@other.org", {"idm.example.org": "example.org"}, (), "a@other.org"),
+        (
+            "a@idm.example.org",
+            {"idm.example.org": "example.org"},
+            ("example.org",),
+            "a@example.org",
+        ),
+        ("a@other.org", {}, ("example.org",), None),
+        ("a", {}, ("example.org",), None),
+        ("a@sub.example.org", {}, ("example.org",), None),  # exact domains, no suffix match
+    ],
+)
+def test_domain_rewriting_and_allow_list(
+    account: str, domain_map: dict[str, str], allowed: tuple[str, ...], expected: str | None
+) -> None:
+    result = rewrite_domain(account, domain_map, allowed)
+    if expected is None:
+        assert isinstance(result, IdentityError) and result.reason is Reason.INVALID_ACCOUNT
+    else:
+        assert result == expected
