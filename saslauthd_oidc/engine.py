@@ -93,8 +93,7 @@ class Engine:
                 detail="no rule fits this request's context",
                 trace=tuple(trace),
             )
-        hint_rule = candidates[0]
-        hint = discovery_hint(hint_rule, self._providers[hint_rule.provider])
+        hint = discovery_hint(candidates[0], self._providers[candidates[0].provider])
 
         def refuse(reason: Reason, detail: str) -> Verdict:
             return Verdict(reason=reason, detail=detail, hint=hint, trace=tuple(trace))
@@ -104,6 +103,13 @@ class Engine:
             return refuse(unverified.reason, unverified.detail)
         iss = unverified.claims.get("iss")
         by_issuer = [r for r in candidates if self._providers[r.provider].issuer == iss]
+        # Which IdP a refused client is told about, not a trust decision: a rule that
+        # fits the context AND has the token's issuer is the better guess; a fallback
+        # rule is named only when nothing but fallback rules fits the context.
+        only_fallbacks = candidates[0].fallback
+        same_issuer = [r for r in by_issuer if only_fallbacks or not r.fallback]
+        if same_issuer:
+            hint = discovery_hint(same_issuer[0], self._providers[same_issuer[0].provider])
         for rule in candidates:
             if rule not in by_issuer:
                 trace.append(

@@ -198,10 +198,14 @@ def config_warnings(cfg: Config) -> list[str]:
                     f"rule[{index[earlier.name]}] ({earlier.name}) accepts everything it does first"
                 )
                 break
+    issuer = {p.name: p.issuer for p in cfg.providers}
     fallbacks = [r for r in rules if r.fallback]
     for i, a in enumerate(fallbacks):
         for b in fallbacks[i + 1 :]:
-            if all(_overlap(getattr(a, f), getattr(b, f)) for f in _CONTEXT_FIELDS):
+            # Only rules whose provider has the same issuer can both accept one token.
+            if issuer[a.provider] == issuer[b.provider] and all(
+                _overlap(getattr(a, f), getattr(b, f)) for f in _CONTEXT_FIELDS + _CLAIM_FIELDS
+            ):
                 warnings.append(
                     f"fallback rules {a.name!r} and {b.name!r} overlap: "
                     f"file order decides between them"

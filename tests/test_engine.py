@@ -264,3 +264,28 @@ async def test_domain_map_applies_before_the_authzid_check() -> None:
     tok = token(iss=A, aud="web", preferred_username="mallory@elsewhere.org")
     v = await engine.authenticate(request(tok, user=None))
     assert v.reason is Reason.INVALID_ACCOUNT
+
+
+async def test_hint_prefers_the_context_rule_with_the_tokens_issuer() -> None:
+    cfg = {
+        "provider": [{"name": "a", "issuer": A}, {"name": "b", "issuer": B}],
+        "rule": [
+            {"name": "ra", "provider": "a", "audiences": ["x"]},
+            {"name": "rb", "provider": "b", "audiences": ["mail"], "required_scopes": ["mail"]},
+        ],
+    }
+    engine = Engine(parse_config(cfg), FakeLookup(a=FakeVerifier(A, {}), b=FakeVerifier(B, {})))
+    v = await engine.authenticate(request(token(iss=B, aud="mail", scope="openid")))
+    assert v.reason is Reason.INSUFFICIENT_SCOPE
+    assert v.hint.openid_configuration == f"{B}/.well-known/openid-configuration"
+    assert v.hint.scope == "mail"
+    # an issuer no rule knows: the first rule fitting the context is the guess
+    v = await engine.authenticate(request(token(iss="https://x.example", aud="mail")))
+    assert v.hint.openid_configuration == f"{A}/.well-known/openid-configuration"
+
+
+async def test_hint_names_a_fallback_rule_only_when_only_fallbacks_fit() -> None:
+    engine, _ = make_engine()
+    # "catchall" (fallback, provider b) has the token's issuer, but "web" fits the context
+    v = await engine.authenticate(request(token(iss=B, aud="nope", email="x@y")))
+    assert v.hint.openid_configuration == f"{A}/.well-known/openid-configuration"

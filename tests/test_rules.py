@@ -194,33 +194,43 @@ def test_not_shadowed(later: dict[str, Any]) -> None:
 def test_overlapping_fallbacks_warned() -> None:
     w = warnings_for(
         [
-            {"name": "f1", "provider": "idp", "audiences": ["a"], "fallback": True},
+            {"name": "f1", "provider": "idp", "audiences": ["a", "b"], "fallback": True},
             {
                 "name": "f2",
-                "provider": "other",
+                "provider": "idp",
                 "audiences": ["b"],
                 "fallback": True,
                 "services": ["smtp"],
+                "required_scopes": ["x"],
             },
         ]
     )
     assert any("fallback rules 'f1' and 'f2' overlap" in x for x in w)
-    w2 = warnings_for(
-        [
-            {
-                "name": "f1",
-                "provider": "idp",
-                "audiences": ["a"],
-                "fallback": True,
-                "services": ["imap"],
-            },
-            {
-                "name": "f2",
-                "provider": "other",
-                "audiences": ["b"],
-                "fallback": True,
-                "services": ["smtp"],
-            },
-        ]
-    )
-    assert not any("overlap" in x for x in w2)
+
+
+@pytest.mark.parametrize(
+    "second",
+    [
+        # another issuer: no token can satisfy both
+        {"name": "f2", "provider": "other", "audiences": ["a"], "fallback": True},
+        # disjoint services
+        {
+            "name": "f2",
+            "provider": "idp",
+            "audiences": ["a"],
+            "fallback": True,
+            "services": ["imap"],
+        },
+        # disjoint audiences
+        {"name": "f2", "provider": "idp", "audiences": ["z"], "fallback": True},
+    ],
+)
+def test_fallbacks_that_cannot_overlap(second: dict[str, Any]) -> None:
+    first = {
+        "name": "f1",
+        "provider": "idp",
+        "audiences": ["a"],
+        "fallback": True,
+        "services": ["smtp"],
+    }
+    assert not any("overlap" in x for x in warnings_for([first, second]))

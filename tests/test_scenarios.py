@@ -121,7 +121,7 @@ def test_authentik_example_loads_as_documented() -> None:
         (
             KANIDM,
             '[[rule]]\nname = "legacy-any"\nprovider = "legacy-keycloak"\n'
-            'authorized_parties = ["roundcube"]\nfallback = true\n',
+            'authorized_parties = ["thunderbird", "roundcube"]\nfallback = true\n',
             "warning: fallback rules 'legacy-keycloak' and 'legacy-any' overlap: "
             "file order decides between them",
         ),
