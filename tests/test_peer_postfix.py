@@ -10,10 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +19,7 @@ import pytest
 
 from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
 from saslauthd_oidc.request import token_fingerprint
+from tests.peers.daemon import README_MAIN_CF, Daemon
 from tests.peers.postfix import (
     PostfixInstance,
     curl_available,
@@ -34,13 +32,6 @@ from tests.peers.postfix import (
 pytestmark = pytest.mark.peer
 
 USER = "alice@example.org"
-
-# The README's Postfix recipe, as the test runs it (smtpd_sasl_path is set per test).
-README_MAIN_CF = {
-    "smtpd_sasl_auth_enable": "yes",
-    "smtpd_sasl_type": "dovecot",
-    "smtpd_sasl_security_options": "noanonymous",
-}
 
 
 def oauthbearer(token: str, user: str = USER) -> bytes:
@@ -78,54 +69,6 @@ required_scopes = ["email"]
 username = "{{email}}"
 """
     )
-
-
-class Daemon:
-    """``saslauthd-oidc serve`` in a subprocess; stopped with SIGTERM."""
-
-    def __init__(self, config: Path, socket_path: Path, log_path: Path) -> None:
-        self.socket_path = socket_path
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "saslauthd_oidc", "serve", "--config", str(config)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 20
-        while not self._accepting():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"daemon did not start:\n{self.log()}")
-            time.sleep(0.05)
-
-    def _accepting(self) -> bool:
-        if not self.socket_path.exists():
-            return False
-        with socket.socket(socket.AF_UNIX) as s:
-            try:
-                s.connect(str(self.socket_path))
-            except OSError:
-                return False
-        return True
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def log_events(self) -> list[dict[str, object]]:
-        return [json.loads(line) for line in self.log().splitlines() if line.startswith("{")]
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")
@@ -263,13 +206,7 @@ def test_refused_tokens_give_535_and_the_daemon_says_why(
         "garbage": "malformed_token",
         "alg_none": "unsupported_algorithm",
     }[case]
-    fp = token_fingerprint(tok)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        lines = [e for e in daemon.log_events() if e.get("token") == fp]
-        if lines:
-            break
-        time.sleep(0.05)
+    lines = daemon.events_for(tok)
     assert lines, daemon.log()
     assert lines[-1]["reason"] == expected
     assert lines[-1]["service"] == "smtp"

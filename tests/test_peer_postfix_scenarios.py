@@ -12,11 +12,6 @@ import base64
 import json
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
-from saslauthd_oidc.request import token_fingerprint
 from tests.idp_shapes import kanidm, keycloak, localize_example
+from tests.peers.daemon import Daemon
 from tests.peers.postfix import PostfixInstance, make_shared_tmpdir, smtp_auth
 
 pytestmark = pytest.mark.peer
@@ -40,66 +35,6 @@ MAIN_CF = {
     "smtpd_sasl_type": "dovecot",
     "smtpd_sasl_security_options": "noanonymous",
 }
-
-
-class Daemon:
-    """``saslauthd-oidc serve`` in a subprocess; stopped with SIGTERM."""
-
-    def __init__(self, config: Path, socket_path: Path, log_path: Path) -> None:
-        self.socket_path = socket_path
-        self.log_path = log_path
-        self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "saslauthd_oidc", "serve", "--config", str(config)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 20
-        while not self._accepting():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"daemon did not start:\n{self.log()}")
-            time.sleep(0.05)
-
-    def _accepting(self) -> bool:
-        if not self.socket_path.exists():
-            return False
-        with socket.socket(socket.AF_UNIX) as s:
-            try:
-                s.connect(str(self.socket_path))
-            except OSError:
-                return False
-        return True
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def event(self, token: str) -> dict[str, object]:
-        """The one "authentication" log line for ``token`` (waits for the write)."""
-        fp = token_fingerprint(token)
-        deadline = time.monotonic() + 5
-        while True:
-            lines: list[dict[str, object]] = [
-                json.loads(x) for x in self.log().splitlines() if x.startswith("{")
-            ]
-            mine = [e for e in lines if e.get("event") == "authentication" and e["token"] == fp]
-            if mine or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert len(mine) == 1, self.log()
-        return mine[0]
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
 
 
 Issuers = dict[str, DevIssuer]

@@ -1,0 +1,93 @@
+"""``saslauthd-oidc serve`` as a subprocess, the way an administrator runs it.
+
+Shared by the tests that put the daemon behind a real mail server: it starts
+the daemon on a config file, waits until its auth socket accepts, reads its
+JSON log, and stops it with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from saslauthd_oidc.request import token_fingerprint
+
+# The README's Postfix recipe, as the tests run it (smtpd_sasl_path is per test).
+README_MAIN_CF = {
+    "smtpd_sasl_auth_enable": "yes",
+    "smtpd_sasl_type": "dovecot",
+    "smtpd_sasl_security_options": "noanonymous",
+}
+
+
+class Daemon:
+    """``saslauthd-oidc serve --config CONFIG``; ``stop()`` sends SIGTERM and returns the status."""
+
+    def __init__(self, config: Path, socket_path: Path, log_path: Path) -> None:
+        self.socket_path = socket_path
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "saslauthd_oidc", "serve", "--config", str(config)],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while not self._accepting():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"daemon did not start:\n{self.log()}")
+            time.sleep(0.05)
+
+    def _accepting(self) -> bool:
+        if not self.socket_path.exists():
+            return False
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(str(self.socket_path))
+            except OSError:
+                return False
+        return True
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_events(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.log().splitlines() if line.startswith("{")]
+
+    def events_for(self, token: str, *, timeout: float = 5.0) -> list[dict[str, object]]:
+        """The "authentication" log lines for ``token``, waiting for the first to be written."""
+        fp = token_fingerprint(token)
+        deadline = time.monotonic() + timeout
+        while True:
+            mine = [
+                e
+                for e in self.log_events()
+                if e.get("event") == "authentication" and e.get("token") == fp
+            ]
+            if mine or time.monotonic() > deadline:
+                return mine
+            time.sleep(0.05)
+
+    def event(self, token: str) -> dict[str, object]:
+        """The one "authentication" log line for ``token``."""
+        mine = self.events_for(token)
+        assert len(mine) == 1, self.log()
+        return mine[0]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
