@@ -17,6 +17,7 @@ import structlog
 from saslauthd_oidc.config import Config, RuleConfig
 from saslauthd_oidc.identity import IdentityError, check_authzid, render_username, rewrite_domain
 from saslauthd_oidc.outcome import DiscoveryHint, Outcome, Reason, RuleTrace, Verdict
+from saslauthd_oidc.providers.cache import VerificationCache
 from saslauthd_oidc.providers.jwt import TokenRejected, UnverifiedToken, VerifiedClaims, peek
 from saslauthd_oidc.request import AuthRequest
 from saslauthd_oidc.rules import claim_mismatch, context_mismatch, discovery_hint, ordered
@@ -54,9 +55,11 @@ class Engine:
         providers: ProviderLookup,
         *,
         clock: Callable[[], float] = time.monotonic,
+        cache: VerificationCache | None = None,
     ) -> None:
         self.config = config
         self.providers = providers
+        self.cache = cache if cache is not None else VerificationCache(config.cache)
         self._clock = clock
         self._rules = ordered(config.rules)
         self._mechanisms = frozenset(config.server.mechanisms)
@@ -125,9 +128,11 @@ class Engine:
         temporary: tuple[Reason, str] | None = None
         for rule in by_issuer:
             if rule.provider not in results:
-                verifier = self.providers.get(rule.provider)
-                results[rule.provider] = await verifier.verify(
-                    request.credentials.token, unverified
+                results[rule.provider] = await self.cache.verify(
+                    rule.provider,
+                    self.providers.get(rule.provider),
+                    request.credentials.token,
+                    unverified,
                 )
             result = results[rule.provider]
             if isinstance(result, TokenRejected):

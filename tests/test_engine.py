@@ -117,9 +117,9 @@ async def test_rules_on_one_issuer_told_apart_by_service_and_scope() -> None:
         "preferred_username": "alice@idm.example.org",
         "scope": "openid mail",
     }
-    v = await engine.authenticate(request(token(**claims), service="imap"))
+    v = await engine.authenticate(request(token(**claims, jti="1"), service="imap"))
     assert v.rule == "imap-only"
-    v = await engine.authenticate(request(token(**claims), service="smtp"))
+    v = await engine.authenticate(request(token(**claims, jti="2"), service="smtp"))
     assert (v.rule, v.account) == ("scoped", "alice@example.org")
     # the provider is asked once per request even when several rules use it
     assert lookup.verifiers["a"].calls == 2
@@ -289,3 +289,18 @@ async def test_hint_names_a_fallback_rule_only_when_only_fallbacks_fit() -> None
     # "catchall" (fallback, provider b) has the token's issuer, but "web" fits the context
     v = await engine.authenticate(request(token(iss=B, aud="nope", email="x@y")))
     assert v.hint.openid_configuration == f"{A}/.well-known/openid-configuration"
+
+
+async def test_repeated_token_is_verified_once_then_served_from_cache() -> None:
+    engine, lookup = make_engine()
+    tok = token(iss=A, aud="web", email="alice@example.org", exp=4_000_000_000)
+    for _ in range(3):
+        v = await engine.authenticate(request(tok))
+        assert v.account == "alice@example.org"
+    assert lookup.verifiers["a"].calls == 1
+    assert (engine.cache.hits, engine.cache.misses) == (2, 1)
+    # the rule conditions and the authzid are still checked on every request
+    v = await engine.authenticate(request(tok, user="bob@example.org"))
+    assert v.reason is Reason.AUTHZID_MISMATCH
+    v = await engine.authenticate(request(tok, service="imap"))
+    assert v.ok and v.rule == "web"

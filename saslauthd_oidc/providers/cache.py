@@ -1,0 +1,129 @@
+"""Verified-token cache with single-flight, between the engine and the providers.
+
+Results are keyed by (provider, SHA-256 of the token): the token itself is not
+kept as a key. A positive entry lives until min(now + ``ttl``, the token's
+``exp``), never past ``exp``. Only refusals that cannot turn into an
+acceptance later are cached, for ``negative_ttl``; temporary failures and
+refusals that a key rotation or the clock may change (unknown key, not yet
+valid) are never cached. Concurrent verifications of the same new token share
+one call to the provider (single-flight). Bounded: least recently used
+entries go first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from saslauthd_oidc.config import CacheConfig
+from saslauthd_oidc.outcome import Reason
+from saslauthd_oidc.providers.jwt import TokenRejected, UnverifiedToken, VerifiedClaims
+
+Result = VerifiedClaims | TokenRejected
+
+# Refusals that stay refusals: the same token can never become acceptable.
+STABLE_REFUSALS = frozenset(
+    {
+        Reason.MALFORMED_TOKEN,
+        Reason.UNSUPPORTED_ALGORITHM,
+        Reason.BAD_SIGNATURE,
+        Reason.WRONG_TOKEN_TYPE,
+        Reason.WRONG_ISSUER,
+        Reason.EXPIRED,
+        Reason.BAD_CLAIM,
+        Reason.TOKEN_INACTIVE,
+    }
+)
+
+
+class Verifier(Protocol):
+    async def verify(self, token: str, unverified: UnverifiedToken) -> Result: ...
+
+
+@dataclass(slots=True)
+class _Entry:
+    result: Result
+    until: float
+
+
+@dataclass(slots=True)
+class _Flight:
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Result | None = None
+
+
+class VerificationCache:
+    def __init__(self, config: CacheConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self._max = config.max_entries
+        self._ttl = config.ttl
+        self._negative_ttl = config.negative_ttl
+        self._clock = clock
+        self._entries: OrderedDict[tuple[str, bytes], _Entry] = OrderedDict()
+        self._flights: dict[tuple[str, bytes], _Flight] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def verify(
+        self, provider: str, verifier: Verifier, token: str, unverified: UnverifiedToken
+    ) -> Result:
+        if self._max <= 0:
+            return await verifier.verify(token, unverified)
+        key = (provider, hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest())
+        entry = self._entries.get(key)
+        if entry is not None:
+            if entry.until > self._clock():
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return entry.result
+            del self._entries[key]
+        flight = self._flights.get(key)
+        if flight is not None:
+            await flight.done.wait()
+            if flight.result is not None:
+                self.hits += 1
+                return flight.result
+            # the leader was cancelled (its request timed out): verify ourselves
+        self.misses += 1
+        return await self._lead(key, verifier, token, unverified)
+
+    async def _lead(
+        self, key: tuple[str, bytes], verifier: Verifier, token: str, unverified: UnverifiedToken
+    ) -> Result:
+        flight = _Flight()
+        self._flights[key] = flight
+        try:
+            result = await verifier.verify(token, unverified)
+            flight.result = result
+            self._store(key, result)
+            return result
+        finally:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
+            flight.done.set()
+
+    def _store(self, key: tuple[str, bytes], result: Result) -> None:
+        now = self._clock()
+        if isinstance(result, VerifiedClaims):
+            until = min(now + self._ttl, result.expires_at)
+        elif result.reason in STABLE_REFUSALS:
+            until = now + self._negative_ttl
+        else:
+            return
+        if until <= now:
+            return
+        self._entries[key] = _Entry(result, until)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
