@@ -47,3 +47,11 @@ def _reset_logging() -> Iterator[None]:
     """A test that configures structlog must not leave it writing to its (closed) capture."""
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture(scope="session")
+def oidc_provider_ready() -> None:
+    """Depend on this before starting a ``tests.peers.oidc_provider.OidcProviderPeer``."""
+    from tests.peers.oidc_provider import oidc_provider_available
+
+    require_peer("oidc-provider", oidc_provider_available())
