@@ -20,35 +20,10 @@ import trio
 from saslauthd_oidc.config import parse_config
 from saslauthd_oidc.daemon import run_daemon
 from saslauthd_oidc.devissuer import DevIssuer
+from tests.peers.dovecot_client import LineClient
 from tests.test_sasl import OAUTHBEARER_REJECT, XOAUTH2_REJECT
 
 USER = "alice@example.org"
-
-
-class LineClient:
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.buffer = b""
-
-    async def send(self, line: str | bytes) -> None:
-        data = line if isinstance(line, bytes) else line.encode()
-        await self.stream.send_all(data + b"\n")
-
-    async def line(self) -> str:
-        with trio.fail_after(5):
-            while b"\n" not in self.buffer:
-                chunk = await self.stream.receive_some(65536)
-                assert chunk, "daemon closed the connection"
-                self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return line.decode()
-
-    async def handshake(self) -> list[str]:
-        await self.send("VERSION\t1\t2\nCPID\t42")
-        lines = []
-        while (line := await self.line()) != "DONE":
-            lines.append(line)
-        return lines
 
 
 @pytest.fixture

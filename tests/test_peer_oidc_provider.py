@@ -29,6 +29,7 @@ from saslauthd_oidc.providers import (
     make_http_client,
     peek,
 )
+from tests.peers.dovecot_client import LineClient
 from tests.peers.oidc_provider import OidcProviderPeer
 
 pytestmark = pytest.mark.peer
@@ -197,24 +198,6 @@ def test_opaque_user_token_introspects_with_sub(op: OidcProviderPeer) -> None:
 
 
 # --------------------------------------------------------------------------- the daemon
-
-
-class LineClient:
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.buffer = b""
-
-    async def send(self, line: str) -> None:
-        await self.stream.send_all(line.encode() + b"\n")
-
-    async def line(self) -> str:
-        with trio.fail_after(10):
-            while b"\n" not in self.buffer:
-                chunk = await self.stream.receive_some(65536)
-                assert chunk, "daemon closed the connection"
-                self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return line.decode()
 
 
 def oauthbearer(token: str, authzid: str = "someone@example.org") -> str:

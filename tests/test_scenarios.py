@@ -31,6 +31,7 @@ from saslauthd_oidc.observability import configure_logging
 from saslauthd_oidc.request import token_fingerprint
 from saslauthd_oidc.rules import config_warnings, ordered
 from tests.idp_shapes import ALICE, BOB, authentik, kanidm, keycloak, localize_example
+from tests.peers.dovecot_client import LineClient
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "etc" / "examples"
 KANIDM = EXAMPLES / "kanidm-several-clients.toml"
@@ -162,30 +163,12 @@ def _issuer(key: str, algorithm: str, path: str) -> DevIssuer:
     return DevIssuer(algorithms=(algorithm,), issuer_path=path)
 
 
-class DovecotClient:
+class DovecotClient(LineClient):
     """A Postfix-like Dovecot auth client: one request at a time on one connection."""
 
     def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.buffer = b""
+        super().__init__(stream, timeout=5.0)
         self.rid = 0
-
-    async def line(self) -> str:
-        with trio.fail_after(5):
-            while b"\n" not in self.buffer:
-                chunk = await self.stream.receive_some(65536)
-                assert chunk, "daemon closed the connection"
-                self.buffer += chunk
-        line, self.buffer = self.buffer.split(b"\n", 1)
-        return line.decode()
-
-    async def send(self, line: str) -> None:
-        await self.stream.send_all(line.encode() + b"\n")
-
-    async def handshake(self) -> None:
-        await self.send("VERSION\t1\t2\nCPID\t4242")
-        while await self.line() != "DONE":
-            pass
 
     async def login(
         self, mech: str, payload: bytes, service: str
