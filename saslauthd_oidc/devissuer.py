@@ -60,15 +60,17 @@ class DevKey:
     private_key: PrivateKey
 
     def public_jwk(self) -> dict[str, Any]:
-        pub = self.private_key.public_key()
-        jwk: dict[str, Any]
-        if isinstance(pub, rsa.RSAPublicKey):
-            jwk = RSAAlgorithm.to_jwk(pub, as_dict=True)
-        elif isinstance(pub, ec.EllipticCurvePublicKey):
-            jwk = ECAlgorithm.to_jwk(pub, as_dict=True)
-        else:
-            jwk = OKPAlgorithm.to_jwk(pub, as_dict=True)
-        return {**jwk, "kid": self.kid, "alg": self.alg, "use": "sig"}
+        return {**public_jwk(self.private_key), "kid": self.kid, "alg": self.alg, "use": "sig"}
+
+
+def public_jwk(key: PrivateKey) -> dict[str, Any]:
+    """The public half of ``key`` as a JWK (no kid, alg or use)."""
+    pub = key.public_key()
+    if isinstance(pub, rsa.RSAPublicKey):
+        return RSAAlgorithm.to_jwk(pub, as_dict=True)
+    if isinstance(pub, ec.EllipticCurvePublicKey):
+        return ECAlgorithm.to_jwk(pub, as_dict=True)
+    return OKPAlgorithm.to_jwk(pub, as_dict=True)
 
 
 def generate_key(alg: str) -> PrivateKey:

@@ -15,8 +15,9 @@ from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm, get_default_algorithms
+from jwt.algorithms import get_default_algorithms
 
+from saslauthd_oidc import devissuer
 from saslauthd_oidc.providers.jwt import KeySet, UnverifiedToken, peek
 
 NOW = 1_800_000_000.0
@@ -91,14 +92,7 @@ def key_for(alg: str, name: str = "a") -> PrivateKey:
 
 
 def public_jwk(key: PrivateKey, kid: str | None = None, **extra: Any) -> dict[str, Any]:
-    pub = key.public_key()
-    jwk: dict[str, Any]
-    if isinstance(pub, rsa.RSAPublicKey):
-        jwk = RSAAlgorithm.to_jwk(pub, as_dict=True)
-    elif isinstance(pub, ec.EllipticCurvePublicKey):
-        jwk = ECAlgorithm.to_jwk(pub, as_dict=True)
-    else:
-        jwk = OKPAlgorithm.to_jwk(pub, as_dict=True)
+    jwk = devissuer.public_jwk(key)
     if kid is not None:
         jwk["kid"] = kid
     jwk.update(extra)
