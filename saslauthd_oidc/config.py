@@ -29,6 +29,8 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 KNOWN_MECHANISMS = ("OAUTHBEARER", "XOAUTH2", "PLAIN", "LOGIN")
 USERNAME_FILTERS = ("localpart", "domain", "lower")
+INTROSPECTION_AUTH_METHODS = ("client_secret_basic", "client_secret_post")
+TENANT_PLACEHOLDER = "{tenantid}"
 
 
 class ConfigError(Exception):
@@ -68,6 +70,9 @@ class LoggingConfig:
     format: Literal["json", "console"] = "json"
 
 
+_TENANT_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
+
+
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
     name: str
@@ -79,16 +84,66 @@ class ProviderConfig:
     token_types: tuple[str, ...] = ()
     allow_http: bool = False
     ca_file: str | None = None
-    jwks_refresh: float = 3600.0  # seconds between background refetches of the key set
+    # Metadata freshness: Cache-Control max-age is honoured within these bounds;
+    # without one, jwks_refresh applies.
+    jwks_refresh: float = 3600.0
+    jwks_min_refresh: float = 60.0
     jwks_cooldown: float = 30.0  # an unknown kid refetches at most once per this many seconds
     # A shared HMAC secret (only for providers that cannot sign asymmetrically).
     hmac_secret_file: str | None = None
+    # RFC 7662 introspection of opaque (and JWE) tokens; the endpoint may come
+    # from discovery. Enabled by client_id + client_secret_file.
+    introspection_endpoint: str | None = None
+    client_id: str | None = None
+    client_secret_file: str | None = None
+    introspection_auth: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    # Userinfo: enrichment of JWTs that lack the claims the username needs, and
+    # validation of last resort for opaque tokens when there is no introspection.
+    userinfo: bool = False
+    userinfo_endpoint: str | None = None
+    # Multi-tenant issuers (Microsoft Entra): "{tenantid}" in issuer, and the
+    # tenants (the tid claim) accepted; "*" accepts any tenant.
+    allowed_tenants: tuple[str, ...] = ()
 
     @property
     def effective_discovery_url(self) -> str:
         if self.discovery_url:
             return self.discovery_url
-        return self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+        base = self.issuer.replace(TENANT_PLACEHOLDER, "common")
+        return base.rstrip("/") + "/.well-known/openid-configuration"
+
+    @property
+    def multi_tenant(self) -> bool:
+        return TENANT_PLACEHOLDER in self.issuer
+
+    @property
+    def introspects(self) -> bool:
+        return self.client_id is not None
+
+    @property
+    def validates_opaque(self) -> bool:
+        """Whether tokens that are not a JWS can be checked here at all."""
+        return self.introspects or self.userinfo
+
+    def tenant_of(self, iss: object) -> str | None:
+        """The tenant a multi-tenant issuer template gives ``iss``, if it fits and is allowed."""
+        if not self.multi_tenant or not isinstance(iss, str):
+            return None
+        head, _, tail = self.issuer.partition(TENANT_PLACEHOLDER)
+        if len(iss) <= len(head) + len(tail) or not (iss.startswith(head) and iss.endswith(tail)):
+            return None
+        tenant = iss[len(head) : len(iss) - len(tail)]
+        if not _TENANT_RE.fullmatch(tenant):
+            return None
+        if "*" in self.allowed_tenants or tenant.lower() in self.allowed_tenants:
+            return tenant
+        return None
+
+    def accepts_issuer(self, iss: object) -> bool:
+        """``iss`` is this provider's issuer (exactly, or through the tenant template)."""
+        if self.multi_tenant:
+            return self.tenant_of(iss) is not None
+        return iss == self.issuer
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,6 +400,36 @@ def _parse_provider(index: int, data: Any) -> ProviderConfig:
             raise ConfigError(f"{key}.algorithms", f"unsupported algorithm {alg!r}")
     if not algorithms:
         raise ConfigError(f"{key}.algorithms", "at least one algorithm is needed")
+    introspection_endpoint = s.text("introspection_endpoint", None)
+    if introspection_endpoint:
+        _check_url(f"{key}.introspection_endpoint", introspection_endpoint, allow_http=allow_http)
+    userinfo_endpoint = s.text("userinfo_endpoint", None)
+    if userinfo_endpoint:
+        _check_url(f"{key}.userinfo_endpoint", userinfo_endpoint, allow_http=allow_http)
+    client_id = s.text("client_id", None) or None
+    client_secret_file = s.text("client_secret_file", None) or None
+    if client_id and not client_secret_file:
+        raise ConfigError(f"{key}.client_secret_file", "client_id needs client_secret_file")
+    if client_secret_file and not client_id:
+        raise ConfigError(f"{key}.client_id", "client_secret_file needs client_id")
+    if introspection_endpoint and not client_id:
+        raise ConfigError(
+            f"{key}.client_id",
+            "introspection_endpoint needs client_id and client_secret_file "
+            "(introspection endpoints authenticate their callers)",
+        )
+    allowed_tenants = tuple(t.lower() for t in s.texts("allowed_tenants"))
+    if TENANT_PLACEHOLDER in issuer:
+        if not allowed_tenants:
+            raise ConfigError(
+                f"{key}.allowed_tenants",
+                'an issuer with {tenantid} needs the tenants it accepts (["*"] for any)',
+            )
+        for t in allowed_tenants:
+            if t != "*" and not _TENANT_RE.fullmatch(t):
+                raise ConfigError(f"{key}.allowed_tenants", f"{t!r} is not a tenant id")
+    elif allowed_tenants:
+        raise ConfigError(f"{key}.allowed_tenants", "only for an issuer containing {tenantid}")
     cfg = ProviderConfig(
         name=name,
         issuer=issuer,
@@ -356,9 +441,21 @@ def _parse_provider(index: int, data: Any) -> ProviderConfig:
         allow_http=allow_http,
         ca_file=s.text("ca_file", None),
         jwks_refresh=s.number("jwks_refresh", 3600.0, minimum=10.0),
+        jwks_min_refresh=s.number("jwks_min_refresh", 60.0, minimum=0.0),
         jwks_cooldown=s.number("jwks_cooldown", 30.0, minimum=0.0),
         hmac_secret_file=hmac_secret_file,
+        introspection_endpoint=introspection_endpoint,
+        client_id=client_id,
+        client_secret_file=client_secret_file,
+        introspection_auth=s.choice(  # type: ignore[arg-type]
+            "introspection_auth", "client_secret_basic", INTROSPECTION_AUTH_METHODS
+        ),
+        userinfo=s.flag("userinfo", False),
+        userinfo_endpoint=userinfo_endpoint,
+        allowed_tenants=allowed_tenants,
     )
+    if cfg.jwks_min_refresh > cfg.jwks_refresh:
+        raise ConfigError(f"{key}.jwks_min_refresh", "must not exceed jwks_refresh")
     if cfg.leeway > 600:
         raise ConfigError(f"{key}.leeway", "at most 600 seconds")
     s.reject_unknown()

@@ -15,10 +15,17 @@ IdP) and by the test-suite as a real HTTP provider on loopback.
 * :class:`DevIssuerThread` runs a DevIssuer in a background thread with its own
   ``trio.run``, for synchronous tests.
 
+Opaque tokens: :meth:`DevIssuer.mint_opaque` issues a random token whose
+claims only the issuer knows; ``/introspect`` (RFC 7662, client_secret_basic
+or client_secret_post against :attr:`DevIssuer.clients`) and ``/userinfo``
+(Bearer) answer for them. ``/userinfo`` also answers for the JWTs
+:meth:`DevIssuer.mint` issued, with the profile in :attr:`DevIssuer.profiles`.
+
 Fault knobs for tests: ``fail_status``, ``delay``, ``jwks_override``,
-``redirect``. ``requests`` counts requests per path; ``last_request_headers``
-holds the headers of the latest request. This is NOT a real
-authorization server: its token endpoint is a stub that refuses every grant.
+``redirect``, ``metadata_cache_control``. ``requests`` counts requests per
+path; ``last_request_headers`` and ``last_request_body`` hold the latest
+request's. This is NOT a real authorization server: its token endpoint is a
+stub that refuses every grant.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import base64
 import collections
 import contextlib
 import json
+import math
 import secrets
 import threading
 import time
@@ -35,6 +43,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
+from urllib.parse import parse_qsl, unquote
 
 import trio
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
@@ -45,6 +54,10 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm, get_default_
 SUPPORTED_ALGORITHMS = ("RS256", "PS256", "ES256", "EdDSA")
 JWKS_PATH = "/jwks.json"
 TOKEN_PATH = "/token"
+INTROSPECTION_PATH = "/introspect"
+USERINFO_PATH = "/userinfo"
+#: Profile claims userinfo may return; the rest of a token's claims stay in the token.
+PROFILE_CLAIMS = ("sub", "email", "email_verified", "preferred_username", "name")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -108,6 +121,14 @@ class DevIssuer:
         self.delay: float = 0.0
         self.jwks_override: bytes | None = None
         self.redirect: str | None = None
+        self.metadata_cache_control: str | None = None
+        self.last_request_body: bytes = b""
+        #: client_id -> secret of the clients allowed to call /introspect.
+        self.clients: dict[str, str] = {"saslauthd": "saslauthd-secret"}
+        #: sub -> extra userinfo claims (merged over those taken from the token).
+        self.profiles: dict[str, dict[str, Any]] = {}
+        self._opaque: dict[str, dict[str, Any]] = {}
+        self._minted: dict[str, dict[str, Any]] = {}
         self._shutdown: trio.Event | None = None
 
     # ----------------------------------------------------------------- keys
@@ -157,6 +178,8 @@ class DevIssuer:
             "issuer": issuer,
             "jwks_uri": url + JWKS_PATH,
             "token_endpoint": url + TOKEN_PATH,
+            "introspection_endpoint": url + INTROSPECTION_PATH,
+            "userinfo_endpoint": url + USERINFO_PATH,
             "authorization_endpoint": url + "/authorize",
             "response_types_supported": ["code"],
             "subject_types_supported": ["public"],
@@ -208,7 +231,66 @@ class DevIssuer:
             raise RuntimeError("no issuer yet: serve() first, or pass claims={'iss': ...}")
         headers: dict[str, Any] = {"alg": alg, "typ": typ, "kid": key.kid, **(header or {})}
         headers = {k: v for k, v in headers.items() if v is not None}
-        return _encode(payload, key.private_key, alg, headers)
+        token = _encode(payload, key.private_key, alg, headers)
+        with self._lock:
+            self._minted[token] = payload
+        return token
+
+    def mint_opaque(
+        self,
+        claims: dict[str, Any] | None = None,
+        *,
+        lifetime: float = 600,
+        subject: str = "alice",
+        email: str = "alice@example.org",
+        audience: str | list[str] | None = "mail",
+    ) -> str:
+        """A random opaque access token; ``/introspect`` knows its claims.
+
+        ``claims`` override the introspection answer's defaults (``None`` drops one).
+        """
+        now = int(time.time())
+        record: dict[str, Any] = {
+            "active": True,
+            "iss": self.issuer,
+            "sub": subject,
+            "aud": audience,
+            "exp": now + int(lifetime),
+            "iat": now,
+            "client_id": "dev-client",
+            "scope": "openid email profile",
+            "token_type": "Bearer",
+            "email": email,
+            "preferred_username": email.split("@", 1)[0],
+        }
+        record.update(claims or {})
+        record = {k: v for k, v in record.items() if v is not None}
+        token = secrets.token_urlsafe(32)
+        with self._lock:
+            self._opaque[token] = record
+        return token
+
+    def revoke(self, token: str) -> None:
+        """Make ``token`` inactive at /introspect and /userinfo."""
+        with self._lock:
+            self._opaque.pop(token, None)
+            self._minted.pop(token, None)
+
+    def _introspection_answer(self, token: str) -> dict[str, Any]:
+        with self._lock:
+            record = self._opaque.get(token)
+        if record is None or record.get("exp", math.inf) < time.time():
+            return {"active": False}
+        return dict(record)
+
+    def _userinfo_answer(self, token: str) -> dict[str, Any] | None:
+        with self._lock:
+            record = self._opaque.get(token) or self._minted.get(token)
+        if record is None or record.get("exp", math.inf) < time.time():
+            return None
+        answer = {k: record[k] for k in PROFILE_CLAIMS if k in record}
+        answer.update(self.profiles.get(str(record.get("sub")), {}))
+        return {k: v for k, v in answer.items() if v is not None}
 
     def _signing_key(self, alg: str, kid: str | None) -> DevKey:
         with self._lock:
@@ -232,6 +314,13 @@ class DevIssuer:
         self.last_request_headers = {
             k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
         }
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body") or len(body) > 65536:
+                break
+        self.last_request_body = body
         if self.delay:
             await trio.sleep(self.delay)
         status, headers, body = self._answer(scope["method"], path)
@@ -244,14 +333,57 @@ class DevIssuer:
         if self.fail_status is not None:
             return _json(self.fail_status, {"error": "injected failure"})
         if path == self.issuer_path + ".well-known/openid-configuration" and method == "GET":
-            return _json(200, self.discovery_document())
+            return self._metadata(_json(200, self.discovery_document()))
         if path == JWKS_PATH and method == "GET":
             if self.jwks_override is not None:
                 return 200, [(b"content-type", b"application/json")], self.jwks_override
-            return _json(200, self.jwks(), content_type=b"application/jwk-set+json")
+            return self._metadata(_json(200, self.jwks(), content_type=b"application/jwk-set+json"))
         if path == TOKEN_PATH:
             return _json(400, {"error": "unsupported_grant_type"})
+        if path == INTROSPECTION_PATH and method == "POST":
+            form = dict(parse_qsl(self.last_request_body.decode("latin-1")))
+            if not self._client_authenticated(form):
+                return _json(401, {"error": "invalid_client"})
+            return _json(200, self._introspection_answer(form.get("token", "")))
+        if path == USERINFO_PATH and method in ("GET", "POST"):
+            auth = self.last_request_headers.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            answer = self._userinfo_answer(token) if scheme.lower() == "bearer" else None
+            if answer is None:
+                status, headers, body = _json(401, {"error": "invalid_token"})
+                return (
+                    status,
+                    [*headers, (b"www-authenticate", b'Bearer error="invalid_token"')],
+                    body,
+                )
+            return _json(200, answer)
         return _json(404, {"error": "not_found"})
+
+    def _metadata(
+        self, answer: tuple[int, list[tuple[bytes, bytes]], bytes]
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """Discovery and JWKS carry ``metadata_cache_control`` (no header when None)."""
+        status, headers, body = answer
+        headers = [(k, v) for k, v in headers if k != b"cache-control"]
+        if self.metadata_cache_control is not None:
+            headers.append((b"cache-control", self.metadata_cache_control.encode("latin-1")))
+        return status, headers, body
+
+    def _client_authenticated(self, form: dict[str, str]) -> bool:
+        """client_secret_basic (form-urlencoded parts, RFC 6749 2.3.1) or client_secret_post."""
+        auth = self.last_request_headers.get("authorization", "")
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(value, validate=True).decode("utf-8")
+            except ValueError:
+                return False
+            cid, _, secret = decoded.partition(":")
+            cid, secret = unquote(cid), unquote(secret)
+        else:
+            cid, secret = form.get("client_id", ""), form.get("client_secret", "")
+        expected = self.clients.get(cid)
+        return expected is not None and secrets.compare_digest(expected, secret)
 
     # ----------------------------------------------------------------- serving
 

@@ -4,10 +4,18 @@ It strings the pure pieces together — rule selection (``rules``), token
 verification (``providers``), identity mapping (``identity``) — and writes the
 one log line per authentication. It knows no wire protocol: frontends turn the
 Verdict into their own reply.
+
+A JWS is narrowed to the rules whose provider has its (unverified) issuer and
+verified once per provider. Any other token (opaque, JWE) goes, in rule
+order, to the providers of the context-fitting rules that can introspect (or,
+as a last resort, call userinfo), until one accepts it. When a rule's username
+needs claims the token lacks and its provider has ``userinfo = true``, the
+userinfo answer fills them in (cached like verifications).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -15,10 +23,23 @@ from typing import Any, Protocol
 import structlog
 
 from saslauthd_oidc.config import Config, RuleConfig
-from saslauthd_oidc.identity import IdentityError, check_authzid, render_username, rewrite_domain
+from saslauthd_oidc.identity import (
+    IdentityError,
+    check_authzid,
+    render_username,
+    rewrite_domain,
+    template_claims,
+)
 from saslauthd_oidc.outcome import DiscoveryHint, Outcome, Reason, RuleTrace, Verdict
+from saslauthd_oidc.providers.answers import merge_userinfo
 from saslauthd_oidc.providers.cache import VerificationCache
-from saslauthd_oidc.providers.jwt import TokenRejected, UnverifiedToken, VerifiedClaims, peek
+from saslauthd_oidc.providers.jwt import (
+    TokenRejected,
+    UnverifiedToken,
+    VerifiedClaims,
+    looks_like_jws,
+    peek,
+)
 from saslauthd_oidc.request import AuthRequest
 from saslauthd_oidc.rules import claim_mismatch, context_mismatch, discovery_hint, ordered
 
@@ -36,12 +57,30 @@ _DEPTH = {
 }
 
 
+# RFC 6750 b64token: what a bearer token may look like before we send it to an IdP.
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
 class TokenVerifier(Protocol):
     """What the engine needs of a provider (``providers.oidc.OidcProvider``)."""
 
     async def verify(
-        self, token: str, unverified: UnverifiedToken
+        self, token: str, unverified: UnverifiedToken | None
     ) -> VerifiedClaims | TokenRejected: ...
+
+    async def userinfo(self, token: str) -> VerifiedClaims | TokenRejected: ...
+
+
+class _UserinfoLookup:
+    """A provider's userinfo call shaped as a verifier, so the cache can hold its answers."""
+
+    def __init__(self, provider: TokenVerifier) -> None:
+        self._provider = provider
+
+    async def verify(
+        self, token: str, unverified: UnverifiedToken | None
+    ) -> VerifiedClaims | TokenRejected:
+        return await self._provider.userinfo(token)
 
 
 class ProviderLookup(Protocol):
@@ -101,11 +140,34 @@ class Engine:
         def refuse(reason: Reason, detail: str) -> Verdict:
             return Verdict(reason=reason, detail=detail, hint=hint, trace=tuple(trace))
 
-        unverified = peek(request.credentials.token, max_bytes=self.config.server.max_token_bytes)
+        token = request.credentials.token
+        unverified = peek(token, max_bytes=self.config.server.max_token_bytes)
         if isinstance(unverified, TokenRejected):
-            return refuse(unverified.reason, unverified.detail)
+            opaque = [r for r in candidates if self._providers[r.provider].validates_opaque]
+            if (
+                unverified.reason is Reason.TOKEN_TOO_LARGE
+                or not opaque
+                or looks_like_jws(token)
+                or not _B64TOKEN.fullmatch(token)
+            ):
+                if not opaque and unverified.reason is Reason.MALFORMED_TOKEN:
+                    detail = f"{unverified.detail}; no rule's provider introspects opaque tokens"
+                    return refuse(unverified.reason, detail)
+                return refuse(unverified.reason, unverified.detail)
+            for rule in candidates:
+                if rule not in opaque:
+                    trace.append(
+                        RuleTrace(
+                            rule.name,
+                            False,
+                            Reason.MALFORMED_TOKEN,
+                            "not a JWT, and its provider cannot introspect",
+                        )
+                    )
+            return await self._select(request, opaque, None, hint, trace)
+
         iss = unverified.claims.get("iss")
-        by_issuer = [r for r in candidates if self._providers[r.provider].issuer == iss]
+        by_issuer = [r for r in candidates if self._providers[r.provider].accepts_issuer(iss)]
         # Which IdP a refused client is told about, not a trust decision: a rule that
         # fits the context AND has the token's issuer is the better guess; a fallback
         # rule is named only when nothing but fallback rules fits the context.
@@ -122,11 +184,21 @@ class Engine:
                 )
         if not by_issuer:
             return refuse(Reason.UNKNOWN_ISSUER, "no rule's provider has the token's issuer")
+        return await self._select(request, by_issuer, unverified, hint, trace)
 
+    async def _select(
+        self,
+        request: AuthRequest,
+        rules: list[RuleConfig],
+        unverified: UnverifiedToken | None,
+        hint: DiscoveryHint,
+        trace: list[RuleTrace],
+    ) -> Verdict:
+        """Verify with each rule's provider (once per provider); the first rule that holds wins."""
         results: dict[str, VerifiedClaims | TokenRejected] = {}
         refusal: tuple[Reason, str] | None = None
         temporary: tuple[Reason, str] | None = None
-        for rule in by_issuer:
+        for rule in rules:
             if rule.provider not in results:
                 results[rule.provider] = await self.cache.verify(
                     rule.provider,
@@ -148,13 +220,32 @@ class Engine:
                 if refusal is None or _DEPTH.get(mismatch.reason, 0) > _DEPTH.get(refusal[0], 0):
                     refusal = (mismatch.reason, mismatch.detail)
                 continue
-            return self._conclude(request, rule, result.claims, hint, trace)
-        if temporary is not None:
-            return refuse(*temporary)
-        assert refusal is not None
-        return refuse(*refusal)
+            return await self._conclude(request, rule, result.claims, hint, trace)
+        verdict_reason = temporary or refusal
+        assert verdict_reason is not None
+        return Verdict(
+            reason=verdict_reason[0], detail=verdict_reason[1], hint=hint, trace=tuple(trace)
+        )
 
-    def _conclude(
+    async def _enrich(
+        self, request: AuthRequest, rule: RuleConfig, claims: Mapping[str, Any]
+    ) -> Mapping[str, Any] | TokenRejected:
+        """Claims plus userinfo's, when the username needs claims the token lacks."""
+        if not self._providers[rule.provider].userinfo:
+            return claims
+        if all(name in claims for name in template_claims(rule.username)):
+            return claims
+        answer = await self.cache.verify(
+            rule.provider + "\x00userinfo",
+            _UserinfoLookup(self.providers.get(rule.provider)),
+            request.credentials.token,
+            None,
+        )
+        if isinstance(answer, TokenRejected):
+            return TokenRejected(answer.reason, f"userinfo enrichment: {answer.detail}")
+        return merge_userinfo(claims, answer.claims)
+
+    async def _conclude(
         self,
         request: AuthRequest,
         rule: RuleConfig,
@@ -162,6 +253,18 @@ class Engine:
         hint: DiscoveryHint,
         trace: list[RuleTrace],
     ) -> Verdict:
+        enriched = await self._enrich(request, rule, claims)
+        if isinstance(enriched, TokenRejected):
+            trace.append(RuleTrace(rule.name, False, enriched.reason, enriched.detail))
+            return Verdict(
+                reason=enriched.reason,
+                rule=rule.name,
+                provider=rule.provider,
+                detail=enriched.detail,
+                hint=hint,
+                trace=tuple(trace),
+            )
+        claims = enriched
         account = render_username(rule.username, claims, normalize=rule.normalize)
         if isinstance(account, str) and (rule.domain_map or rule.account_domains):
             account = rewrite_domain(account, rule.domain_map, rule.account_domains)

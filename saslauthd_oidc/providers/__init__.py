@@ -1,4 +1,5 @@
-"""Identity providers: strict JWT peeking/verification, JWKS caches, discovery.
+"""Identity providers: strict JWT peeking/verification, JWKS caches, discovery,
+introspection and userinfo.
 
 :class:`ProviderRegistry` holds one :class:`OidcProvider` per configured
 ``[[provider]]``. Providers with a ``ca_file`` get their own HTTP client
@@ -24,7 +25,7 @@ from saslauthd_oidc.providers.jwt import (
     peek,
     verify_jwt,
 )
-from saslauthd_oidc.providers.oidc import OidcProvider
+from saslauthd_oidc.providers.oidc import DEFAULT_FETCH_TIMEOUT, OidcProvider
 
 __all__ = [
     "FetchError",
@@ -40,6 +41,12 @@ __all__ = [
     "peek",
     "verify_jwt",
 ]
+
+
+def fetch_timeout_for(config: Config) -> float:
+    """How long one provider request may take: inside ``request_timeout``, so that a
+    slow provider is reported as such (and named) before the client's deadline."""
+    return min(DEFAULT_FETCH_TIMEOUT, config.server.request_timeout * 0.8)
 
 
 class ProviderRegistry:
@@ -58,7 +65,9 @@ class ProviderRegistry:
             provider_client = client
             if pc.ca_file:
                 provider_client = self._client_with_ca(index, pc.ca_file)
-            self._providers[pc.name] = OidcProvider(pc, provider_client, clock=clock)
+            self._providers[pc.name] = OidcProvider(
+                pc, provider_client, clock=clock, fetch_timeout=fetch_timeout_for(config)
+            )
 
     def _client_with_ca(self, index: int, ca_file: str) -> httpx.AsyncClient:
         try:
@@ -76,7 +85,7 @@ class ProviderRegistry:
 
     def by_issuer(self, iss: str) -> list[OidcProvider]:
         """Providers whose configured issuer equals ``iss`` exactly (in config order)."""
-        return [p for p in self._providers.values() if p.config.issuer == iss]
+        return [p for p in self._providers.values() if p.config.accepts_issuer(iss)]
 
     def __iter__(self) -> Iterator[OidcProvider]:
         return iter(self._providers.values())

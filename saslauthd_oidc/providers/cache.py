@@ -43,7 +43,7 @@ STABLE_REFUSALS = frozenset(
 
 
 class Verifier(Protocol):
-    async def verify(self, token: str, unverified: UnverifiedToken) -> Result: ...
+    async def verify(self, token: str, unverified: UnverifiedToken | None) -> Result: ...
 
 
 @dataclass(slots=True)
@@ -73,7 +73,7 @@ class VerificationCache:
         return len(self._entries)
 
     async def verify(
-        self, provider: str, verifier: Verifier, token: str, unverified: UnverifiedToken
+        self, provider: str, verifier: Verifier, token: str, unverified: UnverifiedToken | None
     ) -> Result:
         if self._max <= 0:
             return await verifier.verify(token, unverified)
@@ -96,7 +96,11 @@ class VerificationCache:
         return await self._lead(key, verifier, token, unverified)
 
     async def _lead(
-        self, key: tuple[str, bytes], verifier: Verifier, token: str, unverified: UnverifiedToken
+        self,
+        key: tuple[str, bytes],
+        verifier: Verifier,
+        token: str,
+        unverified: UnverifiedToken | None,
     ) -> Result:
         flight = _Flight()
         self._flights[key] = flight

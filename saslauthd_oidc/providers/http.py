@@ -1,14 +1,18 @@
-"""Bounded HTTP for provider metadata: one client factory and one JSON fetcher.
+"""Bounded HTTP to identity providers: one client factory and one JSON requester.
 
-Every fetch has a total deadline, a byte cap, no redirects and no transparent
-decompression (``Accept-Encoding: identity``; a compressed answer is refused),
-so a hostile or broken provider can cost us at most ``timeout`` seconds and
-``max_bytes`` of memory. Failures are :class:`FetchError` with a ``kind``.
+Every request has a total deadline, a byte cap, no redirects and no
+transparent decompression (``Accept-Encoding: identity``; a compressed answer
+is refused), so a hostile or broken provider can cost us at most ``timeout``
+seconds and ``max_bytes`` of memory. Failures are :class:`FetchError` with a
+``kind``. :func:`cache_lifetime` reads ``Cache-Control``/``Age`` so metadata
+caches can honour them.
 """
 
 from __future__ import annotations
 
 import ssl
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
@@ -64,6 +68,18 @@ def make_http_client(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class JsonAnswer:
+    """A provider's answer: the status, the JSON object (None when not 200), cache lifetime.
+
+    ``max_age`` is None when the answer says nothing about caching.
+    """
+
+    status: int
+    doc: dict[str, Any] | None
+    max_age: float | None = None
+
+
 async def fetch_json(
     client: httpx.AsyncClient,
     url: str,
@@ -72,31 +88,84 @@ async def fetch_json(
     timeout: float = DEFAULT_TIMEOUT,
 ) -> dict[str, Any]:
     """GET ``url`` and return its JSON object; raise :class:`FetchError` otherwise."""
+    answer = await request_json(client, "GET", url, max_bytes=max_bytes, timeout=timeout)
+    assert answer.doc is not None
+    return answer.doc
+
+
+async def request_json(
+    client: httpx.AsyncClient,
+    method: Literal["GET", "POST"],
+    url: str,
+    *,
+    data: Mapping[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
+    auth: tuple[str, str] | None = None,
+    accept_status: Collection[int] = (),
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> JsonAnswer:
+    """One bounded request whose 200 answer must be a JSON object.
+
+    A status in ``accept_status`` (such as a userinfo 401) is returned with
+    ``doc=None`` instead of raising; any other non-200 raises ``http_status``.
+    ``data`` is sent form-encoded; ``auth`` as HTTP Basic.
+    """
     try:
         with trio.fail_after(timeout):
-            body = await _fetch_body(client, url, max_bytes=max_bytes, timeout=timeout)
+            status, body, max_age = await _fetch_body(
+                client,
+                method,
+                url,
+                data=data,
+                headers=headers,
+                auth=auth,
+                accept_status=accept_status,
+                max_bytes=max_bytes,
+                timeout=timeout,
+            )
     except trio.TooSlowError:
         raise FetchError("timeout", f"no complete answer within {timeout:g}s") from None
     except httpx.TimeoutException:
         raise FetchError("timeout", f"no complete answer within {timeout:g}s") from None
     except httpx.HTTPError as exc:
         raise FetchError("unreachable", f"{type(exc).__name__}: {exc}"[:200]) from None
+    if status != 200:
+        return JsonAnswer(status, None, max_age)
     try:
         doc = strict_json_loads(body, max_depth=_JSON_DEPTH)
     except (ValueError, RecursionError):
         raise FetchError("bad_json", "answer is not strict UTF-8 JSON") from None
     if not isinstance(doc, dict):
         raise FetchError("bad_json", "answer is not a JSON object")
-    return doc
+    return JsonAnswer(status, doc, max_age)
 
 
 async def _fetch_body(
-    client: httpx.AsyncClient, url: str, *, max_bytes: int, timeout: float
-) -> bytes:
-    headers = {"Accept": "application/json", "Accept-Encoding": "identity"}
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    data: Mapping[str, str] | None,
+    headers: Mapping[str, str] | None,
+    auth: tuple[str, str] | None,
+    accept_status: Collection[int],
+    max_bytes: int,
+    timeout: float,
+) -> tuple[int, bytes, float | None]:
+    sent = {"Accept": "application/json", "Accept-Encoding": "identity", **(headers or {})}
     async with client.stream(
-        "GET", url, headers=headers, timeout=timeout, follow_redirects=False
+        method,
+        url,
+        headers=sent,
+        data=dict(data) if data is not None else None,
+        auth=auth,
+        timeout=timeout,
+        follow_redirects=False,
     ) as response:
+        status = response.status_code
+        if status in accept_status:
+            return status, b"", None
         _check_response(response, max_bytes)
         chunks: list[bytes] = []
         size = 0
@@ -105,7 +174,34 @@ async def _fetch_body(
             if size > max_bytes:
                 raise FetchError("too_large", f"answer exceeds {max_bytes} bytes")
             chunks.append(chunk)
-    return b"".join(chunks)
+        max_age = cache_lifetime(response.headers.get("cache-control"), response.headers.get("age"))
+    return status, b"".join(chunks), max_age
+
+
+def cache_lifetime(cache_control: str | None, age: str | None = None) -> float | None:
+    """Seconds an answer may be reused, from ``Cache-Control`` and ``Age``.
+
+    ``no-store``/``no-cache`` give 0; ``max-age`` (``s-maxage`` is for shared
+    caches and ignored) less ``Age`` gives the rest; None when neither says.
+    Malformed directives are ignored rather than trusted.
+    """
+    if not cache_control:
+        return None
+    max_age: float | None = None
+    for directive in cache_control.lower().split(","):
+        name, _, value = directive.strip().partition("=")
+        name = name.strip()
+        if name in ("no-store", "no-cache"):
+            return 0.0
+        if name == "max-age":
+            value = value.strip().strip('"')
+            if value.isdigit():
+                max_age = float(min(int(value), 10**9))
+    if max_age is None:
+        return None
+    if age is not None and age.strip().isdigit():
+        max_age -= min(int(age.strip()), 10**9)
+    return max(0.0, max_age)
 
 
 def _check_response(response: httpx.Response, max_bytes: int) -> None:

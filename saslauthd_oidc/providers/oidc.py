@@ -1,12 +1,20 @@
-"""One OpenID provider: discovery, a cached JWKS, and JWT verification against it.
+"""One OpenID provider: discovery, a cached JWKS, JWT verification, introspection, userinfo.
 
 :class:`OidcProvider` keeps the last good :class:`KeySet`. It loads keys lazily
 on the first ``verify`` (or by :meth:`OidcProvider.refresh`), refetches them
-when older than ``jwks_refresh``, and on an unknown ``kid`` refetches at most
-once per ``jwks_cooldown`` seconds — single-flight, so any number of
-concurrent verifications share one fetch. Fetch attempts, failed ones
-included, count toward the cooldown: an unreachable provider is asked at most
-once per cooldown. Signature checks run inline in the trio thread.
+when older than their lifetime (the answer's ``Cache-Control: max-age``,
+bounded by ``jwks_min_refresh`` and ``jwks_refresh``; ``jwks_refresh`` when the
+answer says nothing), and on an unknown ``kid`` refetches at most once per
+``jwks_cooldown`` seconds — single-flight, so any number of concurrent
+verifications share one fetch. Fetch attempts, failed ones included, count
+toward the cooldown: an unreachable provider is asked at most once per
+cooldown. Signature checks run inline in the trio thread. The discovery
+document is cached the same way.
+
+Tokens that are not a JWS (opaque strings, JWE) go to RFC 7662 introspection
+when ``client_id`` is configured, else to userinfo when ``userinfo = true``.
+:meth:`OidcProvider.userinfo` also serves enrichment of JWTs. The answers are
+read by the pure :mod:`.answers`.
 
 URLs come only from configuration and the discovery document; never from a
 token (``jku``/``x5u`` are ignored by :mod:`.jwt`).
@@ -18,6 +26,7 @@ import math
 import time
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import structlog
@@ -25,7 +34,13 @@ import trio
 
 from saslauthd_oidc.config import ConfigError, ProviderConfig, read_secret_file
 from saslauthd_oidc.outcome import Reason
-from saslauthd_oidc.providers.http import DEFAULT_MAX_BYTES, FetchError, fetch_json
+from saslauthd_oidc.providers.answers import interpret_introspection, interpret_userinfo
+from saslauthd_oidc.providers.http import (
+    DEFAULT_MAX_BYTES,
+    FetchError,
+    JsonAnswer,
+    request_json,
+)
 from saslauthd_oidc.providers.jwt import (
     ASYMMETRIC_ALGORITHMS,
     HMAC_ALGORITHMS,
@@ -61,6 +76,7 @@ class OidcProvider:
         fetch_timeout: float = DEFAULT_FETCH_TIMEOUT,
         max_bytes: int = DEFAULT_MAX_BYTES,
         hmac_secret: str | bytes | None = None,
+        client_secret: str | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -73,6 +89,11 @@ class OidcProvider:
         self._jwks: KeySet | None = None
         self._jwks_uri: str | None = config.jwks_uri
         self._loaded_at = -math.inf
+        self._jwks_lifetime = config.jwks_refresh
+        self._discovery: dict[str, Any] | None = None
+        self._discovery_until = -math.inf
+        self._discovery_lock = trio.Lock()
+        self._client_secret = _client_secret(config, client_secret)
         self._last_attempt = -math.inf
         self._generation = 0
         self._last_ok = False
@@ -110,9 +131,15 @@ class OidcProvider:
     # ----------------------------------------------------------------- verify
 
     async def verify(
-        self, token: str, unverified: UnverifiedToken
+        self, token: str, unverified: UnverifiedToken | None
     ) -> VerifiedClaims | TokenRejected:
-        """Verify a peeked token with this provider's keys; never raises for bad tokens."""
+        """Verify a token; never raises for bad tokens.
+
+        ``unverified`` is the peeked JWS, or None for a token that is not one
+        (opaque, JWE): that goes to introspection, or else to userinfo.
+        """
+        if unverified is None:
+            return await self._verify_opaque(token)
         if self.needs_jwks:
             await self._ensure_fresh()
         seen = self._generation
@@ -132,16 +159,148 @@ class OidcProvider:
     def _verify_with(
         self, token: str, unverified: UnverifiedToken, keys: KeySet
     ) -> VerifiedClaims | TokenRejected:
-        return verify_jwt(
+        issuer = self.config.issuer
+        tenant: str | None = None
+        if self.config.multi_tenant:
+            iss = unverified.claims.get("iss")
+            tenant = self.config.tenant_of(iss)
+            if tenant is None or not isinstance(iss, str):
+                return TokenRejected(Reason.WRONG_ISSUER, "iss is not an allowed tenant's issuer")
+            issuer = iss
+        result = verify_jwt(
             token,
             unverified,
             keys,
-            issuer=self.config.issuer,
+            issuer=issuer,
             algorithms=self.config.algorithms,
             leeway=self.config.leeway,
             token_types=self.config.token_types,
             now=self._clock(),
         )
+        if tenant is not None and isinstance(result, VerifiedClaims):
+            tid = result.claims.get("tid")
+            if not isinstance(tid, str) or tid.lower() != tenant.lower():
+                return TokenRejected(Reason.WRONG_ISSUER, "tid claim does not match the issuer")
+        return result
+
+    # ----------------------------------------------------------------- opaque tokens
+
+    async def _verify_opaque(self, token: str) -> VerifiedClaims | TokenRejected:
+        if self.config.introspects:
+            return await self.introspect(token)
+        if self.config.userinfo:
+            return await self.userinfo(token)
+        return TokenRejected(
+            Reason.MALFORMED_TOKEN, f"provider {self.name}: not a JWT, and no introspection"
+        )
+
+    async def introspect(self, token: str) -> VerifiedClaims | TokenRejected:
+        """RFC 7662: ask the provider whether ``token`` is active, as our configured client."""
+        endpoint = await self._endpoint("introspection_endpoint")
+        if isinstance(endpoint, TokenRejected):
+            return endpoint
+        assert self.config.client_id is not None and self._client_secret is not None
+        form = {"token": token, "token_type_hint": "access_token"}
+        auth: tuple[str, str] | None = None
+        if self.config.introspection_auth == "client_secret_post":
+            form |= {"client_id": self.config.client_id, "client_secret": self._client_secret}
+        else:  # RFC 6749 2.3.1: both parts form-urlencoded before Basic
+            auth = (quote(self.config.client_id, safe=""), quote(self._client_secret, safe=""))
+        answer = await self._call("introspection", "POST", endpoint, data=form, auth=auth)
+        if isinstance(answer, TokenRejected):
+            return answer
+        assert answer.doc is not None
+        return interpret_introspection(
+            answer.doc,
+            issuer=self.config.issuer,
+            accepts_issuer=self.config.accepts_issuer,
+            now=self._clock(),
+            leeway=self.config.leeway,
+        )
+
+    async def userinfo(self, token: str) -> VerifiedClaims | TokenRejected:
+        """The userinfo answer for ``token`` (HTTP 401: the token is not valid there)."""
+        endpoint = await self._endpoint("userinfo_endpoint")
+        if isinstance(endpoint, TokenRejected):
+            return endpoint
+        answer = await self._call(
+            "userinfo",
+            "GET",
+            endpoint,
+            headers={"Authorization": f"Bearer {token}"},
+            accept_status=(401, 403),
+        )
+        if isinstance(answer, TokenRejected):
+            return answer
+        if answer.doc is None:
+            return TokenRejected(
+                Reason.TOKEN_INACTIVE, f"userinfo: HTTP {answer.status} for this token"
+            )
+        return interpret_userinfo(
+            answer.doc, issuer=self.config.issuer, accepts_issuer=self.config.accepts_issuer
+        )
+
+    async def _endpoint(self, name: str) -> str | TokenRejected:
+        """A configured endpoint, or the one the discovery document names."""
+        configured = getattr(self.config, name)
+        if configured:
+            return str(configured)
+        try:
+            doc = await self._metadata()
+        except _RefreshError as exc:
+            self._report(exc)
+            return TokenRejected(
+                Reason.PROVIDER_UNAVAILABLE, f"provider {self.name}: {self.last_error}"
+            )
+        url = doc.get(name)
+        if not isinstance(url, str) or not self._url_allowed(url):
+            return TokenRejected(
+                Reason.PROVIDER_UNAVAILABLE,
+                f"provider {self.name}: discovery document has no usable {name}",
+            )
+        return url
+
+    async def _call(
+        self,
+        stage: str,
+        method: Any,
+        url: str,
+        *,
+        data: dict[str, str] | None = None,
+        auth: tuple[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        accept_status: tuple[int, ...] = (),
+    ) -> JsonAnswer | TokenRejected:
+        """One bounded request for a token; failures are temporary and logged, never raised."""
+        try:
+            return await request_json(
+                self._client,
+                method,
+                url,
+                data=data,
+                auth=auth,
+                headers=headers,
+                accept_status=accept_status,
+                max_bytes=self._max_bytes,
+                timeout=self._fetch_timeout,
+            )
+        except FetchError as exc:
+            detail = exc.detail
+            if (
+                exc.kind == "http_status"
+                and stage == "introspection"
+                and ("401" in detail or "403" in detail)
+            ):
+                detail += " (our client_id/client_secret_file were refused)"
+            log.warning(
+                "provider request failed",
+                provider=self.name,
+                stage=stage,
+                kind=exc.kind,
+                detail=f"{_origin(url)}: {detail}",
+            )
+            reason = Reason.TIMEOUT if exc.kind == "timeout" else Reason.PROVIDER_UNAVAILABLE
+            return TokenRejected(reason, f"provider {self.name}: {stage} failed ({exc.kind})")
 
     def _should_refetch(
         self, result: VerifiedClaims | TokenRejected, unverified: UnverifiedToken
@@ -154,7 +313,7 @@ class OidcProvider:
         return kid_ok and alg in self._asymmetric
 
     async def _ensure_fresh(self) -> None:
-        stale = self._clock() - self._loaded_at >= self.config.jwks_refresh
+        stale = self._clock() - self._loaded_at >= self._jwks_lifetime
         if self._jwks is None or stale:
             await self._refetch(
                 rediscover=True, min_interval=self.config.jwks_cooldown, seen=self._generation
@@ -169,6 +328,7 @@ class OidcProvider:
         """
         if not self.needs_jwks:
             return True
+        self._discovery_until = -math.inf  # an explicit refresh rereads discovery too
         return await self._refetch(rediscover=True, min_interval=0.0, seen=self._generation)
 
     async def _refetch(self, *, rediscover: bool, min_interval: float, seen: int) -> bool:
@@ -188,13 +348,14 @@ class OidcProvider:
     async def _fetch(self, *, rediscover: bool) -> bool:
         try:
             with trio.fail_after(self._fetch_timeout):
-                uri, keys = await self._fetch_keys(rediscover=rediscover)
+                uri, keys, lifetime = await self._fetch_keys(rediscover=rediscover)
         except trio.TooSlowError:
             return self._failed(_RefreshError("fetch", "timeout", f"over {self._fetch_timeout:g}s"))
         except _RefreshError as exc:
             return self._failed(exc)
         self._jwks = keys
         self._loaded_at = self._clock()
+        self._jwks_lifetime = self._bounded_lifetime(lifetime)
         self.last_error = None
         log.info(
             "jwks loaded",
@@ -206,23 +367,32 @@ class OidcProvider:
         return True
 
     def _failed(self, exc: _RefreshError) -> bool:
+        self._report(exc)
+        return False
+
+    def _report(self, exc: _RefreshError) -> None:
         self.last_error = f"{exc.stage} failed ({exc.kind}): {exc.detail}"
         log.warning(
-            "provider keys fetch failed",
+            "provider metadata fetch failed",
             provider=self.name,
             stage=exc.stage,
             kind=exc.kind,
             detail=exc.detail,
             keeping_cached_keys=self._jwks is not None,
         )
-        return False
 
-    async def _fetch_keys(self, *, rediscover: bool) -> tuple[str, KeySet]:
+    def _bounded_lifetime(self, max_age: float | None) -> float:
+        if max_age is None:
+            return self.config.jwks_refresh
+        return min(max(max_age, self.config.jwks_min_refresh), self.config.jwks_refresh)
+
+    async def _fetch_keys(self, *, rediscover: bool) -> tuple[str, KeySet, float | None]:
         uri = self.config.jwks_uri or self._jwks_uri
         if not self.config.jwks_uri and (rediscover or uri is None):
             uri = await self._discover()
         assert uri is not None
-        doc = await self._get("jwks", uri)
+        answer = await self._get("jwks", uri)
+        doc = answer.doc
         try:
             keys = KeySet.from_jwks(doc, self._asymmetric)
         except JwksError as exc:
@@ -230,18 +400,31 @@ class OidcProvider:
         if len(keys) == 0:
             skipped = "; ".join(keys.skipped)[:300] or "empty key list"
             raise _RefreshError("jwks", "no_usable_keys", skipped)
-        return uri, keys
+        return uri, keys, answer.max_age
+
+    async def _metadata(self, *, force: bool = False) -> dict[str, Any]:
+        """The discovery document, cached for its lifetime (single-flight)."""
+        async with self._discovery_lock:
+            now = self._clock()
+            if self._discovery is not None and not force and now < self._discovery_until:
+                return self._discovery
+            answer = await self._get("discovery", self.discovery_url)
+            doc = answer.doc
+            assert doc is not None
+            issuer = doc.get("issuer")
+            if issuer != self.config.issuer:
+                shown = issuer[:200] if isinstance(issuer, str) else type(issuer).__name__
+                raise _RefreshError(
+                    "discovery",
+                    "issuer_mismatch",
+                    f"document says issuer {shown!r}, configured {self.config.issuer!r}",
+                )
+            self._discovery = doc
+            self._discovery_until = now + self._bounded_lifetime(answer.max_age)
+            return doc
 
     async def _discover(self) -> str:
-        doc = await self._get("discovery", self.discovery_url)
-        issuer = doc.get("issuer")
-        if issuer != self.config.issuer:
-            shown = issuer[:200] if isinstance(issuer, str) else type(issuer).__name__
-            raise _RefreshError(
-                "discovery",
-                "issuer_mismatch",
-                f"document says issuer {shown!r}, configured {self.config.issuer!r}",
-            )
+        doc = await self._metadata()
         uri = doc.get("jwks_uri")
         if not isinstance(uri, str) or not self._url_allowed(uri):
             shown = uri[:200] if isinstance(uri, str) else type(uri).__name__
@@ -254,16 +437,30 @@ class OidcProvider:
             return True
         return self.config.allow_http and url.startswith("http://")
 
-    async def _get(self, stage: str, url: str) -> dict[str, Any]:
+    async def _get(self, stage: str, url: str) -> JsonAnswer:
         try:
-            return await fetch_json(
-                self._client, url, max_bytes=self._max_bytes, timeout=self._fetch_timeout
+            return await request_json(
+                self._client, "GET", url, max_bytes=self._max_bytes, timeout=self._fetch_timeout
             )
         except FetchError as exc:
             raise _RefreshError(stage, exc.kind, f"{url}: {exc.detail}") from None
 
     def __repr__(self) -> str:
         return f"OidcProvider({self.name!r}, issuer={self.config.issuer!r})"
+
+
+def _origin(url: str) -> str:
+    """Scheme, host and path of ``url``: enough to name it in a log, no query string."""
+    return url.split("?", 1)[0][:200]
+
+
+def _client_secret(config: ProviderConfig, secret: str | None) -> str | None:
+    if not config.introspects:
+        return None
+    if secret is not None:
+        return secret
+    assert config.client_secret_file is not None
+    return read_secret_file(f"provider {config.name}.client_secret_file", config.client_secret_file)
 
 
 def _hmac_keys(config: ProviderConfig, secret: str | bytes | None) -> KeySet | None:

@@ -1,0 +1,126 @@
+"""What an introspection or userinfo answer means: pure checks, no I/O.
+
+RFC 7662 introspection answers and OIDC userinfo answers are turned into the
+same :class:`VerifiedClaims` a verified JWT gives, so that every rule
+condition (``aud``, ``azp``/``client_id``, ``scope``, ``iss``, claims) applies to
+opaque tokens unchanged. Only the JSON boolean ``true`` counts as active.
+:func:`merge_userinfo` adds userinfo claims to a verified JWT's claims
+without letting userinfo override anything the token itself asserts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from saslauthd_oidc.outcome import Reason
+from saslauthd_oidc.providers.jwt import TokenRejected, VerifiedClaims, check_time_claims
+
+# Claims that decide *whether* a token is accepted. Userinfo enrichment may add
+# profile claims (email, preferred_username…) but never these.
+DECISION_CLAIMS = frozenset(
+    {
+        "iss",
+        "sub",
+        "aud",
+        "azp",
+        "client_id",
+        "scope",
+        "scp",
+        "exp",
+        "nbf",
+        "iat",
+        "jti",
+        "tid",
+        "cnf",
+        "active",
+        "token_type",
+        "typ",
+    }
+)
+
+# Keycloak's "typ" and RFC 7662's token_type values that are not access tokens.
+_NOT_ACCESS_TOKEN = frozenset({"refresh", "refresh_token", "offline", "id", "id_token"})
+
+
+def interpret_introspection(
+    doc: Mapping[str, Any],
+    *,
+    issuer: str,
+    accepts_issuer: Callable[[object], bool],
+    now: float,
+    leeway: float,
+) -> VerifiedClaims | TokenRejected:
+    """An RFC 7662 answer → verified claims, or why the token is refused.
+
+    ``iss`` in the answer must be the provider's (``accepts_issuer``); when
+    absent it is the provider's ``issuer``. ``exp``, ``nbf`` and ``iat`` are
+    checked like a JWT's, but ``exp`` may be absent (then only the cache TTL
+    bounds how long the answer is trusted).
+    """
+    if doc.get("active") is not True:
+        return TokenRejected(Reason.TOKEN_INACTIVE, "introspection: token is not active")
+    claims = dict(doc)
+    iss = claims.get("iss")
+    if iss is None:
+        claims["iss"] = issuer
+    elif not accepts_issuer(iss):
+        shown = iss[:120] if isinstance(iss, str) else type(iss).__name__
+        return TokenRejected(Reason.WRONG_ISSUER, f"introspection names issuer {shown!r}")
+    for field in ("token_type", "typ"):
+        kind = claims.get(field)
+        if isinstance(kind, str) and kind.lower() in _NOT_ACCESS_TOKEN:
+            return TokenRejected(
+                Reason.WRONG_TOKEN_TYPE, f"introspection: {field} {kind[:32]!r} is no access token"
+            )
+    if "exp" in claims:
+        expires = check_time_claims(claims, now=now, leeway=leeway)
+        if isinstance(expires, TokenRejected):
+            return expires
+    else:
+        with_exp = check_time_claims({**claims, "exp": now + leeway + 1}, now=now, leeway=leeway)
+        if isinstance(with_exp, TokenRejected):
+            return with_exp
+        expires = math.inf
+    return VerifiedClaims(claims=claims, header={}, expires_at=expires)
+
+
+def interpret_userinfo(
+    doc: Mapping[str, Any], *, issuer: str, accepts_issuer: Callable[[object], bool]
+) -> VerifiedClaims | TokenRejected:
+    """A userinfo answer (HTTP 200) → claims. ``sub`` must be a non-empty string.
+
+    Userinfo proves the token is valid at the provider, not for whom it was
+    issued: there is no ``aud`` to check. The answer is trusted until the cache
+    TTL; it carries no ``exp``.
+    """
+    sub = doc.get("sub")
+    if not isinstance(sub, str) or not sub:
+        return TokenRejected(Reason.BAD_CLAIM, "userinfo answer has no sub")
+    claims = dict(doc)
+    iss = claims.get("iss")
+    if iss is None:
+        claims["iss"] = issuer
+    elif not accepts_issuer(iss):
+        shown = iss[:120] if isinstance(iss, str) else type(iss).__name__
+        return TokenRejected(Reason.WRONG_ISSUER, f"userinfo names issuer {shown!r}")
+    return VerifiedClaims(claims=claims, header={}, expires_at=math.inf)
+
+
+def merge_userinfo(
+    token_claims: Mapping[str, Any], userinfo: Mapping[str, Any]
+) -> dict[str, Any] | TokenRejected:
+    """The token's claims plus userinfo's profile claims; the token wins every conflict.
+
+    OIDC Core 5.3.2: the userinfo ``sub`` must equal the token's, or the
+    answer belongs to someone else and is refused.
+    """
+    token_sub = token_claims.get("sub")
+    if token_sub is not None and userinfo.get("sub") != token_sub:
+        return TokenRejected(Reason.BAD_CLAIM, "userinfo sub differs from the token's sub")
+    merged = dict(token_claims)
+    for name, value in userinfo.items():
+        if name not in DECISION_CLAIMS and name not in merged:
+            merged[name] = value
+    return merged
