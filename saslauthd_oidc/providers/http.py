@@ -194,14 +194,25 @@ def cache_lifetime(cache_control: str | None, age: str | None = None) -> float |
         if name in ("no-store", "no-cache"):
             return 0.0
         if name == "max-age":
-            value = value.strip().strip('"')
-            if value.isdigit():
-                max_age = float(min(int(value), 10**9))
+            seconds = _delta_seconds(value.strip().strip('"'))
+            if seconds is not None:
+                max_age = float(seconds)
     if max_age is None:
         return None
-    if age is not None and age.strip().isdigit():
-        max_age -= min(int(age.strip()), 10**9)
+    aged = _delta_seconds(age.strip()) if age is not None else None
+    if aged is not None:
+        max_age -= aged
     return max(0.0, max_age)
+
+
+def _delta_seconds(value: str) -> int | None:
+    """RFC 9111 delta-seconds (ASCII digits only), capped at 10**9; None when malformed."""
+    if not value.isascii() or not value.isdigit():
+        return None
+    digits = value.lstrip("0") or "0"
+    if len(digits) > 10:  # RFC 9111 1.2.2: too large for us means "very large"
+        return 10**9
+    return min(int(digits), 10**9)
 
 
 def _check_response(response: httpx.Response, max_bytes: int) -> None:
