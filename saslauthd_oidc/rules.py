@@ -216,4 +216,35 @@ def config_warnings(cfg: Config) -> list[str]:
                 f"rule[{i}] ({r.name}) checks no audience: any token of provider "
                 f"{r.provider!r}, for any client, is accepted"
             )
+    warnings.extend(_opaque_token_warnings(cfg))
+    return warnings
+
+
+def _opaque_token_warnings(cfg: Config) -> list[str]:
+    warnings: list[str] = []
+    used = {r.provider for r in cfg.rules}
+    for i, p in enumerate(cfg.providers):
+        if p.userinfo and not p.introspects and p.name in used:
+            warnings.append(
+                f"provider[{i}] ({p.name}) checks opaque tokens by userinfo, which proves a "
+                "token valid but not for whom it was issued (no audience, no client): "
+                "set client_id and client_secret_file to introspect them instead"
+            )
+    # An opaque token says nothing of its issuer: it is shown to each introspecting
+    # provider whose rule fits the request, in turn, until one knows it.
+    opaque = [r for r in ordered(cfg.rules) if cfg.provider(r.provider).validates_opaque]
+    reported: set[frozenset[str]] = set()
+    for i, a in enumerate(opaque):
+        for b in opaque[i + 1 :]:
+            pair = frozenset({a.provider, b.provider})
+            if len(pair) < 2 or pair in reported:
+                continue
+            if all(_overlap(getattr(a, f), getattr(b, f)) for f in _CONTEXT_FIELDS):
+                reported.add(pair)
+                warnings.append(
+                    f"opaque tokens for rules {a.name!r} and {b.name!r} go to both "
+                    f"{a.provider!r} and {b.provider!r} (in that order) until one knows them: "
+                    "each IdP sees the other's tokens; tell the rules apart by "
+                    "services, hosts, ports or domains"
+                )
     return warnings

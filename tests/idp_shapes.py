@@ -7,9 +7,10 @@ defaults that the real IdP does not send are dropped (``None``):
 
 * Kanidm: per-client issuer, header typ ``at+jwt``, ES256, ``aud`` = client_id
   (a string), ``client_id``, ``scope`` string, ``sub`` = UUID, no ``azp``,
-  no ``email``, no ``preferred_username``. ``kanidm(..., enriched=True)`` adds
-  the ``preferred_username`` that Kanidm's *userinfo* returns, clearly a
-  token as it would look after userinfo enrichment (not in this version).
+  no ``email``, no ``preferred_username``. The issuer's ``/userinfo`` then
+  answers the account's SPN (``preferred_username``) and e-mail, as Kanidm's
+  does; ``kanidm(..., enriched=True)`` puts ``preferred_username`` in the
+  token itself (a token as it looks after enrichment).
 * Authentik: shared (global) issuer, RS256, no typ header, ``aud`` = ``azp`` =
   client_id, no ``scope``, no ``client_id``, ``email`` and
   ``preferred_username`` present.
@@ -45,7 +46,7 @@ def kanidm(
     client: str,
     *,
     scope: str = "openid email profile",
-    enriched: bool = True,
+    enriched: bool = False,
     name: str = "alice",
     typ: str = "at+jwt",
     extra: Mapping[str, Any] | None = None,
@@ -60,6 +61,13 @@ def kanidm(
         "email": None,
         "preferred_username": f"{name}@idm.example.org" if enriched else None,
         **(extra or {}),
+    }
+    # What Kanidm's userinfo endpoint answers for this account (SPN and e-mail).
+    issuer.profiles[claims["sub"]] = {
+        "preferred_username": f"{name}@idm.example.org",
+        "email": f"{name}@example.org",
+        "email_verified": True,
+        "name": name.title(),
     }
     return issuer.mint(claims, alg="ES256", typ=typ)
 

@@ -4,8 +4,8 @@ Tokens come from real OAuth flows at the peer (client_credentials with
 client_secret_basic and client_secret_post; authorization_code with PKCE for
 a scripted user).  JWT access tokens (resource indicators) go through the
 providers layer and through the assembled daemon over its Unix socket.
-Opaque tokens are only checked against the peer's own introspection endpoint:
-the daemon does not introspect yet.
+Opaque tokens are checked against the peer's own introspection endpoint here;
+tests/test_peer_opaque_tokens.py takes them through the daemon and Postfix.
 """
 
 from __future__ import annotations

@@ -324,6 +324,20 @@ async def kanidm_stack(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[S
     nursery.cancel_scope.cancel()
 
 
+def _revoked(issuer: DevIssuer, token: str) -> str:
+    """``token``, after the issuer (its userinfo) stopped honouring it."""
+    issuer.revoke(token)
+    return token
+
+
+def _nameless(issuer: DevIssuer, token: str) -> str:
+    """``token``, whose account's userinfo answer carries no preferred_username."""
+    for profile in issuer.profiles.values():
+        if profile.get("name") == "Nameless":
+            profile["preferred_username"] = None
+    return token
+
+
 def _tb_hint(scope: str = "openid email profile", status: str = "invalid_token") -> Any:
     """Every Kanidm rule tells refused clients the Thunderbird client's document."""
     return lambda iss: {
@@ -382,12 +396,23 @@ KANIDM_CASES = [
         challenge=_tb_hint(status="insufficient_scope"),
     ),
     Case(
-        # the honest limitation: a plain Kanidm access token names nobody but a UUID
-        "plain-kanidm-token-unmappable",
-        lambda i: kanidm(i["webmail"], "webmail", enriched=False),
+        # the signature is good, but Kanidm's userinfo says the token is no
+        # longer valid (its session was ended): refused as inactive
+        "kanidm-token-revoked-at-userinfo",
+        lambda i: _revoked(i["webmail"], kanidm(i["webmail"], "webmail")),
+        "webmail",
+        "token_inactive",
+        challenge=_tb_hint(),
+    ),
+    Case(
+        # a Kanidm access token names nobody but a UUID, and userinfo answers
+        # without a name either: nothing to map
+        "kanidm-userinfo-without-name",
+        lambda i: _nameless(i["webmail"], kanidm(i["webmail"], "webmail", name="nameless")),
         "webmail",
         "identity_unmappable",
         challenge=_tb_hint(),
+        user="nameless@example.org",
     ),
     Case(
         "webmail-id-token-typ-jwt",
@@ -452,6 +477,21 @@ async def test_kanidm_one_connection_serves_every_client_in_turn(kanidm_stack: S
     """Postfix keeps one auth connection: cases must not depend on each other's order."""
     for case in [*KANIDM_CASES, *reversed(KANIDM_CASES)]:
         await run_case(kanidm_stack, case)
+
+
+async def test_kanidm_account_comes_from_userinfo_once_per_token(kanidm_stack: Stack) -> None:
+    """The token has no name; userinfo has it, and is asked once however often it logs in."""
+    webmail = kanidm_stack.iss["webmail"]
+    token = kanidm(webmail, "webmail", name="frank")
+    client = await kanidm_stack.client()
+    before = webmail.requests["/userinfo"]
+    for _ in range(3):
+        reply, _challenge = await client.login(
+            "XOAUTH2", sasl("XOAUTH2", token, "frank@example.org", None, None), "imap"
+        )
+        assert reply == f"OK\t{client.rid}\tuser=frank@example.org"
+    assert webmail.requests["/userinfo"] - before == 1
+    assert webmail.last_request_headers["authorization"] == f"Bearer {token}"
 
 
 # --------------------------------------------------------------------------- scenario 2: Authentik

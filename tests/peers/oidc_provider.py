@@ -199,6 +199,8 @@ class OidcProviderPeer:
             return
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGCONT)  # a paused provider must hear SIGTERM
+            with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(_STOP_TIMEOUT)
@@ -259,6 +261,31 @@ class OidcProviderPeer:
         if resp.status_code != 200:
             raise RuntimeError(f"token endpoint: {resp.status_code} {resp.text}")
         return str(resp.json()["access_token"])
+
+    def counts(self) -> dict[str, int]:
+        """Requests received per ``"METHOD /path"`` since the provider started."""
+        resp = self._client().get(f"{self.issuer}/__peer/counts")
+        resp.raise_for_status()
+        return {str(k): int(v) for k, v in resp.json().items()}
+
+    def count(self, endpoint: str, method: str | None = None) -> int:
+        """Requests so far to the endpoint the discovery document names ``endpoint``."""
+        path = urlsplit(str(self.discovery[endpoint])).path
+        counts = self.counts()
+        return sum(
+            n
+            for key, n in counts.items()
+            if key.split(" ", 1)[1] == path and (method is None or key.startswith(method + " "))
+        )
+
+    def pause(self) -> None:
+        """Freeze the provider process (SIGSTOP): connections open, nothing answers."""
+        assert self._proc is not None
+        os.killpg(self._proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._proc is not None
+        os.killpg(self._proc.pid, signal.SIGCONT)
 
     def introspect_credentials(self, client_id: str = "saslauthd") -> tuple[str, str]:
         """``(client_id, client_secret)`` of a client allowed to introspect tokens."""

@@ -24,6 +24,10 @@
 //
 // authorization_code: /interaction/<uid> logs in alice@example.org and grants
 // whatever was asked for, without any page (a script can follow the redirects).
+//
+// GET /__peer/counts answers {"<METHOD> <path>": n, ...}: how many requests
+// each endpoint received so far (itself not counted), so tests can prove
+// caching and single-flight by counting at the provider.
 
 import * as crypto from 'node:crypto';
 import * as http from 'node:http';
@@ -185,7 +189,18 @@ let handler = (_req, res) => {
   res.statusCode = 503;
   res.end();
 };
-const server = http.createServer((req, res) => handler(req, res));
+const counts = new Map();
+const server = http.createServer((req, res) => {
+  const path = (req.url ?? '/').split('?')[0];
+  if (path === '/__peer/counts' && req.method === 'GET') {
+    res.setHeader('content-type', 'application/json');
+    res.end(JSON.stringify(Object.fromEntries(counts)));
+    return;
+  }
+  const key = `${req.method} ${path}`;
+  counts.set(key, (counts.get(key) ?? 0) + 1);
+  handler(req, res);
+});
 
 server.listen(port, HOST, () => {
   const actual = server.address().port;
