@@ -383,7 +383,7 @@ class DevIssuer:
         else:
             cid, secret = form.get("client_id", ""), form.get("client_secret", "")
         expected = self.clients.get(cid)
-        return expected is not None and secrets.compare_digest(expected, secret)
+        return expected is not None and secrets.compare_digest(expected.encode(), secret.encode())
 
     # ----------------------------------------------------------------- serving
 
