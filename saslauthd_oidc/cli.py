@@ -107,10 +107,10 @@ async def _check_online(config: Config) -> int:
     async with make_http_client() as client:
         registry = ProviderRegistry(config, client)
         for p in config.providers:
-            ok = await registry.get(p.name).refresh()
-            print(f"provider {p.name}: {'keys loaded' if ok else 'UNREACHABLE or invalid'}")
-            if not ok:
-                status = EXIT_TEMPFAIL
+            for what, ok, detail in await registry.get(p.name).self_check():
+                print(f"provider {p.name}: {what}: {'ok' if ok else 'FAILED'}: {detail}")
+                if not ok:
+                    status = EXIT_TEMPFAIL
         await registry.aclose()
     return status
 

@@ -10,6 +10,7 @@ for production: the issuer's keys live in memory and die with the process.
 from __future__ import annotations
 
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ DEV_USER = "alice@example.org"
 DEV_AUDIENCE = "mail"
 
 
+DEV_INTROSPECTION_CLIENT = "saslauthd"
+
+
 def dev_config(issuer: str, workdir: Path) -> dict[str, Any]:
     return {
         "server": {
@@ -46,6 +50,9 @@ def dev_config(issuer: str, workdir: Path) -> dict[str, Any]:
                 "allow_http": True,
                 "algorithms": ["ES256", "RS256"],
                 "token_types": ["at+jwt"],
+                # opaque tokens: RFC 7662 introspection at the dev issuer
+                "client_id": DEV_INTROSPECTION_CLIENT,
+                "client_secret_file": str(workdir / "introspection.secret"),
             }
         ],
         "rule": [
@@ -67,18 +74,22 @@ def _write_private(path: Path, text: str) -> None:
 
 def instructions(workdir: Path, socket_path: str, issuer: str) -> str:
     token_file = workdir / "token"
+    opaque_file = workdir / "opaque-token"
     return f"""
 saslauthd-oidc development mode
   issuer        {issuer}  (discovery: {issuer}/.well-known/openid-configuration)
   auth socket   {socket_path}  (Dovecot auth protocol)
   config        {workdir / "saslauthd-oidc.toml"}  (what this run is using)
-  token         {token_file}  (an ES256 access token for {DEV_USER}, valid 1 hour)
+  token         {token_file}  (an ES256 JWT access token for {DEV_USER}, valid 1 hour)
+  opaque token  {opaque_file}  (checked by introspection at the issuer)
 
 Try it from another terminal:
   .venv/bin/saslauthd-oidc auth-test --socket {socket_path} \\
       --token @{token_file} --user {DEV_USER}
   .venv/bin/saslauthd-oidc auth-test --socket {socket_path} \\
       --token @{token_file} --mech XOAUTH2 --user {DEV_USER}
+  .venv/bin/saslauthd-oidc auth-test --socket {socket_path} \\
+      --token @{opaque_file} --user {DEV_USER}
   .venv/bin/saslauthd-oidc explain --config {workdir / "saslauthd-oidc.toml"} \\
       --token @{token_file} --user {DEV_USER}
 
@@ -107,12 +118,16 @@ async def run_dev(workdir: Path, *, issuer_port: int = 0) -> int:
     async with trio.open_nursery() as nursery:
         await nursery.start(issuer.serve, "127.0.0.1", issuer_port)
         assert issuer.issuer is not None
+        secret = issuer.clients[DEV_INTROSPECTION_CLIENT] = secrets.token_urlsafe(24)
+        _write_private(workdir / "introspection.secret", secret + "\n")
         raw = dev_config(issuer.issuer, workdir)
         config_path = workdir / "saslauthd-oidc.toml"
         _write_private(config_path, tomli_w.dumps(raw))
         config = parse_config(raw, source=str(config_path))
         token = issuer.mint(email=DEV_USER, audience=DEV_AUDIENCE, lifetime=3600)
         _write_private(workdir / "token", token + "\n")
+        opaque = issuer.mint_opaque(email=DEV_USER, audience=DEV_AUDIENCE, lifetime=3600)
+        _write_private(workdir / "opaque-token", opaque + "\n")
         configure_logging(config.logging)
         await nursery.start(_daemon_then_stop, config, nursery.cancel_scope)
         assert config.server.auth_socket is not None

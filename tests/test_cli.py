@@ -107,7 +107,22 @@ def test_auth_test_without_daemon_is_temporary(tmp_path: Path) -> None:
 def test_dev_config_written_is_a_valid_config(dev_mode: Path) -> None:
     r = run("check-config", "--config", str(dev_mode / "saslauthd-oidc.toml"), "--online")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "provider dev: keys loaded" in r.stdout
+    assert "provider dev: keys: ok" in r.stdout
+    assert "provider dev: introspection: ok" in r.stdout
+
+
+def test_dev_mode_opaque_token_is_introspected(dev_mode: Path) -> None:
+    r = run(
+        "auth-test",
+        "--socket",
+        str(dev_mode / "auth"),
+        "--token",
+        f"@{dev_mode / 'opaque-token'}",
+        "--user",
+        "alice@example.org",
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ok user=alice@example.org" in r.stdout
 
 
 @pytest.fixture(scope="module")

@@ -240,6 +240,38 @@ class OidcProvider:
             answer.doc, issuer=self.config.issuer, accepts_issuer=self.config.accepts_issuer
         )
 
+    async def self_check(self) -> list[tuple[str, bool, str]]:
+        """What ``check-config --online`` reports: (what, works, detail) per capability.
+
+        Introspection is probed with a made-up token: an ``active: false``
+        answer proves the endpoint and our client credentials work.
+        """
+        checks: list[tuple[str, bool, str]] = []
+        if self.needs_jwks:
+            ok = await self.refresh()
+            detail = f"{self.key_count} keys from {self.jwks_uri}" if ok else str(self.last_error)
+            checks.append(("keys", ok, detail))
+        if self.config.introspects:
+            probe = await self.introspect("saslauthd-oidc-check-config-" + "0" * 16)
+            ok = isinstance(probe, TokenRejected) and probe.reason is Reason.TOKEN_INACTIVE
+            detail = (
+                "endpoint answers, client credentials accepted"
+                if ok
+                else (
+                    probe.detail
+                    if isinstance(probe, TokenRejected)
+                    else "a made-up token is active!"
+                )
+            )
+            checks.append(("introspection", ok, detail))
+        if self.config.userinfo:
+            endpoint = await self._endpoint("userinfo_endpoint")
+            ok = isinstance(endpoint, str)
+            checks.append(
+                ("userinfo", ok, endpoint if isinstance(endpoint, str) else endpoint.detail)
+            )
+        return checks
+
     async def _endpoint(self, name: str) -> str | TokenRejected:
         """A configured endpoint, or the one the discovery document names."""
         configured = getattr(self.config, name)
