@@ -17,6 +17,8 @@ import concurrent.futures
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -290,3 +292,67 @@ def test_provider_gone_is_a_temporary_failure(
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         assert not os.path.exists(workdir)
+
+
+# --------------------------------------------------------------------------- userinfo only
+
+
+def test_userinfo_as_the_last_resort_for_opaque_tokens(oidc_provider_ready: None) -> None:
+    """No introspection client: an opaque user token is valid if userinfo answers for it."""
+    workdir = make_shared_tmpdir()
+    try:
+        with OidcProviderPeer() as op:
+            config = {
+                "server": {"auth_socket": str(workdir / "auth"), "request_timeout": 3.0},
+                "provider": [
+                    {"name": "op", "issuer": op.issuer, "allow_http": True, "userinfo": True}
+                ],
+                "rule": [{"name": "users", "provider": "op", "username": "{email}"}],
+            }
+            path = workdir / "c.toml"
+            path.write_bytes(tomli_w.dumps(config).encode())
+            check = subprocess.run(
+                [sys.executable, "-m", "saslauthd_oidc", "check-config", "--config", str(path)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            assert check.returncode == 0, check.stderr
+            assert "checks opaque tokens by userinfo" in check.stdout
+            daemon = Daemon(path, workdir / "auth", workdir / "daemon.log")
+            try:
+                token = op.authorization_code_tokens(resource=None)["access_token"]
+
+                def auth_test(tok: str) -> int:
+                    return subprocess.run(
+                        [
+                            sys.executable,
+                            "-m",
+                            "saslauthd_oidc",
+                            "auth-test",
+                            "--socket",
+                            str(workdir / "auth"),
+                            "--token",
+                            "-",
+                            "--user",
+                            ALICE,
+                        ],
+                        input=tok,
+                        capture_output=True,
+                        text=True,
+                        check=False,
+                    ).returncode
+
+                before = op.count("userinfo_endpoint")
+                assert auth_test(token) == 0
+                assert auth_test(token) == 0
+                assert op.count("userinfo_endpoint") - before == 1
+                event = daemon.events_for(token)[0]
+                assert (event["rule"], event["account"]) == ("users", ALICE)
+                assert auth_test(token[:-2] + "xx") == 1
+                assert daemon.events_for(token[:-2] + "xx")[0]["reason"] == "token_inactive"
+                assert op.count("introspection_endpoint") == 0
+            finally:
+                assert daemon.stop() == 0, daemon.log()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
