@@ -140,3 +140,176 @@ def test_check_config_ok_prints_warnings(
 def test_example_config_in_etc_is_valid() -> None:
     cfg = load_config(Path(__file__).parent.parent / "etc" / "saslauthd-oidc.toml")
     assert cfg.rules and cfg.providers
+
+
+# --------------------------------------------------------------------------- opaque tokens, tenants
+
+ENTRA = "https://login.example.com/{tenantid}/v2.0"
+
+
+@pytest.mark.parametrize(
+    ("values", "key", "fragment"),
+    [
+        ({"client_id": "mail"}, "provider[0].client_secret_file", "client_id needs"),
+        ({"client_secret_file": "/etc/s"}, "provider[0].client_id", "needs client_id"),
+        (
+            {"introspection_endpoint": "https://idp.example.org/introspect"},
+            "provider[0].client_id",
+            "introspection_endpoint needs client_id",
+        ),
+        (
+            {
+                "introspection_endpoint": "http://idp.example.org/introspect",
+                "client_id": "mail",
+                "client_secret_file": "/etc/s",
+            },
+            "provider[0].introspection_endpoint",
+            "allow_http",
+        ),
+        (
+            {"introspection_endpoint": "ftp://idp.example.org/introspect"},
+            "provider[0].introspection_endpoint",
+            "https://",
+        ),
+        (
+            {"userinfo": True, "userinfo_endpoint": "http://idp.example.org/userinfo"},
+            "provider[0].userinfo_endpoint",
+            "allow_http",
+        ),
+        ({"introspection_endpoint": 5}, "provider[0].introspection_endpoint", ""),
+        ({"client_id": ["mail"]}, "provider[0].client_id", ""),
+        (
+            {"client_id": "m", "client_secret_file": "/s", "introspection_auth": "private_key_jwt"},
+            "provider[0].introspection_auth",
+            "expected one of",
+        ),
+        ({"userinfo": "yes"}, "provider[0].userinfo", "true or false"),
+        ({"issuer": ENTRA}, "provider[0].allowed_tenants", "{tenantid}"),
+        ({"allowed_tenants": ["t1"]}, "provider[0].allowed_tenants", "only for an issuer"),
+        (
+            {"issuer": ENTRA, "allowed_tenants": ["not a tenant"]},
+            "provider[0].allowed_tenants",
+            "not a tenant id",
+        ),
+        ({"issuer": ENTRA, "allowed_tenants": [5]}, "provider[0].allowed_tenants", "list of"),
+        (
+            {"jwks_min_refresh": 4000, "jwks_refresh": 3600},
+            "provider[0].jwks_min_refresh",
+            "must not exceed jwks_refresh",
+        ),
+        ({"jwks_min_refresh": -1}, "provider[0].jwks_min_refresh", ""),
+        ({"jwks_min_refresh": "60"}, "provider[0].jwks_min_refresh", "expected a number"),
+    ],
+)
+def test_opaque_and_tenant_errors_name_the_key(
+    values: dict[str, Any], key: str, fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(with_("provider", **values))
+    assert info.value.key == key
+    assert str(info.value).startswith(f"{key}: ")
+    assert fragment in str(info.value)
+
+
+def test_second_providers_error_names_its_index() -> None:
+    data = {
+        "provider": [BASE["provider"][0], {"name": "b", "issuer": "https://b.example.org"}],
+        "rule": BASE["rule"],
+    }
+    data["provider"][1]["client_id"] = "mail"
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert info.value.key == "provider[1].client_secret_file"
+
+
+def test_introspection_and_userinfo_settings_load() -> None:
+    cfg = parse_config(
+        with_(
+            "provider",
+            client_id="mail",
+            client_secret_file="/etc/saslauthd-oidc/secret",
+            introspection_endpoint="https://idp.example.org/introspect",
+            introspection_auth="client_secret_post",
+            userinfo=True,
+            userinfo_endpoint="https://idp.example.org/userinfo",
+            jwks_min_refresh=0,
+            jwks_refresh=600,
+        )
+    )
+    p = cfg.provider("idp")
+    assert (p.client_id, p.client_secret_file) == ("mail", "/etc/saslauthd-oidc/secret")
+    assert p.introspection_endpoint == "https://idp.example.org/introspect"
+    assert p.introspection_auth == "client_secret_post"
+    assert (p.userinfo, p.userinfo_endpoint) == (True, "https://idp.example.org/userinfo")
+    assert (p.jwks_min_refresh, p.jwks_refresh) == (0.0, 600.0)
+    assert p.introspects and p.validates_opaque
+
+
+def test_opaque_defaults() -> None:
+    p = parse_config(BASE).provider("idp")
+    assert (p.client_id, p.introspection_endpoint, p.userinfo) == (None, None, False)
+    assert p.introspection_auth == "client_secret_basic"
+    assert p.jwks_min_refresh == 60.0
+    assert not p.introspects and not p.validates_opaque and not p.multi_tenant
+
+
+def test_http_endpoints_with_allow_http() -> None:
+    cfg = parse_config(
+        with_(
+            "provider",
+            issuer="http://idp.example.org",
+            allow_http=True,
+            client_id="mail",
+            client_secret_file="/s",
+            introspection_endpoint="http://idp.example.org/introspect",
+        )
+    )
+    assert cfg.provider("idp").introspection_endpoint == "http://idp.example.org/introspect"
+
+
+def test_tenant_template_loads() -> None:
+    p = parse_config(
+        with_(
+            "provider", issuer=ENTRA, allowed_tenants=["T1", "9188040d-6c67-4c5b-b112-36a304b66dad"]
+        )
+    ).provider("idp")
+    assert p.multi_tenant
+    assert p.allowed_tenants == ("t1", "9188040d-6c67-4c5b-b112-36a304b66dad")
+    assert p.effective_discovery_url == (
+        "https://login.example.com/common/v2.0/.well-known/openid-configuration"
+    )
+    assert p.tenant_of("https://login.example.com/t1/v2.0") == "t1"
+    assert p.tenant_of("https://login.example.com/T1/v2.0") == "T1"
+    assert p.accepts_issuer("https://login.example.com/9188040d-6c67-4c5b-b112-36a304b66dad/v2.0")
+    for iss in (
+        "https://login.example.com/t2/v2.0",
+        "https://login.example.com//v2.0",
+        "https://login.example.com/t1/x/v2.0",
+        "https://login.example.com/t1/v2.0/",
+        "https://login.example.com/t1.evil/v2.0",
+        "https://login.example.com/t1/v2.0x",
+        ENTRA,
+        None,
+        7,
+    ):
+        assert p.tenant_of(iss) is None, iss
+        assert not p.accepts_issuer(iss), iss
+
+
+def test_any_tenant() -> None:
+    p = parse_config(with_("provider", issuer=ENTRA, allowed_tenants=["*"])).provider("idp")
+    assert p.tenant_of("https://login.example.com/contoso/v2.0") == "contoso"
+    assert p.tenant_of("https://login.example.com/a/b/v2.0") is None
+    assert p.tenant_of("https://login.example.com/" + "a" * 65 + "/v2.0") is None
+
+
+def test_explicit_discovery_url_wins_for_tenant_template() -> None:
+    p = parse_config(
+        with_(
+            "provider",
+            issuer=ENTRA,
+            allowed_tenants=["t1"],
+            discovery_url="https://login.example.com/t1/v2.0/.well-known/openid-configuration",
+        )
+    ).provider("idp")
+    assert p.effective_discovery_url.startswith("https://login.example.com/t1/")

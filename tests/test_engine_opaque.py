@@ -12,7 +12,7 @@ import httpx
 import pytest
 import trio
 
-from saslauthd_oidc.config import Config, parse_config
+from saslauthd_oidc.config import Config, ProviderConfig, parse_config
 from saslauthd_oidc.devissuer import DevIssuer
 from saslauthd_oidc.engine import Engine
 from saslauthd_oidc.outcome import Outcome, Reason, Verdict
@@ -25,6 +25,14 @@ INTROSPECT = "/introspect"
 USERINFO = "/userinfo"
 SECRET = "saslauthd-secret"
 LONG = 10**7
+
+# Userinfo as the validation of opaque tokens: its own switch (userinfo_validation)
+# where ProviderConfig has one, else the userinfo flag that also enables enrichment.
+USERINFO_VALIDATION: dict[str, Any] = (
+    {"userinfo_validation": True}
+    if "userinfo_validation" in ProviderConfig.__dataclass_fields__
+    else {"userinfo": True}
+)
 
 
 async def _serve(nursery: trio.Nursery) -> DevIssuer:
@@ -246,7 +254,7 @@ def two_introspecting(
                 provider_entry(
                     "a", idp_a, client_id="saslauthd", client_secret_file=secret_file, userinfo=True
                 ),
-                provider_entry("b", idp_b, userinfo=True),
+                provider_entry("b", idp_b, **USERINFO_VALIDATION),
             ],
             "rule": [
                 {"name": "rule-a", "provider": "a", "audiences": ["mail"]},

@@ -34,6 +34,14 @@ USERINFO = "/userinfo"
 SECRET = "saslauthd-secret"
 LONG = 10**7  # token lifetime that outlives any FakeClock advance here
 
+# Userinfo as the validation of opaque tokens: its own switch (userinfo_validation)
+# where ProviderConfig has one, else the userinfo flag that also enables enrichment.
+USERINFO_VALIDATION: dict[str, Any] = (
+    {"userinfo_validation": True}
+    if "userinfo_validation" in ProviderConfig.__dataclass_fields__
+    else {"userinfo": True}
+)
+
 
 @pytest.fixture
 async def issuer(nursery: trio.Nursery) -> DevIssuer:
@@ -292,7 +300,7 @@ async def test_token_never_logged(
     await p.verify(token, None)
     issuer.fail_status = None
     await provider(issuer, client, clock, client_secret="wrong").verify(token, None)
-    await provider(issuer, client, clock, client_id=None, userinfo=True).verify(token, None)
+    await provider(issuer, client, clock, client_id=None, **USERINFO_VALIDATION).verify(token, None)
     issuer.redirect = f"{issuer.url}/?token={token}"
     await provider(
         issuer, client, clock, introspection_endpoint=f"{issuer.url}{INTROSPECT}"
@@ -392,7 +400,7 @@ async def test_opaque_token_without_introspection_or_userinfo_is_malformed(
 async def test_userinfo_validates_opaque_tokens_without_client_id(
     issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
-    p = provider(issuer, client, clock, client_id=None, userinfo=True)
+    p = provider(issuer, client, clock, client_id=None, **USERINFO_VALIDATION)
     token = issuer.mint_opaque(subject="bob", email="bob@example.org")
     result = await p.verify(token, None)
     assert isinstance(result, VerifiedClaims), result
@@ -419,7 +427,7 @@ async def test_introspection_preferred_over_userinfo(
 async def test_userinfo_without_sub_is_bad_claim(
     issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
-    p = provider(issuer, client, clock, client_id=None, userinfo=True)
+    p = provider(issuer, client, clock, client_id=None, **USERINFO_VALIDATION)
     issuer.profiles["alice"] = {"sub": None}
     assert reason(await p.verify(issuer.mint_opaque(), None)) is Reason.BAD_CLAIM
 
@@ -432,8 +440,8 @@ async def test_userinfo_down_is_provider_unavailable(
         client,
         clock,
         client_id=None,
-        userinfo=True,
         userinfo_endpoint=issuer.url + USERINFO,
+        **USERINFO_VALIDATION,
     )
     issuer.fail_status = 503
     assert reason(await p.verify(issuer.mint_opaque(), None)) is Reason.PROVIDER_UNAVAILABLE
