@@ -97,9 +97,10 @@ class ProviderConfig:
     client_id: str | None = None
     client_secret_file: str | None = None
     introspection_auth: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
-    # Userinfo: enrichment of JWTs that lack the claims the username needs, and
-    # validation of last resort for opaque tokens when there is no introspection.
+    # Userinfo: enrichment of JWTs that lack the claims the username needs; and,
+    # opted into separately, validation of last resort for opaque tokens.
     userinfo: bool = False
+    userinfo_validation: bool = False
     userinfo_endpoint: str | None = None
     # Multi-tenant issuers (Microsoft Entra): "{tenantid}" in issuer, and the
     # tenants (the tid claim) accepted; "*" accepts any tenant.
@@ -123,7 +124,7 @@ class ProviderConfig:
     @property
     def validates_opaque(self) -> bool:
         """Whether tokens that are not a JWS can be checked here at all."""
-        return self.introspects or self.userinfo
+        return self.introspects or self.userinfo_validation
 
     def tenant_of(self, iss: object) -> str | None:
         """The tenant a multi-tenant issuer template gives ``iss``, if it fits and is allowed."""
@@ -451,9 +452,16 @@ def _parse_provider(index: int, data: Any) -> ProviderConfig:
             "introspection_auth", "client_secret_basic", INTROSPECTION_AUTH_METHODS
         ),
         userinfo=s.flag("userinfo", False),
+        userinfo_validation=s.flag("userinfo_validation", False),
         userinfo_endpoint=userinfo_endpoint,
         allowed_tenants=allowed_tenants,
     )
+    if cfg.userinfo_validation and cfg.introspects:
+        raise ConfigError(
+            f"{key}.userinfo_validation",
+            "this provider introspects opaque tokens (client_id); userinfo_validation is "
+            "only for providers that cannot",
+        )
     if cfg.jwks_min_refresh > cfg.jwks_refresh:
         raise ConfigError(f"{key}.jwks_min_refresh", "must not exceed jwks_refresh")
     if cfg.leeway > 600:

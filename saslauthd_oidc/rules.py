@@ -224,7 +224,7 @@ def _opaque_token_warnings(cfg: Config) -> list[str]:
     warnings: list[str] = []
     used = {r.provider for r in cfg.rules}
     for i, p in enumerate(cfg.providers):
-        if p.userinfo and not p.introspects and p.name in used:
+        if p.userinfo_validation and p.name in used:
             warnings.append(
                 f"provider[{i}] ({p.name}) checks opaque tokens by userinfo, which proves a "
                 "token valid but not for whom it was issued (no audience, no client): "

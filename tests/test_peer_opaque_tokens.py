@@ -305,7 +305,12 @@ def test_userinfo_as_the_last_resort_for_opaque_tokens(oidc_provider_ready: None
             config = {
                 "server": {"auth_socket": str(workdir / "auth"), "request_timeout": 3.0},
                 "provider": [
-                    {"name": "op", "issuer": op.issuer, "allow_http": True, "userinfo": True}
+                    {
+                        "name": "op",
+                        "issuer": op.issuer,
+                        "allow_http": True,
+                        "userinfo_validation": True,
+                    }
                 ],
                 "rule": [{"name": "users", "provider": "op", "username": "{email}"}],
             }

@@ -12,7 +12,8 @@ cooldown. Signature checks run inline in the trio thread. The discovery
 document is cached the same way.
 
 Tokens that are not a JWS (opaque strings, JWE) go to RFC 7662 introspection
-when ``client_id`` is configured, else to userinfo when ``userinfo = true``.
+when ``client_id`` is configured, else to userinfo when ``userinfo_validation``
+is on.
 :meth:`OidcProvider.userinfo` also serves enrichment of JWTs. The answers are
 read by the pure :mod:`.answers`.
 
@@ -188,7 +189,7 @@ class OidcProvider:
     async def _verify_opaque(self, token: str) -> VerifiedClaims | TokenRejected:
         if self.config.introspects:
             return await self.introspect(token)
-        if self.config.userinfo:
+        if self.config.userinfo_validation:
             return await self.userinfo(token)
         return TokenRejected(
             Reason.MALFORMED_TOKEN, f"provider {self.name}: not a JWT, and no introspection"
@@ -264,7 +265,7 @@ class OidcProvider:
                 )
             )
             checks.append(("introspection", ok, detail))
-        if self.config.userinfo:
+        if self.config.userinfo or self.config.userinfo_validation:
             endpoint = await self._endpoint("userinfo_endpoint")
             ok = isinstance(endpoint, str)
             checks.append(
