@@ -12,7 +12,7 @@ import httpx
 import pytest
 import trio
 
-from saslauthd_oidc.config import Config, ProviderConfig, parse_config
+from saslauthd_oidc.config import Config, parse_config
 from saslauthd_oidc.devissuer import DevIssuer
 from saslauthd_oidc.engine import Engine
 from saslauthd_oidc.outcome import Outcome, Reason, Verdict
@@ -26,13 +26,7 @@ USERINFO = "/userinfo"
 SECRET = "saslauthd-secret"
 LONG = 10**7
 
-# Userinfo as the validation of opaque tokens: its own switch (userinfo_validation)
-# where ProviderConfig has one, else the userinfo flag that also enables enrichment.
-USERINFO_VALIDATION: dict[str, Any] = (
-    {"userinfo_validation": True}
-    if "userinfo_validation" in ProviderConfig.__dataclass_fields__
-    else {"userinfo": True}
-)
+USERINFO_VALIDATION: dict[str, Any] = {"userinfo_validation": True}
 
 
 async def _serve(nursery: trio.Nursery) -> DevIssuer:

@@ -34,13 +34,7 @@ USERINFO = "/userinfo"
 SECRET = "saslauthd-secret"
 LONG = 10**7  # token lifetime that outlives any FakeClock advance here
 
-# Userinfo as the validation of opaque tokens: its own switch (userinfo_validation)
-# where ProviderConfig has one, else the userinfo flag that also enables enrichment.
-USERINFO_VALIDATION: dict[str, Any] = (
-    {"userinfo_validation": True}
-    if "userinfo_validation" in ProviderConfig.__dataclass_fields__
-    else {"userinfo": True}
-)
+USERINFO_VALIDATION: dict[str, Any] = {"userinfo_validation": True}
 
 
 @pytest.fixture

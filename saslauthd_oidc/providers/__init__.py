@@ -15,7 +15,12 @@ import httpx
 import trio
 
 from saslauthd_oidc.config import Config, ConfigError
-from saslauthd_oidc.providers.http import FetchError, fetch_json, make_http_client
+from saslauthd_oidc.providers.http import (
+    MAX_OUTBOUND,
+    FetchError,
+    fetch_json,
+    make_http_client,
+)
 from saslauthd_oidc.providers.jwt import (
     KeySet,
     TokenRejected,
@@ -60,13 +65,20 @@ class ProviderRegistry:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._own_clients: list[httpx.AsyncClient] = []
+        # One bound on requests in flight for all providers, those with their
+        # own CA (and so their own client) included.
+        self.outbound = trio.CapacityLimiter(MAX_OUTBOUND)
         self._providers: dict[str, OidcProvider] = {}
         for index, pc in enumerate(config.providers):
             provider_client = client
             if pc.ca_file:
                 provider_client = self._client_with_ca(index, pc.ca_file)
             self._providers[pc.name] = OidcProvider(
-                pc, provider_client, clock=clock, fetch_timeout=fetch_timeout_for(config)
+                pc,
+                provider_client,
+                clock=clock,
+                fetch_timeout=fetch_timeout_for(config),
+                limiter=self.outbound,
             )
 
     def _client_with_ca(self, index: int, ca_file: str) -> httpx.AsyncClient:

@@ -10,6 +10,7 @@ caches can honour them.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ USER_AGENT = f"saslauthd-oidc/{__version__}"
 DEFAULT_TIMEOUT = 5.0
 DEFAULT_MAX_BYTES = 1_048_576
 _JSON_DEPTH = 32
+#: Outbound requests in flight at once, across all providers (the shared pool's size).
+MAX_OUTBOUND = 20
 
 FetchErrorKind = Literal[
     "unreachable", "timeout", "http_status", "too_large", "bad_json", "redirect"
@@ -50,7 +53,7 @@ def make_ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
 def make_http_client(
     *,
     timeout: float = DEFAULT_TIMEOUT,
-    max_connections: int = 20,
+    max_connections: int = MAX_OUTBOUND,
     ca_file: str | None = None,
 ) -> httpx.AsyncClient:
     """The shared client: bounded pool, timeouts, no redirects, our User-Agent."""
@@ -104,26 +107,30 @@ async def request_json(
     accept_status: Collection[int] = (),
     max_bytes: int = DEFAULT_MAX_BYTES,
     timeout: float = DEFAULT_TIMEOUT,
+    limiter: trio.CapacityLimiter | None = None,
 ) -> JsonAnswer:
     """One bounded request whose 200 answer must be a JSON object.
 
     A status in ``accept_status`` (such as a userinfo 401) is returned with
     ``doc=None`` instead of raising; any other non-200 raises ``http_status``.
-    ``data`` is sent form-encoded; ``auth`` as HTTP Basic.
+    ``data`` is sent form-encoded; ``auth`` as HTTP Basic. ``limiter`` bounds
+    how many requests run at once across every caller sharing it; waiting for
+    it counts against ``timeout``.
     """
     try:
         with trio.fail_after(timeout):
-            status, body, max_age = await _fetch_body(
-                client,
-                method,
-                url,
-                data=data,
-                headers=headers,
-                auth=auth,
-                accept_status=accept_status,
-                max_bytes=max_bytes,
-                timeout=timeout,
-            )
+            async with limiter if limiter is not None else contextlib.nullcontext():
+                status, body, max_age = await _fetch_body(
+                    client,
+                    method,
+                    url,
+                    data=data,
+                    headers=headers,
+                    auth=auth,
+                    accept_status=accept_status,
+                    max_bytes=max_bytes,
+                    timeout=timeout,
+                )
     except trio.TooSlowError:
         raise FetchError("timeout", f"no complete answer within {timeout:g}s") from None
     except httpx.TimeoutException:

@@ -78,10 +78,12 @@ class OidcProvider:
         max_bytes: int = DEFAULT_MAX_BYTES,
         hmac_secret: str | bytes | None = None,
         client_secret: str | None = None,
+        limiter: trio.CapacityLimiter | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
         self._client = client
+        self._limiter = limiter
         self._clock = clock
         self._fetch_timeout = fetch_timeout
         self._max_bytes = max_bytes
@@ -316,6 +318,7 @@ class OidcProvider:
                 accept_status=accept_status,
                 max_bytes=self._max_bytes,
                 timeout=self._fetch_timeout,
+                limiter=self._limiter,
             )
         except FetchError as exc:
             detail = exc.detail
@@ -473,7 +476,12 @@ class OidcProvider:
     async def _get(self, stage: str, url: str) -> JsonAnswer:
         try:
             return await request_json(
-                self._client, "GET", url, max_bytes=self._max_bytes, timeout=self._fetch_timeout
+                self._client,
+                "GET",
+                url,
+                max_bytes=self._max_bytes,
+                timeout=self._fetch_timeout,
+                limiter=self._limiter,
             )
         except FetchError as exc:
             raise _RefreshError(stage, exc.kind, f"{url}: {exc.detail}") from None
