@@ -36,6 +36,12 @@ _DEPTH = {
 }
 
 
+# server.mechanisms is what the Dovecot-protocol socket offers. The saslauthd
+# socket negotiates no mechanism (its requests are PLAIN: login + token as
+# password); configuring server.saslauthd_socket is its opt-in.
+_UNNEGOTIATED_FRONTENDS = frozenset({"saslauthd"})
+
+
 class TokenVerifier(Protocol):
     """What the engine needs of a provider (``providers.oidc.OidcProvider``)."""
 
@@ -77,7 +83,10 @@ class Engine:
 
     async def evaluate(self, request: AuthRequest) -> Verdict:
         """Decide without logging: ``explain`` calls this directly."""
-        if request.mechanism.value not in self._mechanisms:
+        if (
+            request.context.frontend not in _UNNEGOTIATED_FRONTENDS
+            and request.mechanism.value not in self._mechanisms
+        ):
             return Verdict(
                 reason=Reason.UNSUPPORTED_MECHANISM,
                 detail=f"{request.mechanism} is not enabled (server.mechanisms)",
