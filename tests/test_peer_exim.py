@@ -18,6 +18,9 @@ down here, each as a test (``test_exim_*`` below):
   cannot connect to the socket, and also when the daemon hangs up on it
   (``tempfail = "disconnect"``); Postfix's smtpd dies at session start
   without the socket, and says 454 for a hang-up.
+* Exim advertises the authenticators in its config whatever the socket's
+  MECH lines say, and answers 435 for one the socket does not list; Postfix
+  advertises exactly the socket's list.
 * Every FAIL is ``535 Incorrect authentication data`` with Exim, never
   showing ``reason=``; Postfix says ``535 5.7.8 Error: authentication
   failed: <reason>``.
@@ -29,6 +32,7 @@ import base64
 import contextlib
 import json
 import os
+import smtplib
 import socket
 import threading
 from collections.abc import Iterator
@@ -321,5 +325,60 @@ def test_exim_tempfail_without_disconnect_is_535(exim_ready: None) -> None:
         with EximInstance(str(daemon.socket_path)) as ex:
             replies = smtp_auth(ex.host, ex.port, "XOAUTH2", xoauth2(tok), continuation=b"")
             assert replies[-1] == (535, "Incorrect authentication data")
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_exim_records_the_account_as_authenticated_id(
+    stack: tuple[Daemon, EximInstance], issuer: DevIssuer
+) -> None:
+    """``server_set_id = $auth1``: the account from OK user= is Exim's authenticated id."""
+    _, ex = stack
+    tok = good_token(issuer)
+    with smtplib.SMTP(ex.host, ex.port, local_hostname="client.test.example", timeout=30) as s:
+        s.ehlo()
+        code, _ = s.docmd("AUTH", "XOAUTH2 " + base64.b64encode(xoauth2(tok)).decode())
+        assert code == 235
+        s.sendmail(USER, ["someone@example.net"], b"Subject: t\r\n\r\nhello\r\n")
+    ex.wait_for_log(r"<= alice@example\.org .* A=xoauth2:alice@example\.org")
+
+
+def test_exim_plain_needs_the_socket_to_offer_it(
+    exim_ready: None, issuer: DevIssuer, stack: tuple[Daemon, EximInstance]
+) -> None:
+    """Exim advertises whatever authenticators it has; if the socket does not list PLAIN,
+    Exim answers 435 (Postfix would not advertise PLAIN at all)."""
+    daemon, _ = stack  # mechanisms: the default OAUTHBEARER, XOAUTH2
+    tok = good_token(issuer)
+    with EximInstance(str(daemon.socket_path), mechanisms=("PLAIN",)) as ex:
+        assert "PLAIN" in smtp_ehlo(ex.host, ex.port)["auth"].split()
+        replies = smtp_auth(ex.host, ex.port, "PLAIN", f"\0{USER}\0{tok}".encode())
+        assert replies == [(435, "Unable to authenticate at present")]
+        ex.wait_for_log(r"plain authenticator failed .* 435 ")
+
+
+def test_exim_plain_and_login_when_opted_in(exim_ready: None, issuer: DevIssuer) -> None:
+    workdir = make_shared_tmpdir()
+    sock = workdir / "auth"
+    config = workdir / "c.toml"
+    write_config(config, sock, issuer.issuer)
+    text = config.read_text().replace(
+        "[server]\n", '[server]\nmechanisms = ["OAUTHBEARER", "XOAUTH2", "PLAIN", "LOGIN"]\n'
+    )
+    config.write_text(text)
+    daemon = Daemon(config, sock, workdir / "daemon.log")
+    try:
+        with EximInstance(str(sock), mechanisms=("PLAIN", "LOGIN")) as ex:
+            tok = good_token(issuer)
+            assert smtp_auth(ex.host, ex.port, "PLAIN", f"\0{USER}\0{tok}".encode()) == [
+                (235, "Authentication succeeded")
+            ]
+            login = [USER.encode(), tok.encode()]
+            replies = smtp_auth(ex.host, ex.port, "LOGIN", None, continuation=login)
+            assert [code for code, _ in replies] == [334, 334, 235], replies
+            bad = good_token(issuer, audience="other")
+            replies = smtp_auth(ex.host, ex.port, "PLAIN", f"\0{USER}\0{bad}".encode())
+            assert replies == [(535, "Incorrect authentication data")]
+            assert daemon.event(bad)["reason"] == "wrong_audience"
     finally:
         assert daemon.stop() == 0

@@ -110,8 +110,16 @@ class EximInstance:
 
     host = "127.0.0.1"
 
-    def __init__(self, auth_socket: str, *, startup_timeout: float = _STARTUP_TIMEOUT) -> None:
+    def __init__(
+        self,
+        auth_socket: str,
+        *,
+        mechanisms: tuple[str, ...] = (),
+        startup_timeout: float = _STARTUP_TIMEOUT,
+    ) -> None:
+        """``mechanisms`` adds ``driver = dovecot`` authenticators (e.g. PLAIN) to the recipe's."""
         self.auth_socket = auth_socket
+        self.mechanisms = mechanisms
         self.startup_timeout = startup_timeout
         self.port = 0
         self.directory: Path | None = None
@@ -153,7 +161,14 @@ discard:
 begin transports
 
 begin authenticators
-{README_AUTHENTICATORS.format(socket=self.auth_socket)}"""
+{README_AUTHENTICATORS.format(socket=self.auth_socket)}{self._extra_authenticators()}"""
+
+    def _extra_authenticators(self) -> str:
+        return "".join(
+            f"{mech.lower()}:\n  driver = dovecot\n  public_name = {mech}\n"
+            f"  server_socket = {self.auth_socket}\n  server_set_id = $auth1\n"
+            for mech in self.mechanisms
+        )
 
     # -- lifecycle ------------------------------------------------------------
 
