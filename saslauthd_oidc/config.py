@@ -48,6 +48,8 @@ class ServerConfig:
     auth_socket_mode: int = 0o660
     auth_socket_group: str | None = None
     saslauthd_socket: str | None = None
+    saslauthd_socket_mode: int = 0o660
+    saslauthd_socket_group: str | None = None
     http_listen: str | None = None
     mechanisms: tuple[str, ...] = ("OAUTHBEARER", "XOAUTH2")
     request_timeout: float = 5.0
@@ -320,6 +322,7 @@ def _parse_server(data: Any) -> ServerConfig:
     s = _Section("server", data)
     d = ServerConfig()
     mode_raw = s._get("auth_socket_mode")
+    saslauthd_mode_raw = s._get("saslauthd_socket_mode")
     mechanisms = tuple(m.upper() for m in s.texts("mechanisms", d.mechanisms))
     for m in mechanisms:
         if m not in KNOWN_MECHANISMS:
@@ -333,7 +336,11 @@ def _parse_server(data: Any) -> ServerConfig:
         if mode_raw is None
         else _parse_mode("server.auth_socket_mode", mode_raw),
         auth_socket_group=s.text("auth_socket_group", None),
-        saslauthd_socket=s.text("saslauthd_socket", None),
+        saslauthd_socket=s.text("saslauthd_socket", None) or None,
+        saslauthd_socket_mode=d.saslauthd_socket_mode
+        if saslauthd_mode_raw is None
+        else _parse_mode("server.saslauthd_socket_mode", saslauthd_mode_raw),
+        saslauthd_socket_group=s.text("saslauthd_socket_group", None),
         http_listen=s.text("http_listen", None),
         mechanisms=mechanisms,
         request_timeout=s.number("request_timeout", d.request_timeout, minimum=0.1),
@@ -342,6 +349,8 @@ def _parse_server(data: Any) -> ServerConfig:
         max_connections=s.whole("max_connections", d.max_connections, minimum=1),
         max_token_bytes=s.whole("max_token_bytes", d.max_token_bytes, minimum=256),
     )
+    if cfg.saslauthd_socket and cfg.saslauthd_socket == cfg.auth_socket:
+        raise ConfigError("server.saslauthd_socket", "must differ from server.auth_socket")
     if cfg.request_timeout >= 10:
         raise ConfigError(
             "server.request_timeout",

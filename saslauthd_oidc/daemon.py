@@ -22,6 +22,7 @@ import trio
 from saslauthd_oidc.config import Config, ConfigError
 from saslauthd_oidc.engine import Engine
 from saslauthd_oidc.frontends.dovecot import serve_dovecot_listener
+from saslauthd_oidc.frontends.saslauthd import serve_saslauthd_listener
 from saslauthd_oidc.providers import ProviderRegistry
 from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.request import Mechanism
@@ -41,28 +42,34 @@ def socket_in_use(path: str) -> bool:
 
 
 def open_unix_listener(
-    path: str, mode: int, group: str | None, *, backlog: int = 512
+    path: str,
+    mode: int,
+    group: str | None,
+    *,
+    backlog: int = 512,
+    key: str = "server.auth_socket",
 ) -> trio.SocketListener:
     """Bind a Unix stream socket with the configured mode and group.
 
     A stale socket file is replaced; one that answers belongs to another
     running daemon and is an error, as is a path that is not a socket.
+    ``key`` names the setting in errors (its ``_group`` key for the group).
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         st = p.lstat()
         if not stat.S_ISSOCK(st.st_mode):
-            raise ConfigError("server.auth_socket", f"{path} exists and is not a socket")
+            raise ConfigError(key, f"{path} exists and is not a socket")
         if socket_in_use(path):
-            raise ConfigError("server.auth_socket", f"{path} is in use by another process")
+            raise ConfigError(key, f"{path} is in use by another process")
         p.unlink()
     gid = -1
     if group:
         try:
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
-            raise ConfigError("server.auth_socket_group", f"no such group {group!r}") from None
+            raise ConfigError(f"{key}_group", f"no such group {group!r}") from None
     raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)  # nobody can connect before the chmod below
     try:
@@ -70,7 +77,7 @@ def open_unix_listener(
     except OSError as exc:
         raw.close()
         if exc.errno == errno.EACCES:
-            raise ConfigError("server.auth_socket", f"permission denied creating {path}") from None
+            raise ConfigError(key, f"permission denied creating {path}") from None
         raise
     finally:
         os.umask(old_umask)
@@ -98,6 +105,21 @@ async def run_daemon(
             config.server.auth_socket_mode,
             config.server.auth_socket_group,
         )
+    saslauthd_listener = None
+    if config.server.saslauthd_socket:
+        try:
+            saslauthd_listener = open_unix_listener(
+                config.server.saslauthd_socket,
+                config.server.saslauthd_socket_mode,
+                config.server.saslauthd_socket_group,
+                key="server.saslauthd_socket",
+            )
+        except BaseException:
+            if listener is not None and config.server.auth_socket:
+                listener.socket.close()
+                with contextlib.suppress(OSError):
+                    os.unlink(config.server.auth_socket)
+            raise
     try:
         async with make_http_client() as client:
             registry = ProviderRegistry(config, client)
@@ -117,6 +139,20 @@ async def run_daemon(
                         )
                     )
                     log.info("listening", socket=config.server.auth_socket, protocol="dovecot")
+                if saslauthd_listener is not None:
+                    await nursery.start(
+                        partial(
+                            serve_saslauthd_listener,
+                            saslauthd_listener,
+                            engine.authenticate,
+                            request_timeout=config.server.request_timeout,
+                            max_connections=config.server.max_connections,
+                            max_password_bytes=config.server.max_token_bytes,
+                        )
+                    )
+                    log.info(
+                        "listening", socket=config.server.saslauthd_socket, protocol="saslauthd"
+                    )
                 if handle_signals:
                     nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 log.info(
@@ -131,6 +167,9 @@ async def run_daemon(
         if listener is not None and config.server.auth_socket:
             with contextlib.suppress(OSError):
                 os.unlink(config.server.auth_socket)
+        if saslauthd_listener is not None and config.server.saslauthd_socket:
+            with contextlib.suppress(OSError):
+                os.unlink(config.server.saslauthd_socket)
     log.info("stopped")
 
 

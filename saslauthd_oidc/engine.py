@@ -60,6 +60,11 @@ _DEPTH = {
 # RFC 6750 b64token: what a bearer token may look like before we send it to an IdP.
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
+# server.mechanisms is what the Dovecot-protocol socket offers. The saslauthd
+# socket negotiates no mechanism (its requests are PLAIN: login + token as
+# password); configuring server.saslauthd_socket is its opt-in.
+_UNNEGOTIATED_FRONTENDS = frozenset({"saslauthd"})
+
 
 class TokenVerifier(Protocol):
     """What the engine needs of a provider (``providers.oidc.OidcProvider``)."""
@@ -116,7 +121,10 @@ class Engine:
 
     async def evaluate(self, request: AuthRequest) -> Verdict:
         """Decide without logging: ``explain`` calls this directly."""
-        if request.mechanism.value not in self._mechanisms:
+        if (
+            request.context.frontend not in _UNNEGOTIATED_FRONTENDS
+            and request.mechanism.value not in self._mechanisms
+        ):
             return Verdict(
                 reason=Reason.UNSUPPORTED_MECHANISM,
                 detail=f"{request.mechanism} is not enabled (server.mechanisms)",

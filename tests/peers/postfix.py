@@ -220,6 +220,10 @@ class PostfixInstance:
     ``sasl_path`` is an absolute socket path (or ``unix:/path``, ``inet:h:p``).
     ``extra_main_cf`` overrides/extends the generated ``main.cf`` (e.g.
     ``{"smtpd_sasl_security_options": "noanonymous, noplaintext"}``).
+    ``extra_files`` maps paths relative to the config directory to file
+    contents written before Postfix starts (Debian's Postfix reads Cyrus SASL's
+    ``smtpd.conf`` from ``<config_directory>/sasl/``, whatever
+    ``cyrus_sasl_config_path`` says).
 
     Attributes after ``__enter__``: ``host``, ``port``, ``directory`` (the temp
     dir), ``config_directory`` (``<dir>/etc``), ``maillog_path``.
@@ -233,6 +237,7 @@ class PostfixInstance:
         *,
         sasl_type: str = "dovecot",
         extra_main_cf: Mapping[str, str] | None = None,
+        extra_files: Mapping[str, str] | None = None,
         startup_timeout: float = _STARTUP_TIMEOUT,
     ) -> None:
         if sasl_type == "dovecot" and not sasl_path.startswith("inet:"):
@@ -243,6 +248,7 @@ class PostfixInstance:
         self.sasl_path = sasl_path
         self.sasl_type = sasl_type
         self.extra_main_cf = dict(extra_main_cf or {})
+        self.extra_files = dict(extra_files or {})
         self.startup_timeout = startup_timeout
         self.port = 0
         self.directory: Path | None = None
@@ -313,6 +319,11 @@ class PostfixInstance:
         lines = ["# Private Postfix instance for saslauthd-oidc tests (generated)."]
         lines += [f"{k} = {v}" for k, v in self.main_cf().items()]
         (self.config_directory / "main.cf").write_text("\n".join(lines) + "\n")
+        for rel, content in self.extra_files.items():
+            target = self.config_directory / rel
+            target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+            target.write_text(content)
+            target.chmod(0o644)
         (self.config_directory / "master.cf").write_text(
             _MASTER_CF.format(listen=f"{self.host}:{self.port}")
         )

@@ -1,0 +1,299 @@
+"""A private, loopback-only Exim (Debian's exim4-daemon-heavy, unpacked, not installed).
+
+Usage::
+
+    from tests.peers.exim import EximInstance, exim_available
+
+    with EximInstance(auth_socket="/tmp/x/auth") as ex:
+        replies = smtp_auth(ex.host, ex.port, "XOAUTH2", b"user=...")
+
+Where Exim comes from
+    Debian's Exim packages conflict with Postfix (installing one removes the
+    other), and only ``exim4-daemon-heavy`` has the ``dovecot`` authenticator.
+    ``.ci/run`` therefore fetches ``exim4-daemon-heavy``, ``exim4-base`` and
+    ``exim4-config`` with ``apt-get download``, unpacks them with ``dpkg -x``
+    into :data:`EXIM_ROOT` (``$SASLAUTHD_OIDC_EXIM_ROOT``, default
+    ``/opt/saslauthd-oidc-peers/exim``), installs the shared libraries the
+    binary needs (``libidn12 libmariadb3 libspf2-2``; libraries only, no
+    conflict with Postfix) and creates the ``Debian-exim`` user the binary is
+    compiled for. Without all of that :func:`exim_available` names what is
+    missing, and the tests skip (or fail in CI).
+
+What the instance is
+    ``exim4 -C <tmp>/exim.conf -bdf -oX <free port> -oP <tmp>/exim.pid`` run
+    as root in its own session: a foreground daemon listening on
+    ``127.0.0.1:<port>`` only, with its own spool and log directory under a
+    temporary directory and a config with two ``driver = dovecot``
+    authenticators, OAUTHBEARER and XOAUTH2 (the README recipe), pointed at
+    ``auth_socket``. Receiving processes run as ``Debian-exim``, so the socket
+    must be reachable by that user (mode 0666 in a 0755 directory). Leaving
+    the ``with`` block sends SIGTERM, then SIGKILL to the process group, and
+    removes the directory.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from tests.peers.postfix import free_tcp_port
+
+__all__ = ["EXIM_ROOT", "EXIM_USER", "EximInstance", "exim_available", "exim_binary"]
+
+EXIM_ROOT = Path(os.environ.get("SASLAUTHD_OIDC_EXIM_ROOT", "/opt/saslauthd-oidc-peers/exim"))
+EXIM_USER = "Debian-exim"
+_STARTUP_TIMEOUT = 30.0
+
+#: The authenticator blocks of the README's Exim recipe; ``{socket}`` is filled in.
+README_AUTHENTICATORS = """\
+oauthbearer:
+  driver = dovecot
+  public_name = OAUTHBEARER
+  server_socket = {socket}
+  server_set_id = $auth1
+xoauth2:
+  driver = dovecot
+  public_name = XOAUTH2
+  server_socket = {socket}
+  server_set_id = $auth1
+"""
+
+
+def exim_binary() -> Path:
+    return EXIM_ROOT / "usr" / "sbin" / "exim4"
+
+
+def exim_available() -> str | None:
+    """``None`` if a private Exim with the dovecot authenticator can be started here."""
+    binary = exim_binary()
+    hint = "(.ci/run unpacks exim4-daemon-heavy there; see tests/peers/exim.py)"
+    if not binary.is_file():
+        return f"{binary} not found {hint}"
+    if os.geteuid() != 0:
+        return "a private Exim must be started as root"
+    try:
+        pwd.getpwnam(EXIM_USER)
+    except KeyError:
+        return f"user {EXIM_USER!r} does not exist (useradd --system {EXIM_USER})"
+    try:
+        res = subprocess.run(
+            [str(binary), "-C", "/dev/null", "-bV"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except OSError as exc:
+        return f"{binary} cannot run: {exc}"
+    out = res.stdout + res.stderr
+    if "error while loading shared libraries" in out:
+        return out.strip().splitlines()[-1]
+    authenticators = next((ln for ln in out.splitlines() if ln.startswith("Authenticators:")), "")
+    if " dovecot" not in authenticators:
+        return f"{binary} has no dovecot authenticator (need exim4-daemon-heavy): {out[:200]!r}"
+    return None
+
+
+class EximInstance:
+    """A private Exim daemon whose ``dovecot`` authenticators use ``auth_socket``."""
+
+    host = "127.0.0.1"
+
+    def __init__(
+        self,
+        auth_socket: str,
+        *,
+        mechanisms: tuple[str, ...] = (),
+        startup_timeout: float = _STARTUP_TIMEOUT,
+    ) -> None:
+        """``mechanisms`` adds ``driver = dovecot`` authenticators (e.g. PLAIN) to the recipe's."""
+        self.auth_socket = auth_socket
+        self.mechanisms = mechanisms
+        self.startup_timeout = startup_timeout
+        self.port = 0
+        self.directory: Path | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    # -- configuration --------------------------------------------------------
+
+    def config(self) -> str:
+        d = self.directory
+        assert d is not None
+        return f"""\
+# Private Exim for saslauthd-oidc tests (generated).
+primary_hostname = mx.test.example
+exim_user = {EXIM_USER}
+exim_group = {EXIM_USER}
+spool_directory = {d}/spool
+log_file_path = {d}/log/%slog
+pid_file_path = {d}/exim.pid
+keep_environment =
+local_interfaces = 127.0.0.1
+daemon_smtp_ports = {self.port}
+host_lookup =
+rfc1413_hosts =
+tls_advertise_hosts =
+auth_advertise_hosts = *
+acl_smtp_rcpt = acl_check_rcpt
+smtp_banner = $smtp_active_hostname ESMTP saslauthd-oidc-test
+
+begin acl
+acl_check_rcpt:
+  accept authenticated = *
+  deny   message = authentication required
+
+begin routers
+discard:
+  driver = redirect
+  data = :blackhole:
+
+begin transports
+
+begin authenticators
+{README_AUTHENTICATORS.format(socket=self.auth_socket)}{self._extra_authenticators()}"""
+
+    def _extra_authenticators(self) -> str:
+        return "".join(
+            f"{mech.lower()}:\n  driver = dovecot\n  public_name = {mech}\n"
+            f"  server_socket = {self.auth_socket}\n  server_set_id = $auth1\n"
+            for mech in self.mechanisms
+        )
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def __enter__(self) -> EximInstance:
+        for _ in range(3):
+            try:
+                self._start()
+                self._wait_ready()
+                return self
+            except _PortTaken:
+                self.stop()
+            except BaseException:
+                self.stop()
+                raise
+        raise RuntimeError("could not find a free port for Exim")
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _start(self) -> None:
+        d = Path(tempfile.mkdtemp(prefix="exim-", dir="/tmp"))
+        self.directory = d
+        atexit.register(self.stop)
+        os.chmod(d, 0o755)
+        pw = pwd.getpwnam(EXIM_USER)
+        for sub in ("spool", "log"):
+            (d / sub).mkdir(mode=0o750)
+            os.chown(d / sub, pw.pw_uid, pw.pw_gid)
+        self.port = free_tcp_port(self.host)
+        conf = d / "exim.conf"
+        conf.write_text(self.config())
+        conf.chmod(0o644)  # owned by root, writable by nobody else: Exim insists
+        self._proc = subprocess.Popen(
+            [str(exim_binary()), "-C", str(conf), "-bdf", "-oX", str(self.port)],
+            stdin=subprocess.DEVNULL,
+            stdout=(d / "exim.out").open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def _wait_ready(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self.startup_timeout
+        last = "no attempt"
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                diag = self.diagnostics()
+                if "Address already in use" in diag:
+                    raise _PortTaken
+                raise RuntimeError(f"exim exited with {self._proc.returncode}:\n{diag}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=5) as s:
+                    banner = s.makefile("rb").readline(4096)
+                    if banner.startswith(b"220 "):
+                        s.sendall(b"QUIT\r\n")
+                        return
+                    last = f"unexpected greeting {banner!r}"
+            except OSError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            time.sleep(0.1)
+        raise RuntimeError(
+            f"Exim did not answer on {self.host}:{self.port} (last: {last})\n{self.diagnostics()}"
+        )
+
+    def stop(self) -> None:
+        """Stop Exim (idempotent) and remove the instance directory."""
+        proc, self._proc = self._proc, None
+        try:
+            if proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=10)
+                # Receiving processes are in the daemon's session and process group.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+        finally:
+            if self.directory is not None:
+                shutil.rmtree(self.directory, ignore_errors=True)
+                self.directory = None
+            atexit.unregister(self.stop)
+
+    # -- observation ----------------------------------------------------------
+
+    def mainlog(self) -> str:
+        return self._read("log/mainlog")
+
+    def logs(self) -> str:
+        """Everything Exim wrote: main, reject and panic logs and its stdout/stderr."""
+        return "\n".join(
+            self._read(name)
+            for name in ("log/mainlog", "log/rejectlog", "log/paniclog", "exim.out")
+        )
+
+    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = rx.search(self.mainlog())
+            if m is not None:
+                return m
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"{pattern!r} not in Exim's mainlog:\n{self.mainlog()}")
+            time.sleep(0.05)
+
+    def diagnostics(self) -> str:
+        return self.logs()[-4000:]
+
+    def _read(self, name: str) -> str:
+        if self.directory is None:
+            return ""
+        try:
+            return (self.directory / name).read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+class _PortTaken(Exception):
+    pass
