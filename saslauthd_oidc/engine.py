@@ -77,7 +77,7 @@ class Engine:
 
     async def evaluate(self, request: AuthRequest) -> Verdict:
         """Decide without logging: ``explain`` calls this directly."""
-        if request.mechanism.value not in self._mechanisms:
+        if request.mechanism.is_sasl and request.mechanism.value not in self._mechanisms:
             return Verdict(
                 reason=Reason.UNSUPPORTED_MECHANISM,
                 detail=f"{request.mechanism} is not enabled (server.mechanisms)",
