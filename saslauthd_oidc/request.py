@@ -34,6 +34,9 @@ class Mechanism(enum.StrEnum):
         return self is not Mechanism.BEARER
 
 
+SASL_MECHANISMS = tuple(m for m in Mechanism if m.is_sasl)
+
+
 @dataclass(frozen=True, slots=True)
 class Credentials:
     """A bearer token and what the client said alongside it.

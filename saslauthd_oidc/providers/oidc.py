@@ -78,6 +78,9 @@ class OidcProvider:
         self._last_ok = False
         self._lock = trio.Lock()
         self.last_error: str | None = None
+        # Read by the metrics collector: key-set refreshes attempted / failed.
+        self.fetches = 0
+        self.fetch_errors = 0
 
     # ----------------------------------------------------------------- state
 
@@ -186,6 +189,7 @@ class OidcProvider:
             return ok
 
     async def _fetch(self, *, rediscover: bool) -> bool:
+        self.fetches += 1
         try:
             with trio.fail_after(self._fetch_timeout):
                 uri, keys = await self._fetch_keys(rediscover=rediscover)
@@ -206,6 +210,7 @@ class OidcProvider:
         return True
 
     def _failed(self, exc: _RefreshError) -> bool:
+        self.fetch_errors += 1
         self.last_error = f"{exc.stage} failed ({exc.kind}): {exc.detail}"
         log.warning(
             "provider keys fetch failed",
