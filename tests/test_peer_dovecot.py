@@ -23,6 +23,7 @@ from tests.peers.dovecot import (
     DovecotInstance,
     curl_imap_auth,
     dovecot_available,
+    fresh_source_address,
     imap_authenticate,
 )
 from tests.peers.postfix import curl_available, free_tcp_port, make_shared_tmpdir
@@ -118,7 +119,8 @@ def test_imaplib_good_token_logs_in(
 ) -> None:
     daemon, dc = stack
     token = good_token(issuer)
-    typ, text = imap_authenticate(dc.host, dc.port, mech, USER, token)
+    source = fresh_source_address()
+    typ, text = imap_authenticate(dc.host, dc.port, mech, USER, token, source=source)
     assert typ == "OK", (typ, text, dc.log()[-3000:])
     event = daemon.event(token)
     assert event["outcome"] == "ok"
@@ -127,7 +129,7 @@ def test_imaplib_good_token_logs_in(
     # send_auth_headers = yes: Dovecot's service fed rule selection ("imap" rule).
     assert event["service"] == "imap"
     assert event["rule"] == "imap"
-    assert event["remote"] == "127.0.0.1"
+    assert event["remote"] == source
 
 
 @pytest.mark.parametrize("mech", ["XOAUTH2", "OAUTHBEARER"])
