@@ -418,3 +418,11 @@ async def test_healthz_and_readyz() -> None:
         assert (await c.get("/nowhere")).status_code == 404
         assert (await c.get("/metrics")).status_code == 404  # no Metrics given
 
+
+
+def test_bearer_is_no_sasl_mechanism() -> None:
+    """BEARER exists for HTTP only: the Dovecot socket's parser never yields it."""
+    assert Mechanism.parse("BEARER") is None
+    assert Mechanism.parse("bearer") is None
+    assert Mechanism.parse("xoauth2") is Mechanism.XOAUTH2
+    assert not Mechanism.BEARER.is_sasl
