@@ -28,6 +28,7 @@ from saslauthd_oidc.config import (
 from saslauthd_oidc.daemon import run_daemon
 from saslauthd_oidc.devmode import DEFAULT_DEV_DIR, run_dev
 from saslauthd_oidc.engine import Engine
+from saslauthd_oidc.frontends.http import load_caller_auth
 from saslauthd_oidc.observability import configure_logging
 from saslauthd_oidc.outcome import Outcome, Verdict
 from saslauthd_oidc.providers import ProviderRegistry
@@ -84,6 +85,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
+    if config.server.http_listen or config.server.http_socket:
+        load_caller_auth(config.http)  # the credential files must be readable and private
     print(f"{config.source}: ok")
     print(f"  providers: {', '.join(p.name for p in config.providers) or '(none)'}")
     print(f"  rules (in evaluation order): {', '.join(_rule_order(config))}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 DEFAULT_CONFIG_PATH = "/etc/saslauthd-oidc/saslauthd-oidc.toml"
 CONFIG_ENV = "SASLAUTHD_OIDC_CONFIG"
@@ -28,6 +29,8 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 )
 SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 KNOWN_MECHANISMS = ("OAUTHBEARER", "XOAUTH2", "PLAIN", "LOGIN")
+# Rules may also name BEARER: a bare token over HTTP (introspection, userinfo).
+RULE_MECHANISMS = (*KNOWN_MECHANISMS, "BEARER")
 USERNAME_FILTERS = ("localpart", "domain", "lower")
 INTROSPECTION_AUTH_METHODS = ("client_secret_basic", "client_secret_post")
 TENANT_PLACEHOLDER = "{tenantid}"
@@ -50,7 +53,10 @@ class ServerConfig:
     saslauthd_socket: str | None = None
     saslauthd_socket_mode: int = 0o660
     saslauthd_socket_group: str | None = None
-    http_listen: str | None = None
+    http_listen: tuple[tuple[str, int], ...] = ()  # (host, port); loopback unless http.auth
+    http_socket: str | None = None
+    http_socket_mode: int = 0o660
+    http_socket_group: str | None = None
     mechanisms: tuple[str, ...] = ("OAUTHBEARER", "XOAUTH2")
     request_timeout: float = 5.0
     tempfail: Literal["fail", "disconnect"] = "fail"
@@ -64,6 +70,25 @@ class CacheConfig:
     max_entries: int = 100_000
     ttl: float = 300.0
     negative_ttl: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class HttpConfig:
+    """The HTTP listener's behaviour (where it listens is in ``[server]``)."""
+
+    auth: Literal["required", "open"] = "required"
+    users_file: str | None = None  # "name:password" lines, for HTTP Basic
+    secret_file: str | None = None  # one shared secret, for "Authorization: Bearer <secret>"
+    readyz_grace: float = 30.0
+    metrics: bool = True
+    stalwart_issuer: str | None = None  # the issuer URL of the Stalwart userinfo facade
+
+    @property
+    def stalwart_path(self) -> str | None:
+        """The URL path under which the Stalwart endpoints are served (no trailing /)."""
+        if not self.stalwart_issuer:
+            return None
+        return urlsplit(self.stalwart_issuer).path.rstrip("/")
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +197,10 @@ class RuleConfig:
     fallback: bool = False
     discovery_hint: str | None = None
     challenge_scope: str | None = None
+    # RFC 9728 protected-resource metadata (HTTP discovery) selection and content.
+    resource_paths: tuple[str, ...] = ()
+    referers: tuple[str, ...] = ()
+    scopes_supported: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +208,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     providers: tuple[ProviderConfig, ...] = ()
     rules: tuple[RuleConfig, ...] = ()
     source: str = "<built-in>"
@@ -323,6 +353,7 @@ def _parse_server(data: Any) -> ServerConfig:
     d = ServerConfig()
     mode_raw = s._get("auth_socket_mode")
     saslauthd_mode_raw = s._get("saslauthd_socket_mode")
+    http_mode_raw = s._get("http_socket_mode")
     mechanisms = tuple(m.upper() for m in s.texts("mechanisms", d.mechanisms))
     for m in mechanisms:
         if m not in KNOWN_MECHANISMS:
@@ -341,7 +372,12 @@ def _parse_server(data: Any) -> ServerConfig:
         if saslauthd_mode_raw is None
         else _parse_mode("server.saslauthd_socket_mode", saslauthd_mode_raw),
         saslauthd_socket_group=s.text("saslauthd_socket_group", None),
-        http_listen=s.text("http_listen", None),
+        http_listen=tuple(_parse_listen(a) for a in s.texts("http_listen")),
+        http_socket=s.text("http_socket", None) or None,
+        http_socket_mode=0o660
+        if http_mode_raw is None
+        else _parse_mode("server.http_socket_mode", http_mode_raw),
+        http_socket_group=s.text("http_socket_group", None),
         mechanisms=mechanisms,
         request_timeout=s.number("request_timeout", d.request_timeout, minimum=0.1),
         tempfail=s.choice("tempfail", d.tempfail, ("fail", "disconnect")),  # type: ignore[arg-type]
@@ -357,6 +393,65 @@ def _parse_server(data: Any) -> ServerConfig:
             "must be below 10 seconds: Postfix gives up on the auth server after 10 s",
         )
     s.reject_unknown()
+    return cfg
+
+
+def _parse_listen(address: str) -> tuple[str, int]:
+    """``"127.0.0.1:8480"`` or ``"[::1]:8480"`` → (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        ipaddress.ip_address(host)
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not sep or not 0 < number < 65536:
+        raise ConfigError(
+            "server.http_listen",
+            f'{address!r}: expected an IP address and port, e.g. "127.0.0.1:8480"',
+        )
+    return host, number
+
+
+def is_loopback(host: str) -> bool:
+    return ipaddress.ip_address(host).is_loopback
+
+
+def _parse_http(data: Any, server: ServerConfig) -> HttpConfig:
+    s = _Section("http", data)
+    d = HttpConfig()
+    stalwart_issuer = s.text("stalwart_issuer", None)
+    if stalwart_issuer:
+        _check_url("http.stalwart_issuer", stalwart_issuer, allow_http=True)
+        if not urlsplit(stalwart_issuer).path.strip("/"):
+            raise ConfigError(
+                "http.stalwart_issuer",
+                "needs a path of its own, e.g. http://127.0.0.1:8480/stalwart",
+            )
+    cfg = HttpConfig(
+        auth=s.choice("auth", d.auth, ("required", "open")),  # type: ignore[arg-type]
+        users_file=s.text("users_file", None),
+        secret_file=s.text("secret_file", None),
+        readyz_grace=s.number("readyz_grace", d.readyz_grace),
+        metrics=s.flag("metrics", d.metrics),
+        stalwart_issuer=stalwart_issuer or None,
+    )
+    s.reject_unknown()
+    enabled = bool(server.http_listen or server.http_socket)
+    if enabled and cfg.auth == "open":
+        for host, port in server.http_listen:
+            if not is_loopback(host):
+                raise ConfigError(
+                    "http.auth",
+                    f'"open" is only allowed on loopback and Unix sockets, not {host}:{port}',
+                )
+    if enabled and cfg.auth == "required" and not (cfg.users_file or cfg.secret_file):
+        raise ConfigError(
+            "http.auth",
+            "callers must authenticate: set http.users_file or http.secret_file, "
+            'or auth = "open" (loopback and Unix sockets only)',
+        )
     return cfg
 
 
@@ -522,8 +617,15 @@ def _parse_rule(index: int, data: Any, provider_names: set[str]) -> RuleConfig:
                 raise ConfigError(f"{key}.username", f"unknown filter {f!r} (known: {known})")
     mechanisms = tuple(m.upper() for m in s.texts("mechanisms"))
     for m in mechanisms:
-        if m not in KNOWN_MECHANISMS:
+        if m not in RULE_MECHANISMS:
             raise ConfigError(f"{key}.mechanisms", f"unknown mechanism {m!r}")
+    resource_paths = s.texts("resource_paths")
+    for path in resource_paths:
+        if not path.startswith("/"):
+            raise ConfigError(f"{key}.resource_paths", f"{path!r}: expected a path starting with /")
+    referers = s.texts("referers")
+    for referer in referers:
+        _check_url(f"{key}.referers", referer, allow_http=True)
     remote_networks = []
     for net in s.texts("remote_networks"):
         try:
@@ -567,6 +669,9 @@ def _parse_rule(index: int, data: Any, provider_names: set[str]) -> RuleConfig:
         fallback=s.flag("fallback", False),
         discovery_hint=discovery_hint,
         challenge_scope=s.text("challenge_scope", None),
+        resource_paths=tuple(p.rstrip("/") or "/" for p in resource_paths),
+        referers=referers,
+        scopes_supported=s.texts("scopes_supported"),
     )
     s.reject_unknown()
     return cfg
@@ -577,6 +682,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<memory>") -> Config
     server = _parse_server(top._get("server") or {})
     cache = _parse_cache(top._get("cache") or {})
     logging_cfg = _parse_logging(top._get("logging") or {})
+    http = _parse_http(top._get("http") or {}, server)
     providers_raw = top._get("provider") or []
     if not isinstance(providers_raw, list):
         raise ConfigError("provider", "expected [[provider]] tables")
@@ -600,6 +706,7 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<memory>") -> Config
         server=server,
         cache=cache,
         logging=logging_cfg,
+        http=http,
         providers=providers,
         rules=rules,
         source=source,

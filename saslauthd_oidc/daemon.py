@@ -22,7 +22,9 @@ import trio
 from saslauthd_oidc.config import Config, ConfigError
 from saslauthd_oidc.engine import Engine
 from saslauthd_oidc.frontends.dovecot import serve_dovecot_listener
+from saslauthd_oidc.frontends.http import HttpFrontend, load_caller_auth, serve_http
 from saslauthd_oidc.frontends.saslauthd import serve_saslauthd_listener
+from saslauthd_oidc.metrics import Metrics
 from saslauthd_oidc.providers import ProviderRegistry
 from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.request import Mechanism
@@ -55,6 +57,14 @@ def open_unix_listener(
     running daemon and is an error, as is a path that is not a socket.
     ``key`` names the setting in errors (its ``_group`` key for the group).
     """
+    raw = open_unix_socket(path, mode, group, backlog=backlog, key=key)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(raw))
+
+
+def open_unix_socket(
+    path: str, mode: int, group: str | None, *, backlog: int = 512, key: str = "server.auth_socket"
+) -> socket.socket:
+    """:func:`open_unix_listener` as a plain listening socket; errors name ``key``."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
@@ -85,7 +95,58 @@ def open_unix_listener(
         os.chown(path, -1, gid)
     os.chmod(path, mode)
     raw.listen(backlog)
-    return trio.SocketListener(trio.socket.from_stdlib_socket(raw))
+    return raw
+
+
+def open_http_sockets(config: Config, *, backlog: int = 512) -> list[socket.socket]:
+    """Bind ``server.http_listen`` addresses and ``server.http_socket``; listening, non-blocking."""
+    sockets: list[socket.socket] = []
+    try:
+        for host, port in config.server.http_listen:
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                raise ConfigError(
+                    "server.http_listen", f"cannot listen on {host}:{port}: {exc.strerror}"
+                ) from None
+            sock.listen(backlog)
+        if config.server.http_socket:
+            sockets.append(
+                open_unix_socket(
+                    config.server.http_socket,
+                    config.server.http_socket_mode,
+                    config.server.http_socket_group,
+                    backlog=backlog,
+                    key="server.http_socket",
+                )
+            )
+    except BaseException:
+        for s in sockets:
+            s.close()
+        raise
+    for s in sockets:
+        s.setblocking(False)
+    return sockets
+
+
+class Readiness:
+    """Ready once every provider's keys were loaded once, or ``grace`` seconds after start."""
+
+    def __init__(self, registry: ProviderRegistry, grace: float) -> None:
+        self._registry = registry
+        self._deadline = trio.current_time() + grace
+        self._ready = False
+
+    def __call__(self) -> bool:
+        if not self._ready:
+            self._ready = all(p.keys_loaded for p in self._registry) or (
+                trio.current_time() >= self._deadline
+            )
+        return self._ready
 
 
 async def run_daemon(
@@ -99,6 +160,10 @@ async def run_daemon(
     # Sockets are opened before any nursery, so that their ConfigErrors reach
     # the caller as themselves rather than wrapped in an exception group.
     listener = None
+    http_sockets: list[socket.socket] = []
+    caller_auth = None
+    if config.server.http_listen or config.server.http_socket:
+        caller_auth = load_caller_auth(config.http)
     if config.server.auth_socket:
         listener = open_unix_listener(
             config.server.auth_socket,
@@ -121,17 +186,31 @@ async def run_daemon(
                     os.unlink(config.server.auth_socket)
             raise
     try:
+        http_sockets = open_http_sockets(config)
         async with make_http_client() as client:
             registry = ProviderRegistry(config, client)
             engine = Engine(config, registry)
+            metrics = Metrics(registry, engine.cache)
+            authenticate = metrics.instrument(engine.authenticate)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(registry.refresh_all)
+                if http_sockets:
+                    assert caller_auth is not None
+                    app = HttpFrontend(
+                        config,
+                        authenticate,
+                        caller_auth,
+                        metrics=metrics,
+                        ready=Readiness(registry, config.http.readyz_grace),
+                    )
+                    binds = await nursery.start(serve_http, app, http_sockets)
+                    log.info("listening", http=binds)
                 if listener is not None:
                     await nursery.start(
                         partial(
                             serve_dovecot_listener,
                             listener,
-                            engine.authenticate,
+                            authenticate,
                             mechanisms=mechanisms,
                             tempfail_disconnect=config.server.tempfail == "disconnect",
                             request_timeout=config.server.request_timeout,
@@ -144,7 +223,7 @@ async def run_daemon(
                         partial(
                             serve_saslauthd_listener,
                             saslauthd_listener,
-                            engine.authenticate,
+                            authenticate,
                             request_timeout=config.server.request_timeout,
                             max_connections=config.server.max_connections,
                             max_password_bytes=config.server.max_token_bytes,
@@ -164,12 +243,20 @@ async def run_daemon(
                 task_status.started(engine)
             await registry.aclose()
     finally:
-        if listener is not None and config.server.auth_socket:
-            with contextlib.suppress(OSError):
-                os.unlink(config.server.auth_socket)
-        if saslauthd_listener is not None and config.server.saslauthd_socket:
-            with contextlib.suppress(OSError):
-                os.unlink(config.server.saslauthd_socket)
+        for s in http_sockets:
+            s.close()
+        # Only the socket files this run created: one that was in use stays.
+        bound = [
+            config.server.auth_socket if listener is not None else None,
+            config.server.saslauthd_socket if saslauthd_listener is not None else None,
+            config.server.http_socket
+            if any(s.family == socket.AF_UNIX for s in http_sockets)
+            else None,
+        ]
+        for path in bound:
+            if path:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
     log.info("stopped")
 
 

@@ -122,7 +122,8 @@ class Engine:
     async def evaluate(self, request: AuthRequest) -> Verdict:
         """Decide without logging: ``explain`` calls this directly."""
         if (
-            request.context.frontend not in _UNNEGOTIATED_FRONTENDS
+            request.mechanism.is_sasl
+            and request.context.frontend not in _UNNEGOTIATED_FRONTENDS
             and request.mechanism.value not in self._mechanisms
         ):
             return Verdict(

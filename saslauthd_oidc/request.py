@@ -16,14 +16,25 @@ class Mechanism(enum.StrEnum):
     XOAUTH2 = "XOAUTH2"
     PLAIN = "PLAIN"
     LOGIN = "LOGIN"
+    # A bare bearer token handed over by HTTP (RFC 7662 introspection,
+    # userinfo): not a SASL mechanism, never advertised on a SASL socket.
+    BEARER = "BEARER"
 
     @classmethod
     def parse(cls, name: str) -> Mechanism | None:
-        """Mechanism names are case-insensitive on every wire we speak."""
+        """A SASL mechanism name, case-insensitively (every wire we speak says so)."""
         try:
-            return cls(name.upper())
+            mechanism = cls(name.upper())
         except ValueError:
             return None
+        return mechanism if mechanism.is_sasl else None
+
+    @property
+    def is_sasl(self) -> bool:
+        return self is not Mechanism.BEARER
+
+
+SASL_MECHANISMS = tuple(m for m in Mechanism if m.is_sasl)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from saslauthd_oidc.authtest import (
 )
 from saslauthd_oidc.frontends.dovecot import serve_dovecot_listener
 from saslauthd_oidc.outcome import DiscoveryHint, Outcome, Reason, Verdict
-from saslauthd_oidc.request import AuthRequest, Mechanism, token_fingerprint
+from saslauthd_oidc.request import SASL_MECHANISMS, AuthRequest, Mechanism, token_fingerprint
 
 GOOD = "eyJhbGciOiJFUzI1NiJ9.GOOD-marker-token.c2ln"
 BAD = "eyJhbGciOiJFUzI1NiJ9.BAD-marker-token.c2ln"
@@ -68,7 +68,7 @@ async def serve(
             serve_dovecot_listener,
             trio.SocketListener(sock),
             stub,
-            mechanisms=mechanisms or list(Mechanism),
+            mechanisms=mechanisms or list(SASL_MECHANISMS),
         )
     )
 

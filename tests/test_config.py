@@ -313,3 +313,100 @@ def test_explicit_discovery_url_wins_for_tenant_template() -> None:
         )
     ).provider("idp")
     assert p.effective_discovery_url.startswith("https://login.example.com/t1/")
+
+
+# --------------------------------------------------------------------------- HTTP listener
+
+
+def with_http(server: dict[str, Any], http: dict[str, Any] | None = None, **rule: Any) -> Any:
+    data = {**BASE, "server": server, "rule": [{**BASE["rule"][0], **rule}]}
+    if http is not None:
+        data["http"] = http
+    return data
+
+
+def test_http_listener_is_off_by_default() -> None:
+    cfg = parse_config(BASE)
+    assert cfg.server.http_listen == ()
+    assert cfg.server.http_socket is None
+    assert cfg.http.auth == "required"
+
+
+def test_http_listen_string_or_list() -> None:
+    open_ = {"auth": "open"}
+    cfg = parse_config(with_http({"http_listen": "127.0.0.1:8480"}, open_))
+    assert cfg.server.http_listen == (("127.0.0.1", 8480),)
+    cfg = parse_config(with_http({"http_listen": ["127.0.0.1:1", "[::1]:2"]}, open_))
+    assert cfg.server.http_listen == (("127.0.0.1", 1), ("::1", 2))
+
+
+@pytest.mark.parametrize(
+    ("server", "http", "rule", "key", "fragment"),
+    [
+        ({"http_listen": "localhost:8480"}, {"auth": "open"}, {}, "server.http_listen", "IP"),
+        ({"http_listen": "127.0.0.1"}, {"auth": "open"}, {}, "server.http_listen", "port"),
+        ({"http_listen": "127.0.0.1:0"}, {"auth": "open"}, {}, "server.http_listen", "port"),
+        ({"http_listen": "192.0.2.1:80"}, {"auth": "open"}, {}, "http.auth", "loopback"),
+        ({"http_listen": "127.0.0.1:80"}, {}, {}, "http.auth", "users_file"),
+        ({"http_socket": "/run/x"}, {"auth": "maybe"}, {}, "http.auth", "expected one of"),
+        (
+            {"http_socket": "/run/x", "http_socket_mode": "rw"},
+            {"auth": "open"},
+            {},
+            "server.http_socket_mode",
+            "octal",
+        ),
+        ({}, {"stalwart_issuer": "http://127.0.0.1:8480/"}, {}, "http.stalwart_issuer", "path"),
+        ({}, {"stalwart_issuer": "ftp://x/s"}, {}, "http.stalwart_issuer", "URL"),
+        ({}, {"readyz_grace": -1}, {}, "http.readyz_grace", "at least"),
+        ({}, {"metric": True}, {}, "http.metric", "unknown"),
+        ({}, None, {"resource_paths": ["jmap"]}, "rule[0].resource_paths", "starting with /"),
+        ({}, None, {"referers": ["webmail.example.org"]}, "rule[0].referers", "URL"),
+        ({}, None, {"mechanisms": ["BEARERX"]}, "rule[0].mechanisms", "unknown"),
+    ],
+)
+def test_http_errors_name_the_key(
+    server: dict[str, Any],
+    http: dict[str, Any] | None,
+    rule: dict[str, Any],
+    key: str,
+    fragment: str,
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(with_http(server, http, **rule))
+    assert info.value.key == key
+    assert fragment in info.value.message
+
+
+def test_open_is_fine_on_unix_sockets_and_loopback() -> None:
+    cfg = parse_config(
+        with_http(
+            {"http_socket": "/run/x", "http_listen": ["127.0.0.1:1", "[::1]:2"]},
+            {"auth": "open"},
+            mechanisms=["BEARER"],
+            resource_paths=["/jmap/"],
+        )
+    )
+    assert cfg.http.auth == "open"
+    assert cfg.rules[0].mechanisms == ("BEARER",)
+    assert cfg.rules[0].resource_paths == ("/jmap",)
+    assert cfg.http.stalwart_path is None
+
+
+def test_check_config_reads_the_http_credential_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    users = tmp_path / "users"
+    users.write_text("dovecot:secret\n")
+    users.chmod(0o644)
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[server]\nhttp_listen = "127.0.0.1:8480"\n'
+        f'[http]\nusers_file = "{users}"\n'
+        '[[provider]]\nname = "idp"\nissuer = "https://idp.example.org"\n'
+        '[[rule]]\nprovider = "idp"\naudiences = ["mail"]\n'
+    )
+    assert main(["check-config", "--config", str(path)]) == 2
+    assert "http.users_file" in capsys.readouterr().err
+    users.chmod(0o600)
+    assert main(["check-config", "--config", str(path)]) == 0

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from saslauthd_oidc.outcome import DiscoveryHint, Reason, Verdict
-from saslauthd_oidc.request import Credentials, Mechanism
+from saslauthd_oidc.request import SASL_MECHANISMS, Credentials, Mechanism
 from saslauthd_oidc.sasl import (
     Authenticate,
     Challenge,
@@ -618,7 +618,7 @@ def authenticate(mech: Mechanism, initial: bool) -> SaslExchange:
 
 
 @pytest.mark.parametrize("initial", [True, False], ids=["initial-response", "challenge-first"])
-@pytest.mark.parametrize("mech", list(Mechanism), ids=str)
+@pytest.mark.parametrize("mech", list(SASL_MECHANISMS), ids=str)
 def test_exchange_success(mech: Mechanism, initial: bool) -> None:
     ex = authenticate(mech, initial)
     assert ex.conclude(OK) == Succeeded("alice")
@@ -628,7 +628,7 @@ def test_exchange_success(mech: Mechanism, initial: bool) -> None:
 @pytest.mark.parametrize(
     "account", [None, "", "al\tice", "alice\n", "a\x00"], ids=["none", "empty", "tab", "lf", "nul"]
 )
-@pytest.mark.parametrize("mech", list(Mechanism), ids=str)
+@pytest.mark.parametrize("mech", list(SASL_MECHANISMS), ids=str)
 def test_exchange_ok_without_usable_account_is_internal_error(
     mech: Mechanism, account: str | None
 ) -> None:
@@ -684,7 +684,7 @@ def test_exchange_token_refused_dialogue(
 @pytest.mark.parametrize(
     "reason", [Reason.PROVIDER_UNAVAILABLE, Reason.TIMEOUT, Reason.INTERNAL_ERROR]
 )
-@pytest.mark.parametrize("mech", list(Mechanism), ids=str)
+@pytest.mark.parametrize("mech", list(SASL_MECHANISMS), ids=str)
 def test_exchange_tempfail_fails_at_once(mech: Mechanism, reason: Reason) -> None:
     ex = authenticate(mech, False)
     verdict = Verdict(reason=reason, detail="idp down", hint=HINT)
@@ -823,7 +823,7 @@ def test_exchange_login_failures(
     assert ex.done
 
 
-@pytest.mark.parametrize("mech", list(Mechanism), ids=str)
+@pytest.mark.parametrize("mech", list(SASL_MECHANISMS), ids=str)
 def test_exchange_message_over_limit(mech: Mechanism) -> None:
     ex = SaslExchange(mech)
     message = b"n,,\x01" + b"auth=Bearer " + b"t" * MiB + b"\x01\x01"
@@ -930,7 +930,7 @@ OUT_OF_ORDER = [
 @pytest.mark.parametrize(
     ("setup", "call"), OUT_OF_ORDER, ids=[f"{s.__name__[1:]}-{c}" for s, c in OUT_OF_ORDER]
 )
-@pytest.mark.parametrize("mech", list(Mechanism), ids=str)
+@pytest.mark.parametrize("mech", list(SASL_MECHANISMS), ids=str)
 def test_exchange_out_of_order(
     mech: Mechanism, setup: Callable[[Mechanism], SaslExchange], call: str
 ) -> None:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from saslauthd_oidc.outcome import DiscoveryHint, Reason, Verdict
-from saslauthd_oidc.request import Credentials, Mechanism
+from saslauthd_oidc.request import SASL_MECHANISMS, Credentials, Mechanism
 from saslauthd_oidc.sasl import (
     Authenticate,
     Challenge,
@@ -93,7 +93,7 @@ OPERATIONS = st.lists(
 
 
 @settings(max_examples=500)
-@given(st.sampled_from(list(Mechanism)), st.integers(0, 300), OPERATIONS)
+@given(st.sampled_from(list(SASL_MECHANISMS)), st.integers(0, 300), OPERATIONS)
 def test_exchange_never_raises(
     mech: Mechanism, limit: int, operations: list[tuple[str, object]]
 ) -> None:

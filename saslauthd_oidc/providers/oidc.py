@@ -102,6 +102,9 @@ class OidcProvider:
         self._last_ok = False
         self._lock = trio.Lock()
         self.last_error: str | None = None
+        # Read by the metrics collector: key-set refreshes attempted / failed.
+        self.fetches = 0
+        self.fetch_errors = 0
 
     # ----------------------------------------------------------------- state
 
@@ -307,6 +310,7 @@ class OidcProvider:
         accept_status: tuple[int, ...] = (),
     ) -> JsonAnswer | TokenRejected:
         """One bounded request for a token; failures are temporary and logged, never raised."""
+        self.fetches += 1
         try:
             return await request_json(
                 self._client,
@@ -321,6 +325,7 @@ class OidcProvider:
                 limiter=self._limiter,
             )
         except FetchError as exc:
+            self.fetch_errors += 1
             detail = exc.detail
             if (
                 exc.kind == "http_status"
@@ -382,6 +387,7 @@ class OidcProvider:
             return ok
 
     async def _fetch(self, *, rediscover: bool) -> bool:
+        self.fetches += 1
         try:
             with trio.fail_after(self._fetch_timeout):
                 uri, keys, lifetime = await self._fetch_keys(rediscover=rediscover)
@@ -403,6 +409,7 @@ class OidcProvider:
         return True
 
     def _failed(self, exc: _RefreshError) -> bool:
+        self.fetch_errors += 1
         self._report(exc)
         return False
 

@@ -1,0 +1,454 @@
+"""The HTTP listener: a small ASGI application served by hypercorn's trio worker.
+
+Routes (README "HTTP endpoints"):
+
+* ``POST /introspect`` — RFC 7662 as Dovecot's ``passdb oauth2`` expects it
+  (``introspection_mode = post``); ``X-Dovecot-Auth-*`` headers feed rule
+  selection. Callers authenticate unless ``http.auth = "open"``.
+* ``{stalwart}/introspect``, ``{stalwart}/userinfo``,
+  ``{stalwart}/.well-known/openid-configuration`` — Stalwart's OIDC-directory
+  contracts, when ``http.stalwart_issuer`` is set.
+* ``GET /.well-known/oauth-protected-resource[/path]`` — RFC 9728 metadata
+  from the rule selected by Host, path and Referer (:mod:`..discovery`).
+* ``GET /metrics``, ``/healthz``, ``/readyz``.
+
+HTTP itself is hypercorn's business; this module only sees ASGI scopes. Every
+Verdict becomes an HTTP reply in :func:`verdict_reply`, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import hashlib
+import hmac
+import json
+import socket
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+import structlog
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.config import Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+
+from saslauthd_oidc.config import Config, ConfigError, HttpConfig, read_secret_file
+from saslauthd_oidc.discovery import (
+    ResourceRequest,
+    protected_resource_metadata,
+    resource_path,
+    select_rule,
+)
+from saslauthd_oidc.metrics import Metrics
+from saslauthd_oidc.outcome import Outcome, Reason, Verdict
+from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
+
+__all__ = ["CallerAuth", "HttpFrontend", "load_caller_auth", "serve_http", "verdict_reply"]
+
+log = structlog.get_logger("saslauthd_oidc.http")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Authenticator = Callable[[AuthRequest], Awaitable[Verdict]]
+
+MAX_BODY_BYTES = 65536
+FRONTEND = "http"
+# Claims never copied into an introspection answer: ours to set, or ones that
+# make Dovecot fail the answer (token_type must be "bearer", expires_in a uint32).
+_RESERVED_CLAIMS = frozenset({"active", "username", "token_type", "expires_in"})
+
+
+class Surface(enum.Enum):
+    """Which contract a token arrived under; decides how a Verdict is answered."""
+
+    INTROSPECT = "introspect"  # RFC 7662 / Dovecot
+    STALWART = "stalwart"  # Stalwart OIDC directory (introspect and userinfo)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    status: int
+    body: bytes = b""
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    content_type: bytes = b"application/json"
+
+
+def json_reply(status: int, doc: Any, *headers: tuple[bytes, bytes]) -> Reply:
+    return Reply(status, json.dumps(doc, separators=(",", ":")).encode(), tuple(headers))
+
+
+_NOT_FOUND = json_reply(404, {"error": "not_found"})
+_BAD_METHOD = json_reply(405, {"error": "method_not_allowed"})
+_UNAVAILABLE = json_reply(503, {"error": "temporarily_unavailable"})
+
+
+def _introspection_claims(verdict: Verdict) -> dict[str, Any]:
+    claims = {
+        k: v
+        for k, v in (verdict.claims or {}).items()
+        if k not in _RESERVED_CLAIMS and isinstance(v, str | int | float | bool | list)
+    }
+    return {"active": True, "username": verdict.account, **claims}
+
+
+def _stalwart_fields(verdict: Verdict) -> dict[str, Any]:
+    account = verdict.account or ""
+    claims = verdict.claims or {}
+    doc: dict[str, Any] = {"sub": account, "preferred_username": account, "username": account}
+    if "@" in account:
+        doc["email"] = account
+    name = claims.get("name")
+    if isinstance(name, str):
+        doc["name"] = name
+    return doc
+
+
+def verdict_reply(surface: Surface, verdict: Verdict) -> Reply:
+    """The one place where a Verdict becomes an HTTP answer.
+
+    A temporary failure is 503 on every surface: Dovecot treats anything but
+    2xx/4xx as an internal (temporary) failure, Stalwart any non-401 as an error.
+    """
+    if verdict.outcome is Outcome.TEMPFAIL:
+        return _UNAVAILABLE
+    if surface is Surface.INTROSPECT:
+        if verdict.ok:
+            return json_reply(200, _introspection_claims(verdict))
+        return json_reply(200, {"active": False})
+    if verdict.ok:
+        return json_reply(200, _stalwart_fields(verdict))
+    return json_reply(
+        401, {"error": "invalid_token"}, (b"www-authenticate", b'Bearer error="invalid_token"')
+    )
+
+
+# --------------------------------------------------------------------------- caller auth
+
+
+@dataclass(frozen=True, slots=True)
+class CallerAuth:
+    """Who may call the introspection endpoints: Basic users, a shared Bearer secret, or anyone."""
+
+    open: bool = False
+    users: Mapping[str, bytes] = field(default_factory=dict)  # name -> SHA-256 of the password
+    secret: bytes | None = None  # SHA-256 of the shared secret
+
+    def allows(self, authorization: str | None) -> bool:
+        if self.open:
+            return True
+        if not authorization:
+            return False
+        scheme, _, value = authorization.strip().partition(" ")
+        value = value.strip()
+        if scheme.lower() == "basic" and self.users:
+            try:
+                decoded = base64.b64decode(value, validate=True).decode("utf-8")
+            except (ValueError, UnicodeDecodeError):
+                return False
+            name, sep, password = decoded.partition(":")
+            expected = self.users.get(name)
+            return bool(sep) and expected is not None and _same(password, expected)
+        if scheme.lower() == "bearer" and self.secret is not None:
+            return _same(value, self.secret)
+        return False
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+def _same(given: str, expected_digest: bytes) -> bool:
+    return hmac.compare_digest(_digest(given), expected_digest)
+
+
+def load_caller_auth(cfg: HttpConfig) -> CallerAuth:
+    """Read ``http.users_file`` / ``http.secret_file``; ConfigError names the key."""
+    if cfg.auth == "open":
+        return CallerAuth(open=True)
+    users: dict[str, bytes] = {}
+    if cfg.users_file:
+        text = read_secret_file("http.users_file", cfg.users_file)
+        for number, raw in enumerate(text.splitlines(), 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, sep, password = line.partition(":")
+            if not sep or not name or not password:
+                raise ConfigError(
+                    "http.users_file", f"{cfg.users_file} line {number}: expected name:password"
+                )
+            users[name] = _digest(password)
+    secret = (
+        _digest(read_secret_file("http.secret_file", cfg.secret_file)) if cfg.secret_file else None
+    )
+    return CallerAuth(users=users, secret=secret)
+
+
+# --------------------------------------------------------------------------- the application
+
+
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+
+
+def _split_ip_port(value: str | None) -> tuple[str | None, int | None]:
+    """Dovecot's ``net_ipport2str``: ``127.0.0.1:143`` or ``[::1]:143``."""
+    if not value:
+        return None, None
+    host, sep, port = value.strip().rpartition(":")
+    if not sep:
+        return value.strip() or None, None
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return host or None, int(port) if port.isdigit() and 0 < int(port) < 65536 else None
+
+
+def dovecot_context(headers: Mapping[str, str]) -> RequestContext:
+    """Rule-selection context from Dovecot's ``send_auth_headers = yes`` headers."""
+    local_ip, local_port = _split_ip_port(headers.get("x-dovecot-auth-local"))
+    remote_ip, remote_port = _split_ip_port(headers.get("x-dovecot-auth-remote"))
+    service = headers.get("x-dovecot-auth-service") or headers.get("x-dovecot-auth-protocol")
+    return RequestContext(
+        frontend=FRONTEND,
+        service=service.lower() if service else None,
+        local_ip=local_ip,
+        local_port=local_port,
+        remote_ip=remote_ip,
+        remote_port=remote_port,
+    )
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _read_body(receive: Receive) -> bytes:
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        body += message.get("body", b"")
+        if len(body) > MAX_BODY_BYTES:
+            raise _BodyTooLarge
+        if not message.get("more_body", False):
+            break
+    return bytes(body)
+
+
+def _form_token(body: bytes) -> str | None:
+    try:
+        form = parse_qs(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError:
+        return None
+    values = form.get("token")
+    return values[0] if values and values[0] else None
+
+
+def _bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, value = authorization.strip().partition(" ")
+    return value.strip() or None if scheme.lower() == "bearer" else None
+
+
+class HttpFrontend:
+    """The ASGI application. ``authenticate`` is the (instrumented) engine."""
+
+    def __init__(
+        self,
+        config: Config,
+        authenticate: Authenticator,
+        caller_auth: CallerAuth,
+        *,
+        metrics: Metrics | None = None,
+        ready: Callable[[], bool] = lambda: True,
+        request_timeout: float | None = None,
+    ) -> None:
+        self._config = config
+        self._authenticate = authenticate
+        self._caller_auth = caller_auth
+        self._metrics = metrics if config.http.metrics else None
+        self._ready = ready
+        self._timeout = request_timeout or config.server.request_timeout
+        self._providers = {p.name: p for p in config.providers}
+        self._stalwart = config.http.stalwart_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        try:
+            reply = await self._route(scope, receive)
+        except _BodyTooLarge:
+            reply = json_reply(413, {"error": "request_too_large"})
+        headers = [
+            (b"content-type", reply.content_type),
+            (b"cache-control", b"no-store"),
+            *reply.headers,
+        ]
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "http.response.body", "body": reply.body})
+
+    async def _route(self, scope: Scope, receive: Receive) -> Reply:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        headers = _headers(scope)
+        if path == "/introspect":
+            if method != "POST":
+                return _BAD_METHOD
+            return await self._introspect(Surface.INTROSPECT, headers, receive)
+        if self._stalwart and path.startswith(self._stalwart + "/"):
+            return await self._stalwart_route(path[len(self._stalwart) :], method, headers, receive)
+        resource = resource_path(path)
+        if resource is not None:
+            return (
+                self._protected_resource(method, resource, headers)
+                if method == "GET"
+                else _BAD_METHOD
+            )
+        if method != "GET":
+            return _BAD_METHOD if path in ("/metrics", "/healthz", "/readyz") else _NOT_FOUND
+        if path == "/healthz":
+            return Reply(200, b"ok\n", content_type=b"text/plain; charset=utf-8")
+        if path == "/readyz":
+            ready = self._ready()
+            return Reply(
+                200 if ready else 503,
+                b"ready\n" if ready else b"waiting for provider keys\n",
+                content_type=b"text/plain; charset=utf-8",
+            )
+        if path == "/metrics" and self._metrics is not None:
+            body, content_type = self._metrics.render()
+            return Reply(200, body, content_type=content_type.encode())
+        return _NOT_FOUND
+
+    async def _introspect(
+        self, surface: Surface, headers: Mapping[str, str], receive: Receive
+    ) -> Reply:
+        if not self._caller_auth.allows(headers.get("authorization")):
+            return json_reply(
+                401,
+                {"error": "invalid_client"},
+                (b"www-authenticate", b'Basic realm="saslauthd-oidc"'),
+            )
+        token = _form_token(await _read_body(receive))
+        context = dovecot_context(headers) if surface is Surface.INTROSPECT else _stalwart_context()
+        return await self._answer(surface, token, context)
+
+    async def _stalwart_route(
+        self, rest: str, method: str, headers: Mapping[str, str], receive: Receive
+    ) -> Reply:
+        if rest == "/introspect":
+            if method != "POST":
+                return _BAD_METHOD
+            return await self._introspect(Surface.STALWART, headers, receive)
+        if rest == "/userinfo":
+            if method not in ("GET", "POST"):
+                return _BAD_METHOD
+            token = _bearer(headers.get("authorization"))
+            return await self._answer(Surface.STALWART, token, _stalwart_context())
+        if method != "GET":
+            return _BAD_METHOD
+        issuer = (self._config.http.stalwart_issuer or "").rstrip("/")
+        if rest == "/.well-known/openid-configuration":
+            return json_reply(200, stalwart_discovery(issuer))
+        if rest == "/jwks":
+            return json_reply(200, {"keys": []})
+        return _NOT_FOUND
+
+    async def _answer(self, surface: Surface, token: str | None, context: RequestContext) -> Reply:
+        if token is None:
+            verdict = Verdict(reason=Reason.MISSING_TOKEN, detail="no token in the request")
+            return verdict_reply(surface, verdict)
+        request = AuthRequest(Mechanism.BEARER, Credentials(token), context)
+        verdict = Verdict(reason=Reason.TIMEOUT, detail="request_timeout exceeded")
+        with trio.move_on_after(self._timeout):
+            try:
+                verdict = await self._authenticate(request)
+            except Exception as exc:
+                log.error("authenticate_failed", error=type(exc).__name__, exc_info=True)
+                verdict = Verdict(reason=Reason.INTERNAL_ERROR, detail="authenticator raised")
+        return verdict_reply(surface, verdict)
+
+    def _protected_resource(self, method: str, path: str, headers: Mapping[str, str]) -> Reply:
+        host = headers.get("x-forwarded-host") or headers.get("host")
+        if not host:
+            return _NOT_FOUND
+        scheme = headers.get("x-forwarded-proto", "https").lower()
+        request = ResourceRequest(
+            host=host.split(",")[0].strip(),
+            path=path,
+            referer=headers.get("referer"),
+            scheme="http" if scheme == "http" else "https",
+        )
+        rule = select_rule(self._config.rules, request)
+        if rule is None:
+            return _NOT_FOUND
+        doc = protected_resource_metadata(rule, self._providers[rule.provider], request)
+        return json_reply(200, doc)
+
+
+def _stalwart_context() -> RequestContext:
+    # Stalwart tells nothing about the mail client's connection.
+    return RequestContext(frontend=FRONTEND)
+
+
+def stalwart_discovery(issuer: str) -> dict[str, Any]:
+    """The facade's discovery document, with the fields Stalwart v0.16 requires."""
+    return {
+        "issuer": issuer,
+        "userinfo_endpoint": issuer + "/userinfo",
+        "introspection_endpoint": issuer + "/introspect",
+        "jwks_uri": issuer + "/jwks",
+        # Required by Stalwart's parser; this facade issues no tokens (they 404).
+        "authorization_endpoint": issuer + "/authorize",
+        "token_endpoint": issuer + "/token",
+        "response_types_supported": ["code"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["RS256"],
+        "scopes_supported": ["openid", "email", "profile"],
+        "claims_supported": ["sub", "email", "preferred_username", "name"],
+    }
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+# --------------------------------------------------------------------------- serving
+
+
+async def serve_http(
+    app: HttpFrontend,
+    sockets: Sequence[socket.socket],
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``app`` on already bound and listening sockets until cancelled."""
+    config = HypercornConfig()
+    config.accesslog = None  # paths only, but keep one log line per authentication
+    config.errorlog = None
+    config.graceful_timeout = 1.0
+    config.include_server_header = False
+    config.h11_max_incomplete_size = 32 * 1024
+    asgi: Any = app
+    await worker_serve(
+        wrap_app(asgi, config.wsgi_max_body_size, "asgi"),
+        config,
+        sockets=Sockets([], list(sockets), []),
+        task_status=task_status,
+    )

@@ -1,0 +1,378 @@
+"""A private, loopback-only Dovecot 2.3 instance whose ``passdb oauth2`` calls our ``/introspect``.
+
+Usage::
+
+    from tests.peers.dovecot import DovecotInstance, imap_authenticate
+
+    with DovecotInstance("http://user:secret@127.0.0.1:8480/introspect") as dc:
+        typ, detail = imap_authenticate(dc.host, dc.port, "XOAUTH2", "alice@example.org", token)
+        assert typ == "OK"
+
+What the instance is
+    ``dovecot -F -c <tmp>/dovecot.conf`` as a child in its own session, with
+    its own ``base_dir``/``state_dir``, a log file (``log_path``, nothing goes
+    to syslog), IMAP only, on ``127.0.0.1:<free port>``, no TLS. Its passdb is
+    the README's Dovecot recipe: ``driver = oauth2`` with
+    ``introspection_mode = post``, ``username_attribute = username``,
+    ``active_attribute = active``, ``active_value = true``,
+    ``force_introspection = yes``, ``send_auth_headers = yes``, an empty
+    ``tokeninfo_url``; the userdb is static (user ``nobody``, a home under the
+    instance directory). Leaving the ``with`` block SIGTERMs the master,
+    SIGKILLs whatever is left in its process group and removes the directory;
+    an ``atexit`` hook does the same if the block is never left. The system's
+    Dovecot service is neither used nor needed. Requires root (Dovecot drops
+    privileges to ``dovenull``/``dovecot``/``nobody`` itself).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import imaplib
+import itertools
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from tests.peers.postfix import free_tcp_port
+
+DOVECOT = os.environ.get("SASLAUTHD_OIDC_DOVECOT", "/usr/sbin/dovecot")
+_STARTUP_TIMEOUT = 30.0
+
+
+def dovecot_available() -> str | None:
+    """None when a private Dovecot with the oauth2 passdb can run here, else why not."""
+    if not Path(DOVECOT).exists():
+        return f"{DOVECOT} not found (apt-get install dovecot-core dovecot-imapd)"
+    if (
+        not Path("/usr/lib/dovecot/imap").exists()
+        and not Path("/usr/lib/dovecot/imap-login").exists()
+    ):
+        return "dovecot-imapd is not installed"
+    if os.geteuid() != 0:
+        return "a private Dovecot instance needs root"
+    for user in ("dovecot", "dovenull", "nobody"):
+        try:
+            pwd.getpwnam(user)
+        except KeyError:
+            return f"system user {user!r} is missing"
+    return None
+
+
+def dovecot_version() -> str:
+    res = subprocess.run([DOVECOT, "--version"], capture_output=True, text=True, check=False)
+    return res.stdout.strip()
+
+
+_CONF = """\
+# Private test instance (tests/peers/dovecot.py)
+base_dir = {d}/run
+state_dir = {d}/state
+instance_name = saslo-dovecot-{port}
+log_path = {d}/dovecot.log
+info_log_path = {d}/dovecot.log
+debug_log_path = {d}/dovecot.log
+listen = 127.0.0.1
+protocols = imap
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = oauthbearer xoauth2
+auth_verbose = yes
+auth_failure_delay = 0
+first_valid_uid = 1
+mail_location = maildir:~/Maildir
+default_login_user = dovenull
+default_internal_user = dovecot
+shutdown_clients = yes
+
+passdb {{
+  driver = oauth2
+  mechanisms = oauthbearer xoauth2
+  args = {d}/dovecot-oauth2.conf.ext
+}}
+userdb {{
+  driver = static
+  args = uid=nobody gid=nogroup home={d}/home/%u
+}}
+
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {port}
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+service imap {{
+  process_limit = 16
+}}
+"""
+
+_OAUTH2_CONF = """\
+# The README's Dovecot recipe (dovecot-oauth2.conf.ext)
+tokeninfo_url =
+introspection_url = {url}
+introspection_mode = post
+username_attribute = username
+active_attribute = active
+active_value = true
+force_introspection = yes
+send_auth_headers = yes
+timeout_msecs = 5000
+"""
+
+
+class DovecotInstance:
+    """A private Dovecot (see module docstring); a context manager."""
+
+    host = "127.0.0.1"
+
+    def __init__(self, introspection_url: str, *, startup_timeout: float = _STARTUP_TIMEOUT):
+        self.introspection_url = introspection_url
+        self.startup_timeout = startup_timeout
+        self.directory: Path | None = None
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> DovecotInstance:
+        for _attempt in range(3):
+            self._start()
+            try:
+                self._wait_ready()
+                return self
+            except _PortTaken:
+                self.stop()
+            except BaseException:
+                self.stop()
+                raise
+        raise RuntimeError("could not find a free port for Dovecot")
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def log_path(self) -> Path:
+        assert self.directory is not None
+        return self.directory / "dovecot.log"
+
+    def _start(self) -> None:
+        d = Path(tempfile.mkdtemp(prefix="saslo-dc-", dir="/tmp"))
+        os.chmod(d, 0o755)
+        self.directory = d
+        atexit.register(self.stop)
+        nobody = pwd.getpwnam("nobody")
+        (d / "home").mkdir(mode=0o755)
+        os.chown(d / "home", nobody.pw_uid, nobody.pw_gid)
+        self.port = free_tcp_port(self.host)
+        (d / "dovecot.conf").write_text(_CONF.format(d=d, port=self.port))
+        oauth2 = d / "dovecot-oauth2.conf.ext"
+        oauth2.write_text(_OAUTH2_CONF.format(url=self.introspection_url))
+        oauth2.chmod(0o600)  # it holds the caller's credentials
+        self._out = d / "dovecot-F.out"
+        with open(self._out, "wb") as out:
+            self._proc = subprocess.Popen(
+                [DOVECOT, "-F", "-c", str(d / "dovecot.conf")],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def _diagnostics(self) -> str:
+        out = self._out.read_text(errors="replace") if self._out.exists() else ""
+        return f"dovecot -F output:\n{_tail(out)}\nlog tail:\n{_tail(self.log())}"
+
+    def _wait_ready(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self.startup_timeout
+        last = "no attempt"
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                diag = self._diagnostics()
+                if "Address already in use" in diag:
+                    raise _PortTaken
+                raise RuntimeError(f"dovecot exited with {self._proc.returncode}\n{diag}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=5) as s:
+                    greeting = s.makefile("rb").readline(4096)
+                    if greeting.startswith(b"* OK"):
+                        s.sendall(b"a LOGOUT\r\n")
+                        return
+                    last = f"unexpected greeting {greeting!r}"
+            except OSError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            time.sleep(0.1)
+        raise RuntimeError(
+            f"Dovecot did not greet on {self.host}:{self.port} within "
+            f"{self.startup_timeout:.0f}s (last: {last})\n{self._diagnostics()}"
+        )
+
+    def stop(self) -> None:
+        """SIGTERM the master, then SIGKILL its process group; remove the directory (idempotent)."""
+        proc, self._proc = self._proc, None
+        try:
+            if proc is not None:
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.send_signal(signal.SIGTERM)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=10)
+                # The master ran in a session (and process group) of its own:
+                # children it did not reap in time go with it.
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)
+        finally:
+            if self.directory is not None:
+                shutil.rmtree(self.directory, ignore_errors=True)
+                self.directory = None
+            atexit.unregister(self.stop)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except (FileNotFoundError, AssertionError):
+            return ""
+
+    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = rx.search(self.log())
+            if m is not None:
+                return m
+            if time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"{pattern!r} not in the Dovecot log; tail:\n{_tail(self.log())}"
+                )
+            time.sleep(0.05)
+
+
+class _PortTaken(Exception):
+    pass
+
+
+def _tail(text: str, lines: int = 40) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+# --------------------------------------------------------------------------- clients
+
+
+_SOURCES = itertools.count(2)
+
+
+def fresh_source_address() -> str:
+    """A loopback address of its own for each client connection (127.0.1.N).
+
+    Dovecot's anvil delays logins from an address after failed ones (auth
+    penalty, up to 15 s); a fresh source address per connection keeps the
+    tests' deliberate failures from slowing the next test down.
+    """
+    n = next(_SOURCES)
+    return f"127.0.{1 + n // 250}.{1 + n % 250}"
+
+
+class _IMAP4From(imaplib.IMAP4):
+    def __init__(self, host: str, port: int, *, source: str, timeout: float) -> None:
+        self._source = source
+        super().__init__(host, port, timeout=timeout)
+
+    def _create_socket(self, timeout: float | None) -> socket.socket:
+        return socket.create_connection(
+            (self.host, self.port), timeout, source_address=(self._source, 0)
+        )
+
+
+def sasl_payload(mechanism: str, user: str, token: str, host: str, port: int) -> bytes:
+    if mechanism == "XOAUTH2":
+        return f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
+    return f"n,a={user},\x01host={host}\x01port={port}\x01auth=Bearer {token}\x01\x01".encode()
+
+
+def imap_authenticate(
+    host: str,
+    port: int,
+    mechanism: str,
+    user: str,
+    token: str,
+    *,
+    source: str | None = None,
+    timeout: float = 30.0,
+) -> tuple[str, str]:
+    """``AUTHENTICATE`` with imaplib; returns ("OK", text) or ("NO"/"BAD", the error text).
+
+    The connection comes from ``source`` (default: :func:`fresh_source_address`).
+
+    A failure challenge from the server is answered the way RFC 7628 (a
+    single %x01) and XOAUTH2 (an empty line) ask.
+    """
+    payload = sasl_payload(mechanism, user, token, host, port)
+    rounds = 0
+
+    def respond(_challenge: bytes) -> bytes:
+        nonlocal rounds
+        rounds += 1
+        if rounds == 1:
+            return payload
+        return b"\x01" if mechanism == "OAUTHBEARER" else b""
+
+    imap = _IMAP4From(host, port, source=source or fresh_source_address(), timeout=timeout)
+    try:
+        # What IMAP4.authenticate() does, minus turning NO/BAD into one exception:
+        # the tagged status is what the tests are about.
+        imap.literal = imaplib._Authenticator(respond).process  # type: ignore[attr-defined]
+        typ, data = imap._simple_command("AUTHENTICATE", mechanism)
+        return typ, b" ".join(d for d in data if isinstance(d, bytes)).decode(errors="replace")
+    finally:
+        with contextlib.suppress(OSError, imaplib.IMAP4.error):
+            imap.logout()
+
+
+def curl_imap_auth(
+    host: str, port: int, user: str, token: str, mechanism: str, *, timeout: float = 30.0
+) -> tuple[int, str]:
+    """curl's own IMAP OAUTHBEARER/XOAUTH2 client: ``curl imap://HOST:PORT/ --oauth2-bearer``.
+
+    Lists the mailboxes after logging in. Returns (exit status, verbose stderr):
+    0 is success, 67 (CURLE_LOGIN_DENIED) a refusal. The verbose text holds
+    the token (base64): keep it out of assertion messages.
+    """
+    curl = shutil.which("curl") or "curl"
+    cmd = [
+        curl,
+        "-v",
+        "-sS",
+        "--max-time",
+        str(int(timeout)),
+        "--url",
+        f"imap://{host}:{port}/",
+        "--user",
+        f"{user}:",
+        "--oauth2-bearer",
+        token,
+        "--login-options",
+        f"AUTH={mechanism}",
+        "--sasl-ir",
+        "--interface",
+        fresh_source_address(),
+    ]
+    res = subprocess.run(
+        cmd,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout + 10,
+        stdin=subprocess.DEVNULL,
+        errors="replace",
+    )
+    return res.returncode, res.stderr
