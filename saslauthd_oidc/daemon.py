@@ -31,6 +31,10 @@ from saslauthd_oidc.request import Mechanism
 
 log = structlog.get_logger("saslauthd_oidc.daemon")
 
+# The engine enforces request_timeout itself (and logs and counts a timeout);
+# the frontends' own deadline is a safety net just behind it.
+FRONTEND_DEADLINE_MARGIN = 0.25
+
 
 def socket_in_use(path: str) -> bool:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -202,6 +206,7 @@ async def run_daemon(
                         caller_auth,
                         metrics=metrics,
                         ready=Readiness(registry, config.http.readyz_grace),
+                        request_timeout=config.server.request_timeout + FRONTEND_DEADLINE_MARGIN,
                     )
                     binds = await nursery.start(serve_http, app, http_sockets)
                     log.info("listening", http=binds)
@@ -213,7 +218,8 @@ async def run_daemon(
                             authenticate,
                             mechanisms=mechanisms,
                             tempfail_disconnect=config.server.tempfail == "disconnect",
-                            request_timeout=config.server.request_timeout,
+                            request_timeout=config.server.request_timeout
+                            + FRONTEND_DEADLINE_MARGIN,
                             max_connections=config.server.max_connections,
                         )
                     )
@@ -224,7 +230,8 @@ async def run_daemon(
                             serve_saslauthd_listener,
                             saslauthd_listener,
                             authenticate,
-                            request_timeout=config.server.request_timeout,
+                            request_timeout=config.server.request_timeout
+                            + FRONTEND_DEADLINE_MARGIN,
                             max_connections=config.server.max_connections,
                             max_password_bytes=config.server.max_token_bytes,
                         )

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import structlog
+import trio
 
 from saslauthd_oidc.config import Config, RuleConfig
 from saslauthd_oidc.identity import (
@@ -110,9 +111,16 @@ class Engine:
         self._providers = {p.name: p for p in config.providers}
 
     async def authenticate(self, request: AuthRequest) -> Verdict:
+        """Decide within ``server.request_timeout`` and log the one line for it.
+
+        The deadline is enforced here, not only in the frontends, so that a
+        timed-out authentication is logged and counted like any other.
+        """
         started = self._clock()
         try:
-            verdict = await self.evaluate(request)
+            verdict = Verdict(reason=Reason.TIMEOUT, detail="request_timeout exceeded")
+            with trio.move_on_after(self.config.server.request_timeout):
+                verdict = await self.evaluate(request)
         except Exception:
             log.exception("engine error", token=request.credentials.fingerprint)
             verdict = Verdict(reason=Reason.INTERNAL_ERROR, detail="unexpected engine error")

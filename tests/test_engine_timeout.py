@@ -1,0 +1,75 @@
+"""The engine keeps ``server.request_timeout`` itself: a slow provider gives a logged,
+counted TIMEOUT verdict, not a silent cancellation in the frontend."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
+
+from saslauthd_oidc.config import parse_config
+from saslauthd_oidc.engine import Engine
+from saslauthd_oidc.metrics import Metrics
+from saslauthd_oidc.outcome import Outcome, Reason
+from saslauthd_oidc.providers.jwt import TokenRejected, UnverifiedToken, VerifiedClaims
+from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, token_fingerprint
+from tests.test_engine import A, token
+
+
+class HangingVerifier:
+    async def verify(
+        self, tok: str, unverified: UnverifiedToken | None
+    ) -> VerifiedClaims | TokenRejected:
+        await trio.sleep(math.inf)
+        raise AssertionError("unreachable")
+
+    async def userinfo(self, tok: str) -> VerifiedClaims | TokenRejected:
+        raise AssertionError("not used")
+
+
+class Lookup:
+    def get(self, name: str) -> HangingVerifier:
+        return HangingVerifier()
+
+
+def engine() -> Engine:
+    config: dict[str, Any] = {
+        "server": {"request_timeout": 0.5},
+        "provider": [{"name": "a", "issuer": A}],
+        "rule": [{"name": "web", "provider": "a", "audiences": ["web"]}],
+    }
+    return Engine(parse_config(config), Lookup())
+
+
+async def test_slow_provider_is_a_logged_timeout(autojump_clock: trio.abc.Clock) -> None:
+    tok = token(iss=A, aud="web", email="alice@example.org", exp=2e9)
+    request = AuthRequest(Mechanism.XOAUTH2, Credentials(tok, "alice@example.org"))
+    with capture_logs() as logs, trio.fail_after(5):  # fails here if the engine has no deadline
+        verdict = await engine().authenticate(request)
+    assert (verdict.outcome, verdict.reason) == (Outcome.TEMPFAIL, Reason.TIMEOUT)
+    [line] = [e for e in logs if e["event"] == "authentication"]
+    assert (line["reason"], line["outcome"]) == ("timeout", "tempfail")
+    assert line["token"] == token_fingerprint(tok)
+    assert tok not in repr(logs)
+
+
+async def test_timeout_is_counted_in_metrics(autojump_clock: trio.abc.Clock) -> None:
+    eng = engine()
+    metrics = Metrics()
+    authenticate = metrics.instrument(eng.authenticate)
+    tok = token(iss=A, aud="web", email="alice@example.org", exp=2e9)
+    with capture_logs(), trio.fail_after(5):
+        await authenticate(AuthRequest(Mechanism.OAUTHBEARER, Credentials(tok)))
+    body, _ = metrics.render()
+    samples = [
+        s
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+        if s.name == "saslauthd_oidc_authentications_total"
+    ]
+    assert [(s.labels["reason"], s.labels["outcome"], s.value) for s in samples] == [
+        ("timeout", "tempfail", 1.0)
+    ]
