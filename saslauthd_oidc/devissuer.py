@@ -39,7 +39,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -51,6 +51,8 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm, get_default_algorithms
 
+from saslauthd_oidc.asgi import Receive, Scope, Send, acknowledge_lifespan
+
 SUPPORTED_ALGORITHMS = ("RS256", "PS256", "ES256", "EdDSA")
 JWKS_PATH = "/jwks.json"
 TOKEN_PATH = "/token"
@@ -59,10 +61,6 @@ USERINFO_PATH = "/userinfo"
 #: Profile claims userinfo may return; the rest of a token's claims stay in the token.
 PROFILE_CLAIMS = ("sub", "email", "email_verified", "preferred_username", "name")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
 
@@ -305,7 +303,7 @@ class DevIssuer:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI application."""
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await acknowledge_lifespan(receive, send)
             return
         if scope["type"] != "http":  # pragma: no cover - websocket etc.
             return
@@ -492,16 +490,6 @@ class DevIssuerThread:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.issuer.serve, self._host, self._port)
             self._started.set()
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 def _json(

@@ -270,17 +270,20 @@ class Engine:
         hint: DiscoveryHint,
         trace: list[RuleTrace],
     ) -> Verdict:
-        enriched = await self._enrich(request, rule, claims)
-        if isinstance(enriched, TokenRejected):
-            trace.append(RuleTrace(rule.name, False, enriched.reason, enriched.detail))
+        def refuse(reason: Reason, detail: str) -> Verdict:
+            trace.append(RuleTrace(rule.name, False, reason, detail))
             return Verdict(
-                reason=enriched.reason,
+                reason=reason,
                 rule=rule.name,
                 provider=rule.provider,
-                detail=enriched.detail,
+                detail=detail,
                 hint=hint,
                 trace=tuple(trace),
             )
+
+        enriched = await self._enrich(request, rule, claims)
+        if isinstance(enriched, TokenRejected):
+            return refuse(enriched.reason, enriched.detail)
         claims = enriched
         account = render_username(rule.username, claims, normalize=rule.normalize)
         if isinstance(account, str) and (rule.domain_map or rule.account_domains):
@@ -290,15 +293,7 @@ class Engine:
             assert isinstance(account, str)
             problem = check_authzid(account, request.credentials.authzid, normalize=rule.normalize)
         if problem is not None:
-            trace.append(RuleTrace(rule.name, False, problem.reason, problem.detail))
-            return Verdict(
-                reason=problem.reason,
-                rule=rule.name,
-                provider=rule.provider,
-                detail=problem.detail,
-                hint=hint,
-                trace=tuple(trace),
-            )
+            return refuse(problem.reason, problem.detail)
         assert isinstance(account, str)
         trace.append(RuleTrace(rule.name, True, Reason.OK, f"account {account!r}"))
         return Verdict(

@@ -24,7 +24,7 @@ import hashlib
 import hmac
 import json
 import socket
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs
@@ -36,6 +36,7 @@ from hypercorn.config import Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
+from saslauthd_oidc.asgi import Receive, Scope, Send, acknowledge_lifespan
 from saslauthd_oidc.config import Config, ConfigError, HttpConfig, read_secret_file
 from saslauthd_oidc.discovery import (
     ResourceRequest,
@@ -51,10 +52,6 @@ __all__ = ["CallerAuth", "HttpFrontend", "load_caller_auth", "serve_http", "verd
 
 log = structlog.get_logger("saslauthd_oidc.http")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 Authenticator = Callable[[AuthRequest], Awaitable[Verdict]]
 
 MAX_BODY_BYTES = 65536
@@ -281,7 +278,7 @@ class HttpFrontend:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await acknowledge_lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
@@ -417,16 +414,6 @@ def stalwart_discovery(issuer: str) -> dict[str, Any]:
         "scopes_supported": ["openid", "email", "profile"],
         "claims_supported": ["sub", "email", "preferred_username", "name"],
     }
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
 
 
 # --------------------------------------------------------------------------- serving

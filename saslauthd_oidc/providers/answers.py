@@ -62,13 +62,9 @@ def interpret_introspection(
     """
     if doc.get("active") is not True:
         return TokenRejected(Reason.TOKEN_INACTIVE, "introspection: token is not active")
-    claims = dict(doc)
-    iss = claims.get("iss")
-    if iss is None:
-        claims["iss"] = issuer
-    elif not accepts_issuer(iss):
-        shown = iss[:120] if isinstance(iss, str) else type(iss).__name__
-        return TokenRejected(Reason.WRONG_ISSUER, f"introspection names issuer {shown!r}")
+    claims = _with_issuer(doc, issuer, accepts_issuer, "introspection")
+    if isinstance(claims, TokenRejected):
+        return claims
     for field in ("token_type", "typ"):
         kind = claims.get(field)
         if isinstance(kind, str) and kind.lower() in _NOT_ACCESS_TOKEN:
@@ -101,14 +97,24 @@ def interpret_userinfo(
     sub = doc.get("sub")
     if not isinstance(sub, str) or not sub:
         return TokenRejected(Reason.BAD_CLAIM, "userinfo answer has no sub")
+    claims = _with_issuer(doc, issuer, accepts_issuer, "userinfo")
+    if isinstance(claims, TokenRejected):
+        return claims
+    return VerifiedClaims(claims=claims, header={}, expires_at=math.inf)
+
+
+def _with_issuer(
+    doc: Mapping[str, Any], issuer: str, accepts_issuer: Callable[[object], bool], source: str
+) -> dict[str, Any] | TokenRejected:
+    """The answer's claims with ``iss`` checked, or the provider's filled in when absent."""
     claims = dict(doc)
     iss = claims.get("iss")
     if iss is None:
         claims["iss"] = issuer
     elif not accepts_issuer(iss):
         shown = iss[:120] if isinstance(iss, str) else type(iss).__name__
-        return TokenRejected(Reason.WRONG_ISSUER, f"userinfo names issuer {shown!r}")
-    return VerifiedClaims(claims=claims, header={}, expires_at=math.inf)
+        return TokenRejected(Reason.WRONG_ISSUER, f"{source} names issuer {shown!r}")
+    return claims
 
 
 def merge_userinfo(
