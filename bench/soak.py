@@ -115,8 +115,7 @@ class Workload:
         self.refused = args.refused
         self.pool = [oauthbearer(issuer.mint(email=USER, lifetime=7200)) for _ in range(100)]
         self.bad = [
-            oauthbearer(issuer.mint(email=USER, audience="other", lifetime=7200))
-            for _ in range(10)
+            oauthbearer(issuer.mint(email=USER, audience="other", lifetime=7200)) for _ in range(10)
         ]
 
     def next(self) -> tuple[str, bool]:
