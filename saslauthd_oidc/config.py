@@ -63,6 +63,10 @@ class ServerConfig:
     workers: int = 1
     max_connections: int = 4096
     max_token_bytes: int = 16384
+    # Seconds a Dovecot-protocol client may take to send one line (and its
+    # first line after connecting), or to read our replies; idle connections
+    # between lines are kept (Postfix holds them open between logins).
+    line_timeout: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,6 +388,7 @@ def _parse_server(data: Any) -> ServerConfig:
         workers=s.whole("workers", d.workers, minimum=1),
         max_connections=s.whole("max_connections", d.max_connections, minimum=1),
         max_token_bytes=s.whole("max_token_bytes", d.max_token_bytes, minimum=256),
+        line_timeout=s.number("line_timeout", d.line_timeout, minimum=0.1),
     )
     if cfg.saslauthd_socket and cfg.saslauthd_socket == cfg.auth_socket:
         raise ConfigError("server.saslauthd_socket", "must differ from server.auth_socket")

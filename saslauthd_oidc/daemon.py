@@ -221,6 +221,7 @@ async def run_daemon(
                             request_timeout=config.server.request_timeout
                             + FRONTEND_DEADLINE_MARGIN,
                             max_connections=config.server.max_connections,
+                            line_timeout=config.server.line_timeout,
                         )
                     )
                     log.info("listening", socket=config.server.auth_socket, protocol="dovecot")

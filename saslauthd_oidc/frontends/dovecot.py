@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import math
 import os
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
@@ -42,6 +43,7 @@ async def serve_dovecot_listener(
     tempfail_disconnect: bool = False,
     request_timeout: float = 5.0,
     max_connections: int = 4096,
+    line_timeout: float = 30.0,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept connections on ``listener`` forever, at most ``max_connections`` at a time."""
@@ -59,6 +61,7 @@ async def serve_dovecot_listener(
                 cuid=next(cuids),
                 tempfail_disconnect=tempfail_disconnect,
                 request_timeout=request_timeout,
+                line_timeout=line_timeout,
             )
         finally:
             slots.release()
@@ -88,15 +91,27 @@ async def handle_dovecot_stream(
     cuid: int,
     tempfail_disconnect: bool = False,
     request_timeout: float = 5.0,
+    line_timeout: float = 30.0,
 ) -> None:
     """Serve one auth-client connection until EOF, a fatal protocol error or disconnect.
 
+    A client gets ``line_timeout`` seconds for its first line after connecting,
+    for each line once its first byte has arrived, and for taking each batch
+    of replies; past that it is disconnected (slow-loris). A connection idle
+    between lines is kept: Postfix holds one open between logins.
     Never raises for anything the client does; closes ``stream`` on return.
     """
     connection = DovecotServerConnection(
         mechanisms, spid=spid, cuid=cuid, cookie=secrets.token_hex(16)
     )
-    session = _Session(stream, connection, authenticate, request_timeout, tempfail_disconnect)
+    session = _Session(
+        stream,
+        connection,
+        authenticate,
+        request_timeout,
+        tempfail_disconnect,
+        line_timeout=line_timeout,
+    )
     log.debug("connection_open", cuid=cuid)
     async with stream:
         await session.run()
@@ -113,8 +128,11 @@ class _Session:
         authenticate: Authenticator,
         request_timeout: float,
         tempfail_disconnect: bool,
+        *,
+        line_timeout: float = 30.0,
     ) -> None:
         self._stream = stream
+        self._line_timeout = line_timeout
         self._connection = connection
         self._authenticate = authenticate
         self._request_timeout = request_timeout
@@ -132,13 +150,31 @@ class _Session:
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         connection = self._connection
+        # When the line being received began (the first one is owed from the
+        # start); None while the client is idle between complete lines.
+        line_started: float | None = trio.current_time()
         while not connection.closed:
-            try:
-                data = bytes(await self._stream.receive_some(_RECEIVE_SIZE))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                data = b""
+            deadline = math.inf if line_started is None else line_started + self._line_timeout
+            data = None
+            with trio.move_on_at(deadline):
+                try:
+                    data = bytes(await self._stream.receive_some(_RECEIVE_SIZE))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+            if data is None:
+                log.info(
+                    "line_timeout",
+                    cuid=connection.cuid,
+                    partial_bytes=connection.buffered_bytes,
+                    in_flight=connection.in_flight,
+                )
+                return
             for need in connection.receive_data(data):
                 nursery.start_soon(self._conclude_one, need)
+            if b"\n" in data:
+                line_started = trio.current_time() if connection.partial_line else None
+            elif line_started is None and connection.partial_line:
+                line_started = trio.current_time()
             self._log_protocol_errors()
             # Sending before reading more gives a client that never reads our
             # replies backpressure instead of an ever-growing output queue.
@@ -178,9 +214,15 @@ class _Session:
 
     async def _send(self, data: bytes) -> None:
         try:
-            await self._stream.send_all(data)
+            with trio.move_on_after(self._line_timeout) as scope:
+                await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             # The client is gone: its in-flight requests go with it.
+            self._cancel_scope.cancel()
+            return
+        if scope.cancelled_caught:
+            # A client that does not read its replies must not hold us forever.
+            log.info("send_timeout", cuid=self._connection.cuid)
             self._cancel_scope.cancel()
 
     def _log_protocol_errors(self) -> None:

@@ -199,6 +199,15 @@ class DovecotServerConnection:
         return len(self._buffer)
 
     @property
+    def cuid(self) -> int:
+        return self._cuid
+
+    @property
+    def partial_line(self) -> bool:
+        """True while part of a line (or of an overlong line being discarded) has arrived."""
+        return bool(self._buffer) or self._discarding
+
+    @property
     def in_flight(self) -> int:
         return len(self._requests)
 
