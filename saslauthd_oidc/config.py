@@ -104,6 +104,14 @@ class LoggingConfig:
 _TENANT_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
 
 
+def _host(url: str) -> str:
+    """The lower-cased host of an http(s) URL ("" when there is none)."""
+    try:
+        return (urlsplit(url).hostname or "").lower()
+    except ValueError:
+        return ""
+
+
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
     name: str
@@ -136,6 +144,10 @@ class ProviderConfig:
     # Multi-tenant issuers (Microsoft Entra): "{tenantid}" in issuer, and the
     # tenants (the tid claim) accepted; "*" accepts any tenant.
     allowed_tenants: tuple[str, ...] = ()
+    # Hosts that URLs learnt from discovery (jwks_uri, introspection and userinfo
+    # endpoints) may point to besides the issuer's and the discovery URL's own
+    # (Google publishes its keys on www.googleapis.com).
+    endpoint_hosts: tuple[str, ...] = ()
 
     @property
     def effective_discovery_url(self) -> str:
@@ -170,6 +182,12 @@ class ProviderConfig:
         if "*" in self.allowed_tenants or tenant.lower() in self.allowed_tenants:
             return tenant
         return None
+
+    @property
+    def metadata_hosts(self) -> frozenset[str]:
+        """Hosts a discovered endpoint may be on: the issuer's, discovery's, endpoint_hosts."""
+        hosts = {_host(self.issuer), _host(self.effective_discovery_url)}
+        return frozenset(h for h in hosts | set(self.endpoint_hosts) if h)
 
     def accepts_issuer(self, iss: object) -> bool:
         """``iss`` is this provider's issuer (exactly, or through the tenant template)."""
@@ -564,6 +582,7 @@ def _parse_provider(index: int, data: Any) -> ProviderConfig:
         userinfo_validation=s.flag("userinfo_validation", False),
         userinfo_endpoint=userinfo_endpoint,
         allowed_tenants=allowed_tenants,
+        endpoint_hosts=tuple(h.lower() for h in s.texts("endpoint_hosts")),
     )
     if cfg.userinfo_validation and cfg.introspects:
         raise ConfigError(

@@ -120,6 +120,8 @@ class DevIssuer:
         self.jwks_override: bytes | None = None
         self.redirect: str | None = None
         self.metadata_cache_control: str | None = None
+        #: Fields replacing those of the discovery document (e.g. a foreign jwks_uri).
+        self.discovery_overrides: dict[str, Any] = {}
         self.last_request_body: bytes = b""
         #: client_id -> secret of the clients allowed to call /introspect.
         self.clients: dict[str, str] = {"saslauthd": "saslauthd-secret"}
@@ -185,6 +187,7 @@ class DevIssuer:
             "grant_types_supported": ["authorization_code", "client_credentials"],
             "scopes_supported": ["openid", "email", "profile"],
             "token_endpoint_auth_methods_supported": ["client_secret_basic"],
+            **self.discovery_overrides,
         }
 
     # ----------------------------------------------------------------- minting

@@ -27,7 +27,7 @@ import math
 import time
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import httpx
 import structlog
@@ -471,14 +471,26 @@ class OidcProvider:
         uri = doc.get("jwks_uri")
         if not isinstance(uri, str) or not self._url_allowed(uri):
             shown = uri[:200] if isinstance(uri, str) else type(uri).__name__
-            raise _RefreshError("discovery", "bad_jwks_uri", f"jwks_uri {shown!r} refused")
+            raise _RefreshError(
+                "discovery",
+                "bad_jwks_uri",
+                f"jwks_uri {shown!r} refused (https on the issuer's host, or one in "
+                "endpoint_hosts)",
+            )
         self._jwks_uri = uri
         return uri
 
     def _url_allowed(self, url: str) -> bool:
-        if url.startswith("https://"):
-            return True
-        return self.config.allow_http and url.startswith("http://")
+        """https (http only with allow_http), on a host this provider may use."""
+        if not (
+            url.startswith("https://") or (self.config.allow_http and url.startswith("http://"))
+        ):
+            return False
+        try:
+            host = (urlsplit(url).hostname or "").lower()
+        except ValueError:
+            return False
+        return host in self.config.metadata_hosts
 
     async def _get(self, stage: str, url: str) -> JsonAnswer:
         try:
