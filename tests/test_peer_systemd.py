@@ -29,7 +29,7 @@ import httpx
 import pytest
 import trio
 
-from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
+from saslauthd_oidc.devissuer import JWKS_PATH, DevIssuer, DevIssuerThread
 from tests.conftest import require_peer
 from tests.peers.dovecot_client import LineClient
 
@@ -63,6 +63,7 @@ name = "dev"
 issuer = "{issuer}"
 allow_http = true
 algorithms = ["ES256"]
+jwks_cooldown = 0
 
 [[rule]]
 name = "mail"
@@ -275,9 +276,22 @@ async def test_socket_activation_reload_and_stop(activated: Activated) -> None:
     # The provider's keys survived the reload: fetched once, at start.
     assert len([e for e in events if e.get("event") == "jwks loaded"]) == 1
 
-    # 3. SIGTERM: STOPPING=1, exit status 0, systemd's socket file stays.
+    # 3. SIGTERM while an authentication waits for the issuer (a new key, slow JWKS):
+    # that one is still answered; a request sent after SIGTERM is not (its
+    # connection closes: Postfix says 454, not 535); STOPPING=1; exit status 0.
+    d.issuer.add_key("ES256")
+    d.issuer.delay = 1.0
+    fetches = d.issuer.requests[JWKS_PATH]
+    await first.send(f"AUTH\t9001\tOAUTHBEARER\tservice=smtp\tresp={ob(d.issuer.mint(email=USER))}")
+    with trio.fail_after(10):
+        while d.issuer.requests[JWKS_PATH] == fetches:
+            await trio.sleep(0.01)
     d.proc.send_signal(signal.SIGTERM)
     assert (await d.notify.until("STOPPING"))["STOPPING"] == "1"
+    await second.send(f"AUTH\t9002\tOAUTHBEARER\tservice=smtp\tresp={ob(d.issuer.mint())}")
+    assert await first.line() == f"OK\t9001\tuser={USER}"
+    with pytest.raises(AssertionError, match="closed the connection"):
+        await second.line()
     status = await trio.to_thread.run_sync(d.proc.wait, 20)
     assert status == 0, d.log_path.read_text()
     assert (d.sockdir / "auth").exists()
