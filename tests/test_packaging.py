@@ -29,8 +29,6 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         text=True,
         check=False,
     )
-    if result.returncode != 0 and "pip" in result.stderr and "index" in result.stderr.lower():
-        pytest.skip(f"cannot build (no package index for setuptools?): {result.stderr[-300:]}")
     assert result.returncode == 0, result.stderr
     (built,) = out.glob("saslauthd_oidc-*.whl")
     return built
@@ -82,7 +80,4 @@ def test_wheel_installs_into_a_fresh_venv(wheel: Path, tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert checked.returncode == 0, checked.stderr
-    assert (
-        checked.stdout.endswith("\n".join(["", *checked.stdout.splitlines()[1:]]) + "\n")
-        and ": ok" in checked.stdout
-    )
+    assert checked.stdout.splitlines()[0].endswith(": ok")
