@@ -442,7 +442,15 @@ async def run_daemon(
     # Sockets are opened before any nursery, so that their ConfigErrors reach
     # the caller as themselves rather than wrapped in an exception group.
     caller_auth = None
-    if config.server.http_listen or config.server.http_socket or (passed_fds or {}).get("http"):
+    http_passed = bool((passed_fds or {}).get("http"))
+    http = config.http
+    if http_passed and http.auth == "required" and not (http.users_file or http.secret_file):
+        raise ConfigError(
+            "http.auth",
+            "systemd passes an http socket: callers must authenticate: set "
+            'http.users_file or http.secret_file, or auth = "open" (loopback only)',
+        )
+    if config.server.http_listen or config.server.http_socket or http_passed:
         caller_auth = load_caller_auth(config.http)
     listeners = open_listeners(config, passed_fds)
     deadline = config.server.request_timeout + FRONTEND_DEADLINE_MARGIN

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from saslauthd_oidc.config import ConfigError
-from saslauthd_oidc.daemon import adopt_passed_socket, sort_passed_fds
+from saslauthd_oidc.config import ConfigError, parse_config
+from saslauthd_oidc.daemon import adopt_passed_socket, run_daemon, sort_passed_fds
 from saslauthd_oidc.systemd import (
     ActivationError,
     Notifier,
@@ -181,3 +181,15 @@ def test_adopt_passed_socket_checks_family_type_and_listening(tmp_path: Path) ->
     with pytest.raises(ConfigError, match="is not a socket"):
         adopt_passed_socket(r, "auth", "server.auth_socket", unix_only=True)
     os.close(r)
+
+
+async def test_passed_http_socket_needs_caller_authentication() -> None:
+    config = parse_config(
+        {
+            "server": {"auth_socket": ""},
+            "provider": [{"name": "p", "issuer": "https://idp.example"}],
+            "rule": [{"provider": "p"}],
+        }
+    )
+    with pytest.raises(ConfigError, match=r"^http\.auth: systemd passes an http socket"):
+        await run_daemon(config, passed_fds={"http": [99]}, handle_signals=False)
