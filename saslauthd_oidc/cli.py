@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from saslauthd_oidc.providers import ProviderRegistry
 from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
 from saslauthd_oidc.rules import config_warnings, ordered
+from saslauthd_oidc.systemd import ActivationError, Notifier, take_listen_fds
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_TEMPFAIL = 0, 1, 2, 3
 _EXIT_FOR = {Outcome.OK: EXIT_OK, Outcome.FAIL: EXIT_REFUSED, Outcome.TEMPFAIL: EXIT_TEMPFAIL}
@@ -69,14 +71,24 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-
-    config = _load(args)
+    # Read (and unset) systemd's socket-activation variables first, whatever
+    # happens next: no child may inherit them.
+    passed = take_listen_fds()
+    path = resolve_config_path(args.config)
+    config = load_config(path)
     configure_logging(config.logging)
+    if isinstance(passed, ActivationError):
+        raise ConfigError("LISTEN_FDS", f"socket activation: {passed.detail}")
 
     log = structlog.get_logger("saslauthd_oidc.daemon")
     for warning in config_warnings(config):
         log.warning("config", warning=warning)
-    trio.run(lambda: run_daemon(config))
+    notifier = Notifier()
+    trio.run(
+        lambda: run_daemon(
+            config, passed_fds=passed, notifier=notifier, load=partial(load_config, path)
+        )
+    )
     return EXIT_OK
 
 

@@ -2,6 +2,13 @@
 
 This is the only place that knows how the pieces fit at run time; ``cli``
 calls :func:`run_daemon`, tests call it too (in-process) or run ``serve``.
+
+Sockets are bound here, or taken over from systemd (socket activation, by the
+names ``auth``, ``saslauthd`` and ``http``). SIGHUP reloads the configuration
+(:mod:`.lifecycle`): a broken file is logged and the running configuration
+stays. SIGTERM/SIGINT stop accepting, let the authentications in flight
+finish (within ``request_timeout``) and return. systemd is told about each
+step (READY, RELOADING, STOPPING, STATUS, WATCHDOG) when it listens.
 """
 
 from __future__ import annotations
@@ -13,21 +20,35 @@ import os
 import signal
 import socket
 import stat
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import httpx
 import structlog
 import trio
+import trio.testing
 
-from saslauthd_oidc.config import Config, ConfigError
+from saslauthd_oidc.config import Config, ConfigError, load_config
 from saslauthd_oidc.engine import Engine
 from saslauthd_oidc.frontends.dovecot import serve_dovecot_listener
-from saslauthd_oidc.frontends.http import HttpFrontend, load_caller_auth, serve_http
+from saslauthd_oidc.frontends.http import (
+    CallerAuth,
+    HttpFrontend,
+    load_caller_auth,
+    serve_http,
+)
 from saslauthd_oidc.frontends.saslauthd import serve_saslauthd_listener
+from saslauthd_oidc.lifecycle import Current, DrainableListener, plan_reload
 from saslauthd_oidc.metrics import Metrics
+from saslauthd_oidc.observability import configure_logging
 from saslauthd_oidc.providers import ProviderRegistry
+from saslauthd_oidc.providers.cache import VerificationCache
 from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.request import Mechanism
+from saslauthd_oidc.rules import config_warnings
+from saslauthd_oidc.systemd import UNNAMED, Notifier
 
 log = structlog.get_logger("saslauthd_oidc.daemon")
 
@@ -153,124 +174,393 @@ class Readiness:
         return self._ready
 
 
+# --------------------------------------------------------------------------- sockets
+
+PASSED_NAMES = ("auth", "saslauthd", "http")
+
+
+def _describe(sock: socket.socket) -> str:
+    family = getattr(sock.family, "name", str(sock.family))
+    kind = getattr(sock.type, "name", str(sock.type))
+    return f"{family} {kind}"
+
+
+def adopt_passed_socket(fd: int, name: str, key: str, *, unix_only: bool) -> socket.socket:
+    """The listening socket systemd passed as ``fd``; ConfigError (naming ``key``) if unfit."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ConfigError(
+            key, f"fd {fd} passed by systemd as {name!r} is not a socket: {exc.strerror}"
+        ) from None
+    families = (socket.AF_UNIX,) if unix_only else (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)
+    want = "a Unix stream socket (ListenStream=/path)" if unix_only else "a stream socket"
+    listening = sock.type == socket.SOCK_STREAM and bool(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    )
+    if sock.family not in families or sock.type != socket.SOCK_STREAM or not listening:
+        found = _describe(sock) + ("" if listening else ", not listening")
+        sock.close()
+        raise ConfigError(
+            key, f"systemd passed {name!r} (fd {fd}) as {found}; expected a listening {want}"
+        )
+    sock.setblocking(False)
+    return sock
+
+
+def sort_passed_fds(passed: Mapping[str, Sequence[int]]) -> dict[str, list[int]]:
+    """Passed fds by the names we know; a lone unnamed fd is ``auth``. ConfigError otherwise."""
+    named = {name: list(fds) for name, fds in passed.items()}
+    if set(named) == {UNNAMED} and len(named[UNNAMED]) == 1:
+        return {"auth": named[UNNAMED]}
+    for name, fds in named.items():
+        if name not in PASSED_NAMES:
+            raise ConfigError(
+                "LISTEN_FDNAMES",
+                f"systemd passed a socket named {name!r} (fd {fds[0]}); "
+                f"expected FileDescriptorName= auth, saslauthd or http",
+            )
+        if name != "http" and len(fds) > 1:
+            raise ConfigError(
+                "LISTEN_FDNAMES",
+                f"systemd passed {len(fds)} sockets named {name!r}; one is allowed",
+            )
+    return named
+
+
+@dataclass
+class Listeners:
+    """The daemon's listening sockets, bound here or passed by systemd."""
+
+    auth: DrainableListener | None = None
+    saslauthd: DrainableListener | None = None
+    http: list[socket.socket] = field(default_factory=list)
+    bound_paths: list[str] = field(default_factory=list)  # socket files this run created
+    passed: list[str] = field(default_factory=list)  # names systemd passed
+
+    def stop_accepting(self) -> None:
+        for listener in (self.auth, self.saslauthd):
+            if listener is not None:
+                listener.stop_accepting()
+
+    def close(self) -> None:
+        for listener in (self.auth, self.saslauthd):
+            if listener is not None:
+                listener.socket.close()
+        for s in self.http:
+            s.close()
+        # Only the files this run bound: systemd's, or another daemon's, stay.
+        for path in self.bound_paths:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+
+
+def _wrap(raw: socket.socket) -> DrainableListener:
+    return DrainableListener(trio.SocketListener(trio.socket.from_stdlib_socket(raw)))
+
+
+def open_listeners(config: Config, passed: Mapping[str, Sequence[int]] | None = None) -> Listeners:
+    """Take over the sockets systemd passed; bind the configured ones it did not pass."""
+    server = config.server
+    fds = sort_passed_fds(passed) if passed else {}
+    out = Listeners(passed=sorted(fds))
+    try:
+        if "auth" in fds:
+            out.auth = _wrap(
+                adopt_passed_socket(fds["auth"][0], "auth", "server.auth_socket", unix_only=True)
+            )
+        elif server.auth_socket:
+            out.auth = _wrap(
+                open_unix_socket(
+                    server.auth_socket, server.auth_socket_mode, server.auth_socket_group
+                )
+            )
+            out.bound_paths.append(server.auth_socket)
+        if "saslauthd" in fds:
+            out.saslauthd = _wrap(
+                adopt_passed_socket(
+                    fds["saslauthd"][0], "saslauthd", "server.saslauthd_socket", unix_only=True
+                )
+            )
+        elif server.saslauthd_socket:
+            out.saslauthd = _wrap(
+                open_unix_socket(
+                    server.saslauthd_socket,
+                    server.saslauthd_socket_mode,
+                    server.saslauthd_socket_group,
+                    key="server.saslauthd_socket",
+                )
+            )
+            out.bound_paths.append(server.saslauthd_socket)
+        if "http" in fds:
+            for fd in fds["http"]:
+                out.http.append(
+                    adopt_passed_socket(fd, "http", "server.http_listen", unix_only=False)
+                )
+        else:
+            out.http = open_http_sockets(config)
+            if server.http_socket and any(s.family == socket.AF_UNIX for s in out.http):
+                out.bound_paths.append(server.http_socket)
+    except BaseException:
+        out.close()
+        raise
+    return out
+
+
+def _name(listener: DrainableListener) -> str:
+    address = listener.socket.getsockname()
+    return address if isinstance(address, str) and address else str(address)
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class _Runtime:
+    """What a reload replaces and a stop drains."""
+
+    config: Config
+    load: Callable[[], Config] | None
+    client: httpx.AsyncClient
+    registry: ProviderRegistry
+    cache: VerificationCache
+    metrics: Metrics
+    current: Current
+    listeners: Listeners
+    notifier: Notifier
+    make_http_app: Callable[[Config, CallerAuth], HttpFrontend]
+    nursery: trio.Nursery
+    stop_http: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def deadline(self) -> float:
+        return self.config.server.request_timeout + FRONTEND_DEADLINE_MARGIN
+
+    def status(self) -> str:
+        return (
+            f"serving {len(self.config.rules)} rules, {len(self.config.providers)} providers "
+            f"from {self.config.source}"
+        )
+
+    async def reload(self) -> bool:
+        """Load the config again and swap it in; on any error keep the running one."""
+        self.notifier.reloading()
+        if self.load is None:
+            log.warning("reload_failed", error="the configuration was not read from a file")
+            self.notifier.ready(status=self.status())
+            return False
+        log.info("reloading", config=self.config.source)
+        try:
+            new = await trio.to_thread.run_sync(self.load)
+            plan = plan_reload(self.config, new)
+            caller_auth = load_caller_auth(plan.config.http) if self.listeners.http else None
+            registry = ProviderRegistry(plan.config, self.client, previous=self.registry)
+        except ConfigError as exc:
+            log.error(
+                "reload_failed",
+                key=exc.key or None,
+                error=exc.message,
+                detail="still serving the previous configuration",
+            )
+            self.notifier.ready(status=f"reload failed ({exc}); " + self.status())
+            return False
+        engine = Engine(plan.config, registry, cache=self.cache)
+        dropped = self.cache.drop_providers(plan.removed_providers + plan.changed_providers)
+        if plan.logging_changed:
+            configure_logging(plan.config.logging)
+        http_app = None
+        if caller_auth is not None:
+            http_app = self.make_http_app(plan.config, caller_auth)
+        self.current.swap(engine, http_app)
+        self.metrics.track_providers(registry)
+        old, self.registry, self.config = self.registry, registry, plan.config
+        self.nursery.start_soon(self._retire, old)
+        for name in (*plan.added_providers, *plan.changed_providers):
+            self.nursery.start_soon(registry.get(name).refresh)
+        for warning in config_warnings(plan.config):
+            log.warning("config", warning=warning)
+        if plan.restart_keys:
+            log.warning(
+                "reload_needs_restart",
+                keys=list(plan.restart_keys),
+                detail="these settings keep their running values until a restart",
+            )
+        log.info(
+            "reloaded",
+            config=plan.config.source,
+            providers=[p.name for p in plan.config.providers],
+            rules=[r.name for r in plan.config.rules],
+            added_providers=list(plan.added_providers),
+            changed_providers=list(plan.changed_providers),
+            removed_providers=list(plan.removed_providers),
+            cache_entries_dropped=dropped,
+        )
+        self.notifier.ready(status=self.status())
+        return True
+
+    async def _retire(self, registry: ProviderRegistry) -> None:
+        """Close a replaced registry's own clients once its last requests are over."""
+        try:
+            await trio.sleep(self.deadline)
+        finally:
+            with trio.CancelScope(shield=True):
+                await registry.aclose()
+
+    async def stop(self, reason: str) -> None:
+        """Stop accepting, let what is in flight finish (bounded), then end the daemon."""
+        log.info("stopping", signal=reason)
+        self.notifier.stopping(status="stopping: finishing authentications in flight")
+        self.listeners.stop_accepting()
+        self.stop_http.set()
+        left = await self.current.drain(self.deadline)
+        if left:
+            log.warning("stopping_with_requests_in_flight", count=left)
+        # Let the frontends write the verdicts they just received.
+        with trio.move_on_after(1.0):
+            await trio.testing.wait_all_tasks_blocked(0.01)
+        self.nursery.cancel_scope.cancel()
+
+
 async def run_daemon(
     config: Config,
     *,
     task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED,
     handle_signals: bool = True,
+    passed_fds: Mapping[str, Sequence[int]] | None = None,
+    notifier: Notifier | None = None,
+    load: Callable[[], Config] | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or cancellation). Reports the Engine once listening."""
+    """Serve until SIGTERM/SIGINT (or cancellation). Reports the first Engine once listening.
+
+    ``passed_fds`` are systemd's sockets by name (:func:`saslauthd_oidc.systemd.take_listen_fds`).
+    ``load`` reads the configuration again on SIGHUP (default: the file it came from).
+    """
     mechanisms = [Mechanism(m) for m in config.server.mechanisms]
+    notifier = notifier or Notifier({})
+    if load is None and Path(config.source).is_file():
+        load = partial(load_config, config.source)
     # Sockets are opened before any nursery, so that their ConfigErrors reach
     # the caller as themselves rather than wrapped in an exception group.
-    listener = None
-    http_sockets: list[socket.socket] = []
     caller_auth = None
-    if config.server.http_listen or config.server.http_socket:
-        caller_auth = load_caller_auth(config.http)
-    if config.server.auth_socket:
-        listener = open_unix_listener(
-            config.server.auth_socket,
-            config.server.auth_socket_mode,
-            config.server.auth_socket_group,
+    http_passed = bool((passed_fds or {}).get("http"))
+    http = config.http
+    if http_passed and http.auth == "required" and not (http.users_file or http.secret_file):
+        raise ConfigError(
+            "http.auth",
+            "systemd passes an http socket: callers must authenticate: set "
+            'http.users_file or http.secret_file, or auth = "open" (loopback only)',
         )
-    saslauthd_listener = None
-    if config.server.saslauthd_socket:
-        try:
-            saslauthd_listener = open_unix_listener(
-                config.server.saslauthd_socket,
-                config.server.saslauthd_socket_mode,
-                config.server.saslauthd_socket_group,
-                key="server.saslauthd_socket",
-            )
-        except BaseException:
-            if listener is not None and config.server.auth_socket:
-                listener.socket.close()
-                with contextlib.suppress(OSError):
-                    os.unlink(config.server.auth_socket)
-            raise
+    if config.server.http_listen or config.server.http_socket or http_passed:
+        caller_auth = load_caller_auth(config.http)
+    listeners = open_listeners(config, passed_fds)
+    deadline = config.server.request_timeout + FRONTEND_DEADLINE_MARGIN
     try:
-        http_sockets = open_http_sockets(config)
         async with make_http_client() as client:
             registry = ProviderRegistry(config, client)
             engine = Engine(config, registry)
             metrics = Metrics(registry, engine.cache)
-            authenticate = metrics.instrument(engine.authenticate)
+            current = Current(engine)
+            authenticate = metrics.instrument(current.authenticate)
+            readiness = Readiness(registry, config.http.readyz_grace)
+
+            def make_http_app(cfg: Config, auth: CallerAuth) -> HttpFrontend:
+                return HttpFrontend(
+                    cfg,
+                    authenticate,
+                    auth,
+                    metrics=metrics,
+                    ready=readiness,
+                    request_timeout=deadline,
+                )
+
             async with trio.open_nursery() as nursery:
+                runtime = _Runtime(
+                    config=config,
+                    load=load,
+                    client=client,
+                    registry=registry,
+                    cache=engine.cache,
+                    metrics=metrics,
+                    current=current,
+                    listeners=listeners,
+                    notifier=notifier,
+                    make_http_app=make_http_app,
+                    nursery=nursery,
+                )
                 nursery.start_soon(registry.refresh_all)
-                if http_sockets:
-                    assert caller_auth is not None
-                    app = HttpFrontend(
-                        config,
-                        authenticate,
-                        caller_auth,
-                        metrics=metrics,
-                        ready=Readiness(registry, config.http.readyz_grace),
-                        request_timeout=config.server.request_timeout + FRONTEND_DEADLINE_MARGIN,
+                if listeners.http:
+                    if caller_auth is None:
+                        caller_auth = load_caller_auth(config.http)
+                    current.http_app = make_http_app(config, caller_auth)
+                    binds = await nursery.start(
+                        partial(
+                            serve_http,
+                            current.http,
+                            listeners.http,
+                            shutdown_trigger=runtime.stop_http.wait,
+                            graceful_timeout=deadline,
+                        )
                     )
-                    binds = await nursery.start(serve_http, app, http_sockets)
                     log.info("listening", http=binds)
-                if listener is not None:
+                if listeners.auth is not None:
                     await nursery.start(
                         partial(
                             serve_dovecot_listener,
-                            listener,
+                            listeners.auth,
                             authenticate,
                             mechanisms=mechanisms,
                             tempfail_disconnect=config.server.tempfail == "disconnect",
-                            request_timeout=config.server.request_timeout
-                            + FRONTEND_DEADLINE_MARGIN,
+                            request_timeout=deadline,
                             max_connections=config.server.max_connections,
                             line_timeout=config.server.line_timeout,
                         )
                     )
-                    log.info("listening", socket=config.server.auth_socket, protocol="dovecot")
-                if saslauthd_listener is not None:
+                    log.info("listening", socket=_name(listeners.auth), protocol="dovecot")
+                if listeners.saslauthd is not None:
                     await nursery.start(
                         partial(
                             serve_saslauthd_listener,
-                            saslauthd_listener,
+                            listeners.saslauthd,
                             authenticate,
-                            request_timeout=config.server.request_timeout
-                            + FRONTEND_DEADLINE_MARGIN,
+                            request_timeout=deadline,
                             max_connections=config.server.max_connections,
                             max_password_bytes=config.server.max_token_bytes,
                         )
                     )
-                    log.info(
-                        "listening", socket=config.server.saslauthd_socket, protocol="saslauthd"
-                    )
+                    log.info("listening", socket=_name(listeners.saslauthd), protocol="saslauthd")
                 if handle_signals:
-                    nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+                    nursery.start_soon(_handle_signals, runtime)
+                if notifier.watchdog:
+                    nursery.start_soon(_watchdog, notifier, notifier.watchdog)
                 log.info(
                     "started",
                     config=config.source,
                     providers=[p.name for p in config.providers],
                     rules=[r.name for r in config.rules],
+                    socket_activation=listeners.passed or None,
                 )
+                notifier.ready(status=runtime.status())
                 task_status.started(engine)
-            await registry.aclose()
+            await runtime.registry.aclose()
     finally:
-        for s in http_sockets:
-            s.close()
-        # Only the socket files this run created: one that was in use stays.
-        bound = [
-            config.server.auth_socket if listener is not None else None,
-            config.server.saslauthd_socket if saslauthd_listener is not None else None,
-            config.server.http_socket
-            if any(s.family == socket.AF_UNIX for s in http_sockets)
-            else None,
-        ]
-        for path in bound:
-            if path:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+        listeners.close()
+        notifier.close()
     log.info("stopped")
 
 
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+async def _handle_signals(runtime: _Runtime) -> None:
+    """SIGHUP reloads; SIGTERM/SIGINT stop gracefully. One at a time, in order."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
-            log.info("stopping", signal=signal.Signals(signum).name)
-            scope.cancel()
-            return
+            if signum == signal.SIGHUP:
+                await runtime.reload()
+            else:
+                await runtime.stop(signal.Signals(signum).name)
+                return
+
+
+async def _watchdog(notifier: Notifier, interval: float) -> None:
+    """WATCHDOG=1 at half of WatchdogSec=, as long as the event loop runs."""
+    while True:
+        notifier.ping()
+        await trio.sleep(interval)

@@ -74,7 +74,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_StateCollector(list(providers), cache))
+        self._state = _StateCollector(list(providers), cache)
+        self.registry.register(self._state)
+
+    def track_providers(self, providers: Iterable[ProviderStats]) -> None:
+        """Read these providers from now on (the daemon's providers after a reload)."""
+        self._state.providers = list(providers)
 
     def observe(self, request: AuthRequest, verdict: Verdict, seconds: float) -> None:
         frontend = request.context.frontend
@@ -104,7 +109,7 @@ class Metrics:
 
 class _StateCollector(Collector):
     def __init__(self, providers: list[ProviderStats], cache: CacheStats | None) -> None:
-        self._providers = providers
+        self.providers = providers
         self._cache = cache
 
     def collect(self) -> Iterator[Metric]:
@@ -123,7 +128,7 @@ class _StateCollector(Collector):
             "1 when the provider's keys are in place",
             labels=["provider"],
         )
-        for p in self._providers:
+        for p in self.providers:
             fetches.add_metric([p.name], p.fetches)
             errors.add_metric([p.name], p.fetch_errors)
             loaded.add_metric([p.name], 1.0 if p.keys_loaded else 0.0)

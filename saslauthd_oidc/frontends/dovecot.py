@@ -36,7 +36,7 @@ _ACCEPT_RETRY_DELAY = 0.1
 
 
 async def serve_dovecot_listener(
-    listener: trio.SocketListener,
+    listener: trio.abc.Listener[trio.SocketStream],
     authenticate: Authenticator,
     *,
     mechanisms: Sequence[Mechanism],

@@ -420,16 +420,22 @@ def stalwart_discovery(issuer: str) -> dict[str, Any]:
 
 
 async def serve_http(
-    app: HttpFrontend,
+    app: Callable[[Scope, Receive, Send], Awaitable[None]],
     sockets: Sequence[socket.socket],
     *,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    graceful_timeout: float = 1.0,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``app`` on already bound and listening sockets until cancelled."""
+    """Serve ``app`` on already bound and listening sockets until cancelled.
+
+    When ``shutdown_trigger`` returns, hypercorn stops accepting and lets open
+    requests finish (``graceful_timeout``).
+    """
     config = HypercornConfig()
     config.accesslog = None  # paths only, but keep one log line per authentication
     config.errorlog = None
-    config.graceful_timeout = 1.0
+    config.graceful_timeout = graceful_timeout
     config.include_server_header = False
     config.h11_max_incomplete_size = 32 * 1024
     asgi: Any = app
@@ -437,5 +443,6 @@ async def serve_http(
         wrap_app(asgi, config.wsgi_max_body_size, "asgi"),
         config,
         sockets=Sockets([], list(sockets), []),
+        shutdown_trigger=shutdown_trigger,
         task_status=task_status,
     )

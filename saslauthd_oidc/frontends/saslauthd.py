@@ -41,7 +41,7 @@ _ACCEPT_RETRY_DELAY = 0.1
 
 
 async def serve_saslauthd_listener(
-    listener: trio.SocketListener,
+    listener: trio.abc.Listener[trio.SocketStream],
     authenticate: Authenticator,
     *,
     request_timeout: float = 5.0,

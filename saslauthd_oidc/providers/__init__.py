@@ -3,7 +3,8 @@ introspection and userinfo.
 
 :class:`ProviderRegistry` holds one :class:`OidcProvider` per configured
 ``[[provider]]``. Providers with a ``ca_file`` get their own HTTP client
-(trusting only that CA); all others share the client passed in.
+(trusting only that CA); all others share the client passed in. Built again
+on reload from the ``previous`` registry, unchanged providers keep their keys.
 """
 
 from __future__ import annotations
@@ -63,11 +64,14 @@ class ProviderRegistry:
         client: httpx.AsyncClient,
         *,
         clock: Callable[[], float] = time.time,
+        previous: ProviderRegistry | None = None,
     ) -> None:
         self._own_clients: list[httpx.AsyncClient] = []
         # One bound on requests in flight for all providers, those with their
-        # own CA (and so their own client) included.
-        self.outbound = trio.CapacityLimiter(MAX_OUTBOUND)
+        # own CA (and so their own client) included; kept across reloads.
+        self.outbound: trio.CapacityLimiter = (
+            previous.outbound if previous else trio.CapacityLimiter(MAX_OUTBOUND)
+        )
         self._providers: dict[str, OidcProvider] = {}
         for index, pc in enumerate(config.providers):
             provider_client = client
@@ -80,6 +84,15 @@ class ProviderRegistry:
                 fetch_timeout=fetch_timeout_for(config),
                 limiter=self.outbound,
             )
+        # Reload: a provider whose configuration did not change keeps its keys
+        # (secret files are read again all the same).
+        self.adopted: list[str] = []
+        if previous is not None:
+            for name, provider in self._providers.items():
+                old = previous._providers.get(name)
+                if old is not None and old.config == provider.config:
+                    provider.adopt_keys(old)
+                    self.adopted.append(name)
 
     def _client_with_ca(self, index: int, ca_file: str) -> httpx.AsyncClient:
         try:

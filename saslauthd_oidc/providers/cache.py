@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -131,3 +131,14 @@ class VerificationCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+    def drop_providers(self, names: Collection[str]) -> int:
+        """Forget what providers ``names`` said (removed or reconfigured); returns how many.
+
+        Userinfo answers (kept under ``"<provider>\\x00userinfo"``) go with their provider.
+        """
+        gone = set(names)
+        doomed = [k for k in self._entries if k[0].split("\x00", 1)[0] in gone]
+        for key in doomed:
+            del self._entries[key]
+        return len(doomed)

@@ -134,6 +134,26 @@ class OidcProvider:
             return self._hmac if not self.needs_jwks else None
         return self._jwks.merged(self._hmac) if self._hmac is not None else self._jwks
 
+    def adopt_keys(self, previous: OidcProvider) -> None:
+        """Take over ``previous``'s discovery document, key set and counters (reload).
+
+        Only for a provider whose configuration is unchanged: its keys are
+        still this provider's keys, so a reload fetches nothing.
+        """
+        if previous.config != self.config:
+            raise ValueError(f"provider {self.name}: configuration changed; keys not adopted")
+        self._jwks = previous._jwks
+        self._jwks_uri = previous._jwks_uri
+        self._loaded_at = previous._loaded_at
+        self._jwks_lifetime = previous._jwks_lifetime
+        self._discovery = previous._discovery
+        self._discovery_until = previous._discovery_until
+        self._last_attempt = previous._last_attempt
+        self._last_ok = previous._last_ok
+        self.last_error = previous.last_error
+        self.fetches = previous.fetches
+        self.fetch_errors = previous.fetch_errors
+
     # ----------------------------------------------------------------- verify
 
     async def verify(

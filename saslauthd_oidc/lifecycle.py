@@ -1,0 +1,171 @@
+"""What the daemon swaps on reload and drains on stop.
+
+* :func:`plan_reload` (pure) compares the running config with a newly loaded
+  one: which settings need a restart (``[server]`` and ``[cache]``: sockets,
+  listeners, limits, and the cache's size), which providers were removed or
+  changed. The config put into service keeps the running ``[server]`` and
+  ``[cache]`` so that what runs is what is reported.
+* :class:`Current` is what the frontends call: ``authenticate`` delegates to
+  the engine in service when the request arrives, so a reload swaps the
+  engine atomically and in-flight requests finish on the one they started
+  on. It counts requests in flight; :meth:`Current.drain` stops taking new
+  ones and waits (bounded) for those in flight.
+* :class:`DrainableListener` wraps a listening socket so that accepting can
+  stop while the connections already accepted carry on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+
+from saslauthd_oidc.config import Config
+from saslauthd_oidc.outcome import Verdict
+from saslauthd_oidc.request import AuthRequest
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+class Authenticates(Protocol):
+    """Anything with ``async authenticate(request) -> Verdict`` (the Engine)."""
+
+    async def authenticate(self, request: AuthRequest) -> Verdict: ...
+
+
+AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadPlan:
+    config: Config  # what goes into service
+    restart_keys: tuple[str, ...]  # changed settings that only a restart applies
+    removed_providers: tuple[str, ...]
+    changed_providers: tuple[str, ...]
+    added_providers: tuple[str, ...]
+    logging_changed: bool
+
+
+def _changed_fields(section: str, old: object, new: object) -> list[str]:
+    return [
+        f"{section}.{f.name}"
+        for f in dataclasses.fields(old)  # type: ignore[arg-type]
+        if getattr(old, f.name) != getattr(new, f.name)
+    ]
+
+
+def plan_reload(old: Config, new: Config) -> ReloadPlan:
+    """How ``new`` replaces ``old`` in a running daemon."""
+    restart = _changed_fields("server", old.server, new.server)
+    restart += _changed_fields("cache", old.cache, new.cache)
+    old_providers = {p.name: p for p in old.providers}
+    new_providers = {p.name: p for p in new.providers}
+    return ReloadPlan(
+        config=dataclasses.replace(new, server=old.server, cache=old.cache),
+        restart_keys=tuple(restart),
+        removed_providers=tuple(n for n in old_providers if n not in new_providers),
+        changed_providers=tuple(
+            n for n, p in new_providers.items() if n in old_providers and old_providers[n] != p
+        ),
+        added_providers=tuple(n for n in new_providers if n not in old_providers),
+        logging_changed=old.logging != new.logging,
+    )
+
+
+class Current:
+    """The engine (and HTTP app) in service; swapped whole on reload, drained on stop."""
+
+    def __init__(self, engine: Authenticates, http_app: AsgiApp | None = None) -> None:
+        self.engine = engine
+        self.http_app = http_app
+        self.in_flight = 0
+        self.draining = False
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def swap(self, engine: Authenticates, http_app: AsgiApp | None = None) -> None:
+        """Later requests go to ``engine``; those in flight finish where they started."""
+        self.engine = engine
+        self.http_app = http_app
+
+    async def authenticate(self, request: AuthRequest) -> Verdict:
+        if self.draining:
+            # Stopping: no new work. The request is never answered; its
+            # connection closes when the daemon exits, which Postfix and Exim
+            # report as a temporary failure (454), not as a wrong password.
+            await trio.sleep_forever()
+        engine = self.engine
+        self.in_flight += 1
+        if self.in_flight == 1:
+            self._idle = trio.Event()
+        try:
+            return await engine.authenticate(request)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI entry point that delegates to the HTTP app in service."""
+        app = self.http_app
+        if app is None:  # pragma: no cover - only mounted when there is an app
+            return
+        await app(scope, receive, send)
+
+    async def drain(self, timeout: float) -> int:
+        """Take no new requests; wait up to ``timeout`` s for those in flight.
+
+        Returns how many were still in flight when the time ran out (0: all done).
+        """
+        self.draining = True
+        with trio.move_on_after(timeout):
+            await self._idle.wait()
+        return self.in_flight
+
+
+class DrainableListener(trio.abc.Listener[trio.SocketStream]):
+    """A ``trio.SocketListener`` whose accepting can be stopped on its own.
+
+    After :meth:`stop_accepting`, ``accept`` blocks forever (the serving task
+    is cancelled later, with everything else) and the listening socket is
+    closed: a connection attempt is refused instead of waiting in a backlog
+    nobody reads. A socket passed by systemd stays open in systemd, which
+    queues new connections for the next start.
+    """
+
+    def __init__(self, inner: trio.SocketListener) -> None:
+        self.inner = inner
+        self.stopped = False
+        self._scope: trio.CancelScope | None = None
+
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        return self.inner.socket
+
+    async def accept(self) -> trio.SocketStream:
+        if not self.stopped:
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                try:
+                    return await self.inner.accept()
+                except trio.ClosedResourceError:
+                    if not self.stopped:
+                        raise
+                finally:
+                    self._scope = None
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def stop_accepting(self) -> None:
+        self.stopped = True
+        if self._scope is not None:
+            self._scope.cancel()
+        self.inner.socket.close()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

@@ -1,0 +1,75 @@
+"""contrib/systemd: the units pass ``systemd-analyze verify`` and say what the daemon expects."""
+
+from __future__ import annotations
+
+import configparser
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import require_peer
+
+UNITS = Path(__file__).resolve().parents[1] / "contrib" / "systemd"
+INSTALLED_AT = "/usr/local/bin/saslauthd-oidc"
+
+
+def unit(name: str) -> configparser.RawConfigParser:
+    parser = configparser.RawConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string((UNITS / name).read_text())
+    return parser
+
+
+def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    require_peer("systemd-analyze", None if analyze else "not installed (Debian: systemd)")
+    assert analyze
+    # verify checks that ExecStart= exists: point it at this checkout's command.
+    command = Path(sys.executable).parent / "saslauthd-oidc"
+    assert command.exists()
+    for path in UNITS.iterdir():
+        text = path.read_text()
+        (tmp_path / path.name).write_text(text.replace(INSTALLED_AT, str(command)))
+    files = sorted(str(p) for p in tmp_path.iterdir())
+    result = subprocess.run(
+        [analyze, "verify", *files], capture_output=True, text=True, cwd=tmp_path, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and result.stdout == ""
+
+
+def test_service_is_type_notify_unprivileged_and_hardened() -> None:
+    service = unit("saslauthd-oidc.service")["Service"]
+    assert service["Type"] == "notify"
+    assert service["ExecStart"].startswith(f"{INSTALLED_AT} serve --config ")
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert service["User"] == "saslauthd-oidc"
+    assert service["CapabilityBoundingSet"] == ""
+    for key, value in {
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ProtectHome": "yes",
+        "PrivateTmp": "yes",
+        "MemoryDenyWriteExecute": "yes",
+        "RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6",
+    }.items():
+        assert service[key] == value, key
+    assert "@system-service" in (UNITS / "saslauthd-oidc.service").read_text()
+    assert "WatchdogSec" in service
+
+
+@pytest.mark.parametrize(
+    ("name", "fdname"),
+    [
+        ("saslauthd-oidc.socket", "auth"),
+        ("saslauthd-oidc-saslauthd.socket", "saslauthd"),
+        ("saslauthd-oidc-http.socket", "http"),
+    ],
+)
+def test_socket_units_name_their_sockets(name: str, fdname: str) -> None:
+    socket = unit(name)["Socket"]
+    assert socket["FileDescriptorName"] == fdname
+    assert socket["Service"] == "saslauthd-oidc.service"
