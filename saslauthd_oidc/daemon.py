@@ -114,6 +114,7 @@ async def run_daemon(
                             tempfail_disconnect=config.server.tempfail == "disconnect",
                             request_timeout=config.server.request_timeout,
                             max_connections=config.server.max_connections,
+                            authenticate_now=engine.authenticate_now,
                         )
                     )
                     log.info("listening", socket=config.server.auth_socket, protocol="dovecot")

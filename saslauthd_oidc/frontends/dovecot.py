@@ -2,7 +2,11 @@
 
 This module owns the I/O for the auth socket: accepting connections (bounded),
 one task per connection, one task per pending authentication, the per-request
-timeout, serialised writes, and what happens when a client vanishes. All wire
+timeout, serialised writes, and what happens when a client vanishes. When an
+``authenticate_now`` callable is given (the engine's no-I/O fast path), a
+request it can answer at once (a cached token, a JWT whose keys are fresh) is
+answered by the connection's reader without a task or timer of its own; only
+requests that need I/O get a task. All wire
 decisions are made by :mod:`saslauthd_oidc.protocol.dovecot`; all
 authentication decisions by the ``authenticate`` callable (the engine).
 """
@@ -22,9 +26,16 @@ from saslauthd_oidc.outcome import Outcome, Reason, Verdict
 from saslauthd_oidc.protocol.dovecot import DovecotServerConnection, NeedVerdict
 from saslauthd_oidc.request import AuthRequest, Mechanism
 
-__all__ = ["Authenticator", "handle_dovecot_stream", "serve_dovecot_listener"]
+__all__ = [
+    "Authenticator",
+    "InlineAuthenticator",
+    "handle_dovecot_stream",
+    "serve_dovecot_listener",
+]
 
 Authenticator = Callable[[AuthRequest], Awaitable[Verdict]]
+#: The engine's no-I/O fast path: a verdict now, or None when it needs a task.
+InlineAuthenticator = Callable[[AuthRequest], Verdict | None]
 
 log = structlog.get_logger("saslauthd_oidc.dovecot")
 
@@ -42,6 +53,7 @@ async def serve_dovecot_listener(
     tempfail_disconnect: bool = False,
     request_timeout: float = 5.0,
     max_connections: int = 4096,
+    authenticate_now: InlineAuthenticator | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept connections on ``listener`` forever, at most ``max_connections`` at a time."""
@@ -59,6 +71,7 @@ async def serve_dovecot_listener(
                 cuid=next(cuids),
                 tempfail_disconnect=tempfail_disconnect,
                 request_timeout=request_timeout,
+                authenticate_now=authenticate_now,
             )
         finally:
             slots.release()
@@ -88,6 +101,7 @@ async def handle_dovecot_stream(
     cuid: int,
     tempfail_disconnect: bool = False,
     request_timeout: float = 5.0,
+    authenticate_now: InlineAuthenticator | None = None,
 ) -> None:
     """Serve one auth-client connection until EOF, a fatal protocol error or disconnect.
 
@@ -96,7 +110,14 @@ async def handle_dovecot_stream(
     connection = DovecotServerConnection(
         mechanisms, spid=spid, cuid=cuid, cookie=secrets.token_hex(16)
     )
-    session = _Session(stream, connection, authenticate, request_timeout, tempfail_disconnect)
+    session = _Session(
+        stream,
+        connection,
+        authenticate,
+        request_timeout,
+        tempfail_disconnect,
+        authenticate_now=authenticate_now,
+    )
     log.debug("connection_open", cuid=cuid)
     async with stream:
         await session.run()
@@ -113,8 +134,11 @@ class _Session:
         authenticate: Authenticator,
         request_timeout: float,
         tempfail_disconnect: bool,
+        *,
+        authenticate_now: InlineAuthenticator | None = None,
     ) -> None:
         self._stream = stream
+        self._authenticate_now = authenticate_now
         self._connection = connection
         self._authenticate = authenticate
         self._request_timeout = request_timeout
@@ -138,7 +162,17 @@ class _Session:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
             for need in connection.receive_data(data):
-                nursery.start_soon(self._conclude_one, need)
+                verdict = self._verdict_now(need)
+                if verdict is None:
+                    nursery.start_soon(self._conclude_one, need)
+                elif self._tempfail_disconnect and verdict.outcome is Outcome.TEMPFAIL:
+                    log.info("tempfail_disconnect", request_id=need.request_id)
+                    self._log_protocol_errors()
+                    await self._flush()
+                    self._cancel_scope.cancel()
+                    return
+                else:
+                    connection.conclude(need.request_id, verdict)
             self._log_protocol_errors()
             # Sending before reading more gives a client that never reads our
             # replies backpressure instead of an ever-growing output queue.
@@ -156,6 +190,20 @@ class _Session:
         self._connection.conclude(need.request_id, verdict)
         await self._flush()
 
+    def _verdict_now(self, need: NeedVerdict) -> Verdict | None:
+        if self._authenticate_now is None:
+            return None
+        try:
+            return self._authenticate_now(need.request)
+        except Exception as exc:  # the engine's bug must not take the connection down
+            log.error(
+                "authenticate_failed",
+                request_id=need.request_id,
+                error=type(exc).__name__,
+                exc_info=True,
+            )
+            return Verdict(reason=Reason.INTERNAL_ERROR, detail="authenticator raised")
+
     async def _verdict_for(self, need: NeedVerdict) -> Verdict:
         with trio.move_on_after(self._request_timeout):
             try:
@@ -171,10 +219,19 @@ class _Session:
         return Verdict(reason=Reason.TIMEOUT, detail="request_timeout exceeded")
 
     async def _flush(self) -> None:
-        async with self._write_lock:
+        if not self._connection.has_output:
+            return
+        # Uncontended (the usual case), taking the lock costs no trip to the scheduler.
+        try:
+            self._write_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._write_lock.acquire()
+        try:
             data = self._connection.data_to_send()
             if data:
                 await self._send(data)
+        finally:
+            self._write_lock.release()
 
     async def _send(self, data: bytes) -> None:
         try:

@@ -190,6 +190,11 @@ class DovecotServerConnection:
         self._out.clear()
         return out
 
+    @property
+    def has_output(self) -> bool:
+        """Whether :meth:`data_to_send` has anything."""
+        return bool(self._out)
+
     def take_protocol_errors(self) -> list[ProtocolError]:
         errors, self._errors = self._errors, []
         return errors

@@ -7,7 +7,8 @@ acceptance later are cached, for ``negative_ttl``; temporary failures and
 refusals that a key rotation or the clock may change (unknown key, not yet
 valid) are never cached. Concurrent verifications of the same new token share
 one call to the provider (single-flight). Bounded: least recently used
-entries go first.
+entries go first. :meth:`VerificationCache.verify_now` is the synchronous
+twin used by the engine's no-I/O fast path.
 """
 
 from __future__ import annotations
@@ -44,6 +45,18 @@ STABLE_REFUSALS = frozenset(
 
 class Verifier(Protocol):
     async def verify(self, token: str, unverified: UnverifiedToken | None) -> Result: ...
+
+
+def verify_now(verifier: Verifier, token: str, unverified: UnverifiedToken | None) -> Result | None:
+    """The verifier's answer without I/O (its ``verify_now``), or None when it needs I/O.
+
+    A verifier without a ``verify_now`` method always needs its async ``verify``.
+    """
+    now = getattr(verifier, "verify_now", None)
+    if now is None:
+        return None
+    result: Result | None = now(token, unverified)
+    return result
 
 
 @dataclass(slots=True)
@@ -94,6 +107,33 @@ class VerificationCache:
             # the leader was cancelled (its request timed out): verify ourselves
         self.misses += 1
         return await self._lead(key, verifier, token, unverified)
+
+    def verify_now(
+        self, provider: str, verifier: Verifier, token: str, unverified: UnverifiedToken | None
+    ) -> Result | None:
+        """Like :meth:`verify`, synchronously: None when the answer needs I/O.
+
+        A cached result, or the verifier's own synchronous answer (a JWT whose
+        provider's keys are loaded and fresh), stored as :meth:`verify` would.
+        A token whose verification is already in flight is left to that flight.
+        """
+        if self._max <= 0:
+            return verify_now(verifier, token, unverified)
+        key = (provider, hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest())
+        entry = self._entries.get(key)
+        if entry is not None:
+            if entry.until > self._clock():
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return entry.result
+            del self._entries[key]
+        if key in self._flights:
+            return None
+        result = verify_now(verifier, token, unverified)
+        if result is not None:
+            self.misses += 1
+            self._store(key, result)
+        return result
 
     async def _lead(
         self,
