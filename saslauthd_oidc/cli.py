@@ -70,7 +70,7 @@ def _load(args: argparse.Namespace) -> Config:
 def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _load(args)
-    configure_logging(config.logging)
+    configure_logging(config.logging, cache_loggers=True)
 
     log = structlog.get_logger("saslauthd_oidc.daemon")
     for warning in config_warnings(config):

@@ -20,6 +20,7 @@ up (None) at the first verification that would have to wait.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -112,6 +113,9 @@ class Engine:
         self._rules = ordered(config.rules)
         self._mechanisms = frozenset(config.server.mechanisms)
         self._providers = {p.name: p for p in config.providers}
+        self._hints = {
+            id(rule): discovery_hint(rule, self._providers[rule.provider]) for rule in self._rules
+        }
 
     async def authenticate(self, request: AuthRequest) -> Verdict:
         started = self._clock()
@@ -188,7 +192,7 @@ class Engine:
                 detail="no rule fits this request's context",
                 trace=tuple(trace),
             )
-        hint = discovery_hint(candidates[0], self._providers[candidates[0].provider])
+        hint = self._hints[id(candidates[0])]
 
         def refuse(reason: Reason, detail: str) -> Verdict:
             return Verdict(reason=reason, detail=detail, hint=hint, trace=tuple(trace))
@@ -227,7 +231,7 @@ class Engine:
         only_fallbacks = candidates[0].fallback
         same_issuer = [r for r in by_issuer if only_fallbacks or not r.fallback]
         if same_issuer:
-            hint = discovery_hint(same_issuer[0], self._providers[same_issuer[0].provider])
+            hint = self._hints[id(same_issuer[0])]
         for rule in candidates:
             if rule not in by_issuer:
                 trace.append(
@@ -353,6 +357,10 @@ class Engine:
         )
 
     def _log(self, request: AuthRequest, verdict: Verdict, latency: float) -> None:
+        tempfail = verdict.outcome is Outcome.TEMPFAIL
+        enabled = getattr(log, "is_enabled_for", None)
+        if enabled is not None and not enabled(logging.WARNING if tempfail else logging.INFO):
+            return  # filtered out: do not even build the fields
         ctx = request.context
         fields: dict[str, Any] = {
             "mech": request.mechanism.value,

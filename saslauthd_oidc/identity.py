@@ -103,6 +103,8 @@ def validate_account(name: str, *, normalize: bool = True) -> str | IdentityErro
         return IdentityError(Reason.INVALID_ACCOUNT, "account name is empty")
     if len(name) > MAX_ACCOUNT_LENGTH:
         return IdentityError(Reason.INVALID_ACCOUNT, "account name is too long")
+    if name.isascii() and name.isprintable() and " " not in name:
+        return name  # printable ASCII without a space: no control or separator character
     for ch in name:
         cat = unicodedata.category(ch)
         if ch.isspace() or cat.startswith("C") or cat in ("Zl", "Zp", "Zs"):

@@ -73,6 +73,8 @@ def _identity(raw: bytes, what: str) -> str | SaslError:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return _malformed(f"{what} is not valid UTF-8")
+    if text.isascii() and text.isprintable():
+        return text  # printable ASCII has no control character
     if any(_is_control(ch) for ch in text):
         return _malformed(f"{what} contains a control character")
     return text

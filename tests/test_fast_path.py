@@ -9,6 +9,7 @@ verification already in flight.
 from __future__ import annotations
 
 import functools
+import unicodedata
 from typing import Any
 
 import pytest
@@ -324,3 +325,51 @@ async def test_real_engine_fast_path_with_devissuer(issuer: DevIssuer) -> None:
         forged = request(issuer.mint(alg="ES256", claims={"iss": "https://evil.example"}))
         refused = engine.authenticate_now(forged)
         assert refused is not None and refused.reason is Reason.UNKNOWN_ISSUER
+
+
+# --------------------------------------------------------------------------- cheap checks
+
+
+@pytest.mark.parametrize(
+    "name", ["alice@example.org", "a b", "a\tb", "a\x7fb", "a\x00b", "Ünïcode", "a\u2028b", "~!"]
+)
+def test_ascii_fast_path_of_account_validation_agrees(name: str) -> None:
+    from saslauthd_oidc.identity import IdentityError, validate_account
+
+    result = validate_account(name, normalize=False)
+    slow_ok = not any(
+        ch.isspace()
+        or unicodedata.category(ch)[0] == "C"
+        or unicodedata.category(ch) in ("Zl", "Zp", "Zs")
+        for ch in name
+    )
+    assert isinstance(result, str) is slow_ok
+    if not slow_ok:
+        assert isinstance(result, IdentityError)
+
+
+@pytest.mark.parametrize("text", ["alice", "a b", "a\x01b", "a\x7f", "é\x85", "ok é"])
+def test_ascii_fast_path_of_sasl_identity_agrees(text: str) -> None:
+    from saslauthd_oidc.sasl import SaslError, _identity, _is_control
+
+    result = _identity(text.encode(), "authzid")
+    assert isinstance(result, SaslError) is any(_is_control(ch) for ch in text)
+
+
+def test_filtered_authentication_log_is_skipped_and_warning_kept() -> None:
+    import io
+
+    from saslauthd_oidc.config import LoggingConfig
+    from saslauthd_oidc.observability import configure_logging
+
+    out = io.StringIO()
+    configure_logging(LoggingConfig(level="warning", format="json"), stream=out)
+    try:
+        engine, _ = _engine(SyncVerifier)
+        assert engine.authenticate_now(REQUESTS[0]) is not None  # OK: info, filtered out
+        assert out.getvalue() == ""
+        assert engine.authenticate_now(REQUESTS[4]) is not None  # tempfail: warning
+        assert '"event": "authentication"' in out.getvalue()
+        assert '"level": "warning"' in out.getvalue()
+    finally:
+        configure_logging(LoggingConfig(level="info", format="json"))
