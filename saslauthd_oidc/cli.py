@@ -34,6 +34,7 @@ from saslauthd_oidc.providers import ProviderRegistry
 from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
 from saslauthd_oidc.rules import config_warnings, ordered
+from saslauthd_oidc.workers import serve_workers
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_TEMPFAIL = 0, 1, 2, 3
 _EXIT_FOR = {Outcome.OK: EXIT_OK, Outcome.FAIL: EXIT_REFUSED, Outcome.TEMPFAIL: EXIT_TEMPFAIL}
@@ -75,6 +76,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log = structlog.get_logger("saslauthd_oidc.daemon")
     for warning in config_warnings(config):
         log.warning("config", warning=warning)
+    if config.server.workers > 1:
+        return serve_workers(config)
     trio.run(lambda: run_daemon(config))
     return EXIT_OK
 

@@ -43,7 +43,15 @@ def socket_in_use(path: str) -> bool:
 def open_unix_listener(
     path: str, mode: int, group: str | None, *, backlog: int = 512
 ) -> trio.SocketListener:
-    """Bind a Unix stream socket with the configured mode and group.
+    """Bind a Unix stream socket with the configured mode and group (see bind_unix_socket)."""
+    raw = bind_unix_socket(path, mode, group, backlog=backlog)
+    return trio.SocketListener(trio.socket.from_stdlib_socket(raw))
+
+
+def bind_unix_socket(
+    path: str, mode: int, group: str | None, *, backlog: int = 512
+) -> socket.socket:
+    """Bind and listen on a Unix stream socket with the configured mode and group.
 
     A stale socket file is replaced; one that answers belongs to another
     running daemon and is an error, as is a path that is not a socket.
@@ -78,7 +86,7 @@ def open_unix_listener(
         os.chown(path, -1, gid)
     os.chmod(path, mode)
     raw.listen(backlog)
-    return trio.SocketListener(trio.socket.from_stdlib_socket(raw))
+    return raw
 
 
 async def run_daemon(
@@ -86,13 +94,21 @@ async def run_daemon(
     *,
     task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED,
     handle_signals: bool = True,
+    auth_listener: socket.socket | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or cancellation). Reports the Engine once listening."""
+    """Serve until SIGTERM/SIGINT (or cancellation). Reports the Engine once listening.
+
+    ``auth_listener`` is an already listening auth socket (a worker's, inherited
+    from the parent of ``server.workers``); the parent owns and removes it.
+    """
     mechanisms = [Mechanism(m) for m in config.server.mechanisms]
     # Sockets are opened before any nursery, so that their ConfigErrors reach
     # the caller as themselves rather than wrapped in an exception group.
     listener = None
-    if config.server.auth_socket:
+    owns_socket = auth_listener is None
+    if auth_listener is not None:
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(auth_listener))
+    elif config.server.auth_socket:
         listener = open_unix_listener(
             config.server.auth_socket,
             config.server.auth_socket_mode,
@@ -129,7 +145,7 @@ async def run_daemon(
                 task_status.started(engine)
             await registry.aclose()
     finally:
-        if listener is not None and config.server.auth_socket:
+        if listener is not None and config.server.auth_socket and owns_socket:
             with contextlib.suppress(OSError):
                 os.unlink(config.server.auth_socket)
     log.info("stopped")
