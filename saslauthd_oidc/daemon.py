@@ -94,21 +94,20 @@ async def run_daemon(
     *,
     task_status: trio.TaskStatus[Engine] = trio.TASK_STATUS_IGNORED,
     handle_signals: bool = True,
-    auth_listener: socket.socket | None = None,
+    auth_listener: trio.abc.Listener[trio.abc.Stream] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or cancellation). Reports the Engine once listening.
 
-    ``auth_listener`` is an already listening auth socket (a worker's, inherited
-    from the parent of ``server.workers``); the parent owns and removes it.
+    ``auth_listener`` listens on an auth socket opened by someone else (a
+    worker's, inherited from the parent of ``server.workers``, which owns and
+    removes the socket).
     """
     mechanisms = [Mechanism(m) for m in config.server.mechanisms]
     # Sockets are opened before any nursery, so that their ConfigErrors reach
     # the caller as themselves rather than wrapped in an exception group.
-    listener = None
+    listener: trio.abc.Listener[trio.abc.Stream] | None = auth_listener
     owns_socket = auth_listener is None
-    if auth_listener is not None:
-        listener = trio.SocketListener(trio.socket.from_stdlib_socket(auth_listener))
-    elif config.server.auth_socket:
+    if auth_listener is None and config.server.auth_socket:
         listener = open_unix_listener(
             config.server.auth_socket,
             config.server.auth_socket_mode,

@@ -8,6 +8,12 @@ its own ``trio.run`` with its own engine, caches and HTTP client
 nothing is shared at run time and a worker's crash costs only its own
 connections.
 
+Connections are long-lived (a Postfix ``smtpd`` keeps its one), so whoever
+wins ``accept`` first would otherwise collect a burst of them. Workers keep
+their connection counts in a small shared-memory table, and a worker that
+has more connections than a live sibling lets that sibling take a pending
+connection first (:class:`BalancedListener`): the load spreads evenly.
+
 The parent does no I/O of its own beyond supervising: it never starts trio
 (fork and a running event loop or threads do not mix), waits for signals with
 ``sigwaitinfo``, restarts a worker that died (logged, and at most once per
@@ -19,6 +25,8 @@ after ``STOP_TIMEOUT``), removes the socket and returns.
 from __future__ import annotations
 
 import contextlib
+import errno
+import mmap
 import os
 import signal
 import socket
@@ -37,13 +45,94 @@ RESTART_DELAY = 1.0
 STOP_TIMEOUT = 10.0
 _SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
 
-#: What a worker runs: the config and the inherited listening socket; returns an exit code.
-WorkerMain = Callable[[Config, socket.socket], int]
+#: How long a busier worker leaves a pending connection to a less busy one.
+DEFERRAL = 0.002
+
+#: What a worker runs: the config and its listener on the inherited socket; returns an exit code.
+WorkerMain = Callable[[Config, "BalancedListener"], int]
 
 
-def _default_worker_main(config: Config, listener: socket.socket) -> int:
+def _default_worker_main(config: Config, listener: BalancedListener) -> int:
     trio.run(lambda: run_daemon(config, auth_listener=listener))
     return 0
+
+
+class LoadTable:
+    """Per-worker connection counts and liveness, in memory shared across fork()."""
+
+    def __init__(self, slots: int) -> None:
+        self._map = mmap.mmap(-1, 16 * slots)  # anonymous and MAP_SHARED
+        view = memoryview(self._map).cast("q")
+        self.connections = view[:slots]
+        self.alive = view[slots:]
+
+    def busier_than_a_sibling(self, slot: int) -> bool:
+        mine = self.connections[slot]
+        return any(
+            self.alive[i] and self.connections[i] < mine
+            for i in range(len(self.connections))
+            if i != slot
+        )
+
+
+class BalancedListener(trio.abc.Listener[trio.abc.Stream]):
+    """Accepts on the shared socket, after less busy live siblings had their chance."""
+
+    def __init__(self, sock: socket.socket, table: LoadTable, slot: int) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._table = table
+        self._slot = slot
+
+    async def accept(self) -> trio.abc.Stream:
+        while True:
+            await trio.lowlevel.wait_readable(self._sock)
+            if self._table.busier_than_a_sibling(self._slot):
+                await trio.sleep(DEFERRAL)
+            try:
+                conn, _ = self._sock.accept()
+            except BlockingIOError:
+                continue  # a sibling took it
+            except OSError as exc:
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                raise
+            self._table.connections[self._slot] += 1
+            return _CountedStream(
+                trio.SocketStream(trio.socket.from_stdlib_socket(conn)), self._release
+            )
+
+    def _release(self) -> None:
+        self._table.connections[self._slot] -= 1
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+class _CountedStream(trio.abc.Stream):
+    """A connection that tells the load table when it closes."""
+
+    def __init__(self, inner: trio.SocketStream, on_close: Callable[[], None]) -> None:
+        self._inner = inner
+        self._on_close: Callable[[], None] | None = on_close
+        # The hot methods go straight to the socket stream, without a frame of ours.
+        self.send_all = inner.send_all  # type: ignore[method-assign]
+        self.receive_some = inner.receive_some  # type: ignore[method-assign]
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self._inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        if self._on_close is not None:
+            self._on_close()
+            self._on_close = None
+        await self._inner.aclose()
 
 
 class Supervisor:
@@ -60,6 +149,7 @@ class Supervisor:
         self.listener = listener
         self.count = config.server.workers
         self.worker_main = worker_main
+        self.table = LoadTable(self.count)
         self.workers: dict[int, int] = {}  # pid -> slot
         self._started: dict[int, float] = {}  # slot -> monotonic start time
         self._pending: dict[int, float] = {}  # slot -> when to restart it
@@ -72,13 +162,16 @@ class Supervisor:
                 signal.pthread_sigmask(signal.SIG_SETMASK, set())
                 for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
                     signal.signal(signum, signal.SIG_DFL)
-                code = self.worker_main(self.config, self.listener)
+                listener = BalancedListener(self.listener, self.table, slot)
+                code = self.worker_main(self.config, listener)
             except BaseException:  # a worker must never return into the parent's code
                 with contextlib.suppress(BaseException):
                     log.exception("worker_crashed", worker=slot)
             finally:
                 os._exit(code)
         self.workers[pid] = slot
+        self.table.connections[slot] = 0
+        self.table.alive[slot] = 1
         self._started[slot] = time.monotonic()
         log.info("worker_started", worker=slot, pid=pid)
 
@@ -118,6 +211,8 @@ class Supervisor:
             slot = self.workers.pop(pid, None)
             if slot is None:
                 continue
+            self.table.alive[slot] = 0
+            self.table.connections[slot] = 0
             log.error("worker_died", worker=slot, pid=pid, status=_describe(status))
             ran = time.monotonic() - self._started.get(slot, 0.0)
             self._pending[slot] = time.monotonic() + (RESTART_DELAY if ran < RESTART_DELAY else 0)

@@ -15,9 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
-from saslauthd_oidc.workers import _describe
+from saslauthd_oidc.workers import BalancedListener, LoadTable, _describe
 
 
 def children(pid: int) -> set[int]:
@@ -112,6 +114,24 @@ def test_workers_share_the_socket_restart_and_stop(issuer: DevIssuer, workdir: P
             spids.add(spid)
         assert spids <= workers  # every connection was served by a worker
 
+        # Connections held open at once spread evenly over the workers.
+        held = [socket.socket(socket.AF_UNIX) for _ in range(8)]
+        try:
+            per_worker: dict[int, int] = {}
+            for s in held:
+                s.settimeout(10)
+                s.connect(str(sock))
+                buf = b""
+                while b"DONE\n" not in buf:
+                    buf += s.recv(4096)
+                spid = int(buf.split(b"SPID\t")[1].split(b"\n")[0])
+                per_worker[spid] = per_worker.get(spid, 0) + 1
+                time.sleep(0.01)
+            assert sorted(per_worker.values()) == [4, 4], per_worker
+        finally:
+            for s in held:
+                s.close()
+
         victim = next(iter(workers))
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: len(children(proc.pid)) == 2 and victim not in children(proc.pid))
@@ -156,3 +176,48 @@ def _accepts(path: Path) -> bool:
 def test_describe_status() -> None:
     assert _describe(9) == "killed by SIGKILL"
     assert _describe(3 << 8) == "exit 3"
+
+
+def test_load_table() -> None:
+    table = LoadTable(3)
+    table.alive[0] = table.alive[1] = 1
+    table.connections[0] = 2
+    table.connections[1] = 1
+    table.connections[2] = 0  # dead: does not count
+    assert table.busier_than_a_sibling(0)
+    assert not table.busier_than_a_sibling(1)
+    table.alive[1] = 0
+    assert not table.busier_than_a_sibling(0)
+
+
+async def test_busier_listener_leaves_the_connection_to_its_sibling(workdir: Path) -> None:
+    path = str(workdir / "s")
+    raw = socket.socket(socket.AF_UNIX)
+    raw.bind(path)
+    raw.listen(8)
+    table = LoadTable(2)
+    table.alive[0] = table.alive[1] = 1
+    table.connections[0] = 3
+    twin = raw.dup()  # as a forked worker has it: another fd, the same socket
+    busy, idle = BalancedListener(raw, table, 0), BalancedListener(twin, table, 1)
+    winners: list[int] = []
+
+    async def take(slot: int, listener: BalancedListener) -> None:
+        stream = await listener.accept()
+        winners.append(slot)
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(take, 0, busy)
+        nursery.start_soon(take, 1, idle)
+        await trio.testing.wait_all_tasks_blocked()
+        client = await trio.open_unix_socket(path)
+        while not winners:
+            await trio.sleep(0.001)
+        nursery.cancel_scope.cancel()
+    await client.aclose()
+    raw.close()
+    twin.close()
+    assert winners == [1]
+    assert table.connections[1] == 0  # counted on accept, released on close
+    assert table.connections[0] == 3

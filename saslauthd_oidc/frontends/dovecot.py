@@ -46,7 +46,7 @@ _ACCEPT_RETRY_DELAY = 0.1
 
 
 async def serve_dovecot_listener(
-    listener: trio.SocketListener,
+    listener: trio.abc.Listener[trio.abc.Stream],
     authenticate: Authenticator,
     *,
     mechanisms: Sequence[Mechanism],
@@ -61,7 +61,7 @@ async def serve_dovecot_listener(
     cuids = itertools.count(1)
     spid = os.getpid()
 
-    async def serve_one(stream: trio.SocketStream) -> None:
+    async def serve_one(stream: trio.abc.Stream) -> None:
         try:
             await handle_dovecot_stream(
                 stream,
