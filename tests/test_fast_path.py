@@ -373,3 +373,21 @@ def test_filtered_authentication_log_is_skipped_and_warning_kept() -> None:
         assert '"level": "warning"' in out.getvalue()
     finally:
         configure_logging(LoggingConfig(level="info", format="json"))
+
+
+def test_cache_key_separates_provider_from_token() -> None:
+    from saslauthd_oidc.providers.cache import _key
+
+    assert _key("a", "bc") != _key("ab", "c")
+    assert _key("a\x00userinfo", "t") != _key("a", "\x00userinfotoken"[:0] + "t")
+    assert len(_key("a", "t")) == 32
+
+
+def test_peeked_claim_names_and_short_values_are_shared() -> None:
+    a, b = peek(token(iss=A, aud="web", jti="x" * 10)), peek(token(iss=A, aud="web", jti="y" * 10))
+    assert isinstance(a, UnverifiedToken) and isinstance(b, UnverifiedToken)
+    name_a = next(k for k in a.claims if k == "aud")
+    name_b = next(k for k in b.claims if k == "aud")
+    assert name_a is name_b
+    assert a.claims["iss"] is b.claims["iss"]
+    assert a.claims["jti"] != b.claims["jti"]

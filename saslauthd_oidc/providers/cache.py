@@ -43,6 +43,14 @@ STABLE_REFUSALS = frozenset(
 )
 
 
+def _key(provider: str, token: str) -> bytes:
+    """SHA-256 over the provider (length-prefixed) and the token: one small bytes per entry."""
+    name = provider.encode("utf-8", "surrogateescape")
+    digest = hashlib.sha256(len(name).to_bytes(4, "big") + name)
+    digest.update(token.encode("utf-8", "surrogateescape"))
+    return digest.digest()
+
+
 class Verifier(Protocol):
     async def verify(self, token: str, unverified: UnverifiedToken | None) -> Result: ...
 
@@ -77,8 +85,8 @@ class VerificationCache:
         self._ttl = config.ttl
         self._negative_ttl = config.negative_ttl
         self._clock = clock
-        self._entries: OrderedDict[tuple[str, bytes], _Entry] = OrderedDict()
-        self._flights: dict[tuple[str, bytes], _Flight] = {}
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._flights: dict[bytes, _Flight] = {}
         self.hits = 0
         self.misses = 0
 
@@ -90,7 +98,7 @@ class VerificationCache:
     ) -> Result:
         if self._max <= 0:
             return await verifier.verify(token, unverified)
-        key = (provider, hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest())
+        key = _key(provider, token)
         entry = self._entries.get(key)
         if entry is not None:
             if entry.until > self._clock():
@@ -119,7 +127,7 @@ class VerificationCache:
         """
         if self._max <= 0:
             return verify_now(verifier, token, unverified)
-        key = (provider, hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest())
+        key = _key(provider, token)
         entry = self._entries.get(key)
         if entry is not None:
             if entry.until > self._clock():
@@ -137,7 +145,7 @@ class VerificationCache:
 
     async def _lead(
         self,
-        key: tuple[str, bytes],
+        key: bytes,
         verifier: Verifier,
         token: str,
         unverified: UnverifiedToken | None,
@@ -154,7 +162,7 @@ class VerificationCache:
                 del self._flights[key]
             flight.done.set()
 
-    def _store(self, key: tuple[str, bytes], result: Result) -> None:
+    def _store(self, key: bytes, result: Result) -> None:
         now = self._clock()
         if isinstance(result, VerifiedClaims):
             until = min(now + self._ttl, result.expires_at)

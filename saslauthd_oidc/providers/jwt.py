@@ -27,6 +27,7 @@ import binascii
 import json
 import math
 import re
+import sys
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,12 +106,23 @@ class _DuplicateKeyError(ValueError):
     pass
 
 
+# Short string values are interned like the names: iss, aud, scope, client_id,
+# the user's sub and email repeat from token to token, and a verified token's
+# claims may sit in the cache for minutes. jti is unique per token by design.
+_INTERN_MAX = 128
+_UNIQUE_VALUES = frozenset({"jti"})
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
-        if key in out:
+        name = sys.intern(key)
+        if name in out:
             raise _DuplicateKeyError(key)
-        out[key] = value
+        if type(value) is str and len(value) <= _INTERN_MAX and name not in _UNIQUE_VALUES:
+            out[name] = sys.intern(value)
+        else:
+            out[name] = value
     return out
 
 
@@ -509,4 +521,4 @@ def verify_jwt(
     expires = check_time_claims(claims, now=now, leeway=leeway)
     if isinstance(expires, TokenRejected):
         return expires
-    return VerifiedClaims(claims=claims, header=dict(header), expires_at=expires)
+    return VerifiedClaims(claims=claims, header=header, expires_at=expires)
