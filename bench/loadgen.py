@@ -86,6 +86,12 @@ def cpu_ticks(pids: Sequence[int]) -> dict[int, int]:
     return ticks
 
 
+def busy_cpu_seconds() -> float:
+    """CPU time all cores spent busy since boot (``/proc/stat``: all but idle and iowait)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
+
+
 def tree_cpu_seconds(before: dict[int, int], after: dict[int, int]) -> float:
     return sum(after[p] - before.get(p, 0) for p in after) / CLK_TCK
 
@@ -181,6 +187,7 @@ class LoadResult:
     server_cpu_us: float  # per authentication, server process tree
     client_cpu_us: float  # per authentication, all client processes
     server_rss_kib: int
+    other_cpu_cores: float  # cores busy with anything but server and client during the run
 
 
 def _percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -206,14 +213,14 @@ def run_load(
     """
     connections = max(1, min(connections, requests))
     per_conn = [requests // connections + (c < requests % connections) for c in range(connections)]
-    plans: list[list[bytes]] = []
-    n = 0
-    for count in per_conn:
-        plan = []
-        for k in range(count):
-            plan.append(b"AUTH\t%d" % (first_id + k) + suffixes[(n + k * connections) % len(suffixes)])
-        plans.append(plan)
-        n += 1
+    pool = len(suffixes)
+    plans = [
+        [
+            b"AUTH\t%d" % (first_id + k) + suffixes[(c + k * connections) % pool]
+            for k in range(count)
+        ]
+        for c, count in enumerate(per_conn)
+    ]
     procs = max(1, min(procs, connections))
     ctx = mp.get_context("fork")
     barrier = ctx.Barrier(procs + 1)
@@ -226,9 +233,11 @@ def run_load(
         w.start()
     pids = process_tree(server_pid)
     before = cpu_ticks(pids)
+    busy0 = busy_cpu_seconds()
     barrier.wait()
     outs = [queue.get(timeout=900) for _ in workers]
     after = cpu_ticks(pids)
+    busy1 = busy_cpu_seconds()
     rss = rss_kib(pids)
     for w in workers:
         w.join()
@@ -237,6 +246,8 @@ def run_load(
     latencies = sorted(x for o in outs for x in o[2])
     done = len(latencies)
     seconds = end - start
+    server_cpu = tree_cpu_seconds(before, after)
+    client_cpu = sum(o[4] for o in outs)
     return LoadResult(
         requests=done,
         failures=sum(o[3] for o in outs),
@@ -245,9 +256,10 @@ def run_load(
         p50_ms=_percentile(latencies, 0.50) * 1000,
         p95_ms=_percentile(latencies, 0.95) * 1000,
         p99_ms=_percentile(latencies, 0.99) * 1000,
-        server_cpu_us=tree_cpu_seconds(before, after) / done * 1e6,
-        client_cpu_us=sum(o[4] for o in outs) / done * 1e6,
+        server_cpu_us=server_cpu / done * 1e6,
+        client_cpu_us=client_cpu / done * 1e6,
         server_rss_kib=rss,
+        other_cpu_cores=max(0.0, busy1 - busy0 - server_cpu - client_cpu) / seconds,
     )
 
 

@@ -74,14 +74,28 @@ def main(argv: list[str] | None = None) -> int:
         with run_all.ours(workdir, jwks, workers=1, level=args.log_level) as (sock, pid):
             run_load(str(sock), suffixes[:1], connections=1, requests=5, server_pid=pid)
             spy = subprocess.Popen(
-                ["py-spy", "record", "--pid", str(pid), "--format", "raw", "-o", str(args.out),
-                 "--rate", "500", "--nonblocking"],
+                [
+                    "py-spy",
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--format",
+                    "raw",
+                    "-o",
+                    str(args.out),
+                    "--rate",
+                    "500",
+                    "--nonblocking",
+                ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
             )
             time.sleep(1)
             result = run_load(
-                str(sock), suffixes, connections=args.connections, requests=args.requests,
+                str(sock),
+                suffixes,
+                connections=args.connections,
+                requests=args.requests,
                 server_pid=pid,
             )
             spy.send_signal(2)

@@ -152,13 +152,18 @@ def dovecot(workdir: Path, issuer: DevIssuer) -> Iterator[tuple[Path, int]]:
         kid = issuer.kid(alg)
         key_dir = d / "keys" / "default" / alg
         key_dir.mkdir(parents=True)
-        pem = _private_key(issuer, kid).public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        pem = (
+            _private_key(issuer, kid)
+            .public_key()
+            .public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
         )
         (key_dir / kid).write_bytes(pem)
     for sub in ("keys", "keys/default", "keys/default/RS256", "keys/default/ES256"):
         os.chmod(d / sub, 0o755)
-    (d / "dovecot.conf").write_text(_DOVECOT_CONF.format(d=d, tag=os.getpid(), debug=os.environ.get("BENCH_DOVECOT_DEBUG", "no")))
+    debug = os.environ.get("BENCH_DOVECOT_DEBUG", "no")
+    (d / "dovecot.conf").write_text(_DOVECOT_CONF.format(d=d, tag=os.getpid(), debug=debug))
     (d / "dovecot-oauth2.conf.ext").write_text(_DOVECOT_OAUTH2.format(d=d, issuer=ISSUER))
     with open(d / "dovecot-F.out", "wb") as out:
         proc = subprocess.Popen(
@@ -183,7 +188,7 @@ def dovecot(workdir: Path, issuer: DevIssuer) -> Iterator[tuple[Path, int]]:
 
 
 def _private_key(issuer: DevIssuer, kid: str) -> Any:
-    return issuer._keys[kid].private_key  # noqa: SLF001 - bench-only access
+    return issuer._keys[kid].private_key
 
 
 def _find_child(root: int, suffix: str) -> int:
@@ -316,7 +321,9 @@ def machine() -> dict[str, str]:
 
 def memory_scenario(sock: Path, pid: int, suffixes: list[bytes], idle: int) -> dict[str, float]:
     """Fill the cache with ``len(suffixes)`` tokens, open ``idle`` idle connections, read RSS."""
+    rss_start = rss_kib(process_tree(pid))
     fill = run_load(str(sock), suffixes, connections=8, requests=len(suffixes), server_pid=pid)
+    rss_filled = rss_kib(process_tree(pid))
     conns = []
     try:
         for _ in range(idle):
@@ -333,11 +340,17 @@ def memory_scenario(sock: Path, pid: int, suffixes: list[bytes], idle: int) -> d
     finally:
         for s in conns:
             s.close()
-    return {"cached": len(suffixes), "idle_connections": idle, "rss_mib": rss / 1024,
-            "fill_failures": fill.failures}
+    return {
+        "cached": len(suffixes),
+        "idle_connections": idle,
+        "rss_mib": rss / 1024,
+        "rss_started_mib": rss_start / 1024,
+        "rss_cache_filled_mib": rss_filled / 1024,
+        "fill_failures": fill.failures,
+    }
 
 
-def main(argv: list[str] | None = None) -> int:  # noqa: C901
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="saslauthd-oidc vs Dovecot 2.3 auth, side by side")
     p.add_argument("--quick", action="store_true", help="tiny loads: checks it runs, not speed")
     p.add_argument("--runs", type=int, default=3)
@@ -352,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     args = p.parse_args(argv)
     if args.quick:
         args.runs, args.requests, args.cached, args.idle = 1, 40, 50, 20
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     use_dovecot = not args.no_dovecot and Path(DOVECOT).exists() and os.geteuid() == 0
     if use_dovecot:
@@ -378,8 +391,16 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     (www / "jwks.json").write_text(json.dumps(issuer.jwks()))
     port = _free_port()
     http = subprocess.Popen(
-        [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(www),
-         str(port)],
+        [
+            sys.executable,
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+            str(www),
+            str(port),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -390,24 +411,39 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     rows: list[Row] = []
     extra: dict[str, Any] = {}
 
-    def series(name: str, server: str, sock: Path, pid: int, fn: Callable[[int], LoadResult]) -> Row:
+    def series(name: str, server: str, fn: Callable[[int], LoadResult]) -> Row:
         row = Row(name, server)
         for i in range(runs):
             row.runs.append(fn(i))
             r = row.runs[-1]
-            print(f"  {name} [{server}] run {i + 1}: {r.auths_per_s:.0f}/s p99 {r.p99_ms:.2f}ms "
-                  f"cpu {r.server_cpu_us:.0f}us client {r.client_cpu_us:.0f}us "
-                  f"fail {r.failures}", file=log)
+            print(
+                f"  {name} [{server}] run {i + 1}: {r.auths_per_s:.0f}/s p99 {r.p99_ms:.2f}ms "
+                f"cpu {r.server_cpu_us:.0f}us client {r.client_cpu_us:.0f}us "
+                f"fail {r.failures}",
+                file=log,
+            )
         rows.append(row)
         return row
 
     def unique(sock: Path, pid: int, alg: str, conns: int = 8) -> Callable[[int], LoadResult]:
-        return lambda i: run_load(str(sock), suffix[alg][i * n : (i + 1) * n], connections=conns,
-                                  requests=n, server_pid=pid, procs=args.procs)
+        return lambda i: run_load(
+            str(sock),
+            suffix[alg][i * n : (i + 1) * n],
+            connections=conns,
+            requests=n,
+            server_pid=pid,
+            procs=args.procs,
+        )
 
     def repeated(sock: Path, pid: int, conns: int, mult: int = 2) -> Callable[[int], LoadResult]:
-        return lambda i: run_load(str(sock), [check_suffix], connections=conns,
-                                  requests=n * mult, server_pid=pid, procs=args.procs)
+        return lambda i: run_load(
+            str(sock),
+            [check_suffix],
+            connections=conns,
+            requests=n * mult,
+            server_pid=pid,
+            procs=args.procs,
+        )
 
     try:
         _wait_http(port)
@@ -415,28 +451,27 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
             with dovecot(workdir, issuer) as (sock, pid):
                 check_accepts(sock, pid, check_suffix, "dovecot")
                 print("dovecot accepts the check token", file=log)
-                series("unique RS256, 8 conns", "dovecot", sock, pid, unique(sock, pid, "RS256"))
-                series("repeated token, 8 conns", "dovecot", sock, pid, repeated(sock, pid, 8))
-                series("repeated token, 64 conns", "dovecot", sock, pid, repeated(sock, pid, 64))
-                series("unique RS256, 64 conns", "dovecot", sock, pid,
-                       unique(sock, pid, "RS256", 64))
+                series("unique RS256, 8 conns", "dovecot", unique(sock, pid, "RS256"))
+                series("repeated token, 8 conns", "dovecot", repeated(sock, pid, 8))
+                series("repeated token, 64 conns", "dovecot", repeated(sock, pid, 64))
+                series("unique RS256, 64 conns", "dovecot", unique(sock, pid, "RS256", 64))
         for workers in (1, 2):
             w = f"ours w={workers}"
             with ours(workdir, jwks, workers=workers, level=args.log_level) as (sock, pid):
                 for _ in range(workers * 4):  # every worker loads its keys
                     check_accepts(sock, pid, check_suffix, "saslauthd-oidc")
                 print(f"{w} accepts the check token", file=log)
-                series("unique RS256, 8 conns", w, sock, pid, unique(sock, pid, "RS256"))
-                series("repeated token, 8 conns", w, sock, pid, repeated(sock, pid, 8))
-                series("repeated token, 64 conns", w, sock, pid, repeated(sock, pid, 64))
+                series("unique RS256, 8 conns", w, unique(sock, pid, "RS256"))
+                series("repeated token, 8 conns", w, repeated(sock, pid, 8))
+                series("repeated token, 64 conns", w, repeated(sock, pid, 64))
                 if workers == 1:
-                    series("unique ES256, 8 conns", w, sock, pid, unique(sock, pid, "ES256"))
-                    series("unique EdDSA, 8 conns", w, sock, pid, unique(sock, pid, "EdDSA"))
+                    series("unique ES256, 8 conns", w, unique(sock, pid, "ES256"))
+                    series("unique EdDSA, 8 conns", w, unique(sock, pid, "EdDSA"))
                 # reuses the RS256 slices: they are cached by now, so restart first
             with ours(workdir, jwks, workers=workers, level=args.log_level) as (sock, pid):
                 for _ in range(workers * 4):
                     check_accepts(sock, pid, check_suffix, "saslauthd-oidc")
-                series("unique RS256, 64 conns", w, sock, pid, unique(sock, pid, "RS256", 64))
+                series("unique RS256, 64 conns", w, unique(sock, pid, "RS256", 64))
         with ours(workdir, jwks, workers=1, level=args.log_level) as (sock, pid):
             check_accepts(sock, pid, check_suffix, "saslauthd-oidc")
             mem_pool = [auth_suffix(tok, USER) for tok in mint("EdDSA", args.cached)]
@@ -452,10 +487,23 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901
     report = render(rows, extra)
     print(report)
     if args.json:
-        args.json.write_text(json.dumps(
-            {"rows": [{"name": r.name, "server": r.server, "median": r.median,
-                       "runs": [asdict(x) for x in r.runs]} for r in rows], **extra},
-            indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "rows": [
+                        {
+                            "name": r.name,
+                            "server": r.server,
+                            "median": r.median,
+                            "runs": [asdict(x) for x in r.runs],
+                        }
+                        for r in rows
+                    ],
+                    **extra,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 
@@ -471,15 +519,15 @@ def _wait_http(port: int) -> None:
 def render(rows: list[Row], extra: dict[str, Any]) -> str:
     lines = [
         "| scenario | server | auths/s | p50 ms | p95 ms | p99 ms | server CPU µs/auth "
-        "| client CPU µs/auth |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| client CPU µs/auth | other busy cores |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         m = r.median
         lines.append(
             f"| {r.name} | {r.server} | {m['auths_per_s']:.0f} | {m['p50_ms']:.2f} "
             f"| {m['p95_ms']:.2f} | {m['p99_ms']:.2f} | {m['server_cpu_us']:.0f} "
-            f"| {m['client_cpu_us']:.0f} |"
+            f"| {m['client_cpu_us']:.0f} | {m['other_cpu_cores']:.2f} |"
         )
     by = {(r.name, r.server): r.median for r in rows}
     ssl = extra.get("openssl", {})
@@ -515,21 +563,35 @@ def render(rows: list[Row], extra: dict[str, Any]) -> str:
             ratio(f"workers=2 / workers=1 throughput, {name} (target >= 1.7)", x, x >= 1.7)
     mem = extra.get("memory")
     if mem:
-        ratio(f"RSS MiB, {mem['idle_connections']} idle conns + {mem['cached']} cached "
-              "(target < 60)", mem["rss_mib"], mem["rss_mib"] < 60)
+        ratio(
+            f"RSS MiB, {mem['idle_connections']} idle conns + {mem['cached']} cached (target < 60)",
+            mem["rss_mib"],
+            mem["rss_mib"] < 60,
+        )
+        out.append(
+            f"  (RSS at start {mem['rss_started_mib']:.1f} MiB, after filling the cache "
+            f"{mem['rss_cache_filled_mib']:.1f} MiB, then {mem['idle_connections']} idle "
+            f"connections: {mem['rss_mib']:.1f} MiB)"
+        )
     rsa = ours1["server_cpu_us"] if ours1 else None
     if rsa and "rsa2048" in verify_us:
         x = rsa / verify_us["rsa2048"]
         ratio("unique RS256 CPU/auth / one openssl RSA-2048 verify (target <= 3)", x, x <= 3)
         base = rsa - verify_us["rsa2048"]
         out.append(f"- overhead above the signature check, RS256: {base:.0f} µs")
-        for name, key in (("unique ES256, 8 conns", "ecdsap256"),
-                          ("unique EdDSA, 8 conns", "ed25519")):
+        for name, key in (
+            ("unique ES256, 8 conns", "ecdsap256"),
+            ("unique EdDSA, 8 conns", "ed25519"),
+        ):
             m = by.get((name, "ours w=1"))
             if m and key in verify_us:
                 over = m["server_cpu_us"] - verify_us[key]
-                ratio(f"overhead above the signature check, {name.split(',')[0]} µs "
-                      f"(target <= RS256's {base:.0f})", over, over <= base)
+                ratio(
+                    f"overhead above the signature check, {name.split(',')[0]} µs "
+                    f"(target <= RS256's {base:.0f})",
+                    over,
+                    over <= base,
+                )
     out.append("")
     out.append("openssl speed verify/s: " + ", ".join(f"{k} {v:.0f}" for k, v in ssl.items()))
     out.append("machine: " + json.dumps(extra.get("machine", {})))
