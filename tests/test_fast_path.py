@@ -391,3 +391,13 @@ def test_peeked_claim_names_and_short_values_are_shared() -> None:
     assert name_a is name_b
     assert a.claims["iss"] is b.claims["iss"]
     assert a.claims["jti"] != b.claims["jti"]
+
+
+def test_memoised_ip_parsing_agrees() -> None:
+    from saslauthd_oidc.protocol.dovecot import _canonical_ip, _parse_ip
+
+    for value in ["127.0.0.1", "::1", "0:0::1", "fe80::1%eth0", "1.2.3", "", "x" * 100]:
+        expected = _canonical_ip(value) if value else None
+        assert _parse_ip(value) == expected
+        assert _parse_ip(value) == expected  # memoised the second time
+    assert _parse_ip("0:0::1") == "::1"
