@@ -248,6 +248,7 @@ def ours(workdir: Path, jwks: str, *, workers: int, level: str) -> Iterator[tupl
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=_daemon_env(),
         )
     try:
         _wait_socket(sock, proc, "saslauthd-oidc")
@@ -258,6 +259,19 @@ def ours(workdir: Path, jwks: str, *, workers: int, level: str) -> Iterator[tupl
         yield sock, proc.pid
     finally:
         _stop(proc)
+
+
+def _daemon_env() -> dict[str, str]:
+    """The daemon's environment: ``BENCH_DAEMON_PYTHONPATH`` runs another copy of the package.
+
+    E.g. ``git archive <commit> saslauthd_oidc | tar -x -C /tmp/old`` and
+    ``BENCH_DAEMON_PYTHONPATH=/tmp/old`` to measure an older revision.
+    """
+    env = dict(os.environ)
+    other = env.pop("BENCH_DAEMON_PYTHONPATH", None)
+    if other:
+        env["PYTHONPATH"] = other
+    return env
 
 
 # --------------------------------------------------------------------------- scenarios
@@ -360,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-dovecot", action="store_true")
     p.add_argument("--cached", type=int, default=100_000, help="memory scenario: cached tokens")
     p.add_argument("--idle", type=int, default=1000, help="memory scenario: idle connections")
+    p.add_argument("--workers", default="1,2", help="worker counts to run, e.g. 1,2")
     p.add_argument("--workdir", type=Path)
     p.add_argument("--json", type=Path, help="write all results here")
     args = p.parse_args(argv)
@@ -455,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
                 series("repeated token, 8 conns", "dovecot", repeated(sock, pid, 8))
                 series("repeated token, 64 conns", "dovecot", repeated(sock, pid, 64))
                 series("unique RS256, 64 conns", "dovecot", unique(sock, pid, "RS256", 64))
-        for workers in (1, 2):
+        for workers in [int(w) for w in args.workers.split(",")]:
             w = f"ours w={workers}"
             with ours(workdir, jwks, workers=workers, level=args.log_level) as (sock, pid):
                 for _ in range(workers * 4):  # every worker loads its keys
