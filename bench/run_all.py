@@ -249,6 +249,7 @@ def ours(workdir: Path, jwks: str, *, workers: int, level: str) -> Iterator[tupl
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env=_daemon_env(),
+            cwd=d,  # not the checkout: ``-m`` would import the package from the cwd first
         )
     try:
         _wait_socket(sock, proc, "saslauthd-oidc")
