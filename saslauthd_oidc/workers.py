@@ -36,7 +36,7 @@ from collections.abc import Callable
 import structlog
 import trio
 
-from saslauthd_oidc.config import Config
+from saslauthd_oidc.config import Config, ConfigError
 from saslauthd_oidc.daemon import bind_unix_socket, run_daemon
 
 log = structlog.get_logger("saslauthd_oidc.workers")
@@ -257,7 +257,22 @@ def serve_workers(config: Config, *, worker_main: WorkerMain = _default_worker_m
     """Bind the auth socket, run ``config.server.workers`` workers on it, clean up after."""
     path = config.server.auth_socket
     if not path:
-        raise ValueError("server.workers > 1 needs server.auth_socket")
+        raise ConfigError("server.workers", "more than one worker needs server.auth_socket")
+    others = [
+        key
+        for key, value in (
+            ("saslauthd_socket", config.server.saslauthd_socket),
+            ("http_listen", config.server.http_listen),
+        )
+        if value
+    ]
+    if others:
+        # Each worker would bind these itself and all but one would fail:
+        # until they are bound here and inherited like the auth socket, refuse.
+        raise ConfigError(
+            "server.workers",
+            f"more than one worker shares only auth_socket so far, not {', '.join(others)}",
+        )
     listener = bind_unix_socket(
         path, config.server.auth_socket_mode, config.server.auth_socket_group
     )

@@ -221,3 +221,22 @@ async def test_busier_listener_leaves_the_connection_to_its_sibling(workdir: Pat
     assert winners == [1]
     assert table.connections[1] == 0  # counted on accept, released on close
     assert table.connections[0] == 3
+
+
+def test_workers_refuse_sockets_they_cannot_share_yet(tmp_path: Path) -> None:
+    from saslauthd_oidc.config import ConfigError, parse_config
+    from saslauthd_oidc.workers import serve_workers
+
+    base = {
+        "provider": [{"name": "p", "issuer": "https://idp.example"}],
+        "rule": [{"name": "r", "provider": "p", "audiences": ["mail"]}],
+    }
+    for server in (
+        {"workers": 2, "auth_socket": str(tmp_path / "a"), "http_listen": "127.0.0.1:0"},
+        {"workers": 2, "auth_socket": str(tmp_path / "a"), "saslauthd_socket": "/tmp/x"},
+        {"workers": 2, "auth_socket": ""},
+    ):
+        with pytest.raises(ConfigError) as info:
+            serve_workers(parse_config({**base, "server": server}))
+        assert info.value.key == "server.workers"
+    assert not (tmp_path / "a").exists()
