@@ -502,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     extra["machine"] = machine()
     report = render(rows, extra)
     print(report)
+    failed = sum(r.failures for row in rows for r in row.runs)
+    if failed:
+        print(f"\n{failed} authentications failed: the numbers above are not comparable")
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -520,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                 indent=2,
             )
         )
-    return 0
+    return 1 if failed else 0
 
 
 def _wait_http(port: int) -> None:
