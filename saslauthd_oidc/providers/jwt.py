@@ -130,6 +130,12 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
 
 
+# One decoder, built once (json.loads with hooks would build one per call).
+_STRICT_DECODER = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
+)
+
+
 def json_depth_ok(text: str, max_depth: int = MAX_JSON_DEPTH) -> bool:
     """True when ``text`` nests objects/arrays at most ``max_depth`` deep (strings skipped)."""
     if text.count("{") + text.count("[") <= max_depth:
@@ -164,7 +170,7 @@ def strict_json_loads(data: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     text = data.decode("utf-8")
     if not json_depth_ok(text, max_depth):
         raise ValueError("JSON nested too deeply")
-    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    return _STRICT_DECODER.decode(text)
 
 
 # --------------------------------------------------------------------------- peek
