@@ -296,6 +296,25 @@ async def test_inline_tempfail_disconnects(nursery: trio.Nursery, socket_path: s
     assert stub.seen == []
 
 
+async def test_pipelined_inline_requests_all_answered(
+    nursery: trio.Nursery,
+    socket_path: str,  # noqa: F811
+) -> None:
+    from tests.test_frontend_dovecot import auth_line
+
+    stub, inline = Stub(), InlineStub()
+    await _serve(nursery, socket_path, stub, inline)
+    client = await Client.connect(socket_path)
+    await client.handshake()
+    await client.send(
+        *(auth_line(rid, f"now-u{rid}") for rid in range(1, 11)), auth_line(11, "good-x")
+    )
+    replies = sorted([await client.line() or "" for _ in range(11)])
+    assert replies == sorted(
+        [f"OK\t{rid}\tuser=u{rid}" for rid in range(1, 11)] + ["OK\t11\tuser=x"]
+    )
+
+
 def test_outcome_of_inline_tempfail_is_tempfail() -> None:
     assert Verdict(reason=Reason.PROVIDER_UNAVAILABLE).outcome is Outcome.TEMPFAIL
 

@@ -161,7 +161,11 @@ class _Session:
                 data = bytes(await self._stream.receive_some(_RECEIVE_SIZE))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 data = b""
-            for need in connection.receive_data(data):
+            for index, need in enumerate(connection.receive_data(data)):
+                if index:
+                    # A client that pipelines many requests must not keep the
+                    # others waiting for all of its inline verdicts.
+                    await trio.lowlevel.checkpoint()
                 verdict = self._verdict_now(need)
                 if verdict is None:
                     nursery.start_soon(self._conclude_one, need)
