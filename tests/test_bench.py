@@ -76,3 +76,13 @@ def test_render_prints_the_table_and_ratios() -> None:
         "workers=2 / workers=1 throughput, unique RS256, 8 conns (target >= 1.7): 1.80 MET" in text
     )
     assert "RSS MiB" in text
+
+
+def test_render_survives_a_run_too_short_to_read_cpu_ticks() -> None:
+    rows = [
+        Row("unique RS256, 8 conns", "dovecot", [_result(1000, 0.0)]),
+        Row("unique RS256, 8 conns", "ours w=1", [_result(500, 0.0)]),
+    ]
+    text = render(rows, {"openssl": {"rsa2048": 50000.0}, "machine": {}})
+    assert "unique RS256 throughput ours/dovecot (target >= 1): 0.50 MISSED" in text
+    assert "CPU/auth ours/dovecot" not in text
