@@ -37,6 +37,7 @@ from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
 from saslauthd_oidc.rules import config_warnings, ordered
 from saslauthd_oidc.systemd import ActivationError, Notifier, take_listen_fds
+from saslauthd_oidc.workers import serve_workers
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_TEMPFAIL = 0, 1, 2, 3
 _EXIT_FOR = {Outcome.OK: EXIT_OK, Outcome.FAIL: EXIT_REFUSED, Outcome.TEMPFAIL: EXIT_TEMPFAIL}
@@ -76,13 +77,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     passed = take_listen_fds()
     path = resolve_config_path(args.config)
     config = load_config(path)
-    configure_logging(config.logging)
+    configure_logging(config.logging, cache_loggers=True)
     if isinstance(passed, ActivationError):
         raise ConfigError("LISTEN_FDS", f"socket activation: {passed.detail}")
 
     log = structlog.get_logger("saslauthd_oidc.daemon")
     for warning in config_warnings(config):
         log.warning("config", warning=warning)
+    if config.server.workers > 1:
+        if passed:
+            raise ConfigError(
+                "server.workers",
+                "socket activation passes one set of sockets; use workers = 1 with it",
+            )
+        return serve_workers(config)
     notifier = Notifier()
     trio.run(
         lambda: run_daemon(

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any, Protocol
 
 import httpx
 import structlog
@@ -76,12 +77,7 @@ def open_unix_listener(
     backlog: int = 512,
     key: str = "server.auth_socket",
 ) -> trio.SocketListener:
-    """Bind a Unix stream socket with the configured mode and group.
-
-    A stale socket file is replaced; one that answers belongs to another
-    running daemon and is an error, as is a path that is not a socket.
-    ``key`` names the setting in errors (its ``_group`` key for the group).
-    """
+    """Bind a Unix stream socket with the configured mode and group (see open_unix_socket)."""
     raw = open_unix_socket(path, mode, group, backlog=backlog, key=key)
     return trio.SocketListener(trio.socket.from_stdlib_socket(raw))
 
@@ -232,8 +228,8 @@ def sort_passed_fds(passed: Mapping[str, Sequence[int]]) -> dict[str, list[int]]
 class Listeners:
     """The daemon's listening sockets, bound here or passed by systemd."""
 
-    auth: DrainableListener | None = None
-    saslauthd: DrainableListener | None = None
+    auth: DrainableListener[Any] | None = None  # a trio socket listener, or a worker's
+    saslauthd: DrainableListener[trio.SocketStream] | None = None
     http: list[socket.socket] = field(default_factory=list)
     bound_paths: list[str] = field(default_factory=list)  # socket files this run created
     passed: list[str] = field(default_factory=list)  # names systemd passed
@@ -255,17 +251,39 @@ class Listeners:
                 os.unlink(path)
 
 
-def _wrap(raw: socket.socket) -> DrainableListener:
-    return DrainableListener(trio.SocketListener(trio.socket.from_stdlib_socket(raw)))
+class InheritedListener(Protocol):
+    """A listener on a socket someone else owns (a worker's ``BalancedListener``)."""
+
+    @property
+    def socket(self) -> socket.socket: ...
+
+    async def accept(self) -> trio.abc.Stream: ...
+
+    async def aclose(self) -> None: ...
 
 
-def open_listeners(config: Config, passed: Mapping[str, Sequence[int]] | None = None) -> Listeners:
-    """Take over the sockets systemd passed; bind the configured ones it did not pass."""
+def _wrap(raw: socket.socket) -> DrainableListener[trio.SocketStream]:
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(raw))
+    return DrainableListener(listener, listener.socket)
+
+
+def open_listeners(
+    config: Config,
+    passed: Mapping[str, Sequence[int]] | None = None,
+    *,
+    auth: InheritedListener | None = None,
+) -> Listeners:
+    """Take over the sockets systemd passed; bind the configured ones it did not pass.
+
+    ``auth`` is an auth listener someone else owns (a worker's inherited socket).
+    """
     server = config.server
     fds = sort_passed_fds(passed) if passed else {}
     out = Listeners(passed=sorted(fds))
     try:
-        if "auth" in fds:
+        if auth is not None:
+            out.auth = DrainableListener(auth, auth.socket)
+        elif "auth" in fds:
             out.auth = _wrap(
                 adopt_passed_socket(fds["auth"][0], "auth", "server.auth_socket", unix_only=True)
             )
@@ -307,7 +325,7 @@ def open_listeners(config: Config, passed: Mapping[str, Sequence[int]] | None = 
     return out
 
 
-def _name(listener: DrainableListener) -> str:
+def _name(listener: DrainableListener[Any]) -> str:
     address = listener.socket.getsockname()
     return address if isinstance(address, str) and address else str(address)
 
@@ -429,11 +447,15 @@ async def run_daemon(
     passed_fds: Mapping[str, Sequence[int]] | None = None,
     notifier: Notifier | None = None,
     load: Callable[[], Config] | None = None,
+    auth_listener: InheritedListener | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or cancellation). Reports the first Engine once listening.
 
     ``passed_fds`` are systemd's sockets by name (:func:`saslauthd_oidc.systemd.take_listen_fds`).
     ``load`` reads the configuration again on SIGHUP (default: the file it came from).
+    ``auth_listener`` listens on an auth socket opened by someone else (a
+    worker's, inherited from the parent of ``server.workers``, which owns and
+    removes the socket).
     """
     mechanisms = [Mechanism(m) for m in config.server.mechanisms]
     notifier = notifier or Notifier({})
@@ -452,7 +474,7 @@ async def run_daemon(
         )
     if config.server.http_listen or config.server.http_socket or http_passed:
         caller_auth = load_caller_auth(config.http)
-    listeners = open_listeners(config, passed_fds)
+    listeners = open_listeners(config, passed_fds, auth=auth_listener)
     deadline = config.server.request_timeout + FRONTEND_DEADLINE_MARGIN
     try:
         async with make_http_client() as client:
@@ -513,6 +535,7 @@ async def run_daemon(
                             request_timeout=deadline,
                             max_connections=config.server.max_connections,
                             line_timeout=config.server.line_timeout,
+                            authenticate_now=metrics.instrument_now(current.authenticate_now),
                         )
                     )
                     log.info("listening", socket=_name(listeners.auth), protocol="dovecot")

@@ -11,10 +11,16 @@ order, to the providers of the context-fitting rules that can introspect (or,
 as a last resort, call userinfo), until one accepts it. When a rule's username
 needs claims the token lacks and its provider has ``userinfo = true``, the
 userinfo answer fills them in (cached like verifications).
+
+:meth:`Engine.authenticate_now` runs the very same decision synchronously
+when it needs no I/O (a cached verification, or a JWT whose provider's keys
+are fresh), so that frontends can answer without spawning a task; it gives
+up (None) at the first verification that would have to wait.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -33,7 +39,7 @@ from saslauthd_oidc.identity import (
 )
 from saslauthd_oidc.outcome import DiscoveryHint, Outcome, Reason, RuleTrace, Verdict
 from saslauthd_oidc.providers.answers import merge_userinfo
-from saslauthd_oidc.providers.cache import VerificationCache
+from saslauthd_oidc.providers.cache import VerificationCache, Verifier
 from saslauthd_oidc.providers.jwt import (
     TokenRejected,
     UnverifiedToken,
@@ -65,6 +71,10 @@ _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 # socket negotiates no mechanism (its requests are PLAIN: login + token as
 # password); configuring server.saslauthd_socket is its opt-in.
 _UNNEGOTIATED_FRONTENDS = frozenset({"saslauthd"})
+
+
+class _WouldBlock(Exception):
+    """The synchronous path (:meth:`Engine.authenticate_now`) needs I/O to go on."""
 
 
 class TokenVerifier(Protocol):
@@ -109,6 +119,9 @@ class Engine:
         self._rules = ordered(config.rules)
         self._mechanisms = frozenset(config.server.mechanisms)
         self._providers = {p.name: p for p in config.providers}
+        self._hints = {
+            id(rule): discovery_hint(rule, self._providers[rule.provider]) for rule in self._rules
+        }
 
     async def authenticate(self, request: AuthRequest) -> Verdict:
         """Decide within ``server.request_timeout`` and log the one line for it.
@@ -127,8 +140,52 @@ class Engine:
         self._log(request, verdict, self._clock() - started)
         return verdict
 
+    def authenticate_now(self, request: AuthRequest) -> Verdict | None:
+        """:meth:`authenticate` without I/O, or None when the verdict needs I/O.
+
+        Covers cached verifications and JWTs whose provider's keys are loaded
+        and fresh: the same decision as :meth:`authenticate` (it runs the same
+        code, with verifications that never suspend), logged the same way. A
+        frontend answers these inline and spawns a task only for the rest.
+        """
+        started = self._clock()
+        coro = self._evaluate(request, now=True)
+        try:
+            coro.send(None)
+        except StopIteration as stop:
+            verdict: Verdict = stop.value
+        except _WouldBlock:
+            return None
+        except Exception:
+            log.exception("engine error", token=request.credentials.fingerprint)
+            verdict = Verdict(reason=Reason.INTERNAL_ERROR, detail="unexpected engine error")
+        else:  # pragma: no cover - nothing on the synchronous path suspends
+            coro.close()
+            return None
+        self._log(request, verdict, self._clock() - started)
+        return verdict
+
     async def evaluate(self, request: AuthRequest) -> Verdict:
         """Decide without logging: ``explain`` calls this directly."""
+        return await self._evaluate(request, now=False)
+
+    async def _verify(
+        self,
+        cache_key: str,
+        verifier: Verifier,
+        token: str,
+        unverified: UnverifiedToken | None,
+        *,
+        now: bool,
+    ) -> VerifiedClaims | TokenRejected:
+        if not now:
+            return await self.cache.verify(cache_key, verifier, token, unverified)
+        result = self.cache.verify_now(cache_key, verifier, token, unverified)
+        if result is None:
+            raise _WouldBlock
+        return result
+
+    async def _evaluate(self, request: AuthRequest, *, now: bool) -> Verdict:
         if (
             request.mechanism.is_sasl
             and request.context.frontend not in _UNNEGOTIATED_FRONTENDS
@@ -152,7 +209,7 @@ class Engine:
                 detail="no rule fits this request's context",
                 trace=tuple(trace),
             )
-        hint = discovery_hint(candidates[0], self._providers[candidates[0].provider])
+        hint = self._hints[id(candidates[0])]
 
         def refuse(reason: Reason, detail: str) -> Verdict:
             return Verdict(reason=reason, detail=detail, hint=hint, trace=tuple(trace))
@@ -181,7 +238,7 @@ class Engine:
                             "not a JWT, and its provider cannot introspect",
                         )
                     )
-            return await self._select(request, opaque, None, hint, trace)
+            return await self._select(request, opaque, None, hint, trace, now=now)
 
         iss = unverified.claims.get("iss")
         by_issuer = [r for r in candidates if self._providers[r.provider].accepts_issuer(iss)]
@@ -191,7 +248,7 @@ class Engine:
         only_fallbacks = candidates[0].fallback
         same_issuer = [r for r in by_issuer if only_fallbacks or not r.fallback]
         if same_issuer:
-            hint = discovery_hint(same_issuer[0], self._providers[same_issuer[0].provider])
+            hint = self._hints[id(same_issuer[0])]
         for rule in candidates:
             if rule not in by_issuer:
                 trace.append(
@@ -201,7 +258,7 @@ class Engine:
                 )
         if not by_issuer:
             return refuse(Reason.UNKNOWN_ISSUER, "no rule's provider has the token's issuer")
-        return await self._select(request, by_issuer, unverified, hint, trace)
+        return await self._select(request, by_issuer, unverified, hint, trace, now=now)
 
     async def _select(
         self,
@@ -210,6 +267,8 @@ class Engine:
         unverified: UnverifiedToken | None,
         hint: DiscoveryHint,
         trace: list[RuleTrace],
+        *,
+        now: bool = False,
     ) -> Verdict:
         """Verify with each rule's provider (once per provider); the first rule that holds wins."""
         results: dict[str, VerifiedClaims | TokenRejected] = {}
@@ -217,11 +276,12 @@ class Engine:
         temporary: tuple[Reason, str] | None = None
         for rule in rules:
             if rule.provider not in results:
-                results[rule.provider] = await self.cache.verify(
+                results[rule.provider] = await self._verify(
                     rule.provider,
                     self.providers.get(rule.provider),
                     request.credentials.token,
                     unverified,
+                    now=now,
                 )
             result = results[rule.provider]
             if isinstance(result, TokenRejected):
@@ -237,7 +297,7 @@ class Engine:
                 if refusal is None or _DEPTH.get(mismatch.reason, 0) > _DEPTH.get(refusal[0], 0):
                     refusal = (mismatch.reason, mismatch.detail)
                 continue
-            return await self._conclude(request, rule, result.claims, hint, trace)
+            return await self._conclude(request, rule, result.claims, hint, trace, now=now)
         verdict_reason = temporary or refusal
         assert verdict_reason is not None
         return Verdict(
@@ -245,18 +305,19 @@ class Engine:
         )
 
     async def _enrich(
-        self, request: AuthRequest, rule: RuleConfig, claims: Mapping[str, Any]
+        self, request: AuthRequest, rule: RuleConfig, claims: Mapping[str, Any], *, now: bool
     ) -> Mapping[str, Any] | TokenRejected:
         """Claims plus userinfo's, when the username needs claims the token lacks."""
         if not self._providers[rule.provider].userinfo:
             return claims
         if all(name in claims for name in template_claims(rule.username)):
             return claims
-        answer = await self.cache.verify(
+        answer = await self._verify(
             rule.provider + "\x00userinfo",
             _UserinfoLookup(self.providers.get(rule.provider)),
             request.credentials.token,
             None,
+            now=now,
         )
         if isinstance(answer, TokenRejected):
             return TokenRejected(answer.reason, f"userinfo enrichment: {answer.detail}")
@@ -269,6 +330,8 @@ class Engine:
         claims: Mapping[str, Any],
         hint: DiscoveryHint,
         trace: list[RuleTrace],
+        *,
+        now: bool,
     ) -> Verdict:
         def refuse(reason: Reason, detail: str) -> Verdict:
             trace.append(RuleTrace(rule.name, False, reason, detail))
@@ -281,7 +344,7 @@ class Engine:
                 trace=tuple(trace),
             )
 
-        enriched = await self._enrich(request, rule, claims)
+        enriched = await self._enrich(request, rule, claims, now=now)
         if isinstance(enriched, TokenRejected):
             return refuse(enriched.reason, enriched.detail)
         claims = enriched
@@ -306,6 +369,10 @@ class Engine:
         )
 
     def _log(self, request: AuthRequest, verdict: Verdict, latency: float) -> None:
+        tempfail = verdict.outcome is Outcome.TEMPFAIL
+        enabled = getattr(log, "is_enabled_for", None)
+        if enabled is not None and not enabled(logging.WARNING if tempfail else logging.INFO):
+            return  # filtered out: do not even build the fields
         ctx = request.context
         fields: dict[str, Any] = {
             "mech": request.mechanism.value,

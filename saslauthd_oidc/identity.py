@@ -10,6 +10,7 @@ Postfix never unescapes replies. Pure functions, no I/O.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
@@ -46,8 +47,10 @@ FILTERS: dict[str, Callable[[str], str]] = {
 assert tuple(FILTERS) == USERNAME_FILTERS, "config validates the filters identity applies"
 
 
-def template_claims(template: str) -> list[str]:
-    return [body.split("|")[0].strip() for body in _PLACEHOLDER.findall(template)]
+@functools.lru_cache(maxsize=256)
+def template_claims(template: str) -> tuple[str, ...]:
+    """The claims a username template reads (memoised: templates come from the config)."""
+    return tuple(body.split("|")[0].strip() for body in _PLACEHOLDER.findall(template))
 
 
 def render_username(
@@ -103,6 +106,8 @@ def validate_account(name: str, *, normalize: bool = True) -> str | IdentityErro
         return IdentityError(Reason.INVALID_ACCOUNT, "account name is empty")
     if len(name) > MAX_ACCOUNT_LENGTH:
         return IdentityError(Reason.INVALID_ACCOUNT, "account name is too long")
+    if name.isascii() and name.isprintable() and " " not in name:
+        return name  # printable ASCII without a space: no control or separator character
     for ch in name:
         cat = unicodedata.category(ch)
         if ch.isspace() or cat.startswith("C") or cat in ("Zl", "Zp", "Zs"):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 
@@ -110,6 +110,13 @@ class Current:
             if self.in_flight == 0:
                 self._idle.set()
 
+    def authenticate_now(self, request: AuthRequest) -> Verdict | None:
+        """The engine's no-I/O verdict, or None (then :meth:`authenticate` is used)."""
+        if self.draining:
+            return None
+        engine_now = getattr(self.engine, "authenticate_now", None)
+        return engine_now(request) if engine_now is not None else None
+
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI entry point that delegates to the HTTP app in service."""
         app = self.http_app
@@ -128,7 +135,25 @@ class Current:
         return self.in_flight
 
 
-class DrainableListener(trio.abc.Listener[trio.SocketStream]):
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+    def getsockname(self) -> Any: ...
+
+
+StreamT = TypeVar("StreamT", bound=trio.abc.Stream)
+StreamT_co = TypeVar("StreamT_co", bound=trio.abc.Stream, covariant=True)
+
+
+class Accepting(Protocol[StreamT_co]):
+    """What :class:`DrainableListener` wraps: a trio listener, or a worker's own."""
+
+    async def accept(self) -> StreamT_co: ...
+
+    async def aclose(self) -> None: ...
+
+
+class DrainableListener(trio.abc.Listener[StreamT], Generic[StreamT]):
     """A ``trio.SocketListener`` whose accepting can be stopped on its own.
 
     After :meth:`stop_accepting`, ``accept`` blocks forever (the serving task
@@ -138,16 +163,17 @@ class DrainableListener(trio.abc.Listener[trio.SocketStream]):
     queues new connections for the next start.
     """
 
-    def __init__(self, inner: trio.SocketListener) -> None:
+    def __init__(self, inner: Accepting[StreamT], sock: _Closable) -> None:
         self.inner = inner
+        self._socket = sock
         self.stopped = False
         self._scope: trio.CancelScope | None = None
 
     @property
-    def socket(self) -> trio.socket.SocketType:
-        return self.inner.socket
+    def socket(self) -> _Closable:
+        return self._socket
 
-    async def accept(self) -> trio.SocketStream:
+    async def accept(self) -> StreamT:
         if not self.stopped:
             with trio.CancelScope() as scope:
                 self._scope = scope
@@ -165,7 +191,7 @@ class DrainableListener(trio.abc.Listener[trio.SocketStream]):
         self.stopped = True
         if self._scope is not None:
             self._scope.cancel()
-        self.inner.socket.close()
+        self._socket.close()
 
     async def aclose(self) -> None:
         await self.inner.aclose()

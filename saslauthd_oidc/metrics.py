@@ -103,6 +103,20 @@ class Metrics:
 
         return instrumented
 
+    def instrument_now(
+        self, authenticate_now: Callable[[AuthRequest], Verdict | None]
+    ) -> Callable[[AuthRequest], Verdict | None]:
+        """The no-I/O fast path, counted and timed like :meth:`instrument` when it decides."""
+
+        def instrumented(request: AuthRequest) -> Verdict | None:
+            started = self._clock()
+            verdict = authenticate_now(request)
+            if verdict is not None:
+                self.observe(request, verdict, self._clock() - started)
+            return verdict
+
+        return instrumented
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 

@@ -42,7 +42,15 @@ def redact_secrets(
     return event
 
 
-def configure_logging(cfg: LoggingConfig, stream: TextIO | None = None) -> None:
+def configure_logging(
+    cfg: LoggingConfig, stream: TextIO | None = None, *, cache_loggers: bool = False
+) -> None:
+    """Configure structlog once for the process.
+
+    ``cache_loggers`` (the daemon sets it) makes every module's logger bind
+    once, on first use, instead of on every call; tests leave it off so that
+    they can reconfigure logging between cases.
+    """
     level = logging.getLevelNamesMapping()[cfg.level.upper()]
     renderer: Any = (
         structlog.processors.JSONRenderer()
@@ -60,5 +68,5 @@ def configure_logging(cfg: LoggingConfig, stream: TextIO | None = None) -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=cache_loggers,
     )

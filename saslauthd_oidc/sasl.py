@@ -66,6 +66,12 @@ def _is_control(ch: str) -> bool:
     return code < 0x20 or 0x7F <= code <= 0x9F
 
 
+def _has_control(text: str) -> bool:
+    if text.isascii() and text.isprintable():
+        return False  # printable ASCII has no control character
+    return any(map(_is_control, text))
+
+
 def _identity(raw: bytes, what: str) -> str | SaslError:
     """A user name as the client sent it: UTF-8, no control character (the Dovecot
     protocol is TAB/LF framed, so one must never reach an ``OK user=`` line)."""
@@ -73,7 +79,7 @@ def _identity(raw: bytes, what: str) -> str | SaslError:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         return _malformed(f"{what} is not valid UTF-8")
-    if any(_is_control(ch) for ch in text):
+    if _has_control(text):
         return _malformed(f"{what} contains a control character")
     return text
 
@@ -450,7 +456,7 @@ class SaslExchange:
             return self._unexpected()
         if verdict.ok:
             account = verdict.account
-            if not isinstance(account, str) or not account or any(map(_is_control, account)):
+            if not isinstance(account, str) or not account or _has_control(account):
                 return self._fail(
                     Verdict(
                         reason=Reason.INTERNAL_ERROR,

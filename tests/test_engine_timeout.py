@@ -73,3 +73,23 @@ async def test_timeout_is_counted_in_metrics(autojump_clock: trio.abc.Clock) -> 
     assert [(s.labels["reason"], s.labels["outcome"], s.value) for s in samples] == [
         ("timeout", "tempfail", 1.0)
     ]
+
+
+def test_inline_verdicts_are_counted_and_deferred_ones_are_not() -> None:
+    """The Dovecot frontend's no-I/O fast path goes through Metrics.instrument_now."""
+    from saslauthd_oidc.outcome import Verdict
+
+    metrics = Metrics()
+    answers: list[Verdict | None] = [Verdict(reason=Reason.OK, account="a@b"), None]
+    inline = metrics.instrument_now(lambda request: answers.pop(0))
+    request = AuthRequest(Mechanism.XOAUTH2, Credentials("t"))
+    assert inline(request) is not None
+    assert inline(request) is None
+    body, _ = metrics.render()
+    samples = [
+        (s.labels["reason"], s.value)
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+        if s.name == "saslauthd_oidc_authentications_total"
+    ]
+    assert samples == [("ok", 1.0)]

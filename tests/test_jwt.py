@@ -444,6 +444,70 @@ def test_non_string_sub_rejected() -> None:
     assert reason(verify(token("ES256", sub=42))) is Reason.BAD_CLAIM
 
 
+def test_non_string_jti_rejected() -> None:
+    assert reason(verify(token("ES256", jti=7))) is Reason.BAD_CLAIM
+
+
+# ----------------------------------------------------- claims are those of the signed token
+
+
+def _verify_with(tok: str, unverified: UnverifiedToken) -> VerifiedClaims | TokenRejected:
+    return verify_jwt(
+        tok, unverified, KEYS, issuer=ISS, algorithms=ALL_ASYM, leeway=60, token_types=(), now=NOW
+    )
+
+
+def test_peek_of_another_token_is_not_trusted() -> None:
+    signed = token("ES256", sub="alice")
+    other = must_peek(token("ES256", sub="mallory"))
+    result = _verify_with(signed, other)
+    assert isinstance(result, VerifiedClaims)
+    assert result.claims["sub"] == "alice"
+
+
+def test_hand_made_unverified_token_is_reparsed() -> None:
+    signed = token("ES256", sub="alice")
+    real = must_peek(signed)
+    forged = UnverifiedToken(header=real.header, claims={**real.claims, "sub": "mallory"})
+    result = _verify_with(signed, forged)
+    assert isinstance(result, VerifiedClaims)
+    assert result.claims["sub"] == "alice"
+
+
+def test_peek_with_a_different_header_is_refused() -> None:
+    signed = token("ES256", sub="alice")
+    other = must_peek(token("ES384", kid="k384"))
+    assert reason(_verify_with(signed, other)) is Reason.MALFORMED_TOKEN
+
+
+def test_key_bound_to_another_algorithm_is_refused() -> None:
+    import jwt as pyjwt
+
+    ps256 = pyjwt.PyJWK(RSA_JWK, algorithm="PS256")
+    keys = KeySet(keys={("k1", "RS256"): ps256})
+    tok = token("RS256")
+    result = verify_jwt(
+        tok,
+        must_peek(tok),
+        keys,
+        issuer=ISS,
+        algorithms=ALL_ASYM,
+        leeway=60,
+        token_types=(),
+        now=NOW,
+    )
+    assert reason(result) is Reason.UNSUPPORTED_ALGORITHM
+
+
+@pytest.mark.parametrize("alg", ["RS256", "PS256", "ES256", "ES384", "EdDSA"])
+def test_signature_of_another_token_does_not_verify(alg: str) -> None:
+    kid = "k384" if alg == "ES384" else "k1"
+    a, b = token(alg, kid=kid, sub="alice"), token(alg, kid=kid, sub="bob")
+    spliced = a.rsplit(".", 1)[0] + "." + b.rsplit(".", 1)[1]
+    assert reason(verify(spliced)) is Reason.BAD_SIGNATURE
+    assert reason(verify(a)) is Reason.OK
+
+
 # --------------------------------------------------------------------------- row 11: iss
 
 

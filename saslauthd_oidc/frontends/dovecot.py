@@ -2,7 +2,11 @@
 
 This module owns the I/O for the auth socket: accepting connections (bounded),
 one task per connection, one task per pending authentication, the per-request
-timeout, serialised writes, and what happens when a client vanishes. All wire
+timeout, serialised writes, and what happens when a client vanishes. When an
+``authenticate_now`` callable is given (the engine's no-I/O fast path), a
+request it can answer at once (a cached token, a JWT whose keys are fresh) is
+answered by the connection's reader without a task or timer of its own; only
+requests that need I/O get a task. All wire
 decisions are made by :mod:`saslauthd_oidc.protocol.dovecot`; all
 authentication decisions by the ``authenticate`` callable (the engine).
 """
@@ -15,6 +19,7 @@ import math
 import os
 import secrets
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import structlog
 import trio
@@ -23,9 +28,16 @@ from saslauthd_oidc.outcome import Outcome, Reason, Verdict
 from saslauthd_oidc.protocol.dovecot import DovecotServerConnection, NeedVerdict
 from saslauthd_oidc.request import AuthRequest, Mechanism
 
-__all__ = ["Authenticator", "handle_dovecot_stream", "serve_dovecot_listener"]
+__all__ = [
+    "Authenticator",
+    "InlineAuthenticator",
+    "handle_dovecot_stream",
+    "serve_dovecot_listener",
+]
 
 Authenticator = Callable[[AuthRequest], Awaitable[Verdict]]
+#: The engine's no-I/O fast path: a verdict now, or None when it needs a task.
+InlineAuthenticator = Callable[[AuthRequest], Verdict | None]
 
 log = structlog.get_logger("saslauthd_oidc.dovecot")
 
@@ -36,7 +48,7 @@ _ACCEPT_RETRY_DELAY = 0.1
 
 
 async def serve_dovecot_listener(
-    listener: trio.abc.Listener[trio.SocketStream],
+    listener: trio.abc.Listener[Any],  # any stream: a worker's listener counts its connections
     authenticate: Authenticator,
     *,
     mechanisms: Sequence[Mechanism],
@@ -44,6 +56,7 @@ async def serve_dovecot_listener(
     request_timeout: float = 5.0,
     max_connections: int = 4096,
     line_timeout: float = 30.0,
+    authenticate_now: InlineAuthenticator | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept connections on ``listener`` forever, at most ``max_connections`` at a time."""
@@ -51,7 +64,7 @@ async def serve_dovecot_listener(
     cuids = itertools.count(1)
     spid = os.getpid()
 
-    async def serve_one(stream: trio.SocketStream) -> None:
+    async def serve_one(stream: trio.abc.Stream) -> None:
         try:
             await handle_dovecot_stream(
                 stream,
@@ -62,6 +75,7 @@ async def serve_dovecot_listener(
                 tempfail_disconnect=tempfail_disconnect,
                 request_timeout=request_timeout,
                 line_timeout=line_timeout,
+                authenticate_now=authenticate_now,
             )
         finally:
             slots.release()
@@ -92,6 +106,7 @@ async def handle_dovecot_stream(
     tempfail_disconnect: bool = False,
     request_timeout: float = 5.0,
     line_timeout: float = 30.0,
+    authenticate_now: InlineAuthenticator | None = None,
 ) -> None:
     """Serve one auth-client connection until EOF, a fatal protocol error or disconnect.
 
@@ -111,6 +126,7 @@ async def handle_dovecot_stream(
         request_timeout,
         tempfail_disconnect,
         line_timeout=line_timeout,
+        authenticate_now=authenticate_now,
     )
     log.debug("connection_open", cuid=cuid)
     async with stream:
@@ -130,9 +146,11 @@ class _Session:
         tempfail_disconnect: bool,
         *,
         line_timeout: float = 30.0,
+        authenticate_now: InlineAuthenticator | None = None,
     ) -> None:
         self._stream = stream
         self._line_timeout = line_timeout
+        self._authenticate_now = authenticate_now
         self._connection = connection
         self._authenticate = authenticate
         self._request_timeout = request_timeout
@@ -169,8 +187,22 @@ class _Session:
                     in_flight=connection.in_flight,
                 )
                 return
-            for need in connection.receive_data(data):
-                nursery.start_soon(self._conclude_one, need)
+            for index, need in enumerate(connection.receive_data(data)):
+                if index:
+                    # A client that pipelines many requests must not keep the
+                    # others waiting for all of its inline verdicts.
+                    await trio.lowlevel.checkpoint()
+                verdict = self._verdict_now(need)
+                if verdict is None:
+                    nursery.start_soon(self._conclude_one, need)
+                elif self._tempfail_disconnect and verdict.outcome is Outcome.TEMPFAIL:
+                    log.info("tempfail_disconnect", request_id=need.request_id)
+                    self._log_protocol_errors()
+                    await self._flush()
+                    self._cancel_scope.cancel()
+                    return
+                else:
+                    connection.conclude(need.request_id, verdict)
             if b"\n" in data:
                 line_started = trio.current_time() if connection.partial_line else None
             elif line_started is None and connection.partial_line:
@@ -192,6 +224,20 @@ class _Session:
         self._connection.conclude(need.request_id, verdict)
         await self._flush()
 
+    def _verdict_now(self, need: NeedVerdict) -> Verdict | None:
+        if self._authenticate_now is None:
+            return None
+        try:
+            return self._authenticate_now(need.request)
+        except Exception as exc:  # the engine's bug must not take the connection down
+            log.error(
+                "authenticate_failed",
+                request_id=need.request_id,
+                error=type(exc).__name__,
+                exc_info=True,
+            )
+            return Verdict(reason=Reason.INTERNAL_ERROR, detail="authenticator raised")
+
     async def _verdict_for(self, need: NeedVerdict) -> Verdict:
         with trio.move_on_after(self._request_timeout):
             try:
@@ -207,10 +253,19 @@ class _Session:
         return Verdict(reason=Reason.TIMEOUT, detail="request_timeout exceeded")
 
     async def _flush(self) -> None:
-        async with self._write_lock:
+        if not self._connection.has_output:
+            return
+        # Uncontended (the usual case), taking the lock costs no trip to the scheduler.
+        try:
+            self._write_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._write_lock.acquire()
+        try:
             data = self._connection.data_to_send()
             if data:
                 await self._send(data)
+        finally:
+            self._write_lock.release()
 
     async def _send(self, data: bytes) -> None:
         try:

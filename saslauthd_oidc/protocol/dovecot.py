@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import binascii
 import enum
+import functools
 import ipaddress
 import re
 from collections.abc import Sequence
@@ -189,6 +190,11 @@ class DovecotServerConnection:
         out = b"".join(self._out)
         self._out.clear()
         return out
+
+    @property
+    def has_output(self) -> bool:
+        """Whether :meth:`data_to_send` has anything."""
+        return bool(self._out)
 
     def take_protocol_errors(self) -> list[ProtocolError]:
         errors, self._errors = self._errors, []
@@ -509,6 +515,22 @@ def _parse_auth_params(fields: Sequence[str]) -> _AuthParams:
 def _parse_ip(value: str | None) -> str | None:
     if not value:
         return None
+    if len(value) <= _MEMO_IP_MAX:
+        return _canonical_ip_memo(value)
+    return _canonical_ip(value)
+
+
+# Memoised for short values only, so the memo stays small whatever clients send.
+_MEMO_IP_MAX = 64
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical_ip_memo(value: str) -> str | None:
+    """:func:`_canonical_ip`, memoised: the same few client addresses repeat."""
+    return _canonical_ip(value)
+
+
+def _canonical_ip(value: str) -> str | None:
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:

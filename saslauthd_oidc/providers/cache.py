@@ -7,12 +7,14 @@ acceptance later are cached, for ``negative_ttl``; temporary failures and
 refusals that a key rotation or the clock may change (unknown key, not yet
 valid) are never cached. Concurrent verifications of the same new token share
 one call to the provider (single-flight). Bounded: least recently used
-entries go first.
+entries go first. :meth:`VerificationCache.verify_now` is the synchronous
+twin used by the engine's no-I/O fast path.
 """
 
 from __future__ import annotations
 
 import hashlib
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection
@@ -42,14 +44,35 @@ STABLE_REFUSALS = frozenset(
 )
 
 
+def _key(provider: str, token: str) -> bytes:
+    """SHA-256 over the provider (length-prefixed) and the token: one small bytes per entry."""
+    name = provider.encode("utf-8", "surrogateescape")
+    digest = hashlib.sha256(len(name).to_bytes(4, "big") + name)
+    digest.update(token.encode("utf-8", "surrogateescape"))
+    return digest.digest()
+
+
 class Verifier(Protocol):
     async def verify(self, token: str, unverified: UnverifiedToken | None) -> Result: ...
+
+
+def verify_now(verifier: Verifier, token: str, unverified: UnverifiedToken | None) -> Result | None:
+    """The verifier's answer without I/O (its ``verify_now``), or None when it needs I/O.
+
+    A verifier without a ``verify_now`` method always needs its async ``verify``.
+    """
+    now = getattr(verifier, "verify_now", None)
+    if now is None:
+        return None
+    result: Result | None = now(token, unverified)
+    return result
 
 
 @dataclass(slots=True)
 class _Entry:
     result: Result
     until: float
+    provider: str  # whose answer it is (the key is a hash): a reload drops by provider
 
 
 @dataclass(slots=True)
@@ -64,8 +87,8 @@ class VerificationCache:
         self._ttl = config.ttl
         self._negative_ttl = config.negative_ttl
         self._clock = clock
-        self._entries: OrderedDict[tuple[str, bytes], _Entry] = OrderedDict()
-        self._flights: dict[tuple[str, bytes], _Flight] = {}
+        self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._flights: dict[bytes, _Flight] = {}
         self.hits = 0
         self.misses = 0
 
@@ -77,7 +100,7 @@ class VerificationCache:
     ) -> Result:
         if self._max <= 0:
             return await verifier.verify(token, unverified)
-        key = (provider, hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest())
+        key = _key(provider, token)
         entry = self._entries.get(key)
         if entry is not None:
             if entry.until > self._clock():
@@ -93,11 +116,39 @@ class VerificationCache:
                 return flight.result
             # the leader was cancelled (its request timed out): verify ourselves
         self.misses += 1
-        return await self._lead(key, verifier, token, unverified)
+        return await self._lead(key, provider, verifier, token, unverified)
+
+    def verify_now(
+        self, provider: str, verifier: Verifier, token: str, unverified: UnverifiedToken | None
+    ) -> Result | None:
+        """Like :meth:`verify`, synchronously: None when the answer needs I/O.
+
+        A cached result, or the verifier's own synchronous answer (a JWT whose
+        provider's keys are loaded and fresh), stored as :meth:`verify` would.
+        A token whose verification is already in flight is left to that flight.
+        """
+        if self._max <= 0:
+            return verify_now(verifier, token, unverified)
+        key = _key(provider, token)
+        entry = self._entries.get(key)
+        if entry is not None:
+            if entry.until > self._clock():
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return entry.result
+            del self._entries[key]
+        if key in self._flights:
+            return None
+        result = verify_now(verifier, token, unverified)
+        if result is not None:
+            self.misses += 1
+            self._store(key, provider, result)
+        return result
 
     async def _lead(
         self,
-        key: tuple[str, bytes],
+        key: bytes,
+        provider: str,
         verifier: Verifier,
         token: str,
         unverified: UnverifiedToken | None,
@@ -107,14 +158,14 @@ class VerificationCache:
         try:
             result = await verifier.verify(token, unverified)
             flight.result = result
-            self._store(key, result)
+            self._store(key, provider, result)
             return result
         finally:
             if self._flights.get(key) is flight:
                 del self._flights[key]
             flight.done.set()
 
-    def _store(self, key: tuple[str, bytes], result: Result) -> None:
+    def _store(self, key: bytes, provider: str, result: Result) -> None:
         now = self._clock()
         if isinstance(result, VerifiedClaims):
             until = min(now + self._ttl, result.expires_at)
@@ -124,7 +175,7 @@ class VerificationCache:
             return
         if until <= now:
             return
-        self._entries[key] = _Entry(result, until)
+        self._entries[key] = _Entry(result, until, sys.intern(provider))
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
@@ -138,7 +189,7 @@ class VerificationCache:
         Userinfo answers (kept under ``"<provider>\\x00userinfo"``) go with their provider.
         """
         gone = set(names)
-        doomed = [k for k in self._entries if k[0].split("\x00", 1)[0] in gone]
+        doomed = [k for k, e in self._entries.items() if e.provider.split("\x00", 1)[0] in gone]
         for key in doomed:
             del self._entries[key]
         return len(doomed)

@@ -11,8 +11,10 @@ No trio, no httpx, no clock of its own: :func:`verify_jwt` receives ``now``.
   only come from a provider's configured secret.
 * :func:`verify_jwt` checks ``alg`` against the allow-list, refuses ``crit``,
   applies the ``typ`` policy, looks the key up (never from ``jku``/``x5u``/
-  ``jwk``/``x5c``), verifies signature and ``iss`` through PyJWT and checks the
-  time claims itself.
+  ``jwk``/``x5c``), verifies the signature over the signing input with the
+  key's PyJWT algorithm object (built once per JWKS), and then checks the
+  claims :func:`peek` already parsed — exact ``iss``, ``sub``/``jti`` types and
+  the time claims — so a token's JSON is decoded once.
 
 Results are values: :class:`VerifiedClaims` or :class:`TokenRejected`. No
 ``detail`` string ever contains the token.
@@ -25,11 +27,13 @@ import binascii
 import json
 import math
 import re
+import sys
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import jwt as pyjwt
+from cryptography.exceptions import InvalidSignature
 from jwt import exceptions as jwt_exc
 
 from saslauthd_oidc.outcome import Reason
@@ -72,6 +76,9 @@ class UnverifiedToken:
 
     header: Mapping[str, Any]
     claims: Mapping[str, Any] = field(repr=False)
+    #: The compact JWS these were parsed from (set by :func:`peek`), so that
+    #: :func:`verify_jwt` can use these claims once the signature over it holds.
+    token: str | None = field(default=None, repr=False, compare=False)
 
     @property
     def issuer(self) -> str | None:
@@ -99,17 +106,34 @@ class _DuplicateKeyError(ValueError):
     pass
 
 
+# Short string values are interned like the names: iss, aud, scope, client_id,
+# the user's sub and email repeat from token to token, and a verified token's
+# claims may sit in the cache for minutes. jti is unique per token by design.
+_INTERN_MAX = 128
+_UNIQUE_VALUES = frozenset({"jti"})
+
+
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in pairs:
-        if key in out:
+        name = sys.intern(key)
+        if name in out:
             raise _DuplicateKeyError(key)
-        out[key] = value
+        if type(value) is str and len(value) <= _INTERN_MAX and name not in _UNIQUE_VALUES:
+            out[name] = sys.intern(value)
+        else:
+            out[name] = value
     return out
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"non-standard JSON constant {name}")
+
+
+# One decoder, built once (json.loads with hooks would build one per call).
+_STRICT_DECODER = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
+)
 
 
 def json_depth_ok(text: str, max_depth: int = MAX_JSON_DEPTH) -> bool:
@@ -146,7 +170,7 @@ def strict_json_loads(data: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     text = data.decode("utf-8")
     if not json_depth_ok(text, max_depth):
         raise ValueError("JSON nested too deeply")
-    return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    return _STRICT_DECODER.decode(text)
 
 
 # --------------------------------------------------------------------------- peek
@@ -212,7 +236,7 @@ def peek(token: str, *, max_bytes: int = MAX_TOKEN_BYTES) -> UnverifiedToken | T
     claims = _decode_object(body_seg, "payload")
     if isinstance(claims, TokenRejected):
         return claims
-    return UnverifiedToken(header=header, claims=claims)
+    return UnverifiedToken(header=header, claims=claims, token=token)
 
 
 # --------------------------------------------------------------------------- key sets
@@ -429,42 +453,38 @@ def check_header(
     return None
 
 
-def _map_pyjwt_error(exc: Exception) -> TokenRejected:
-    if isinstance(exc, jwt_exc.InvalidSignatureError):
-        return TokenRejected(Reason.BAD_SIGNATURE, "signature does not verify")
-    if isinstance(exc, jwt_exc.InvalidIssuerError):
-        return TokenRejected(Reason.WRONG_ISSUER, "iss does not match the provider")
-    if isinstance(exc, jwt_exc.MissingRequiredClaimError):
-        reason = Reason.WRONG_ISSUER if exc.claim == "iss" else Reason.BAD_CLAIM
-        return TokenRejected(reason, f"{exc.claim} claim missing")
-    if isinstance(exc, jwt_exc.InvalidAlgorithmError):
+def _check_signature(token: str, key: pyjwt.PyJWK, alg: str) -> TokenRejected | None:
+    """Verify the JWS signature over the signing input with the key's own algorithm object.
+
+    The key was built for exactly ``alg`` (:class:`KeySet` binds every key to one
+    algorithm of its family); a key bound to another algorithm is refused.
+    """
+    if key.algorithm_name != alg:
         return TokenRejected(Reason.UNSUPPORTED_ALGORITHM, "algorithm does not fit the key")
-    if isinstance(exc, jwt_exc.InvalidKeyError):
-        return TokenRejected(Reason.UNKNOWN_KEY, "key unusable for this algorithm")
-    if isinstance(exc, jwt_exc.InvalidSubjectError | jwt_exc.InvalidJTIError):
-        return TokenRejected(Reason.BAD_CLAIM, "sub/jti claim is not a string")
-    return TokenRejected(Reason.MALFORMED_TOKEN, f"undecodable JWT ({type(exc).__name__})")
-
-
-def _signature_and_issuer(
-    token: str, key: pyjwt.PyJWK, alg: str, issuer: str
-) -> dict[str, Any] | TokenRejected:
-    options: Any = {
-        "verify_signature": True,
-        "verify_aud": False,
-        "verify_exp": False,
-        "verify_nbf": False,
-        "verify_iat": False,
-        "verify_iss": True,
-        "require": ["exp", "iss"],
-    }
+    signing_input, _, sig_seg = token.rpartition(".")
     try:
-        claims: dict[str, Any] = pyjwt.decode(
-            token, key, algorithms=[alg], options=options, issuer=issuer
-        )
-    except (jwt_exc.PyJWTError, ValueError, TypeError) as exc:
-        return _map_pyjwt_error(exc)
-    return claims
+        signature = _b64url_decode(sig_seg)
+        valid = key.Algorithm.verify(signing_input.encode("ascii"), key.key, signature)
+    except (ValueError, TypeError, InvalidSignature):
+        valid = False
+    except jwt_exc.PyJWTError:
+        return TokenRejected(Reason.UNKNOWN_KEY, "key unusable for this algorithm")
+    if not valid:
+        return TokenRejected(Reason.BAD_SIGNATURE, "signature does not verify")
+    return None
+
+
+def _check_registered_claims(claims: Mapping[str, Any], issuer: str) -> TokenRejected | None:
+    """Exact ``iss``; ``sub`` and ``jti`` are strings when present (as PyJWT checks them)."""
+    iss = claims.get("iss")
+    if iss is None:
+        return TokenRejected(Reason.WRONG_ISSUER, "iss claim missing")
+    if iss != issuer or not isinstance(iss, str):
+        return TokenRejected(Reason.WRONG_ISSUER, "iss does not match the provider")
+    for name in ("sub", "jti"):
+        if name in claims and not isinstance(claims[name], str):
+            return TokenRejected(Reason.BAD_CLAIM, "sub/jti claim is not a string")
+    return None
 
 
 def verify_jwt(
@@ -489,14 +509,22 @@ def verify_jwt(
     if key is None:
         shown = kid[:40] if isinstance(kid, str) else None
         return TokenRejected(Reason.UNKNOWN_KEY, f"no {alg} key for kid {shown!r}")
-    claims = _signature_and_issuer(token, key, alg, issuer)
-    if isinstance(claims, TokenRejected):
-        return claims
-    if claims != unverified.claims:
-        return TokenRejected(Reason.MALFORMED_TOKEN, "verified payload differs from the peek")
-    if claims.get("iss") != issuer:  # belt and braces: exact string equality
-        return TokenRejected(Reason.WRONG_ISSUER, "iss does not match the provider")
+    if unverified.token != token:
+        # Claims must come from the very token whose signature is checked.
+        reparsed = peek(token)
+        if isinstance(reparsed, TokenRejected):
+            return reparsed
+        if reparsed.header != header:
+            return TokenRejected(Reason.MALFORMED_TOKEN, "token differs from the peek")
+        unverified = reparsed
+    refused = _check_signature(token, key, alg)
+    if refused is not None:
+        return refused
+    claims = unverified.claims
+    refused = _check_registered_claims(claims, issuer)
+    if refused is not None:
+        return refused
     expires = check_time_claims(claims, now=now, leeway=leeway)
     if isinstance(expires, TokenRejected):
         return expires
-    return VerifiedClaims(claims=claims, header=dict(header), expires_at=expires)
+    return VerifiedClaims(claims=claims, header=header, expires_at=expires)

@@ -182,6 +182,28 @@ class OidcProvider:
                 result = self._verify_with(token, unverified, keys)
         return result
 
+    def verify_now(
+        self, token: str, unverified: UnverifiedToken | None
+    ) -> VerifiedClaims | TokenRejected | None:
+        """:meth:`verify` without I/O, or None when it would fetch something.
+
+        Answers for a JWT when the key set is loaded and fresh, unless the key
+        is unknown (which may refetch the JWKS); opaque tokens always need I/O.
+        """
+        if unverified is None:
+            return None
+        if self.needs_jwks and (
+            self._jwks is None or self._clock() - self._loaded_at >= self._jwks_lifetime
+        ):
+            return None
+        keys = self._keyset()
+        if keys is None:
+            return None
+        result = self._verify_with(token, unverified, keys)
+        if self._should_refetch(result, unverified):
+            return None
+        return result
+
     def _verify_with(
         self, token: str, unverified: UnverifiedToken, keys: KeySet
     ) -> VerifiedClaims | TokenRejected:

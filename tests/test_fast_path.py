@@ -1,0 +1,422 @@
+"""The no-I/O fast path: Engine.authenticate_now, cache and provider verify_now, inline replies.
+
+The fast path must decide exactly as the async path does, and give up (None)
+whenever an answer needs I/O: opaque tokens, keys not loaded or stale, an
+unknown kid (which may refetch), userinfo enrichment not cached yet, a
+verification already in flight.
+"""
+
+from __future__ import annotations
+
+import functools
+import unicodedata
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from saslauthd_oidc.config import CacheConfig, ProviderConfig, parse_config
+from saslauthd_oidc.devissuer import DevIssuer
+from saslauthd_oidc.engine import Engine
+from saslauthd_oidc.outcome import Outcome, Reason, Verdict
+from saslauthd_oidc.providers import OidcProvider, TokenRejected, VerifiedClaims, peek
+from saslauthd_oidc.providers.cache import VerificationCache
+from saslauthd_oidc.providers.http import make_http_client
+from saslauthd_oidc.providers.jwt import UnverifiedToken
+from saslauthd_oidc.request import AuthRequest
+from tests.providers_helpers import FakeClock
+from tests.test_engine import CONFIG, A, B, FakeLookup, FakeVerifier, request, token
+from tests.test_frontend_dovecot import MECHS, Client, Stub, socket_path  # noqa: F401
+
+
+class SyncVerifier(FakeVerifier):
+    """FakeVerifier that can also answer synchronously (as a provider with fresh keys)."""
+
+    def __init__(self, issuer: str, verdicts: dict[str, TokenRejected]) -> None:
+        super().__init__(issuer, verdicts)
+        self.now_calls = 0
+        self.blocking = False
+
+    def verify_now(
+        self, tok: str, unverified: UnverifiedToken | None
+    ) -> VerifiedClaims | TokenRejected | None:
+        self.now_calls += 1
+        if self.blocking or unverified is None:
+            return None
+        if unverified.claims.get("iss") != self.issuer:
+            return TokenRejected(Reason.WRONG_ISSUER, "iss")
+        rejection = self.verdicts.get(str(unverified.claims.get("jti")))
+        if rejection:
+            return rejection
+        return VerifiedClaims(dict(unverified.claims), dict(unverified.header), 2e9)
+
+
+REJECTIONS = {
+    "sig": TokenRejected(Reason.BAD_SIGNATURE, "sig"),
+    "down": TokenRejected(Reason.PROVIDER_UNAVAILABLE, "down"),
+}
+
+REQUESTS = [
+    request(token(iss=A, aud="web", email="alice@example.org")),
+    request(token(iss=A, aud="desk", preferred_username="bob", scope="mail")),
+    request(token(iss=A, aud="desk", preferred_username="bob", scope="other")),
+    request(token(iss=A, aud="web", jti="sig", email="alice@example.org")),
+    request(token(iss=A, aud="web", jti="down", email="alice@example.org")),
+    request(token(iss=B, aud="any", email="carol@b.example")),
+    request(token(iss="https://unknown", aud="web")),
+    request(token(iss=A, aud="web", email="alice@example.org"), user="mallory@example.org"),
+    request("not a jwt at all"),
+    request(token(iss=A, aud="web", email="alice@example.org"), service="imap"),
+]
+
+
+def _engine(verifier: type[FakeVerifier]) -> tuple[Engine, FakeLookup]:
+    lookup = FakeLookup(a=verifier(A, REJECTIONS), b=verifier(B, REJECTIONS))
+    return Engine(parse_config(CONFIG), lookup), lookup
+
+
+def _summary(v: Verdict) -> tuple[Any, ...]:
+    return (v.reason, v.account, v.rule, v.provider, v.hint, v.trace)
+
+
+@pytest.mark.parametrize("index", range(len(REQUESTS)))
+async def test_fast_path_decides_as_the_async_path(index: int) -> None:
+    req = REQUESTS[index]
+    slow, _ = _engine(FakeVerifier)
+    fast, _ = _engine(SyncVerifier)
+    expected = await slow.authenticate(req)
+    now = fast.authenticate_now(req)
+    assert now is not None  # every verifier answers synchronously here
+    assert _summary(now) == _summary(expected)
+
+
+async def test_fast_path_uses_and_fills_the_cache() -> None:
+    engine, lookup = _engine(SyncVerifier)
+    req = REQUESTS[0]
+    first = engine.authenticate_now(req)
+    assert first is not None and first.ok
+    second = engine.authenticate_now(req)
+    assert second is not None and second.account == first.account
+    verifier = lookup.verifiers["a"]
+    assert isinstance(verifier, SyncVerifier)
+    assert verifier.now_calls == 1
+    assert engine.cache.hits == 1
+    # The async path sees the fast path's cache entry too.
+    assert (await engine.authenticate(req)).ok
+    assert verifier.calls == 0
+
+
+async def test_fast_path_gives_up_when_the_verifier_needs_io() -> None:
+    engine, _ = _engine(FakeVerifier)  # no verify_now at all
+    assert engine.authenticate_now(REQUESTS[0]) is None
+    assert (await engine.authenticate(REQUESTS[0])).ok  # now cached
+    cached = engine.authenticate_now(REQUESTS[0])
+    assert cached is not None and cached.ok
+    engine2, lookup2 = _engine(SyncVerifier)
+    blocking = lookup2.verifiers["a"]
+    assert isinstance(blocking, SyncVerifier)
+    blocking.blocking = True
+    assert engine2.authenticate_now(REQUESTS[0]) is None
+    assert len(engine2.cache) == 0
+
+
+async def test_fast_path_engine_error_is_internal_error() -> None:
+    engine, lookup = _engine(SyncVerifier)
+
+    def broken(*_: Any) -> None:
+        raise RuntimeError("bug")
+
+    lookup.verifiers["a"].verify_now = broken  # type: ignore[attr-defined]
+    verdict = engine.authenticate_now(REQUESTS[0])
+    assert verdict is not None and verdict.reason is Reason.INTERNAL_ERROR
+
+
+USERINFO_CONFIG = {
+    "provider": [{"name": "a", "issuer": A, "userinfo": True}],
+    "rule": [{"name": "web", "provider": "a", "audiences": ["web"], "username": "{email}"}],
+}
+
+
+class UserinfoVerifier(SyncVerifier):
+    async def userinfo(self, tok: str) -> VerifiedClaims | TokenRejected:
+        return VerifiedClaims({"sub": "s", "email": "eve@example.org"}, {}, 2e9)
+
+
+async def test_fast_path_waits_for_uncached_userinfo_then_uses_it() -> None:
+    lookup = FakeLookup(a=UserinfoVerifier(A, {}))
+    engine = Engine(parse_config(USERINFO_CONFIG), lookup)
+    req = request(token(iss=A, aud="web", sub="s"), user=None)
+    assert engine.authenticate_now(req) is None  # userinfo not cached: needs I/O
+    slow = await engine.authenticate(req)
+    assert slow.account == "eve@example.org"
+    fast = engine.authenticate_now(req)
+    assert fast is not None and fast.account == "eve@example.org"
+
+
+# --------------------------------------------------------------------------- cache
+
+
+class _Never:
+    async def verify(self, token: str, unverified: UnverifiedToken | None) -> Any:
+        await trio.sleep_forever()
+
+
+async def test_cache_verify_now_leaves_a_flight_alone() -> None:
+    cache = VerificationCache(CacheConfig())
+    sync = SyncVerifier(A, {})
+    tok = token(iss=A)
+    unverified = peek(tok)
+    assert isinstance(unverified, UnverifiedToken)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cache.verify, "a", _Never(), tok, unverified)
+        await trio.testing.wait_all_tasks_blocked()
+        assert cache.verify_now("a", sync, tok, unverified) is None
+        assert sync.now_calls == 0
+        nursery.cancel_scope.cancel()
+    result = cache.verify_now("a", sync, tok, unverified)
+    assert isinstance(result, VerifiedClaims)
+
+
+async def test_cache_verify_now_without_cache() -> None:
+    cache = VerificationCache(CacheConfig(max_entries=0))
+    tok = token(iss=A)
+    unverified = peek(tok)
+    assert isinstance(unverified, UnverifiedToken)
+    assert isinstance(cache.verify_now("a", SyncVerifier(A, {}), tok, unverified), VerifiedClaims)
+    assert cache.verify_now("a", FakeVerifier(A, {}), tok, unverified) is None
+
+
+# --------------------------------------------------------------------------- provider
+
+
+@pytest.fixture
+async def issuer(nursery: trio.Nursery) -> DevIssuer:
+    iss = DevIssuer(algorithms=("ES256", "RS256"))
+    await nursery.start(iss.serve)
+    return iss
+
+
+async def test_provider_verify_now(issuer: DevIssuer) -> None:
+    clock = FakeClock()
+    async with make_http_client(timeout=2.0) as client:
+        p = OidcProvider(
+            ProviderConfig(
+                name="dev", issuer=issuer.issuer or "", allow_http=True, jwks_refresh=3600.0
+            ),
+            client,
+            clock=clock,
+        )
+        tok = issuer.mint(alg="RS256")
+        unverified = peek(tok)
+        assert isinstance(unverified, UnverifiedToken)
+        assert p.verify_now(tok, unverified) is None  # no keys yet
+        assert await p.refresh()
+        result = p.verify_now(tok, unverified)
+        assert isinstance(result, VerifiedClaims)
+        assert result.claims == (await p.verify(tok, unverified)).claims  # type: ignore[union-attr]
+        assert p.verify_now(tok, None) is None  # opaque: introspection or userinfo
+        bad = tok[:-4] + ("AAAA" if not tok.endswith("AAAA") else "BBBB")
+        bad_unverified = peek(bad)
+        assert isinstance(bad_unverified, UnverifiedToken)
+        refused = p.verify_now(bad, bad_unverified)
+        assert isinstance(refused, TokenRejected) and refused.reason is Reason.BAD_SIGNATURE
+        new_kid = issuer.add_key("ES256")
+        unknown = issuer.mint(kid=new_kid)
+        unknown_unverified = peek(unknown)
+        assert isinstance(unknown_unverified, UnverifiedToken)
+        assert p.verify_now(unknown, unknown_unverified) is None  # may refetch the JWKS
+        clock.advance(3601)
+        assert p.verify_now(tok, unverified) is None  # stale keys: refetch first
+
+
+# --------------------------------------------------------------------------- frontend
+
+
+class InlineStub:
+    """An authenticate_now stand-in: 'now-*' tokens are answered inline."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, req: AuthRequest) -> Verdict | None:
+        self.calls += 1
+        tok = req.credentials.token
+        if tok.startswith("now-"):
+            return Verdict(reason=Reason.OK, account=tok.removeprefix("now-"))
+        if tok == "now:temp":
+            return Verdict(reason=Reason.PROVIDER_UNAVAILABLE)
+        if tok == "now:boom":
+            raise RuntimeError("engine bug")
+        return None
+
+
+async def _serve(
+    nursery: trio.Nursery, path: str, stub: Stub, inline: InlineStub, **kw: Any
+) -> None:
+    from saslauthd_oidc.frontends.dovecot import serve_dovecot_listener
+
+    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await sock.bind(path)
+    sock.listen(16)
+    await nursery.start(
+        functools.partial(
+            serve_dovecot_listener,
+            trio.SocketListener(sock),
+            stub,
+            mechanisms=MECHS,
+            authenticate_now=inline,
+            **kw,
+        )
+    )
+
+
+async def test_inline_answers_need_no_task(nursery: trio.Nursery, socket_path: str) -> None:  # noqa: F811
+    stub, inline = Stub(), InlineStub()
+    await _serve(nursery, socket_path, stub, inline)
+    client = await Client.connect(socket_path)
+    await client.handshake()
+    assert await client.authenticate(1, "now-alice") == "OK\t1\tuser=alice"
+    assert await client.authenticate(2, "good-bob") == "OK\t2\tuser=bob"
+    reply = await client.authenticate(3, "now:boom")
+    assert reply is not None and reply.startswith("FAIL\t3\t")
+    reply = await client.authenticate(4, "now:temp")
+    assert reply is not None and reply.startswith("FAIL\t4\tcode=temp_fail")
+    assert [r.credentials.token for r in stub.seen] == ["good-bob"]
+    assert inline.calls == 4
+
+
+async def test_inline_tempfail_disconnects(nursery: trio.Nursery, socket_path: str) -> None:  # noqa: F811
+    stub, inline = Stub(), InlineStub()
+    await _serve(nursery, socket_path, stub, inline, tempfail_disconnect=True)
+    client = await Client.connect(socket_path)
+    await client.handshake()
+    assert await client.authenticate(1, "now-alice") == "OK\t1\tuser=alice"
+    assert await client.authenticate(2, "now:temp") is None  # hung up instead of answering
+    assert stub.seen == []
+
+
+async def test_pipelined_inline_requests_all_answered(
+    nursery: trio.Nursery,
+    socket_path: str,  # noqa: F811
+) -> None:
+    from tests.test_frontend_dovecot import auth_line
+
+    stub, inline = Stub(), InlineStub()
+    await _serve(nursery, socket_path, stub, inline)
+    client = await Client.connect(socket_path)
+    await client.handshake()
+    await client.send(
+        *(auth_line(rid, f"now-u{rid}") for rid in range(1, 11)), auth_line(11, "good-x")
+    )
+    replies = sorted([await client.line() or "" for _ in range(11)])
+    assert replies == sorted(
+        [f"OK\t{rid}\tuser=u{rid}" for rid in range(1, 11)] + ["OK\t11\tuser=x"]
+    )
+
+
+def test_outcome_of_inline_tempfail_is_tempfail() -> None:
+    assert Verdict(reason=Reason.PROVIDER_UNAVAILABLE).outcome is Outcome.TEMPFAIL
+
+
+async def test_real_engine_fast_path_with_devissuer(issuer: DevIssuer) -> None:
+    async with make_http_client(timeout=2.0) as client:
+        cfg = parse_config(
+            {
+                "provider": [{"name": "dev", "issuer": issuer.issuer, "allow_http": True}],
+                "rule": [{"name": "r", "provider": "dev", "audiences": ["mail"]}],
+            }
+        )
+        p = OidcProvider(cfg.providers[0], client)
+
+        class Lookup:
+            def get(self, name: str) -> OidcProvider:
+                return p
+
+        engine = Engine(cfg, Lookup())
+        req = request(issuer.mint(alg="ES256"))
+        assert engine.authenticate_now(req) is None  # keys not loaded yet
+        slow = await engine.authenticate(req)
+        assert slow.ok
+        engine.cache.clear()
+        fast = engine.authenticate_now(req)
+        assert fast is not None and _summary(fast) == _summary(slow)
+        forged = request(issuer.mint(alg="ES256", claims={"iss": "https://evil.example"}))
+        refused = engine.authenticate_now(forged)
+        assert refused is not None and refused.reason is Reason.UNKNOWN_ISSUER
+
+
+# --------------------------------------------------------------------------- cheap checks
+
+
+@pytest.mark.parametrize(
+    "name", ["alice@example.org", "a b", "a\tb", "a\x7fb", "a\x00b", "Ünïcode", "a\u2028b", "~!"]
+)
+def test_ascii_fast_path_of_account_validation_agrees(name: str) -> None:
+    from saslauthd_oidc.identity import IdentityError, validate_account
+
+    result = validate_account(name, normalize=False)
+    slow_ok = not any(
+        ch.isspace()
+        or unicodedata.category(ch)[0] == "C"
+        or unicodedata.category(ch) in ("Zl", "Zp", "Zs")
+        for ch in name
+    )
+    assert isinstance(result, str) is slow_ok
+    if not slow_ok:
+        assert isinstance(result, IdentityError)
+
+
+@pytest.mark.parametrize("text", ["alice", "a b", "a\x01b", "a\x7f", "é\x85", "ok é"])
+def test_ascii_fast_path_of_sasl_identity_agrees(text: str) -> None:
+    from saslauthd_oidc.sasl import SaslError, _identity, _is_control
+
+    result = _identity(text.encode(), "authzid")
+    assert isinstance(result, SaslError) is any(_is_control(ch) for ch in text)
+
+
+def test_filtered_authentication_log_is_skipped_and_warning_kept() -> None:
+    import io
+
+    from saslauthd_oidc.config import LoggingConfig
+    from saslauthd_oidc.observability import configure_logging
+
+    out = io.StringIO()
+    configure_logging(LoggingConfig(level="warning", format="json"), stream=out)
+    try:
+        engine, _ = _engine(SyncVerifier)
+        assert engine.authenticate_now(REQUESTS[0]) is not None  # OK: info, filtered out
+        assert out.getvalue() == ""
+        assert engine.authenticate_now(REQUESTS[4]) is not None  # tempfail: warning
+        assert '"event": "authentication"' in out.getvalue()
+        assert '"level": "warning"' in out.getvalue()
+    finally:
+        configure_logging(LoggingConfig(level="info", format="json"))
+
+
+def test_cache_key_separates_provider_from_token() -> None:
+    from saslauthd_oidc.providers.cache import _key
+
+    assert _key("a", "bc") != _key("ab", "c")
+    assert _key("a\x00userinfo", "t") != _key("a", "t")
+    assert len(_key("a", "t")) == 32
+
+
+def test_peeked_claim_names_and_short_values_are_shared() -> None:
+    a, b = peek(token(iss=A, aud="web", jti="x" * 10)), peek(token(iss=A, aud="web", jti="y" * 10))
+    assert isinstance(a, UnverifiedToken) and isinstance(b, UnverifiedToken)
+    name_a = next(k for k in a.claims if k == "aud")
+    name_b = next(k for k in b.claims if k == "aud")
+    assert name_a is name_b
+    assert a.claims["iss"] is b.claims["iss"]
+    assert a.claims["jti"] != b.claims["jti"]
+
+
+def test_memoised_ip_parsing_agrees() -> None:
+    from saslauthd_oidc.protocol.dovecot import _canonical_ip, _parse_ip
+
+    for value in ["127.0.0.1", "::1", "0:0::1", "fe80::1%eth0", "1.2.3", "", "x" * 100]:
+        expected = _canonical_ip(value) if value else None
+        assert _parse_ip(value) == expected
+        assert _parse_ip(value) == expected  # memoised the second time
+    assert _parse_ip("0:0::1") == "::1"
