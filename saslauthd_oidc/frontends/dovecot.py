@@ -13,7 +13,6 @@ authentication decisions by the ``authenticate`` callable (the engine).
 
 from __future__ import annotations
 
-import errno
 import itertools
 import math
 import os
@@ -24,6 +23,7 @@ from typing import Any
 import structlog
 import trio
 
+from saslauthd_oidc.frontends.accept import serve_connections
 from saslauthd_oidc.outcome import Outcome, Reason, Verdict
 from saslauthd_oidc.protocol.dovecot import DovecotServerConnection, NeedVerdict
 from saslauthd_oidc.request import AuthRequest, Mechanism
@@ -42,9 +42,6 @@ InlineAuthenticator = Callable[[AuthRequest], Verdict | None]
 log = structlog.get_logger("saslauthd_oidc.dovecot")
 
 _RECEIVE_SIZE = 65536
-# accept() errors that mean "out of resources right now", not "listener broken".
-_ACCEPT_RETRY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-_ACCEPT_RETRY_DELAY = 0.1
 
 
 async def serve_dovecot_listener(
@@ -60,40 +57,25 @@ async def serve_dovecot_listener(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept connections on ``listener`` forever, at most ``max_connections`` at a time."""
-    slots = trio.Semaphore(max_connections)
     cuids = itertools.count(1)
     spid = os.getpid()
 
     async def serve_one(stream: trio.abc.Stream) -> None:
-        try:
-            await handle_dovecot_stream(
-                stream,
-                authenticate,
-                mechanisms=mechanisms,
-                spid=spid,
-                cuid=next(cuids),
-                tempfail_disconnect=tempfail_disconnect,
-                request_timeout=request_timeout,
-                line_timeout=line_timeout,
-                authenticate_now=authenticate_now,
-            )
-        finally:
-            slots.release()
+        await handle_dovecot_stream(
+            stream,
+            authenticate,
+            mechanisms=mechanisms,
+            spid=spid,
+            cuid=next(cuids),
+            tempfail_disconnect=tempfail_disconnect,
+            request_timeout=request_timeout,
+            line_timeout=line_timeout,
+            authenticate_now=authenticate_now,
+        )
 
-    async with trio.open_nursery() as nursery:
-        task_status.started()
-        while True:
-            await slots.acquire()
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                slots.release()
-                if exc.errno not in _ACCEPT_RETRY_ERRNOS:
-                    raise
-                log.warning("accept_failed", error=os.strerror(exc.errno or 0))
-                await trio.sleep(_ACCEPT_RETRY_DELAY)
-                continue
-            nursery.start_soon(serve_one, stream)
+    await serve_connections(
+        listener, serve_one, max_connections=max_connections, task_status=task_status
+    )
 
 
 async def handle_dovecot_stream(

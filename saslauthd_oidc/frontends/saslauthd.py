@@ -11,13 +11,12 @@ and closes only its own connection. All wire decisions are made by
 
 from __future__ import annotations
 
-import errno
-import os
 from collections.abc import Awaitable, Callable
 
 import structlog
 import trio
 
+from saslauthd_oidc.frontends.accept import serve_connections
 from saslauthd_oidc.outcome import Reason, Verdict
 from saslauthd_oidc.protocol.saslauthd import (
     NeedData,
@@ -36,8 +35,6 @@ log = structlog.get_logger("saslauthd_oidc.saslauthd")
 
 _RECEIVE_SIZE = 16384
 _DRAIN_LIMIT = 65536  # bytes read and discarded after the reply, at most
-_ACCEPT_RETRY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-_ACCEPT_RETRY_DELAY = 0.1
 
 
 async def serve_saslauthd_listener(
@@ -50,33 +47,18 @@ async def serve_saslauthd_listener(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept connections on ``listener`` forever, at most ``max_connections`` at a time."""
-    slots = trio.Semaphore(max_connections)
 
     async def serve_one(stream: trio.SocketStream) -> None:
-        try:
-            await handle_saslauthd_stream(
-                stream,
-                authenticate,
-                request_timeout=request_timeout,
-                max_password_bytes=max_password_bytes,
-            )
-        finally:
-            slots.release()
+        await handle_saslauthd_stream(
+            stream,
+            authenticate,
+            request_timeout=request_timeout,
+            max_password_bytes=max_password_bytes,
+        )
 
-    async with trio.open_nursery() as nursery:
-        task_status.started()
-        while True:
-            await slots.acquire()
-            try:
-                stream = await listener.accept()
-            except OSError as exc:
-                slots.release()
-                if exc.errno not in _ACCEPT_RETRY_ERRNOS:
-                    raise
-                log.warning("accept_failed", error=os.strerror(exc.errno or 0))
-                await trio.sleep(_ACCEPT_RETRY_DELAY)
-                continue
-            nursery.start_soon(serve_one, stream)
+    await serve_connections(
+        listener, serve_one, max_connections=max_connections, task_status=task_status
+    )
 
 
 async def handle_saslauthd_stream(
