@@ -34,14 +34,13 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 from tests.peers.postfix import free_tcp_port
+from tests.peers.process import PortTaken, stop_process_group, tail, wait_for_banner, wait_for_match
 
 DOVECOT = os.environ.get("SASLAUTHD_OIDC_DOVECOT", "/usr/sbin/dovecot")
 _STARTUP_TIMEOUT = 30.0
@@ -148,7 +147,7 @@ class DovecotInstance:
             try:
                 self._wait_ready()
                 return self
-            except _PortTaken:
+            except PortTaken:
                 self.stop()
             except BaseException:
                 self.stop()
@@ -188,31 +187,19 @@ class DovecotInstance:
 
     def _diagnostics(self) -> str:
         out = self._out.read_text(errors="replace") if self._out.exists() else ""
-        return f"dovecot -F output:\n{_tail(out)}\nlog tail:\n{_tail(self.log())}"
+        return f"dovecot -F output:\n{tail(out)}\nlog tail:\n{tail(self.log())}"
 
     def _wait_ready(self) -> None:
         assert self._proc is not None
-        deadline = time.monotonic() + self.startup_timeout
-        last = "no attempt"
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                diag = self._diagnostics()
-                if "Address already in use" in diag:
-                    raise _PortTaken
-                raise RuntimeError(f"dovecot exited with {self._proc.returncode}\n{diag}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=5) as s:
-                    greeting = s.makefile("rb").readline(4096)
-                    if greeting.startswith(b"* OK"):
-                        s.sendall(b"a LOGOUT\r\n")
-                        return
-                    last = f"unexpected greeting {greeting!r}"
-            except OSError as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            time.sleep(0.1)
-        raise RuntimeError(
-            f"Dovecot did not greet on {self.host}:{self.port} within "
-            f"{self.startup_timeout:.0f}s (last: {last})\n{self._diagnostics()}"
+        wait_for_banner(
+            self._proc,
+            self.host,
+            self.port,
+            banner=b"* OK",
+            goodbye=b"a LOGOUT\r\n",
+            timeout=self.startup_timeout,
+            name="Dovecot",
+            diagnostics=self._diagnostics,
         )
 
     def stop(self) -> None:
@@ -220,17 +207,7 @@ class DovecotInstance:
         proc, self._proc = self._proc, None
         try:
             if proc is not None:
-                if proc.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.send_signal(signal.SIGTERM)
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(timeout=10)
-                # The master ran in a session (and process group) of its own:
-                # children it did not reap in time go with it.
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=10)
+                stop_process_group(proc)
         finally:
             if self.directory is not None:
                 shutil.rmtree(self.directory, ignore_errors=True)
@@ -244,25 +221,7 @@ class DovecotInstance:
             return ""
 
     def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            m = rx.search(self.log())
-            if m is not None:
-                return m
-            if time.monotonic() >= deadline:
-                raise AssertionError(
-                    f"{pattern!r} not in the Dovecot log; tail:\n{_tail(self.log())}"
-                )
-            time.sleep(0.05)
-
-
-class _PortTaken(Exception):
-    pass
-
-
-def _tail(text: str, lines: int = 40) -> str:
-    return "\n".join(text.splitlines()[-lines:])
+        return wait_for_match(self.log, pattern, timeout=timeout, what="the Dovecot log")
 
 
 # --------------------------------------------------------------------------- clients

@@ -34,20 +34,17 @@ What the instance is
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
 import pwd
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from types import TracebackType
 
 from tests.peers.postfix import free_tcp_port
+from tests.peers.process import PortTaken, stop_process_group, wait_for_banner, wait_for_match
 
 __all__ = ["EXIM_ROOT", "EXIM_USER", "EximInstance", "exim_available", "exim_binary"]
 
@@ -178,7 +175,7 @@ begin authenticators
                 self._start()
                 self._wait_ready()
                 return self
-            except _PortTaken:
+            except PortTaken:
                 self.stop()
             except BaseException:
                 self.stop()
@@ -216,26 +213,15 @@ begin authenticators
 
     def _wait_ready(self) -> None:
         assert self._proc is not None
-        deadline = time.monotonic() + self.startup_timeout
-        last = "no attempt"
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                diag = self.diagnostics()
-                if "Address already in use" in diag:
-                    raise _PortTaken
-                raise RuntimeError(f"exim exited with {self._proc.returncode}:\n{diag}")
-            try:
-                with socket.create_connection((self.host, self.port), timeout=5) as s:
-                    banner = s.makefile("rb").readline(4096)
-                    if banner.startswith(b"220 "):
-                        s.sendall(b"QUIT\r\n")
-                        return
-                    last = f"unexpected greeting {banner!r}"
-            except OSError as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            time.sleep(0.1)
-        raise RuntimeError(
-            f"Exim did not answer on {self.host}:{self.port} (last: {last})\n{self.diagnostics()}"
+        wait_for_banner(
+            self._proc,
+            self.host,
+            self.port,
+            banner=b"220 ",
+            goodbye=b"QUIT\r\n",
+            timeout=self.startup_timeout,
+            name="Exim",
+            diagnostics=self.diagnostics,
         )
 
     def stop(self) -> None:
@@ -243,17 +229,7 @@ begin authenticators
         proc, self._proc = self._proc, None
         try:
             if proc is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=10)
-                # Receiving processes are in the daemon's session and process group.
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+                stop_process_group(proc)
         finally:
             if self.directory is not None:
                 shutil.rmtree(self.directory, ignore_errors=True)
@@ -273,15 +249,7 @@ begin authenticators
         )
 
     def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            m = rx.search(self.mainlog())
-            if m is not None:
-                return m
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"{pattern!r} not in Exim's mainlog:\n{self.mainlog()}")
-            time.sleep(0.05)
+        return wait_for_match(self.mainlog, pattern, timeout=timeout, what="Exim's mainlog")
 
     def diagnostics(self) -> str:
         return self.logs()[-4000:]
@@ -293,7 +261,3 @@ begin authenticators
             return (self.directory / name).read_text(errors="replace")
         except FileNotFoundError:
             return ""
-
-
-class _PortTaken(Exception):
-    pass

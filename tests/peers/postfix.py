@@ -80,6 +80,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from tests.peers.process import tail, wait_for_match
+
 __all__ = [
     "POSTFIX",
     "PostfixInstance",
@@ -181,10 +183,6 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def _tail(text: str, lines: int = 40) -> str:
-    return "\n".join(text.splitlines()[-lines:])
 
 
 # --------------------------------------------------------------------------- instance
@@ -403,7 +401,7 @@ class PostfixInstance:
         if res.returncode != 0:
             raise RuntimeError(
                 f"postfix check failed ({res.returncode}):\n{res.stdout}{res.stderr}\n"
-                f"maillog:\n{_tail(self.maillog())}"
+                f"maillog:\n{tail(self.maillog())}"
             )
         self._out = d / "start-fg.out"
         with open(self._out, "wb") as out:
@@ -419,7 +417,7 @@ class PostfixInstance:
         out = ""
         if self._out is not None and self._out.exists():
             out = self._out.read_text(errors="replace")
-        return f"start-fg output:\n{_tail(out)}\nmaillog tail:\n{_tail(self.maillog())}"
+        return f"start-fg output:\n{tail(out)}\nmaillog tail:\n{tail(self.maillog())}"
 
     def _wait_ready(self) -> None:
         assert self._proc is not None
@@ -506,18 +504,7 @@ class PostfixInstance:
 
     def wait_for_log(self, pattern: str | re.Pattern[str], timeout: float = 10.0) -> re.Match[str]:
         """Wait until ``pattern`` (a regex) matches somewhere in the log."""
-        rx = re.compile(pattern) if isinstance(pattern, str) else pattern
-        deadline = time.monotonic() + timeout
-        while True:
-            m = rx.search(self.maillog())
-            if m is not None:
-                return m
-            if time.monotonic() >= deadline:
-                raise AssertionError(
-                    f"{rx.pattern!r} not in the Postfix log after {timeout}s; tail:\n"
-                    f"{_tail(self.maillog())}"
-                )
-            time.sleep(0.05)
+        return wait_for_match(self.maillog, pattern, timeout=timeout, what="the Postfix log")
 
     def auth_replies(self) -> list[str]:
         """The auth server's replies as logged by smtpd (``auth reply: ...``).
