@@ -81,8 +81,7 @@ class Current:
     """The engine (and HTTP app) in service; swapped whole on reload, drained on stop."""
 
     def __init__(self, engine: Authenticates, http_app: AsgiApp | None = None) -> None:
-        self.engine = engine
-        self.http_app = http_app
+        self.swap(engine, http_app)
         self.in_flight = 0
         self.draining = False
         self._idle = trio.Event()
@@ -92,6 +91,10 @@ class Current:
         """Later requests go to ``engine``; those in flight finish where they started."""
         self.engine = engine
         self.http_app = http_app
+        # Looked up once here, not on every request: test engines may lack it.
+        self._engine_now: Callable[[AuthRequest], Verdict | None] | None = getattr(
+            engine, "authenticate_now", None
+        )
 
     async def authenticate(self, request: AuthRequest) -> Verdict:
         if self.draining:
@@ -114,8 +117,7 @@ class Current:
         """The engine's no-I/O verdict, or None (then :meth:`authenticate` is used)."""
         if self.draining:
             return None
-        engine_now = getattr(self.engine, "authenticate_now", None)
-        return engine_now(request) if engine_now is not None else None
+        return self._engine_now(request) if self._engine_now is not None else None
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI entry point that delegates to the HTTP app in service."""
