@@ -3,7 +3,8 @@
 Selection is deterministic (README "How a rule is chosen"):
 
 1. context conditions narrow the rules: mechanism, service, host and port
-   (OAUTHBEARER ``host=``/``port=``, else TLS SNI and the local port), the
+   (what the server says — TLS SNI, the local port — else OAUTHBEARER
+   ``host=``/``port=``), the
    user's domain (authzid / XOAUTH2 ``user=`` / login), the remote address,
    whether the connection is secured;
 2. the *unverified* token's ``iss`` may only narrow them further (exact match);
@@ -43,12 +44,14 @@ def ordered(rules: Iterable[RuleConfig]) -> list[RuleConfig]:
 
 
 def request_host(request: AuthRequest) -> str | None:
-    host = request.credentials.host or request.context.local_name
+    """The server's TLS SNI (``local_name=``), else the client's OAUTHBEARER ``host=``."""
+    host = request.context.local_name or request.credentials.host
     return host.lower().rstrip(".") if host else None
 
 
 def request_port(request: AuthRequest) -> int | None:
-    return request.credentials.port or request.context.local_port
+    """The server's own ``lport``, else the client's OAUTHBEARER ``port=`` (docs/SECURITY.md)."""
+    return request.context.local_port or request.credentials.port
 
 
 def context_mismatch(rule: RuleConfig, request: AuthRequest) -> Mismatch | None:

@@ -52,6 +52,14 @@ def req(
         ({"ports": [587]}, req(port=587), None),
         ({"ports": [587]}, req(local_port=587), None),
         ({"ports": [587]}, req(local_port=25), Reason.HOST_MISMATCH),
+        # what the server says beats what the client claims (docs/SECURITY.md)
+        ({"ports": [587]}, req(port=587, local_port=25), Reason.HOST_MISMATCH),
+        ({"ports": [25]}, req(port=587, local_port=25), None),
+        (
+            {"hosts": ["mail.example.org"]},
+            req(host="mail.example.org", local_name="other.example.org"),
+            Reason.HOST_MISMATCH,
+        ),
         ({"mechanisms": ["XOAUTH2"]}, req(), Reason.NO_RULE_FOR_CONTEXT),
         ({"mechanisms": ["XOAUTH2"]}, req(mech=Mechanism.XOAUTH2), None),
         ({"remote_networks": ["10.0.0.0/8"]}, req(remote_ip="10.1.2.3"), None),

@@ -149,11 +149,19 @@ class CallerAuth:
             except (ValueError, UnicodeDecodeError):
                 return False
             name, sep, password = decoded.partition(":")
+            # Hash and compare for unknown names too (against a digest no password
+            # has), so that a valid user name takes no longer to refuse than any other.
             expected = self.users.get(name)
-            return bool(sep) and expected is not None and _same(password, expected)
+            matches = _same(password, _UNKNOWN_USER_DIGEST if expected is None else expected)
+            return bool(sep) and expected is not None and matches
         if scheme.lower() == "bearer" and self.secret is not None:
             return _same(value, self.secret)
         return False
+
+
+# Compared against for a user name that is not in http.users_file: no password's
+# SHA-256 is all ones (as unlikely as any preimage), and the comparison costs the same.
+_UNKNOWN_USER_DIGEST = b"\xff" * hashlib.sha256().digest_size
 
 
 def _digest(text: str) -> bytes:
