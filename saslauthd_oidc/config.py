@@ -86,6 +86,10 @@ class HttpConfig:
     readyz_grace: float = 30.0
     metrics: bool = True
     stalwart_issuer: str | None = None  # the issuer URL of the Stalwart userinfo facade
+    # Reverse proxies whose X-Forwarded-Host / X-Forwarded-Proto are believed:
+    # addresses or networks, and "unix" for the Unix-socket listener. None by default.
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+    trust_unix_proxies: bool = False
 
     @property
     def stalwart_path(self) -> str | None:
@@ -452,6 +456,19 @@ def _parse_http(data: Any, server: ServerConfig) -> HttpConfig:
                 "http.stalwart_issuer",
                 "needs a path of its own, e.g. http://127.0.0.1:8480/stalwart",
             )
+    proxies: list[IPv4Network | IPv6Network] = []
+    trust_unix = False
+    for entry in s.texts("trusted_proxies"):
+        if entry == "unix":
+            trust_unix = True
+            continue
+        try:
+            proxies.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ConfigError(
+                "http.trusted_proxies",
+                f'{entry!r} is not an address, a network or "unix"',
+            ) from None
     cfg = HttpConfig(
         auth=s.choice("auth", d.auth, ("required", "open")),  # type: ignore[arg-type]
         users_file=s.text("users_file", None),
@@ -459,6 +476,8 @@ def _parse_http(data: Any, server: ServerConfig) -> HttpConfig:
         readyz_grace=s.number("readyz_grace", d.readyz_grace),
         metrics=s.flag("metrics", d.metrics),
         stalwart_issuer=stalwart_issuer or None,
+        trusted_proxies=tuple(proxies),
+        trust_unix_proxies=trust_unix,
     )
     s.reject_unknown()
     enabled = bool(server.http_listen or server.http_socket)
@@ -650,6 +669,16 @@ def _parse_rule(index: int, data: Any, provider_names: set[str]) -> RuleConfig:
     referers = s.texts("referers")
     for referer in referers:
         _check_url(f"{key}.referers", referer, allow_http=True)
+        try:
+            parts = urlsplit(referer)
+            valid = bool(parts.hostname) and (parts.port or 0) >= 0  # .port checks the port
+        except ValueError:
+            valid = False
+        if not valid or "@" in parts.netloc or parts.query or parts.fragment:
+            raise ConfigError(
+                f"{key}.referers",
+                f"{referer!r}: expected scheme://host[:port][/path], no user, query or fragment",
+            )
     remote_networks = []
     for net in s.texts("remote_networks"):
         try:

@@ -367,12 +367,13 @@ async def test_protected_resource_metadata_by_path() -> None:
         "bearer_methods_supported": ["header"],
         "scopes_supported": ["openid", "email", "urn:ietf:params:oauth:scope:mail"],
     }
-    r = await prm("/.well-known/oauth-protected-resource/jmap/session")
-    assert r.json()["authorization_servers"] == [AK_ISSUER]
-    assert r.json()["resource"] == "https://mail.example.com/jmap/session"
-    # "/jmapx" is not under "/jmap": the next rules decide
-    r = await prm("/.well-known/oauth-protected-resource/jmapx")
-    assert r.json()["authorization_servers"] == [ISSUER]
+    # Only configured resources are answered: nothing of the request path is reflected.
+    for other in ("/jmap/session", "/jmapx", "/" + "x" * 30000):
+        r = await prm("/.well-known/oauth-protected-resource" + other)
+        assert r.status_code == 404, other
+        assert other.encode() not in r.content
+    r = await prm("/.well-known/oauth-protected-resource/jmap/")
+    assert r.json()["resource"] == "https://mail.example.com/jmap"
 
 
 async def test_protected_resource_metadata_by_referer() -> None:
@@ -389,10 +390,22 @@ async def test_protected_resource_metadata_by_host_and_scheme() -> None:
     r = await prm(
         "/.well-known/oauth-protected-resource",
         host="MAIL.example.com:8443",
-        **{"x-forwarded-proto": "http"},
+        **{"x-forwarded-proto": "http"},  # from no trusted proxy: ignored
     )
     assert r.status_code == 200
-    assert r.json()["resource"] == "http://MAIL.example.com:8443"  # byte-equal to the client's
+    assert r.json()["resource"] == "https://mail.example.com:8443"  # RFC 3986 §6.2.2.1 case
+    cfg = make_config({"auth": "open", "trusted_proxies": ["127.0.0.1"]})
+    c, _ = client(OK, config=cfg)
+    async with c:
+        r = await c.get(
+            "/.well-known/oauth-protected-resource",
+            headers={
+                "host": "127.0.0.1:8480",
+                "x-forwarded-proto": "http",
+                "x-forwarded-host": "mail.example.com",
+            },
+        )
+    assert r.json()["resource"] == "http://mail.example.com"
 
 
 async def test_protected_resource_metadata_is_get_only() -> None:
