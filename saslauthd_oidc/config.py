@@ -367,6 +367,21 @@ def _parse_mode(key: str, v: Any) -> int:
     raise ConfigError(key, 'expected an octal string such as "0660"')
 
 
+# RFC 6749 §3.3 scope-token: NQCHAR, i.e. printable ASCII except '"' and '\\'.
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+
+
+def _scope_list(key: str, value: str | None) -> str | None:
+    """A space-separated scope list (the RFC 7628 challenge's ``scope``), normalised."""
+    if not value:
+        return None
+    scopes = value.split()
+    bad = [s for s in scopes if _SCOPE_TOKEN.fullmatch(s) is None]
+    if not scopes or bad:
+        raise ConfigError(key, 'expected space-separated scopes (printable ASCII, no " or \\)')
+    return " ".join(scopes)
+
+
 def _check_url(key: str, url: str, *, allow_http: bool) -> str:
     if url.startswith("https://") or (allow_http and url.startswith("http://")):
         return url
@@ -721,7 +736,7 @@ def _parse_rule(index: int, data: Any, provider_names: set[str]) -> RuleConfig:
         authzid=s.choice("authzid", "match", ("match", "ignore")),  # type: ignore[arg-type]
         fallback=s.flag("fallback", False),
         discovery_hint=discovery_hint,
-        challenge_scope=s.text("challenge_scope", None),
+        challenge_scope=_scope_list(f"{key}.challenge_scope", s.text("challenge_scope", None)),
         resource_paths=tuple(p.rstrip("/") or "/" for p in resource_paths),
         referers=referers,
         scopes_supported=s.texts("scopes_supported"),

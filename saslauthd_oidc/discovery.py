@@ -245,8 +245,10 @@ def _referers_meet(a: Sequence[str], b: Sequence[str]) -> bool:
 def discovery_warnings(cfg: Config) -> list[str]:
     """Pairs of rules that answer the same discovery request with equal specificity.
 
-    Only pairs that would answer differently (another issuer or other scopes)
-    are reported: between them, file order decides.
+    Only pairs that set discovery conditions (``hosts``, ``resource_paths``,
+    ``referers``) and would answer differently (another issuer or other
+    scopes) are reported: between them, file order decides. Rules without
+    any discovery condition answer in file order, like the SASL challenge.
     """
     issuer = {p.name: p.issuer for p in cfg.providers}
     index = {r.name: i for i, r in enumerate(cfg.rules)}
@@ -256,6 +258,8 @@ def discovery_warnings(cfg: Config) -> list[str]:
         for later in ordered_rules[pos + 1 :]:
             if (first.fallback, specificity(first)) != (later.fallback, specificity(later)):
                 continue
+            if not any(specificity(first)):
+                continue  # no discovery condition at all: file order, as for the SASL challenge
             if issuer[first.provider] == issuer[later.provider] and scopes_for(first) == scopes_for(
                 later
             ):

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from typing import TYPE_CHECKING, Any
 
+from saslauthd_oidc.discovery import discovery_warnings
 from saslauthd_oidc.outcome import DiscoveryHint, Reason
 from saslauthd_oidc.request import AuthRequest
 
@@ -154,7 +155,8 @@ def discovery_hint(rule: RuleConfig | None, provider: ProviderConfig | None) -> 
     if rule is None:
         return DiscoveryHint()
     url = rule.discovery_hint or (provider.effective_discovery_url if provider else None)
-    scope = rule.challenge_scope or (rule.required_scopes[0] if rule.required_scopes else None)
+    # RFC 7628 §3.2.2 / RFC 6749 §3.3: one space-separated string of every scope needed.
+    scope = rule.challenge_scope or (" ".join(rule.required_scopes) or None)
     return DiscoveryHint(openid_configuration=url, scope=scope)
 
 
@@ -220,6 +222,7 @@ def config_warnings(cfg: Config) -> list[str]:
                 f"{r.provider!r}, for any client, is accepted"
             )
     warnings.extend(_opaque_token_warnings(cfg))
+    warnings.extend(discovery_warnings(cfg))
     return warnings
 
 

@@ -164,7 +164,8 @@ def test_discovery_hint_prefers_rule_setting() -> None:
     a, b = cfg.rules
     hint_a = discovery_hint(a, cfg.provider("idp"))
     assert hint_a.openid_configuration == "https://idp.example.org/.well-known/openid-configuration"
-    assert hint_a.scope == "mail"
+    # every scope the rule requires, as one RFC 6749 scope string
+    assert hint_a.scope == "mail email"
     hint_b = discovery_hint(b, cfg.provider("idp"))
     assert (hint_b.openid_configuration, hint_b.scope) == ("https://h.example/x", "s")
 
