@@ -74,11 +74,29 @@ def context_mismatch(rule: RuleConfig, request: AuthRequest) -> Mismatch | None:
         return Mismatch(Reason.NO_RULE_FOR_CONTEXT, "connection is not secured (TLS)")
     if rule.remote_networks and not _in_networks(ctx.remote_ip, rule.remote_networks):
         return Mismatch(Reason.NO_RULE_FOR_CONTEXT, f"remote address {ctx.remote_ip!r} not in rule")
-    if rule.domains:
+    # A request that names no user (Dovecot's passdb oauth2, Stalwart, OAUTHBEARER
+    # without a=) logs in the account we answer: its domain is checked instead
+    # (account_domain_mismatch), once the token has named the account.
+    if rule.domains and request.credentials.authzid:
         domain = request.credentials.user_domain
         if domain not in rule.domains:
             return Mismatch(Reason.NO_RULE_FOR_CONTEXT, f"user domain {domain!r} not in rule")
     return None
+
+
+def account_domain_mismatch(
+    rule: RuleConfig, request: AuthRequest, account: str
+) -> Mismatch | None:
+    """``domains`` judged on the mapped account, for a request that names no user."""
+    if not rule.domains or request.credentials.authzid:
+        return None
+    local, at, domain = account.rpartition("@")
+    if at and local and domain.lower() in rule.domains:
+        return None
+    return Mismatch(
+        Reason.NO_RULE_FOR_CONTEXT,
+        f"no user named, and the account {account!r} is not in the rule's domains",
+    )
 
 
 def _in_networks(address: str | None, networks: Sequence[IPv4Network | IPv6Network]) -> bool:
