@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from saslauthd_oidc.discovery import discovery_warnings
 from saslauthd_oidc.outcome import DiscoveryHint, Reason
-from saslauthd_oidc.request import AuthRequest
+from saslauthd_oidc.request import AuthRequest, unreachable_condition_warnings
 
 if TYPE_CHECKING:
     from saslauthd_oidc.config import Config, ProviderConfig, RuleConfig
@@ -241,6 +241,7 @@ def config_warnings(cfg: Config) -> list[str]:
             )
     warnings.extend(_opaque_token_warnings(cfg))
     warnings.extend(discovery_warnings(cfg))
+    warnings.extend(unreachable_condition_warnings(cfg))
     return warnings
 
 
