@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from saslauthd_oidc.config import Config, ConfigError, parse_config
 from saslauthd_oidc.frontends.http import CallerAuth, HttpFrontend, load_caller_auth
@@ -193,6 +194,29 @@ async def test_dovecot_auth_headers_feed_the_request_context() -> None:
     ctx = auth.requests[0].context
     assert (ctx.service, ctx.local_ip, ctx.local_port) == ("imap", "2001:db8::1", 993)
     assert (ctx.remote_ip, ctx.remote_port) == ("192.0.2.7", 51234)
+
+
+async def test_introspect_without_dovecot_headers_says_what_to_set() -> None:
+    cfg = parse_config(
+        {
+            "server": {"http_listen": "127.0.0.1:8480"},
+            "http": {"auth": "open"},
+            "provider": [{"name": "kanidm", "issuer": ISSUER}],
+            "rule": [
+                {"name": "imap", "provider": "kanidm", "services": ["imap"]},
+                {"name": "smtp", "provider": "kanidm", "ports": [587], "mechanisms": ["XOAUTH2"]},
+            ],
+        }
+    )
+    c, _ = client(OK, config=cfg)
+    with capture_logs() as logs:
+        async with c:
+            for _ in range(2):
+                await c.post("/introspect", **form())
+    hints = [e for e in logs if e["event"] == "introspect_without_auth_headers"]
+    assert len(hints) == 1  # once, not per request
+    assert hints[0]["rules"] == ["imap"]  # "smtp" never serves HTTP anyway
+    assert "send_auth_headers = yes" in hints[0]["hint"]
 
 
 def basic(user: str, password: str) -> dict[str, str]:

@@ -286,6 +286,13 @@ class HttpFrontend:
         self._timeout = request_timeout or config.server.request_timeout
         self._providers = {p.name: p for p in config.providers}
         self._stalwart = config.http.stalwart_path
+        # Rules that need Dovecot's send_auth_headers; said once if Dovecot sends none.
+        self._header_rules = [
+            r.name
+            for r in config.rules
+            if (r.services or r.ports or r.remote_networks)
+            and (not r.mechanisms or Mechanism.BEARER.value in r.mechanisms)
+        ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -344,7 +351,18 @@ class HttpFrontend:
                 (b"www-authenticate", b'Basic realm="saslauthd-oidc"'),
             )
         token = _form_token(await _read_body(receive))
-        context = dovecot_context(headers) if surface is Surface.INTROSPECT else _stalwart_context()
+        if surface is Surface.INTROSPECT:
+            context = dovecot_context(headers)
+            if context.service is None and self._header_rules:
+                log.warning(
+                    "introspect_without_auth_headers",
+                    rules=self._header_rules,
+                    hint="set send_auth_headers = yes in Dovecot's passdb oauth2 file: "
+                    "without it these rules' services, ports and remote_networks never hold",
+                )
+                self._header_rules = []  # once per process
+        else:
+            context = _stalwart_context()
         return await self._answer(surface, token, context)
 
     async def _stalwart_route(
