@@ -382,6 +382,17 @@ def _scope_list(key: str, value: str | None) -> str | None:
     return " ".join(scopes)
 
 
+def _a_label_host(key: str, host: str) -> str:
+    """A host name as requests carry it: lower case, no trailing dot, IDNA A-labels."""
+    host = host.lower().rstrip(".")
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ConfigError(key, f"{host!r} is not a valid internationalised host name") from None
+
+
 def _check_url(key: str, url: str, *, allow_http: bool) -> str:
     if url.startswith("https://") or (allow_http and url.startswith("http://")):
         return url
@@ -724,7 +735,7 @@ def _parse_rule(index: int, data: Any, provider_names: set[str]) -> RuleConfig:
         claims=claims,
         domains=tuple(d.lower().lstrip("@") for d in s.texts("domains")),
         services=tuple(v.lower() for v in s.texts("services")),
-        hosts=tuple(h.lower().rstrip(".") for h in s.texts("hosts")),
+        hosts=tuple(_a_label_host(f"{key}.hosts", h) for h in s.texts("hosts")),
         ports=ports,
         mechanisms=mechanisms,
         remote_networks=tuple(remote_networks),

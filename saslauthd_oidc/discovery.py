@@ -142,7 +142,6 @@ def _idna(host: str) -> str | None:
         return None
 
 
-@functools.lru_cache(maxsize=1024)
 def _origin(url: str) -> _Origin | None:
     """scheme, IDNA host, effective port and path of an http(s) URL without user info."""
     try:
@@ -159,9 +158,13 @@ def _origin(url: str) -> _Origin | None:
     return _Origin(scheme, host, port or _DEFAULT_PORTS[scheme], parts.path.rstrip("/"))
 
 
+# Configured referers only: a cache keyed by client-sent Referers would hold what they send.
+_configured_origin = functools.lru_cache(maxsize=256)(_origin)
+
+
 def referer_matches(configured: str, referer: str) -> bool:
     """``referer`` is at or under ``configured``: same scheme, host, port; path by segments."""
-    want, got = _origin(configured), _origin(referer)
+    want, got = _configured_origin(configured), _origin(referer)
     if want is None or got is None:
         return False
     if (want.scheme, want.host, want.port) != (got.scheme, got.host, got.port):

@@ -97,6 +97,15 @@ def test_bad_referer_settings_name_the_key() -> None:
         assert info.value.key.endswith("referers")
 
 
+def test_configured_hosts_are_idna_a_labels() -> None:
+    cfg = config({"name": "r", "provider": "a", "hosts": ["Bücher.Example."]})
+    assert cfg.rules[0].hosts == ("xn--bcher-kva.example",)
+    assert select_rule(cfg.rules, ResourceRequest(host="xn--bcher-kva.example")) is not None
+    with pytest.raises(ConfigError) as info:
+        config({"name": "r", "provider": "a", "hosts": ["bü..example"]})
+    assert info.value.key.endswith("hosts")
+
+
 def test_most_specific_rule_wins_whatever_the_file_order() -> None:
     cfg = config(
         {"name": "none", "provider": "a"},
