@@ -207,12 +207,9 @@ def scopes_for(rule: RuleConfig) -> list[str]:
     Each element is one scope (RFC 9728 §2): a ``challenge_scope`` of
     ``"openid email"`` contributes ``openid`` and ``email``.
     """
-    if rule.scopes_supported:
-        candidates: Iterable[str] = (s for entry in rule.scopes_supported for s in entry.split())
-    else:
-        candidates = [*rule.required_scopes, *(rule.challenge_scope or "").split()]
+    entries = rule.scopes_supported or (*rule.required_scopes, rule.challenge_scope or "")
     scopes: list[str] = []
-    for scope in candidates:
+    for scope in (s for entry in entries for s in entry.split()):
         if scope not in scopes:
             scopes.append(scope)
     return scopes
