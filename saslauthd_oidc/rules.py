@@ -57,24 +57,39 @@ def context_mismatch(rule: RuleConfig, request: AuthRequest) -> Mismatch | None:
     if rule.mechanisms and request.mechanism.value not in rule.mechanisms:
         return Mismatch(Reason.NO_RULE_FOR_CONTEXT, f"mechanism {request.mechanism} not in rule")
     if rule.services and (ctx.service or "") not in rule.services:
-        return Mismatch(Reason.NO_RULE_FOR_CONTEXT, f"service {ctx.service!r} not in rule")
+        shown = f"service {ctx.service!r} not in rule" if ctx.service else "no service given"
+        return Mismatch(Reason.NO_RULE_FOR_CONTEXT, f"{shown} (services: {_listed(rule.services)})")
     if rule.hosts:
         host = request_host(request)
         if host not in rule.hosts:
-            return Mismatch(Reason.HOST_MISMATCH, f"host {host!r} not in rule")
+            shown = f"host {host!r} not in rule" if host else "no host given (host=, TLS SNI)"
+            return Mismatch(Reason.HOST_MISMATCH, f"{shown} (hosts: {_listed(rule.hosts)})")
     if rule.ports:
         port = request_port(request)
         if port not in rule.ports:
-            return Mismatch(Reason.HOST_MISMATCH, f"port {port!r} not in rule")
+            shown = f"port {port} not in rule" if port else "no port given"
+            return Mismatch(Reason.HOST_MISMATCH, f"{shown} (ports: {_listed(rule.ports)})")
     if rule.require_secured and not ctx.secured:
         return Mismatch(Reason.NO_RULE_FOR_CONTEXT, "connection is not secured (TLS)")
     if rule.remote_networks and not _in_networks(ctx.remote_ip, rule.remote_networks):
-        return Mismatch(Reason.NO_RULE_FOR_CONTEXT, f"remote address {ctx.remote_ip!r} not in rule")
+        shown = (
+            f"remote address {ctx.remote_ip} not in rule"
+            if ctx.remote_ip
+            else "no remote address given"
+        )
+        return Mismatch(Reason.NO_RULE_FOR_CONTEXT, f"{shown} (remote_networks)")
     if rule.domains:
         domain = request.credentials.user_domain
         if domain not in rule.domains:
-            return Mismatch(Reason.NO_RULE_FOR_CONTEXT, f"user domain {domain!r} not in rule")
+            shown = f"user domain {domain!r} not in rule" if domain else "no user@domain given"
+            return Mismatch(
+                Reason.NO_RULE_FOR_CONTEXT, f"{shown} (domains: {_listed(rule.domains)})"
+            )
     return None
+
+
+def _listed(values: Sequence[object]) -> str:
+    return ", ".join(repr(v) if isinstance(v, str) else str(v) for v in values)
 
 
 def _in_networks(address: str | None, networks: Sequence[IPv4Network | IPv6Network]) -> bool:
@@ -217,6 +232,9 @@ def config_warnings(cfg: Config) -> list[str]:
                 f"{r.provider!r}, for any client, is accepted"
             )
     warnings.extend(_opaque_token_warnings(cfg))
+    from saslauthd_oidc.config import claim_warnings  # noqa: PLC0415 (config imports no rules)
+
+    warnings.extend(claim_warnings(cfg))
     return warnings
 
 
