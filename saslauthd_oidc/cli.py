@@ -22,14 +22,14 @@ from saslauthd_oidc.authtest import AuthTestError, run_auth_test
 from saslauthd_oidc.config import (
     Config,
     ConfigError,
+    KeyLines,
     LoggingConfig,
     load_config,
     resolve_config_path,
 )
-from saslauthd_oidc.daemon import run_daemon
+from saslauthd_oidc.daemon import preflight, run_daemon, sort_passed_fds
 from saslauthd_oidc.devmode import DEFAULT_DEV_DIR, run_dev
 from saslauthd_oidc.engine import Engine
-from saslauthd_oidc.frontends.http import load_caller_auth
 from saslauthd_oidc.observability import configure_logging
 from saslauthd_oidc.outcome import Outcome, Verdict
 from saslauthd_oidc.providers import ProviderRegistry
@@ -84,6 +84,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     log = structlog.get_logger("saslauthd_oidc.daemon")
     for warning in config_warnings(config):
         log.warning("config", warning=warning)
+    # The very checks check-config makes (ExecStartPre), so that they cannot disagree.
+    check = preflight(config, sorted(sort_passed_fds(passed)) if passed else ())
+    for warning in check.warnings:
+        log.warning("config", warning=warning)
+    if check.problems:
+        raise located(check.problems[0], config.source)
     if config.server.workers > 1:
         if passed:
             raise ConfigError(
@@ -103,14 +109,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- check-config
 
 
+def located(exc: ConfigError, source: str) -> ConfigError:
+    """``exc`` with the line of its key in the config file, when it has none yet."""
+    if exc.location is None and exc.key:
+        try:
+            text = Path(source).read_text("utf-8")
+        except (OSError, UnicodeDecodeError):
+            return exc
+        line = KeyLines(text).find(exc.key)
+        if line is not None:
+            exc.location = f"{source} line {line}"
+    return exc
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
-    if config.server.http_listen or config.server.http_socket:
-        load_caller_auth(config.http)  # the credential files must be readable and private
+    # Socket activation variables reach check-config only when systemd meant them for it.
+    passed = take_listen_fds()
+    names = sorted(sort_passed_fds(passed)) if isinstance(passed, dict) else []
+    check = preflight(config, names)  # what serve checks before it listens
+    if check.problems:
+        for problem in check.problems:
+            print(
+                f"saslauthd-oidc: config error: {located(problem, config.source)}", file=sys.stderr
+            )
+        return EXIT_USAGE
     print(f"{config.source}: ok")
     print(f"  providers: {', '.join(p.name for p in config.providers) or '(none)'}")
     print(f"  rules (in evaluation order): {', '.join(_rule_order(config))}")
-    warnings = config_warnings(config)
+    for note in check.notes:
+        print(f"note: {note}")
+    warnings = config_warnings(config) + check.warnings
     for w in warnings:
         print(f"warning: {w}")
     if not args.online:
@@ -333,20 +362,27 @@ def _leaves(group: BaseExceptionGroup[ConfigError]) -> list[BaseException]:
     return leaves
 
 
+def _located_for(args: argparse.Namespace, exc: ConfigError) -> ConfigError:
+    if not hasattr(args, "config") or exc.key.startswith("LISTEN_"):
+        return exc
+    return located(exc, resolve_config_path(args.config))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)
     except ConfigError as exc:
-        print(f"saslauthd-oidc: config error: {exc}", file=sys.stderr)
+        print(f"saslauthd-oidc: config error: {_located_for(args, exc)}", file=sys.stderr)
         return EXIT_USAGE
     except BaseExceptionGroup as group:
         config_errors, rest = group.split(ConfigError)
         if rest is not None or config_errors is None:
             raise
         for error in _leaves(config_errors):
-            print(f"saslauthd-oidc: config error: {error}", file=sys.stderr)
+            assert isinstance(error, ConfigError)
+            print(f"saslauthd-oidc: config error: {_located_for(args, error)}", file=sys.stderr)
         return EXIT_USAGE
     except UsageError as exc:
         print(f"saslauthd-oidc: {exc}", file=sys.stderr)

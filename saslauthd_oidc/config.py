@@ -10,6 +10,7 @@ the secret files it names.
 from __future__ import annotations
 
 import difflib
+import errno
 import ipaddress
 import os
 import re
@@ -1020,11 +1021,31 @@ def read_secret_file(key: str, path: str) -> str:
     p = Path(path)
     try:
         st = p.stat()
-        text = p.read_text("utf-8").strip()
     except OSError as exc:
         raise ConfigError(key, f"cannot read {p}: {exc.strerror}") from None
     if st.st_mode & (stat.S_IWOTH | stat.S_IROTH):
-        raise ConfigError(key, f"{p} is readable or writable by others; chmod 0600 it")
+        raise ConfigError(
+            key,
+            f"{p} is readable or writable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
+            f"{SECRET_FILE_ADVICE.format(path=p)}",
+        )
+    try:
+        text = p.read_text("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"{p} is not UTF-8 text") from None
+    except OSError as exc:
+        advice = ""
+        if exc.errno == errno.EACCES:
+            advice = f" for this user (uid {os.geteuid()}): {SECRET_FILE_ADVICE.format(path=p)}"
+        raise ConfigError(key, f"cannot read {p}: {exc.strerror}{advice}") from None
     if not text:
         raise ConfigError(key, f"{p} is empty")
     return text
+
+
+# The README's install layout: root owns the file, the daemon's group reads it.
+DAEMON_USER = "saslauthd-oidc"
+SECRET_FILE_ADVICE = (
+    "the daemon's user must read it and nobody else: chown root:saslauthd-oidc {path} "
+    "&& chmod 0640 {path} (the daemon's group; the README's install layout)"
+)

@@ -1,0 +1,257 @@
+"""check-config checks what serve checks: sockets, groups, secret files, http auth.
+
+Each broken configuration is fed to both ``check-config`` and ``serve``, run as
+an unprivileged user the way the unit runs them (``User=``), and both must
+refuse it with exit status 2, the same key and no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from saslauthd_oidc import daemon
+from saslauthd_oidc.cli import main
+from saslauthd_oidc.config import parse_config
+from saslauthd_oidc.daemon import open_listeners, preflight
+
+CLI = [sys.executable, "-m", "saslauthd_oidc"]
+UNPRIVILEGED = "nobody"
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="running a command as another user needs root and setpriv",
+)
+
+PROVIDER = '[[provider]]\nname = "idp"\nissuer = "https://idp.example.org"\n'
+RULE = '[[rule]]\nname = "mail"\nprovider = "idp"\naudiences = ["mail"]\n'
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory the unprivileged user can reach (pytest's tmp_path is 0700 root)."""
+    path = Path(tempfile.mkdtemp(prefix="saslauthd-oidc-preflight-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def as_user(*args: str) -> subprocess.CompletedProcess[str]:
+    cmd = ["setpriv", f"--reuid={UNPRIVILEGED}", "--regid=nogroup", "--clear-groups", *CLI]
+    return subprocess.run(
+        [*cmd, *args], capture_output=True, text=True, timeout=60, check=False, cwd="/"
+    )
+
+
+def write_config(directory: Path, text: str) -> Path:
+    path = directory / "saslauthd-oidc.toml"
+    path.write_text(text)
+    path.chmod(0o644)
+    return path
+
+
+def private_dir(d: Path) -> str:
+    """Postfix's private/: 0700, owned by someone else."""
+    (d / "private").mkdir(mode=0o700)
+    return f'[server]\nauth_socket = "{d}/private/auth"\n' + PROVIDER + RULE
+
+
+def run_dir(d: Path) -> Path:
+    """A directory the daemon's user may create its socket in."""
+    run = d / "run"
+    run.mkdir(exist_ok=True)
+    run.chmod(0o777)
+    return run
+
+
+def foreign_group(d: Path) -> str:
+    return (
+        f'[server]\nauth_socket = "{run_dir(d)}/auth"\nauth_socket_group = "postfix"\n'
+        + PROVIDER
+        + RULE
+    )
+
+
+def missing_group(d: Path) -> str:
+    return (
+        f'[server]\nauth_socket = "{run_dir(d)}/auth"\nauth_socket_group = "no-such-group-x"\n'
+        + PROVIDER
+        + RULE
+    )
+
+
+def secret(d: Path, name: str, mode: int) -> Path:
+    path = d / name
+    path.write_text("s3cret-value\n")
+    path.chmod(mode)
+    return path
+
+
+def world_readable_client_secret(d: Path) -> str:
+    path = secret(d, "client.secret", 0o644)
+    return (
+        f'[server]\nauth_socket = "{run_dir(d)}/auth"\n'
+        + PROVIDER
+        + f'client_id = "mail"\nclient_secret_file = "{path}"\n'
+        + RULE
+    )
+
+
+def world_writable_hmac_secret(d: Path) -> str:
+    path = secret(d, "hmac.secret", 0o606)
+    return (
+        f'[server]\nauth_socket = "{run_dir(d)}/auth"\n'
+        + PROVIDER
+        + f'algorithms = ["HS256"]\nhmac_secret_file = "{path}"\n'
+        + RULE
+    )
+
+
+def root_only_client_secret(d: Path) -> str:
+    path = secret(d, "client.secret", 0o600)  # root:root 0600: the daemon's user cannot read it
+    return (
+        f'[server]\nauth_socket = "{run_dir(d)}/auth"\n'
+        + PROVIDER
+        + f'client_id = "mail"\nclient_secret_file = "{path}"\n'
+        + RULE
+    )
+
+
+def http_users_world_readable(d: Path) -> str:
+    path = secret(d, "users", 0o644)
+    path.write_text("dovecot:pw\n")
+    return (
+        f'[server]\nauth_socket = "{run_dir(d)}/auth"\nhttp_listen = "127.0.0.1:1"\n'
+        f'[http]\nusers_file = "{path}"\n' + PROVIDER + RULE
+    )
+
+
+BROKEN: list[tuple[Callable[[Path], str], str, str]] = [
+    (private_dir, "server.auth_socket", "may not write there"),
+    (foreign_group, "server.auth_socket_group", "is not a member of group 'postfix'"),
+    (missing_group, "server.auth_socket_group", "no such group"),
+    (world_readable_client_secret, "provider[0].client_secret_file", "mode 0644"),
+    (world_writable_hmac_secret, "provider[0].hmac_secret_file", "mode 0606"),
+    (root_only_client_secret, "provider[0].client_secret_file", "Permission denied"),
+    (http_users_world_readable, "http.users_file", "readable or writable by others"),
+]
+
+
+@needs_root
+@pytest.mark.parametrize(("make", "key", "fragment"), BROKEN, ids=[b[0].__name__ for b in BROKEN])
+def test_check_config_and_serve_refuse_alike(
+    shared_dir: Path, make: Callable[[Path], str], key: str, fragment: str
+) -> None:
+    config = write_config(shared_dir, make(shared_dir))
+    for command in ("check-config", "serve"):
+        r = as_user(command, "--config", str(config))
+        assert r.returncode == 2, (command, r.stdout, r.stderr)
+        first = r.stderr.splitlines()[0]
+        assert first.startswith(f"saslauthd-oidc: config error: {key}: "), (command, r.stderr)
+        assert fragment in first, (command, r.stderr)
+        assert "Traceback" not in r.stderr, (command, r.stderr)
+        assert "s3cret-value" not in r.stdout + r.stderr
+    assert not (shared_dir / "run" / "auth").exists()  # serve left nothing behind
+
+
+@needs_root
+def test_secret_file_advice_fits_the_install_layout(shared_dir: Path) -> None:
+    config = write_config(shared_dir, world_readable_client_secret(shared_dir))
+    r = as_user("check-config", "--config", str(config))
+    assert "chmod 0640" in r.stderr and "root:saslauthd-oidc" in r.stderr
+    assert "chmod 0600" not in r.stderr
+    line = config.read_text().splitlines().index(
+        next(x for x in config.read_text().splitlines() if x.startswith("client_secret_file"))
+    )
+    assert 'provider "idp"' in r.stderr and f"line {line + 1})" in r.stderr
+
+
+@needs_root
+def test_check_config_ok_as_the_daemon_user(shared_dir: Path) -> None:
+    config = write_config(
+        shared_dir, f'[server]\nauth_socket = "{shared_dir}/auth"\n' + PROVIDER + RULE
+    )
+    shared_dir.chmod(0o777)  # writable for the unprivileged user
+    r = as_user("check-config", "--config", str(config))
+    assert r.returncode == 0, r.stderr
+    assert "ok" in r.stdout
+
+
+def test_root_check_config_warns_when_the_daemon_user_cannot_read_a_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the daemon-user reading check is for root's check-config")
+    monkeypatch.setattr(daemon, "DAEMON_USER", UNPRIVILEGED)
+    path = secret(tmp_path, "client.secret", 0o600)
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[server]\nauth_socket = "{tmp_path}/auth"\n'
+        + PROVIDER
+        + f'client_id = "mail"\nclient_secret_file = "{path}"\n'
+        + RULE
+    )
+    assert main(["check-config", "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: provider[0].client_secret_file: {path}" in out
+    assert f"not readable by the daemon's user {UNPRIVILEGED}" in out
+
+
+def test_a_socket_already_served_is_not_checked(tmp_path: Path) -> None:
+    path = tmp_path / "ro" / "auth"
+    path.parent.mkdir()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    try:
+        cfg = parse_config(
+            {
+                "server": {"auth_socket": str(path), "auth_socket_group": "no-such-group-x"},
+                "provider": [{"name": "idp", "issuer": "https://idp.example.org"}],
+                "rule": [{"provider": "idp", "audiences": ["mail"]}],
+            }
+        )
+        check = preflight(cfg)
+        assert check.problems == []
+        assert any("something listens there already" in n for n in check.notes)
+        passed = preflight(cfg, ["auth"])
+        assert passed.problems == []
+        assert any("is not used: systemd passes the 'auth' socket" in n for n in passed.notes)
+    finally:
+        listener.close()
+
+
+async def test_socket_activation_logs_the_served_socket_and_the_unused_path(tmp_path: Path) -> None:
+    served = tmp_path / "systemd-auth"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(served))
+    listener.listen(1)
+    fd = os.dup(listener.fileno())
+    listener.close()
+    cfg = parse_config(
+        {
+            "server": {"auth_socket": str(tmp_path / "configured")},
+            "provider": [{"name": "idp", "issuer": "https://idp.example.org"}],
+            "rule": [{"provider": "idp", "audiences": ["mail"]}],
+        }
+    )
+    with capture_logs() as logs:
+        listeners = open_listeners(cfg, {"auth": [fd]})
+    try:
+        [event] = [e for e in logs if e["event"] == "socket_activation"]
+        assert event["socket"] == [str(served)]
+        assert event["not_used"] == [str(tmp_path / "configured")]
+        assert event["log_level"] == "warning"
+        assert "server.auth_socket in the config is not used" in event["detail"]
+        assert not (tmp_path / "configured").exists()
+    finally:
+        listeners.close()
