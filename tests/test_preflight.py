@@ -169,10 +169,9 @@ def test_secret_file_advice_fits_the_install_layout(shared_dir: Path) -> None:
     r = as_user("check-config", "--config", str(config))
     assert "chmod 0640" in r.stderr and "root:saslauthd-oidc" in r.stderr
     assert "chmod 0600" not in r.stderr
-    line = config.read_text().splitlines().index(
-        next(x for x in config.read_text().splitlines() if x.startswith("client_secret_file"))
-    )
-    assert 'provider "idp"' in r.stderr and f"line {line + 1})" in r.stderr
+    lines = config.read_text().splitlines()
+    line = next(n for n, x in enumerate(lines, 1) if x.startswith("client_secret_file"))
+    assert 'provider "idp"' in r.stderr and f"line {line})" in r.stderr
 
 
 @needs_root
