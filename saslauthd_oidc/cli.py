@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,24 @@ from saslauthd_oidc.config import (
 from saslauthd_oidc.daemon import preflight, run_daemon, sort_passed_fds
 from saslauthd_oidc.devmode import DEFAULT_DEV_DIR, run_dev
 from saslauthd_oidc.engine import Engine
+from saslauthd_oidc.explain import (
+    FRONTENDS,
+    ExplainUsageError,
+    Imitation,
+    LoginInput,
+    RuleLine,
+    closest_issuer,
+    facts_text,
+    imitate,
+    issuer_difference,
+    rules_in_file_order,
+    token_facts,
+)
 from saslauthd_oidc.observability import configure_logging
-from saslauthd_oidc.outcome import Outcome, Verdict
+from saslauthd_oidc.outcome import Outcome, Reason, Verdict
 from saslauthd_oidc.providers import ProviderRegistry
 from saslauthd_oidc.providers.http import make_http_client
-from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
+from saslauthd_oidc.request import AuthRequest, Mechanism, token_fingerprint
 from saslauthd_oidc.rules import config_warnings, ordered
 from saslauthd_oidc.systemd import ActivationError, Notifier, take_listen_fds
 from saslauthd_oidc.workers import serve_workers
@@ -170,88 +184,183 @@ async def _check_online(config: Config) -> int:
 # --------------------------------------------------------------------------- explain
 
 
-def _request_from_args(args: argparse.Namespace) -> AuthRequest:
-    mechanism = Mechanism.parse(args.mech)
-    if mechanism is None:
-        raise UsageError(f"--mech: unknown mechanism {args.mech!r}")
-    return AuthRequest(
-        mechanism=mechanism,
-        credentials=Credentials(
-            token=read_token(args.token), authzid=args.user, host=args.host, port=args.port
-        ),
-        context=RequestContext(
-            frontend="explain",
-            service=args.service,
-            local_port=args.port,
-            local_name=args.host,
-            remote_ip=args.remote,
-            secured=args.secured,
-        ),
+def _login_from_args(args: argparse.Namespace) -> LoginInput:
+    headers = []
+    for raw in args.header or ():
+        name, sep, value = raw.partition(":")
+        if not sep or not name.strip():
+            raise UsageError(f"--header: expected NAME: VALUE, not {raw!r}")
+        headers.append((name.strip(), value.strip()))
+    return LoginInput(
+        frontend=args.frontend,
+        token=read_token(args.token),
+        mechanism=args.mech,
+        user=args.user,
+        service=args.service,
+        host=args.host,
+        port=args.port,
+        sni=args.sni,
+        remote=args.remote,
+        local_ip=args.local_ip,
+        secured=args.secured,
+        realm=args.realm,
+        headers=tuple(headers),
     )
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     config = _load(args)
-    request = _request_from_args(args)
+    login = _login_from_args(args)
     configure_logging(LoggingConfig(level="error", format="console"))
-    verdict = trio.run(_explain, config, request)
+    try:
+        imitation = trio.run(_explain, config, login)
+    except ExplainUsageError as exc:
+        raise UsageError(str(exc)) from None
+    assert imitation.verdict is not None
+    facts = token_facts(login.token, now=time.time())
+    lines = rules_in_file_order(config, imitation.verdict, facts.get("iss"))
     if args.json:
-        print(json.dumps(explain_json(request, verdict), indent=2))
+        print(json.dumps(explain_json(config, login, imitation, facts, lines), indent=2))
     else:
-        print(explain_text(request, verdict))
-    return _EXIT_FOR[verdict.outcome]
+        print(explain_text(config, login, imitation, facts, lines))
+    return _EXIT_FOR[imitation.verdict.outcome]
 
 
-async def _explain(config: Config, request: AuthRequest) -> Verdict:
+async def _explain(config: Config, login: LoginInput) -> Imitation:
 
     async with make_http_client() as client:
         registry = ProviderRegistry(config, client)
-        verdict = await Engine(config, registry).evaluate(request)
+        imitation = await imitate(config, login, Engine(config, registry).evaluate)
         await registry.aclose()
-    return verdict
+    return imitation
 
 
-def explain_json(request: AuthRequest, verdict: Verdict) -> dict[str, Any]:
+def _unknown_issuer_hint(config: Config, verdict: Verdict, facts: Mapping[str, Any]) -> str | None:
+    if verdict.reason is not Reason.UNKNOWN_ISSUER:
+        return None
+    iss = facts.get("iss")
+    closest = closest_issuer(iss, config.providers)
+    if closest is None:
+        return f"no provider has an issuer like the token's iss {iss!r}"
+    return f"closest provider {closest.name!r} has issuer {closest.issuer}: " + issuer_difference(
+        iss, closest.issuer
+    )
+
+
+def _request_fields(request: AuthRequest | None) -> dict[str, Any] | None:
+    if request is None:
+        return None
+    c, ctx = request.credentials, request.context
+    return {
+        "frontend": ctx.frontend,
+        "mech": request.mechanism.value,
+        "service": ctx.service,
+        "user": c.authzid,
+        "host": c.host or ctx.local_name,
+        "port": c.port or ctx.local_port,
+        "remote": ctx.remote_ip,
+        "secured": ctx.secured,
+    }
+
+
+def explain_json(
+    config: Config,
+    login: LoginInput,
+    imitation: Imitation,
+    facts: Mapping[str, Any],
+    lines: Sequence[RuleLine],
+) -> dict[str, Any]:
+    verdict = imitation.verdict
+    assert verdict is not None
     return {
         "outcome": verdict.outcome.value,
         "reason": verdict.reason.value,
         "detail": verdict.detail,
+        "hint": _unknown_issuer_hint(config, verdict, facts),
         "rule": verdict.rule,
         "provider": verdict.provider,
         "account": verdict.account,
-        "token": request.credentials.fingerprint,
+        "token": token_fingerprint(login.token),
+        "token_facts": dict(facts),
+        "frontend": imitation.frontend,
+        "request": _request_fields(imitation.request),
+        "wire": imitation.wire,
+        "reply": imitation.reply,
+        "notes": imitation.notes,
         "challenge": {
             "openid-configuration": verdict.hint.openid_configuration,
             "scope": verdict.hint.scope,
         },
         "rules": [
-            {"rule": t.rule, "matched": t.matched, "reason": t.reason.value, "detail": t.detail}
-            for t in verdict.trace
+            {
+                "position": line.position,
+                "rule": line.rule,
+                "phase": line.phase,
+                "provider": line.provider,
+                "tried": line.tried,
+                "matched": line.matched,
+                "reason": line.reason.value if line.reason else None,
+                "detail": line.detail,
+            }
+            for line in lines
         ],
     }
 
 
-def explain_text(request: AuthRequest, verdict: Verdict) -> str:
-    c, ctx = request.credentials, request.context
-    lines = [
-        f"token    sha256:{c.fingerprint}",
-        f"request  mech={request.mechanism} service={ctx.service or '-'} user={c.authzid or '-'} "
-        f"host={c.host or '-'} port={c.port or '-'}",
-        "",
-    ]
-    width = max((len(t.rule) for t in verdict.trace), default=4)
-    for t in verdict.trace:
-        mark = "MATCH" if t.matched else "no   "
-        lines.append(f"  rule {t.rule:<{width}}  {mark}  {t.reason.value:<28} {t.detail}")
-    lines.append("")
-    lines.append(f"outcome  {verdict.outcome.value} ({verdict.reason.value})")
+def _dash(value: object) -> str:
+    return "-" if value is None or value == "" else str(value)
+
+
+def explain_text(
+    config: Config,
+    login: LoginInput,
+    imitation: Imitation,
+    facts: Mapping[str, Any],
+    lines: Sequence[RuleLine],
+) -> str:
+    verdict = imitation.verdict
+    assert verdict is not None
+    out = [f"frontend {imitation.frontend}: {FRONTENDS[imitation.frontend]}"]
+    out += [f"  {w}" for w in imitation.wire]
+    out += [f"  note: {n}" for n in imitation.notes]
+    out.append("")
+    out.append(f"token    sha256:{token_fingerprint(login.token)}  (what it says, NOT verified)")
+    out += facts_text(facts)
+    out.append("")
+    request = _request_fields(imitation.request)
+    if request is None:
+        out.append("request  (the frontend did not ask the engine)")
+    else:
+        out.append(
+            f"request  mech={request['mech']} service={_dash(request['service'])} "
+            f"user={_dash(request['user'])} host={_dash(request['host'])} "
+            f"port={_dash(request['port'])} remote={_dash(request['remote'])} "
+            f"secured={'yes' if request['secured'] else 'no'}"
+        )
+    out.append("")
+    if request is not None:
+        out.append("rules, in file order (fallback rules are tried after all normal ones):")
+        width = max((len(line.rule) for line in lines), default=4)
+        for line in lines:
+            mark = "MATCH" if line.matched else ("no   " if line.tried else "-    ")
+            reason = line.reason.value if line.reason else "-"
+            out.append(
+                f"  rule {line.rule:<{width}}  {line.phase:<8}  {mark}  {reason:<28} {line.detail}"
+            )
+        out.append("")
+    out.append(f"outcome  {verdict.outcome.value} ({verdict.reason.value})")
     if verdict.detail:
-        lines.append(f"detail   {verdict.detail}")
-    lines.append(f"rule     {verdict.rule or '-'}")
-    lines.append(f"account  {verdict.account or '-'}")
+        out.append(f"detail   {verdict.detail}")
+    hint = _unknown_issuer_hint(config, verdict, facts)
+    if hint:
+        out.append(f"why      {hint}")
+    out.append(f"rule     {verdict.rule or '-'}")
+    out.append(f"account  {verdict.account or '-'}")
     if not verdict.ok and verdict.hint.openid_configuration:
-        lines.append(f"client is told: openid-configuration {verdict.hint.openid_configuration}")
-    return "\n".join(lines)
+        out.append(f"client is told: openid-configuration {verdict.hint.openid_configuration}")
+    for reply in imitation.reply:
+        out.append(f"reply    {reply}")
+    return "\n".join(out)
 
 
 # --------------------------------------------------------------------------- auth-test
@@ -337,8 +446,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="show rule by rule why a token is accepted or refused")
     _add_config(p)
     _add_request(p)
+    p.add_argument(
+        "--frontend",
+        choices=list(FRONTENDS),
+        default="dovecot-socket",
+        help="whose request to imitate: "
+        + "; ".join(f"{name}: {who}" for name, who in FRONTENDS.items())
+        + " (default dovecot-socket)",
+    )
     p.add_argument("--remote", metavar="IP", help="the mail client's address (remote_networks)")
+    p.add_argument("--local-ip", metavar="IP", help="the server address the client connected to")
+    p.add_argument("--sni", metavar="NAME", help="TLS SNI the client sent (Dovecot local_name)")
     p.add_argument("--secured", action="store_true", help="the connection is TLS-protected")
+    p.add_argument("--realm", default="", help="saslauthd: the realm field (default empty)")
+    p.add_argument(
+        "--header",
+        action="append",
+        metavar="'NAME: VALUE'",
+        help="introspect/stalwart: another HTTP header to send (repeatable)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object for scripts")
     p.set_defaults(func=cmd_explain)
 

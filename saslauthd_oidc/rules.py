@@ -141,10 +141,15 @@ def claim_mismatch(rule: RuleConfig, claims: Mapping[str, Any]) -> Mismatch | No
         if not isinstance(azp, str) or azp not in trusted:
             return Mismatch(
                 Reason.UNTRUSTED_AUTHORIZED_PARTY,
-                f"token has {len(audiences)} audiences and azp {azp!r} is not trusted by the rule",
+                f"token has {len(audiences)} audiences and "
+                + (f"azp {azp!r} is not trusted by the rule" if azp is not None else "no azp"),
             )
     if rule.authorized_parties and party not in rule.authorized_parties:
-        return Mismatch(Reason.UNTRUSTED_AUTHORIZED_PARTY, f"azp/client_id {party!r} not in rule")
+        shown = f"azp/client_id {party!r} not in rule" if party else "token has no azp or client_id"
+        return Mismatch(
+            Reason.UNTRUSTED_AUTHORIZED_PARTY,
+            f"{shown} (authorized_parties: {_listed(rule.authorized_parties)})",
+        )
     if rule.required_scopes:
         scopes = token_scopes(claims) or set()
         missing = [s for s in rule.required_scopes if s not in scopes]
