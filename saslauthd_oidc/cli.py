@@ -29,7 +29,14 @@ from saslauthd_oidc.config import (
     resolve_config_path,
 )
 from saslauthd_oidc.daemon import preflight, run_daemon, sort_passed_fds
-from saslauthd_oidc.devmode import DEFAULT_DEV_DIR, run_dev
+from saslauthd_oidc.devmode import (
+    DEFAULT_DEV_DIR,
+    DEV_AUDIENCE,
+    DEV_USER,
+    DevTokenError,
+    dev_token,
+    run_dev,
+)
 from saslauthd_oidc.engine import Engine
 from saslauthd_oidc.explain import (
     FRONTENDS,
@@ -402,7 +409,49 @@ def cmd_auth_test(args: argparse.Namespace) -> int:
 
 def cmd_dev(args: argparse.Namespace) -> int:
 
-    return trio.run(lambda: run_dev(Path(args.dir), issuer_port=args.issuer_port))
+    return trio.run(
+        lambda: run_dev(
+            Path(args.dir),
+            issuer_port=args.issuer_port,
+            kanidm=args.kanidm or (),
+            authentik=args.authentik or (),
+        )
+    )
+
+
+def _claim(raw: str) -> tuple[str, Any]:
+    name, sep, value = raw.partition("=")
+    if not sep or not name:
+        raise UsageError(f"--claim: expected NAME=VALUE, not {raw!r}")
+    try:
+        return name, json.loads(value)
+    except ValueError:
+        return name, value
+
+
+def cmd_dev_token(args: argparse.Namespace) -> int:
+    audiences = [a for a in (args.aud or [DEV_AUDIENCE]) if a]
+    try:
+        token, notes = dev_token(
+            Path(args.dir),
+            issuer=args.issuer,
+            sub=args.sub,
+            email=args.email or None,
+            audiences=audiences,
+            azp=args.azp,
+            client_id=args.client_id or None,
+            scope=args.scope or None,
+            expires_in=args.expires_in,
+            typ=None if args.typ.lower() == "none" else args.typ,
+            alg=args.alg,
+            claims=dict(_claim(c) for c in args.claim or ()),
+        )
+    except DevTokenError as exc:
+        raise UsageError(f"dev-token: {exc}") from None
+    for note in notes:
+        print(f"saslauthd-oidc: dev-token: note: {note}", file=sys.stderr)
+    print(token)
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- parser
@@ -477,7 +526,58 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dev", help="run with a built-in development issuer (try it out)")
     p.add_argument("--dir", default=DEFAULT_DEV_DIR, help="where socket, config and token go")
     p.add_argument("--issuer-port", type=int, default=0, help="loopback port of the dev issuer")
+    p.add_argument(
+        "--kanidm",
+        action="append",
+        metavar="CLIENT",
+        help="also a provider and rule for a Kanidm-shaped issuer "
+        ".../oauth2/openid/CLIENT, audience CLIENT (repeatable)",
+    )
+    p.add_argument(
+        "--authentik",
+        action="append",
+        metavar="SLUG",
+        help="also a provider and rule for an Authentik-shaped issuer "
+        ".../application/o/SLUG/, audience SLUG (repeatable)",
+    )
     p.set_defaults(func=cmd_dev)
+
+    p = sub.add_parser(
+        "dev-token", help="mint a test token with the keys of a running `dev` (try rules)"
+    )
+    p.add_argument("--dir", default=DEFAULT_DEV_DIR, help="the `dev` directory")
+    p.add_argument(
+        "--issuer",
+        help="kanidm:CLIENT, authentik:SLUG, a path on the dev issuer, or any URL "
+        "(default: the dev issuer itself)",
+    )
+    p.add_argument("--sub", default="alice", help="subject (default alice)")
+    p.add_argument("--email", default=DEV_USER, help=f"email claim (default {DEV_USER}; '' none)")
+    p.add_argument(
+        "--aud",
+        action="append",
+        metavar="AUDIENCE",
+        help=f"audience, repeatable for several (default {DEV_AUDIENCE}; '' for none)",
+    )
+    p.add_argument("--azp", help="authorized party (azp)")
+    p.add_argument("--client-id", default="dev-client", help="client_id claim ('' for none)")
+    p.add_argument("--scope", default="openid email profile", help="space-separated scopes")
+    p.add_argument(
+        "--expires-in",
+        type=int,
+        default=3600,
+        metavar="SECONDS",
+        help="lifetime (default 3600); negative: already expired that long ago",
+    )
+    p.add_argument("--typ", default="at+jwt", help="typ header (default at+jwt; 'none' for none)")
+    p.add_argument("--alg", default="ES256", choices=("ES256", "RS256"), help="default ES256")
+    p.add_argument(
+        "--claim",
+        action="append",
+        metavar="NAME=VALUE",
+        help="another claim (VALUE is JSON when it parses as JSON; repeatable)",
+    )
+    p.set_defaults(func=cmd_dev_token)
     return parser
 
 
