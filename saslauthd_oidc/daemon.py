@@ -265,13 +265,14 @@ def preflight(config: Config, passed: Collection[str] = ()) -> Preflight:
             continue
         if name in passed:
             notes.append(f"{key} {path} is not used: systemd passes the {name!r} socket")
-        elif socket_in_use(path):
+        elif _listening(path) is not False:
             notes.append(
                 f"{key} {path}: something listens there already (systemd's socket unit "
                 "or a running daemon); not checked"
             )
         else:
             problems.extend(socket_problems(path, group, key=key))
+            warnings.extend(_daemon_user_socket_warnings(path, group, key=key))
     http = config.http
     http_enabled = bool(server.http_listen or server.http_socket or "http" in passed)
     if "http" in passed and http.auth == "required" and not (http.users_file or http.secret_file):
@@ -309,6 +310,65 @@ def preflight(config: Config, passed: Collection[str] = ()) -> Preflight:
             else:
                 warnings.extend(_unreadable_for_daemon(key, path))
     return Preflight(problems, notes, warnings)
+
+
+_SO_ACCEPTCON = 0x10000
+
+
+def _listening(path: str) -> bool | None:
+    """Whether a socket listens at ``path``, without connecting (which would start a
+    socket-activated service); None when that cannot be told (no /proc/net/unix)."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return False
+    except OSError:
+        return False
+    try:
+        table = Path("/proc/net/unix").read_text("utf-8", "replace")
+    except OSError:
+        return None
+    names = {path, os.path.abspath(path)}
+    for line in table.splitlines()[1:]:
+        fields = line.split(None, 7)
+        if len(fields) == 8 and fields[7] in names and int(fields[3], 16) & _SO_ACCEPTCON:
+            return True
+    return False
+
+
+def _daemon_user_socket_warnings(path: str, group: str | None, *, key: str) -> list[str]:
+    """Run as root (an admin's check-config): would the daemon's user be refused here?"""
+    if os.geteuid() != 0:
+        return []
+    try:
+        user = pwd.getpwnam(DAEMON_USER)
+    except KeyError:
+        return []
+    groups = {user.pw_gid} | {g.gr_gid for g in grp.getgrall() if user.pw_name in g.gr_mem}
+    warnings: list[str] = []
+    existing = Path(path).parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    with contextlib.suppress(OSError):
+        st = existing.stat()
+        if st.st_uid == user.pw_uid:
+            bits = (st.st_mode >> 6) & 0o7
+        elif st.st_gid in groups:
+            bits = (st.st_mode >> 3) & 0o7
+        else:
+            bits = st.st_mode & 0o7
+        if bits & 0o3 != 0o3:
+            warnings.append(
+                f"{key}: the daemon's user {DAEMON_USER} may not create {path} in {existing} "
+                f"({_owner(st)}); {_SOCKET_ADVICE}"
+            )
+    if group:
+        with contextlib.suppress(KeyError):
+            if grp.getgrnam(group).gr_gid not in groups:
+                warnings.append(
+                    f"{key}_group: the daemon's user {DAEMON_USER} is not in group {group!r}, "
+                    f"so it cannot give the socket that group (adduser {DAEMON_USER} {group})"
+                )
+    return warnings
 
 
 def _unreadable_for_daemon(key: str, path: str) -> list[str]:

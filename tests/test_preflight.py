@@ -15,6 +15,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -254,3 +255,50 @@ async def test_socket_activation_logs_the_served_socket_and_the_unused_path(tmp_
         assert not (tmp_path / "configured").exists()
     finally:
         listeners.close()
+
+
+def _cfg(server: dict[str, Any], http: dict[str, Any] | None = None) -> Any:
+    data: dict[str, Any] = {
+        "server": server,
+        "provider": [{"name": "idp", "issuer": "https://idp.example.org"}],
+        "rule": [{"provider": "idp", "audiences": ["mail"]}],
+    }
+    if http is not None:
+        data["http"] = http
+    return parse_config(data)
+
+
+def test_a_stale_socket_file_is_checked(tmp_path: Path) -> None:
+    path = tmp_path / "auth"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens
+    check = preflight(_cfg({"auth_socket": str(path), "auth_socket_group": "no-such-group-x"}))
+    assert [p.key for p in check.problems] == ["server.auth_socket_group"]
+
+
+def test_passed_http_socket_needs_caller_auth() -> None:
+    cfg = _cfg({"auth_socket": ""})
+    check = preflight(cfg, ["http"])
+    assert [p.key for p in check.problems] == ["http.auth"]
+    assert preflight(_cfg({"auth_socket": ""}, {"auth": "open"}), ["http"]).problems == []
+
+
+def test_root_check_config_warns_when_the_daemon_user_cannot_create_the_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the daemon-user socket check is for root's check-config")
+    monkeypatch.setattr(daemon, "DAEMON_USER", UNPRIVILEGED)
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    check = preflight(_cfg({"auth_socket": str(private / "auth"), "auth_socket_group": "postfix"}))
+    assert check.problems == []  # root itself could
+    assert any(
+        w.startswith("server.auth_socket: the daemon's user nobody may not create")
+        for w in check.warnings
+    )
+    assert any(
+        w.startswith("server.auth_socket_group: the daemon's user nobody is not in group")
+        for w in check.warnings
+    )
