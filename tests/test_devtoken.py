@@ -8,6 +8,7 @@ mints tokens with its keys from another process, as an admin would.
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import subprocess
 import sys
@@ -19,6 +20,31 @@ from typing import Any
 import pytest
 
 CLI = [sys.executable, "-m", "saslauthd_oidc"]
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_recipe(name: str) -> list[list[str]]:
+    """The commands of the README's ``<!-- recipe: name -->`` block, continuation lines joined."""
+    text = README.read_text("utf-8")
+    marker = f"<!-- recipe: {name} -->"
+    assert marker in text, marker
+    block = text.split(marker, 1)[1].split("```sh\n", 1)[1].split("```", 1)[0]
+    commands = []
+    for line in block.replace("\\\n", " ").splitlines():
+        words = shlex.split(line)
+        assert words[0] == "saslauthd-oidc", line
+        commands.append(words[1:])
+    return commands
+
+
+def recipe_command(name: str) -> list[str]:
+    [command] = [c for c in readme_recipe("dev-token") if c[0] == name]
+    return command
+
+
+def in_dir(command: list[str], workdir: Path) -> list[str]:
+    """A README command with its paths moved from /tmp/saslauthd-oidc-dev to ``workdir``."""
+    return [a.replace("/tmp/saslauthd-oidc-dev", str(workdir)) for a in command]
 
 
 def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -31,10 +57,12 @@ def run(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str
 def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     workdir = tmp_path_factory.mktemp("devtoken")
     log = (workdir / "dev.log").open("wb")
+    command = recipe_command("dev")
+    # The README's fixed --issuer-port would collide with parallel runs: any free port.
+    port = command.index("--issuer-port")
+    command[port + 1] = "0"
     proc = subprocess.Popen(
-        [*CLI, "dev", "--dir", str(workdir), "--kanidm", "webmail", "--authentik", "mail"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
+        [*CLI, *command, "--dir", str(workdir)], stdout=log, stderr=subprocess.STDOUT
     )
     deadline = time.monotonic() + 30
     while not ((workdir / "token").exists() and (workdir / "auth").exists()):
@@ -69,6 +97,22 @@ def explain(dev: Path, token: str, *args: str) -> tuple[int, dict[str, Any]]:
     assert r.returncode in (0, 1, 3), r.stderr
     assert token not in r.stdout + r.stderr
     return r.returncode, json.loads(r.stdout)
+
+
+def test_the_readme_recipe_as_written(dev: Path, tmp_path: Path) -> None:
+    mint_command = recipe_command("dev-token")
+    assert mint_command[-2] == ">"  # "> bob.token"
+    r = run(*mint_command[:-2], "--dir", str(dev))
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "bob.token").write_text(r.stdout)
+    for name in ("explain", "auth-test"):
+        command = [
+            a.replace("@bob.token", f"@{tmp_path / 'bob.token'}")
+            for a in in_dir(recipe_command(name), dev)
+        ]
+        r = run(*command)
+        assert r.returncode == 0, (name, r.stdout, r.stderr)
+        assert "bob@example.org" in r.stdout
 
 
 def test_dev_config_has_the_kanidm_and_authentik_shaped_issuers(dev: Path) -> None:
