@@ -324,3 +324,17 @@ def test_dovecot_socket_follows_the_failure_challenge(
 )
 def test_issuer_difference(iss: str | None, configured: str, fragment: str) -> None:
     assert fragment in issuer_difference(iss, configured)
+
+
+def test_an_opaque_token_never_shows_even_form_encoded(
+    capsys: pytest.CaptureFixture[str], config: Path
+) -> None:
+    token = "opaque+token/with=signs" * 3
+    for frontend in ("introspect", "dovecot-socket", "saslauthd", "stalwart"):
+        code, out, _ = explain(
+            capsys, config, token, "--frontend", frontend, "--user", "alice@example.org"
+        )
+        assert code == 1, out
+        for shown in (token, "opaque%2Btoken", "b3BhcXVl"):
+            assert shown not in out, (frontend, shown)
+        assert "opaque token (69 characters)" in out
