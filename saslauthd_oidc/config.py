@@ -17,7 +17,7 @@ import re
 import stat
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -914,6 +914,14 @@ def _parse_rule(index: int, data: Any, provider_names: set[str]) -> RuleConfig:
 
 
 SECTIONS = ("server", "cache", "logging", "http", "provider", "rule")
+
+
+def _known_sections() -> set[str]:
+    """The top-level tables: SECTIONS and every section-valued field of Config."""
+    names = {f.name for f in fields(Config)} - {"source", "providers", "rules"}
+    return names | set(SECTIONS)
+
+
 _ENTRY_RE = re.compile(r"^(rule|provider)\[(\d+)\]")
 
 
@@ -927,10 +935,11 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<memory>") -> Config
     try:
         return _parse_config(data, source=source)
     except ConfigError as exc:
-        misspelt = [k for k in data if k not in SECTIONS and suggest(k, SECTIONS) and k != exc.key]
+        known = _known_sections()
+        misspelt = [k for k in data if k not in known and suggest(k, known) and k != exc.key]
         if misspelt:
             name = misspelt[0]
-            raise ConfigError(name, unknown_message(name, data[name], SECTIONS)) from None
+            raise ConfigError(name, unknown_message(name, data[name], known)) from None
         entry = _ENTRY_RE.match(exc.key)
         if entry and exc.label is None:
             items = data.get(entry.group(1))
