@@ -375,8 +375,15 @@ def explain_text(
 
 def cmd_auth_test(args: argparse.Namespace) -> int:
 
+    if args.mech.upper() == Mechanism.BEARER.value:
+        raise UsageError(
+            "--mech BEARER: a bare token is what Dovecot's passdb oauth2 and Stalwart send "
+            "over HTTP, not a SASL mechanism; try such a login with "
+            "`explain --frontend introspect` (or stalwart)"
+        )
     if Mechanism.parse(args.mech) is None:
-        raise UsageError(f"--mech: unknown mechanism {args.mech!r}")
+        known = ", ".join(m.value for m in Mechanism if m.is_sasl)
+        raise UsageError(f"--mech: unknown mechanism {args.mech!r} (known: {known})")
     token = read_token(args.token)
     try:
         result = trio.run(

@@ -216,7 +216,12 @@ async def _dovecot_socket(
         reply = f"CONT\t{_REQUEST_ID}\t{binascii.b2a_base64(answer, newline=False).decode()}"
         out.wire.append(f"C: CONT\t{_REQUEST_ID}\t<{show_sasl(answer, token)}>")
         needs = conn.receive_data((reply + "\n").encode())
-    [need] = needs
+    if not needs:
+        out.verdict = Verdict(
+            reason=Reason.MALFORMED_REQUEST, detail="no verdict asked for after several rounds"
+        )
+        return out
+    need = needs[0]
     out.request = need.request
     out.verdict = await authenticate(need.request)
     conn.conclude(need.request_id, out.verdict)

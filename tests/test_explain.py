@@ -338,3 +338,9 @@ def test_an_opaque_token_never_shows_even_form_encoded(
         for shown in (token, "opaque%2Btoken", "b3BhcXVl"):
             assert shown not in out, (frontend, shown)
         assert "opaque token (69 characters)" in out
+
+
+def test_auth_test_mech_bearer_points_at_explain(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["auth-test", "--socket", "/nonexistent", "--token", "t", "--mech", "bearer"])
+    assert code == 2
+    assert "explain --frontend introspect" in capsys.readouterr().err
