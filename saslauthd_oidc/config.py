@@ -819,7 +819,9 @@ def _parse_rule(index: int, data: Any, provider_names: set[str]) -> RuleConfig:
     provider = s.required_str("provider")
     if provider not in provider_names:
         known = ", ".join(sorted(provider_names)) or "none defined"
-        raise ConfigError(f"{key}.provider", f"no [[provider]] named {provider!r} ({known})")
+        guess = suggest(provider, provider_names)
+        hint = f"; did you mean {guess!r}?" if guess else ""
+        raise ConfigError(f"{key}.provider", f"no [[provider]] named {provider!r} ({known}){hint}")
     ports_raw = s._get("ports")
     ports: tuple[int, ...] = ()
     if ports_raw is not None:

@@ -202,3 +202,16 @@ groups = "x"
     assert lines.find("rule[1].claims") == 23
     assert lines.find("rule[1].audiences") == 20  # missing key: its table
     assert lines.find("cache.ttl") is None
+
+
+def test_misspelt_provider_name_is_suggested(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = (
+        '[[provider]]\nname = "kanidm-webmail"\nissuer = "https://idm.example.org/x"\n'
+        '[[rule]]\nname = "web"\nprovider = "kanidm-webmial"\naudiences = ["webmail"]\n'
+    )
+    code, _, err = check(tmp_path, text, capsys)
+    assert code == 2
+    assert "rule[0].provider: no [[provider]] named 'kanidm-webmial'" in err
+    assert "did you mean 'kanidm-webmail'?" in err and 'rule "web"' in err and "line 6" in err
