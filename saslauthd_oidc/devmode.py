@@ -227,6 +227,20 @@ async def run_dev(
         return 2
     workdir.chmod(0o755)  # the postfix user must be able to reach the socket inside
     issuer = DevIssuer(algorithms=("ES256", "RS256"), any_issuer_path=True)
+    try:
+        return await _serve_dev(workdir, issuer, issuer_port, kanidm, authentik)
+    finally:
+        # Its keys die with this process: dev-token must not mint with them any more.
+        (workdir / STATE_FILE).unlink(missing_ok=True)
+
+
+async def _serve_dev(
+    workdir: Path,
+    issuer: DevIssuer,
+    issuer_port: int,
+    kanidm: Sequence[str],
+    authentik: Sequence[str],
+) -> int:
     async with trio.open_nursery() as nursery:
         await nursery.start(issuer.serve, "127.0.0.1", issuer_port)
         assert issuer.issuer is not None

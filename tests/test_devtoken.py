@@ -73,6 +73,9 @@ def dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     proc.send_signal(signal.SIGINT)
     assert proc.wait(15) == 0
     log.close()
+    assert not (workdir / "issuer.json").exists()  # its keys died with it
+    r = run("dev-token", "--dir", str(workdir))
+    assert r.returncode == 2 and "start `saslauthd-oidc dev" in r.stderr
 
 
 def mint(dev: Path, *args: str) -> str:
@@ -113,6 +116,10 @@ def test_the_readme_recipe_as_written(dev: Path, tmp_path: Path) -> None:
         r = run(*command)
         assert r.returncode == 0, (name, r.stdout, r.stderr)
         assert "bob@example.org" in r.stdout
+
+
+def test_the_keys_file_is_private(dev: Path) -> None:
+    assert (dev / "issuer.json").stat().st_mode & 0o077 == 0
 
 
 def test_dev_config_has_the_kanidm_and_authentik_shaped_issuers(dev: Path) -> None:
