@@ -54,7 +54,7 @@ from saslauthd_oidc.metrics import Metrics
 from saslauthd_oidc.observability import configure_logging
 from saslauthd_oidc.providers import ProviderRegistry
 from saslauthd_oidc.providers.cache import VerificationCache
-from saslauthd_oidc.providers.http import make_http_client
+from saslauthd_oidc.providers.http import make_http_client, make_ssl_context
 from saslauthd_oidc.request import Mechanism
 from saslauthd_oidc.rules import config_warnings
 from saslauthd_oidc.systemd import UNNAMED, Notifier
@@ -294,7 +294,27 @@ def preflight(config: Config, passed: Collection[str] = ()) -> Preflight:
         ):
             if path and http.auth != "open":
                 warnings.extend(_unreadable_for_daemon(key, path))
+    listen = () if "http" in passed else server.http_listen
+    for host, port in listen:
+        if port < _unprivileged_port_start() and not _may_bind_low_ports():
+            problems.append(
+                ConfigError(
+                    "server.http_listen",
+                    f"cannot listen on {host}:{port} as user {_user()}: ports below "
+                    f"{_unprivileged_port_start()} need root or CAP_NET_BIND_SERVICE; "
+                    "use a port above it (the default is 8480) or let systemd pass the socket",
+                )
+            )
     for i, provider in enumerate(config.providers):
+        if provider.ca_file:
+            try:
+                make_ssl_context(provider.ca_file)
+            except (OSError, ValueError) as exc:
+                error = ConfigError(
+                    f"provider[{i}].ca_file", f"cannot load {provider.ca_file}: {exc}"
+                )
+                error.label = f'provider "{provider.name}"'
+                problems.append(error)
         files = []
         if provider.introspects and provider.client_secret_file:
             files.append(("client_secret_file", provider.client_secret_file))
@@ -313,6 +333,27 @@ def preflight(config: Config, passed: Collection[str] = ()) -> Preflight:
 
 
 _SO_ACCEPTCON = 0x10000
+_CAP_NET_BIND_SERVICE = 10
+
+
+def _unprivileged_port_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+    except (OSError, ValueError):
+        return 1024
+
+
+def _may_bind_low_ports() -> bool:
+    if os.geteuid() == 0:
+        return True
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return True  # cannot tell: let serve find out
+    for line in status.splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> _CAP_NET_BIND_SERVICE & 1)
+    return True
 
 
 def _listening(path: str) -> bool | None:

@@ -136,6 +136,22 @@ def http_users_world_readable(d: Path) -> str:
     )
 
 
+def missing_ca_file(d: Path) -> str:
+    return (
+        f'[server]\nauth_socket = "{run_dir(d)}/auth"\n'
+        + PROVIDER
+        + f'ca_file = "{d}/no-such-ca.pem"\n'
+        + RULE
+    )
+
+
+def privileged_http_port(d: Path) -> str:
+    return (
+        f'[server]\nauth_socket = "{run_dir(d)}/auth"\nhttp_listen = "127.0.0.1:80"\n'
+        '[http]\nauth = "open"\n' + PROVIDER + RULE
+    )
+
+
 BROKEN: list[tuple[Callable[[Path], str], str, str]] = [
     (private_dir, "server.auth_socket", "may not write there"),
     (foreign_group, "server.auth_socket_group", "is not a member of group 'postfix'"),
@@ -144,6 +160,8 @@ BROKEN: list[tuple[Callable[[Path], str], str, str]] = [
     (world_writable_hmac_secret, "provider[0].hmac_secret_file", "mode 0606"),
     (root_only_client_secret, "provider[0].client_secret_file", "Permission denied"),
     (http_users_world_readable, "http.users_file", "readable or writable by others"),
+    (missing_ca_file, "provider[0].ca_file", "cannot load"),
+    (privileged_http_port, "server.http_listen", "cannot listen on 127.0.0.1:80"),
 ]
 
 
@@ -152,6 +170,10 @@ BROKEN: list[tuple[Callable[[Path], str], str, str]] = [
 def test_check_config_and_serve_refuse_alike(
     shared_dir: Path, make: Callable[[Path], str], key: str, fragment: str
 ) -> None:
+    if make is privileged_http_port and Path(
+        "/proc/sys/net/ipv4/ip_unprivileged_port_start"
+    ).read_text().strip() in {str(n) for n in range(81)}:
+        pytest.skip("port 80 is not privileged on this host")
     config = write_config(shared_dir, make(shared_dir))
     for command in ("check-config", "serve"):
         r = as_user(command, "--config", str(config))
