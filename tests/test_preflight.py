@@ -170,9 +170,8 @@ BROKEN: list[tuple[Callable[[Path], str], str, str]] = [
 def test_check_config_and_serve_refuse_alike(
     shared_dir: Path, make: Callable[[Path], str], key: str, fragment: str
 ) -> None:
-    if make is privileged_http_port and Path(
-        "/proc/sys/net/ipv4/ip_unprivileged_port_start"
-    ).read_text().strip() in {str(n) for n in range(81)}:
+    start = Path("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+    if make is privileged_http_port and start.exists() and int(start.read_text()) <= 80:
         pytest.skip("port 80 is not privileged on this host")
     config = write_config(shared_dir, make(shared_dir))
     for command in ("check-config", "serve"):
