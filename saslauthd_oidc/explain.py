@@ -121,13 +121,33 @@ class Imitation:
 async def imitate(config: Config, login: LoginInput, authenticate: Authenticate) -> Imitation:
     """Run ``login`` through the frontend's own request-building code and the engine."""
     if login.frontend == "dovecot-socket":
-        return await _dovecot_socket(config, login, authenticate)
-    if login.frontend == "saslauthd":
-        return await _saslauthd(config, login, authenticate)
-    if login.frontend in ("introspect", "stalwart"):
-        return await _http(config, login, authenticate)
-    known = ", ".join(FRONTENDS)
-    raise ExplainUsageError(f"--frontend: unknown frontend {login.frontend!r} (known: {known})")
+        out = await _dovecot_socket(config, login, authenticate)
+    elif login.frontend == "saslauthd":
+        out = await _saslauthd(config, login, authenticate)
+    elif login.frontend in ("introspect", "stalwart"):
+        out = await _http(config, login, authenticate)
+    else:
+        known = ", ".join(FRONTENDS)
+        raise ExplainUsageError(f"--frontend: unknown frontend {login.frontend!r} (known: {known})")
+    missing = _not_served(config, login.frontend)
+    if missing:
+        out.notes.insert(0, missing)
+    return out
+
+
+def _not_served(config: Config, frontend: str) -> str | None:
+    """Why the daemon with this config would never see this request at all, if it would not."""
+    server = config.server
+    if frontend == "dovecot-socket" and not server.auth_socket:
+        return "server.auth_socket is off: this config serves no Dovecot-protocol socket"
+    if frontend == "saslauthd" and not server.saslauthd_socket:
+        return "server.saslauthd_socket is not set: this config serves no saslauthd socket"
+    if frontend in ("introspect", "stalwart") and not (server.http_listen or server.http_socket):
+        return (
+            "server.http_listen and server.http_socket are not set: no HTTP listener "
+            "(unless systemd passes one)"
+        )
+    return None
 
 
 def _mechanism(login: LoginInput) -> Mechanism:

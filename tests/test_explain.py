@@ -344,3 +344,14 @@ def test_auth_test_mech_bearer_points_at_explain(capsys: pytest.CaptureFixture[s
     code = main(["auth-test", "--socket", "/nonexistent", "--token", "t", "--mech", "bearer"])
     assert code == 2
     assert "explain --frontend introspect" in capsys.readouterr().err
+
+
+def test_a_frontend_the_config_does_not_serve_is_noted(
+    capsys: pytest.CaptureFixture[str], config: Path, issuer: DevIssuer
+) -> None:
+    token = issuer.mint(email="alice@example.org", audience="mail")
+    code, data = explain_json(
+        capsys, config, token, "--frontend", "saslauthd", "--user", "alice@example.org"
+    )
+    assert code == 0
+    assert data["notes"][0].startswith("server.saslauthd_socket is not set")
