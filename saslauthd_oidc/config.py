@@ -408,6 +408,24 @@ def _octal_literal_modes(data: dict[str, Any], lines: KeyLines) -> None:
 _TOML_POSITION_RE = re.compile(r"\(at line (\d+), column \d+\)")
 
 
+_BARE_WORD_RE = re.compile(r"[A-Za-z_][\w.@:/+-]*")
+
+
+def _bare_word_hint(assignment: re.Match[str] | None) -> str:
+    """``audiences = [mail]``: TOML strings need quotes."""
+    if assignment is None:
+        return ""
+    value = assignment.group(2).split("#")[0].strip()
+    items = [v.strip() for v in value.strip("[]").split(",")] if value.startswith("[") else [value]
+    bare = [v for v in items if _BARE_WORD_RE.fullmatch(v) and v not in ("true", "false")]
+    if not bare:
+        return ""
+    name = assignment.group(1).strip()
+    quoted = ", ".join(f'"{v}"' if v in bare else v for v in items if v)
+    fixed = f"[{quoted}]" if value.startswith("[") else quoted
+    return f"; TOML strings need quotes: {name} = {fixed}"
+
+
 def _syntax_error(path: Path, text: str, exc: tomllib.TOMLDecodeError) -> ConfigError:
     """A TOML syntax error, with what to write instead where we can tell."""
     position = _TOML_POSITION_RE.search(str(exc))
@@ -427,7 +445,7 @@ def _syntax_error(path: Path, text: str, exc: tomllib.TOMLDecodeError) -> Config
             f"{name} = 0o{digits.lstrip('0')}",
         )
     else:
-        error = ConfigError("", f"TOML syntax error: {exc}")
+        error = ConfigError("", f"TOML syntax error: {exc}{_bare_word_hint(assignment)}")
     if number:
         error.location = f"{path} line {number}"
     else:

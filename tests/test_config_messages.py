@@ -215,3 +215,20 @@ def test_misspelt_provider_name_is_suggested(
     assert code == 2
     assert "rule[0].provider: no [[provider]] named 'kanidm-webmial'" in err
     assert "did you mean 'kanidm-webmail'?" in err and 'rule "web"' in err and "line 6" in err
+
+
+@pytest.mark.parametrize(
+    ("line", "fix"),
+    [
+        ("audiences = [mail, web]", 'audiences = ["mail", "web"]'),
+        ("username = email", 'username = "email"'),
+    ],
+)
+def test_unquoted_strings_get_the_quoted_form(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], line: str, fix: str
+) -> None:
+    text = PROVIDER + f'[[rule]]\nprovider = "idp"\n{line}\n'
+    code, _, err = check(tmp_path, text, capsys)
+    assert code == 2
+    assert "TOML syntax error" in err and f"TOML strings need quotes: {fix}" in err
+    assert "line 6" in err
