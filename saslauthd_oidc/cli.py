@@ -195,8 +195,8 @@ def _login_from_args(args: argparse.Namespace) -> LoginInput:
     headers = []
     for raw in args.header or ():
         name, sep, value = raw.partition(":")
-        if not sep or not name.strip():
-            raise UsageError(f"--header: expected NAME: VALUE, not {raw!r}")
+        if not sep or not name.strip() or not raw.isascii() or not raw.isprintable():
+            raise UsageError(f"--header: expected NAME: VALUE in printable ASCII, not {raw!r}")
         headers.append((name.strip(), value.strip()))
     return LoginInput(
         frontend=args.frontend,
