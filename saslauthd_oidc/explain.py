@@ -385,7 +385,10 @@ async def _http(config: Config, login: LoginInput, authenticate: Authenticate) -
         "path": path,
         "raw_path": path.encode(),
         "query_string": b"",
-        "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers],
+        "headers": [
+            (k.lower().encode("latin-1", "replace"), v.encode("latin-1", "replace"))
+            for k, v in headers
+        ],
         "client": (login.remote or "127.0.0.1", 0),
         "server": ("127.0.0.1", 8480),
         "scheme": "http",
