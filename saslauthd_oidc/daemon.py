@@ -116,6 +116,19 @@ _SOCKET_ADVICE = (
 )
 
 
+POSTFIX_SPOOL = "/var/spool/postfix"
+
+
+def _postfix_hint(path: str) -> str:
+    if not os.path.abspath(path).startswith(POSTFIX_SPOOL + "/"):
+        return ""
+    return (
+        f"; for Postfix's chrooted smtpd, a directory of the daemon's own under {POSTFIX_SPOOL}: "
+        f"install -d -o {DAEMON_USER} -g postfix -m 0750 {POSTFIX_SPOOL}/saslauthd-oidc "
+        f"(Postfix's own private/ is 0700 postfix)"
+    )
+
+
 def socket_problems(path: str, group: str | None, *, key: str) -> list[ConfigError]:
     """What binding ``path`` with ``group`` would fail on, found without creating anything.
 
@@ -138,7 +151,7 @@ def socket_problems(path: str, group: str | None, *, key: str) -> list[ConfigErr
             ConfigError(
                 key,
                 f"cannot create {what} in {existing} ({_owner(existing.stat())}): "
-                f"user {_user()} may not write there; {_SOCKET_ADVICE}",
+                f"user {_user()} may not write there; {_SOCKET_ADVICE}{_postfix_hint(path)}",
             )
         )
     with contextlib.suppress(OSError):

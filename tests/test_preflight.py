@@ -323,3 +323,19 @@ def test_root_check_config_warns_when_the_daemon_user_cannot_create_the_socket(
         w.startswith("server.auth_socket_group: the daemon's user nobody is not in group")
         for w in check.warnings
     )
+
+
+@needs_root
+def test_postfix_private_dir_gets_the_chroot_advice(shared_dir: Path) -> None:
+    private = Path("/var/spool/postfix/private")
+    if not private.is_dir() or private.stat().st_mode & 0o077:
+        pytest.skip("no Postfix private/ directory (0700) here")
+    config = write_config(
+        shared_dir, f'[server]\nauth_socket = "{private}/saslauthd-oidc"\n' + PROVIDER + RULE
+    )
+    for command in ("check-config", "serve"):
+        r = as_user(command, "--config", str(config))
+        assert r.returncode == 2, r.stderr
+        assert "config error: server.auth_socket: cannot create the socket in " in r.stderr
+        assert "Postfix's chrooted smtpd" in r.stderr and "install -d -o saslauthd-oidc" in r.stderr
+    assert not (private / "saslauthd-oidc").exists()
