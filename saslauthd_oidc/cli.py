@@ -249,8 +249,10 @@ def _unknown_issuer_hint(config: Config, verdict: Verdict, facts: Mapping[str, A
     closest = closest_issuer(iss, config.providers)
     if closest is None:
         return f"no provider has an issuer like the token's iss {iss!r}"
-    return f"closest provider {closest.name!r} has issuer {closest.issuer}: " + issuer_difference(
-        iss, closest.issuer
+    difference = issuer_difference(iss, closest.issuer)
+    return (
+        f"closest provider {closest.name!r} has issuer {closest.issuer}: {difference} "
+        "(check-config --online compares it with the IdP's discovery document)"
     )
 
 
