@@ -15,7 +15,10 @@ import pytest
 
 from saslauthd_oidc.cli import main
 from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
+from saslauthd_oidc.config import parse_config
 from saslauthd_oidc.explain import issuer_difference
+from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
+from saslauthd_oidc.rules import claim_mismatch, context_mismatch
 
 KANIDM = "https://idm.example.org/oauth2/openid/webmail"
 
@@ -355,3 +358,47 @@ def test_a_frontend_the_config_does_not_serve_is_noted(
     )
     assert code == 0
     assert data["notes"][0].startswith("server.saslauthd_socket is not set")
+
+
+@pytest.mark.parametrize(
+    "condition",
+    [
+        {"services": ["smtp"]},
+        {"hosts": ["mail.example.org"]},
+        {"ports": [587]},
+        {"remote_networks": ["192.0.2.0/24"]},
+        {"domains": ["example.org"]},
+    ],
+)
+def test_context_mismatch_on_an_empty_request_never_says_none(condition: dict[str, Any]) -> None:
+
+    cfg = parse_config(
+        {
+            "provider": [{"name": "idp", "issuer": "https://idp.example.org"}],
+            "rule": [{"provider": "idp", "audiences": ["mail"], **condition}],
+        }
+    )
+    request = AuthRequest(Mechanism.OAUTHBEARER, Credentials("t"), RequestContext())
+    mismatch = context_mismatch(cfg.rules[0], request)
+    assert mismatch is not None
+    assert "None" not in mismatch.detail and "given" in mismatch.detail
+
+
+@pytest.mark.parametrize(
+    ("condition", "claims"),
+    [
+        ({"authorized_parties": ["web"]}, {"aud": "mail"}),
+        ({"audiences": ["a", "b"]}, {"aud": ["a", "b"]}),
+    ],
+)
+def test_claim_mismatch_without_azp_never_says_none(
+    condition: dict[str, Any], claims: dict[str, Any]
+) -> None:
+
+    rule = {"provider": "idp", "audiences": ["mail"], **condition}
+    cfg = parse_config(
+        {"provider": [{"name": "idp", "issuer": "https://idp.example.org"}], "rule": [rule]}
+    )
+    mismatch = claim_mismatch(cfg.rules[0], claims)
+    assert mismatch is not None
+    assert "None" not in mismatch.detail
