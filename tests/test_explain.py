@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from saslauthd_oidc.cli import main
-from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
 from saslauthd_oidc.config import parse_config
+from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
 from saslauthd_oidc.explain import issuer_difference
 from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
 from saslauthd_oidc.rules import claim_mismatch, context_mismatch
