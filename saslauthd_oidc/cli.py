@@ -28,7 +28,7 @@ from saslauthd_oidc.config import (
     load_config,
     resolve_config_path,
 )
-from saslauthd_oidc.daemon import preflight, run_daemon, sort_passed_fds
+from saslauthd_oidc.daemon import PASSED_NAMES, preflight, run_daemon, sort_passed_fds
 from saslauthd_oidc.devmode import (
     DEFAULT_DEV_DIR,
     DEV_AUDIENCE,
@@ -148,7 +148,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     # Socket activation variables reach check-config only when systemd meant them for it.
     passed = take_listen_fds()
     names = sorted(sort_passed_fds(passed)) if isinstance(passed, dict) else []
-    check = preflight(config, names)  # what serve checks before it listens
+    # systemd passes sockets to ExecStart= only: the unit says which with --passed.
+    for name in (args.passed or "").replace(",", " ").split():
+        if name not in PASSED_NAMES:
+            raise UsageError(f"--passed: {name!r} is not a socket name ({', '.join(PASSED_NAMES)})")
+        names.append(name)
+    check = preflight(config, sorted(set(names)))  # what serve checks before it listens
     if check.problems:
         for problem in check.problems:
             print(
@@ -499,6 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-config", help="validate the configuration")
     _add_config(p)
     p.add_argument("--online", action="store_true", help="also fetch every provider's keys")
+    p.add_argument(
+        "--passed",
+        metavar="NAMES",
+        help="sockets systemd will pass serve (FileDescriptorName=: auth, saslauthd, http; "
+        "comma-separated): check them as serve will see them, e.g. in ExecStartPre=",
+    )
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("explain", help="show rule by rule why a token is accepted or refused")

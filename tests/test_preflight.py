@@ -344,3 +344,16 @@ def test_postfix_private_dir_gets_the_chroot_advice(shared_dir: Path) -> None:
         assert "config error: server.auth_socket: cannot create the socket in " in r.stderr
         assert "Postfix's chrooted smtpd" in r.stderr and "install -d -o saslauthd-oidc" in r.stderr
     assert not (private / "saslauthd-oidc").exists()
+
+
+def test_check_config_passed_http_socket_needs_caller_auth(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[server]\nauth_socket = ""\n' + PROVIDER + RULE)
+    assert main(["check-config", "--config", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["check-config", "--config", str(config), "--passed", "auth,http"]) == 2
+    assert "config error: http.auth: systemd passes an http socket" in capsys.readouterr().err
+    assert main(["check-config", "--config", str(config), "--passed", "htp"]) == 2
+    assert "--passed: 'htp' is not a socket name" in capsys.readouterr().err
