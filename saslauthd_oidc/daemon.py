@@ -413,14 +413,16 @@ def _daemon_user_socket_warnings(path: str, group: str | None, *, key: str) -> l
         if bits & 0o3 != 0o3:
             warnings.append(
                 f"{key}: the daemon's user {DAEMON_USER} may not create {path} in {existing} "
-                f"({_owner(st)}); {_SOCKET_ADVICE}"
+                f"({_owner(st)}), should serve bind it itself (without a socket unit); "
+                f"{_SOCKET_ADVICE}"
             )
     if group:
         with contextlib.suppress(KeyError):
             if grp.getgrnam(group).gr_gid not in groups:
                 warnings.append(
                     f"{key}_group: the daemon's user {DAEMON_USER} is not in group {group!r}, "
-                    f"so it cannot give the socket that group (adduser {DAEMON_USER} {group})"
+                    "so it cannot give the socket that group, should serve bind it itself "
+                    f"(adduser {DAEMON_USER} {group}, or SocketGroup= in a socket unit)"
                 )
     return warnings
 
