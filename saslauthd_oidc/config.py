@@ -1028,7 +1028,7 @@ KNOWN_CLAIMS = frozenset(
 
 
 def claim_warnings(cfg: Config) -> list[str]:
-    """Username templates naming a claim that looks like a misspelt known one."""
+    """Username templates naming a claim no IdP is known to send (a typo, like {emial}?)."""
     warnings: list[str] = []
     for i, rule in enumerate(cfg.rules):
         for body in _PLACEHOLDER_RE.findall(rule.username):
@@ -1036,11 +1036,18 @@ def claim_warnings(cfg: Config) -> list[str]:
             if claim in KNOWN_CLAIMS:
                 continue
             guess = suggest(claim, KNOWN_CLAIMS)
+            head = (
+                f"rule[{i}] ({rule.name}).username: {{{claim}}} is not a claim OpenID "
+                "Connect or the usual IdPs send"
+            )
             if guess:
                 warnings.append(
-                    f"rule[{i}] ({rule.name}).username: {{{claim}}} is not a claim OpenID "
-                    f"Connect or the usual IdPs send; did you mean {{{guess}}}? "
-                    "(explain shows the claims a token has)"
+                    f"{head}; did you mean {{{guess}}}? (explain shows a token's claims)"
+                )
+            else:
+                warnings.append(
+                    f"{head}: make sure your IdP adds it to its tokens or userinfo "
+                    "(explain shows a token's claims)"
                 )
     return warnings
 
