@@ -35,6 +35,7 @@ import trio.testing
 from saslauthd_oidc.config import (
     DAEMON_USER,
     SECRET_FILE_ADVICE,
+    SYMMETRIC_ALGORITHMS,
     Config,
     ConfigError,
     load_config,
@@ -55,6 +56,7 @@ from saslauthd_oidc.observability import configure_logging
 from saslauthd_oidc.providers import ProviderRegistry
 from saslauthd_oidc.providers.cache import VerificationCache
 from saslauthd_oidc.providers.http import make_http_client, make_ssl_context
+from saslauthd_oidc.providers.jwt import KeySet
 from saslauthd_oidc.request import Mechanism
 from saslauthd_oidc.rules import config_warnings
 from saslauthd_oidc.systemd import UNNAMED, Notifier
@@ -247,9 +249,6 @@ class Preflight:
     warnings: list[str]
 
 
-_HMAC = frozenset({"HS256", "HS384", "HS512"})
-
-
 def preflight(config: Config, passed: Collection[str] = ()) -> Preflight:
     """Everything ``serve`` checks before it listens, without binding or changing anything.
 
@@ -331,12 +330,17 @@ def preflight(config: Config, passed: Collection[str] = ()) -> Preflight:
         files = []
         if provider.introspects and provider.client_secret_file:
             files.append(("client_secret_file", provider.client_secret_file))
-        if provider.hmac_secret_file and _HMAC & set(provider.algorithms):
+        if provider.hmac_secret_file and SYMMETRIC_ALGORITHMS & set(provider.algorithms):
             files.append(("hmac_secret_file", provider.hmac_secret_file))
         for setting, path in files:
             key = f"provider[{i}].{setting}"
             try:
-                read_secret_file(key, path)
+                secret = read_secret_file(key, path)
+                if setting == "hmac_secret_file":
+                    try:
+                        KeySet.with_hmac_secret(secret, provider.algorithms)
+                    except ValueError as exc:
+                        raise ConfigError(key, f"{path}: {exc}") from None
             except ConfigError as exc:
                 exc.label = f'provider "{provider.name}"'
                 problems.append(exc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import grp
 import os
+import pwd
 import shutil
 import socket
 import subprocess
@@ -155,6 +156,18 @@ def privileged_http_port(d: Path) -> str:
     )
 
 
+def short_hmac_secret(d: Path) -> str:
+    path = secret(d, "hmac.secret", 0o600)  # private and the daemon's, but 12 bytes for HS256
+    user = pwd.getpwnam(UNPRIVILEGED)
+    os.chown(path, user.pw_uid, user.pw_gid)
+    return (
+        f'[server]\nauth_socket = "{run_dir(d)}/auth"\n'
+        + PROVIDER
+        + f'algorithms = ["HS256"]\nhmac_secret_file = "{path}"\n'
+        + RULE
+    )
+
+
 BROKEN: list[tuple[Callable[[Path], str], str, str]] = [
     (private_dir, "server.auth_socket", "may not write there"),
     (foreign_group, "server.auth_socket_group", f"is not a member of group '{FOREIGN_GROUP}'"),
@@ -164,6 +177,7 @@ BROKEN: list[tuple[Callable[[Path], str], str, str]] = [
     (root_only_client_secret, "provider[0].client_secret_file", "Permission denied"),
     (http_users_world_readable, "http.users_file", "readable or writable by others"),
     (missing_ca_file, "provider[0].ca_file", "cannot load"),
+    (short_hmac_secret, "provider[0].hmac_secret_file", "HMAC secret shorter than 32 bytes"),
     (privileged_http_port, "server.http_listen", "cannot listen on 127.0.0.1:80"),
 ]
 
