@@ -346,6 +346,19 @@ def preflight(config: Config, passed: Collection[str] = ()) -> Preflight:
                 problems.append(exc)
             else:
                 warnings.extend(_unreadable_for_daemon(key, path))
+    if config.server.workers > 1 and passed:
+        problems.append(
+            ConfigError(
+                "server.workers",
+                "socket activation passes one set of sockets; use workers = 1 with it",
+            )
+        )
+    # Imported here: workers imports this module.
+    from saslauthd_oidc.workers import worker_problem  # noqa: PLC0415
+
+    problem = worker_problem(config)
+    if problem is not None:
+        problems.append(problem)
     return Preflight(problems, notes, warnings)
 
 

@@ -371,3 +371,19 @@ def test_check_config_passed_http_socket_needs_caller_auth(
     assert "config error: http.auth: systemd passes an http socket" in capsys.readouterr().err
     assert main(["check-config", "--config", str(config), "--passed", "htp"]) == 2
     assert "--passed: 'htp' is not a socket name" in capsys.readouterr().err
+
+
+def test_workers_limits_are_checked_by_check_config_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[server]\nauth_socket = "{tmp_path}/auth"\nsaslauthd_socket = "{tmp_path}/mux"\n'
+        "workers = 2\n" + PROVIDER + RULE
+    )
+    for command in ("check-config", "serve"):
+        assert main([command, "--config", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("saslauthd-oidc: config error: server.workers: more than one worker")
+        assert "line 4" in err
+    assert not (tmp_path / "auth").exists()
