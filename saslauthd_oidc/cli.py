@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -30,6 +33,7 @@ from saslauthd_oidc.daemon import run_daemon
 from saslauthd_oidc.devmode import DEFAULT_DEV_DIR, run_dev
 from saslauthd_oidc.engine import Engine
 from saslauthd_oidc.frontends.http import load_caller_auth
+from saslauthd_oidc.lifecycle import read_reload_report
 from saslauthd_oidc.observability import configure_logging
 from saslauthd_oidc.outcome import Outcome, Verdict
 from saslauthd_oidc.providers import ProviderRegistry
@@ -94,10 +98,55 @@ def cmd_serve(args: argparse.Namespace) -> int:
     notifier = Notifier()
     trio.run(
         lambda: run_daemon(
-            config, passed_fds=passed, notifier=notifier, load=partial(load_config, path)
+            config,
+            passed_fds=passed,
+            notifier=notifier,
+            load=partial(load_config, path),
+            report_dir=os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None,
         )
     )
     return EXIT_OK
+
+
+# --------------------------------------------------------------------------- reload
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Check the file, SIGHUP the daemon, wait for its answer (systemd's ExecReload=)."""
+    config = _load(args)  # a broken file: exit 2 naming the key, nothing sent
+    if config.server.http_listen or config.server.http_socket:
+        load_caller_auth(config.http)
+    if args.pid is None or args.pid <= 1:
+        raise UsageError("reload: --pid PID of the running daemon is needed (systemd: $MAINPID)")
+    state = args.state_dir or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
+    before = read_reload_report(state) if state else None
+    try:
+        os.kill(args.pid, signal.SIGHUP)
+    except OSError as exc:
+        raise UsageError(f"reload: cannot signal pid {args.pid}: {exc.strerror}") from None
+    if state is None:
+        print(f"sent SIGHUP to {args.pid}; the daemon logs whether it applied the configuration")
+        return EXIT_OK
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        answer = read_reload_report(state)
+        if answer is not None and (before is None or answer.generation > before.generation):
+            if answer.ok:
+                print(f"reloaded: {answer.message}")
+                return EXIT_OK
+            where = f"{answer.key}: " if answer.key else ""
+            print(
+                f"saslauthd-oidc: reload refused: {where}{answer.message}; "
+                "still serving the previous configuration",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        time.sleep(0.05)
+    print(
+        f"saslauthd-oidc: reload: no answer from pid {args.pid} within {args.timeout:g} s",
+        file=sys.stderr,
+    )
+    return EXIT_TEMPFAIL
 
 
 # --------------------------------------------------------------------------- check-config
@@ -304,6 +353,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(p)
     p.add_argument("--online", action="store_true", help="also fetch every provider's keys")
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser(
+        "reload", help="reload a running daemon and report whether it took the new configuration"
+    )
+    _add_config(p)
+    p.add_argument("--pid", type=int, help="the daemon's process id (systemd: $MAINPID)")
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where the daemon answers (default: $RUNTIME_DIRECTORY, set by systemd)",
+    )
+    p.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for the answer")
+    p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("explain", help="show rule by rule why a token is accepted or refused")
     _add_config(p)

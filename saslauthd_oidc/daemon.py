@@ -41,7 +41,7 @@ from saslauthd_oidc.frontends.http import (
     serve_http,
 )
 from saslauthd_oidc.frontends.saslauthd import serve_saslauthd_listener
-from saslauthd_oidc.lifecycle import Current, DrainableListener, plan_reload
+from saslauthd_oidc.lifecycle import Current, DrainableListener, ReloadReporter, plan_reload
 from saslauthd_oidc.metrics import Metrics
 from saslauthd_oidc.observability import configure_logging
 from saslauthd_oidc.providers import ProviderRegistry
@@ -349,6 +349,7 @@ class _Runtime:
     make_http_app: Callable[[Config, CallerAuth], HttpFrontend]
     nursery: trio.Nursery
     stop_http: trio.Event = field(default_factory=trio.Event)
+    reports: ReloadReporter = field(default_factory=lambda: ReloadReporter(None))
 
     @property
     def deadline(self) -> float:
@@ -366,6 +367,7 @@ class _Runtime:
         if self.load is None:
             log.warning("reload_failed", error="the configuration was not read from a file")
             self.notifier.ready(status=self.status())
+            self.reports.report(False, None, "the configuration was not read from a file")
             return False
         log.info("reloading", config=self.config.source)
         try:
@@ -381,6 +383,7 @@ class _Runtime:
                 detail="still serving the previous configuration",
             )
             self.notifier.ready(status=f"reload failed ({exc}); " + self.status())
+            self.reports.report(False, exc.key or None, exc.message)
             return False
         engine = Engine(plan.config, registry, cache=self.cache)
         dropped = self.cache.drop_providers(plan.removed_providers + plan.changed_providers)
@@ -414,6 +417,7 @@ class _Runtime:
             cache_entries_dropped=dropped,
         )
         self.notifier.ready(status=self.status())
+        self.reports.report(True, None, self.status())
         return True
 
     async def _retire(self, registry: ProviderRegistry) -> None:
@@ -448,6 +452,7 @@ async def run_daemon(
     notifier: Notifier | None = None,
     load: Callable[[], Config] | None = None,
     auth_listener: InheritedListener | None = None,
+    report_dir: str | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or cancellation). Reports the first Engine once listening.
 
@@ -455,7 +460,9 @@ async def run_daemon(
     ``load`` reads the configuration again on SIGHUP (default: the file it came from).
     ``auth_listener`` listens on an auth socket opened by someone else (a
     worker's, inherited from the parent of ``server.workers``, which owns and
-    removes the socket).
+    removes the socket). ``report_dir`` receives the answer to each reload
+    (:class:`~saslauthd_oidc.lifecycle.ReloadReporter`; systemd's
+    ``$RUNTIME_DIRECTORY``).
     """
     mechanisms = [Mechanism(m) for m in config.server.mechanisms]
     notifier = notifier or Notifier({})
@@ -508,6 +515,7 @@ async def run_daemon(
                     notifier=notifier,
                     make_http_app=make_http_app,
                     nursery=nursery,
+                    reports=ReloadReporter(report_dir),
                 )
                 nursery.start_soon(registry.refresh_all)
                 if listeners.http:
@@ -563,6 +571,7 @@ async def run_daemon(
                     socket_activation=listeners.passed or None,
                 )
                 notifier.ready(status=runtime.status())
+                runtime.reports.started()
                 task_status.started(engine)
             await runtime.registry.aclose()
     finally:
