@@ -29,7 +29,7 @@ from saslauthd_oidc.config import (
     load_config,
     resolve_config_path,
 )
-from saslauthd_oidc.daemon import run_daemon
+from saslauthd_oidc.daemon import http_problems, run_daemon
 from saslauthd_oidc.devmode import DEFAULT_DEV_DIR, run_dev
 from saslauthd_oidc.engine import Engine
 from saslauthd_oidc.frontends.http import load_caller_auth
@@ -40,7 +40,13 @@ from saslauthd_oidc.providers import ProviderRegistry
 from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
 from saslauthd_oidc.rules import config_warnings, ordered
-from saslauthd_oidc.systemd import ActivationError, Notifier, take_listen_fds
+from saslauthd_oidc.systemd import (
+    HTTP_SOCKET_UNIT,
+    ActivationError,
+    Notifier,
+    take_listen_fds,
+    unit_enabled,
+)
 from saslauthd_oidc.workers import serve_workers
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_TEMPFAIL = 0, 1, 2, 3
@@ -156,6 +162,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load(args)
     if config.server.http_listen or config.server.http_socket:
         load_caller_auth(config.http)  # the credential files must be readable and private
+    if unit_enabled(HTTP_SOCKET_UNIT):  # serve will be passed that socket
+        for problem in http_problems(config, http_passed=True):
+            raise ConfigError(problem.key, f"{HTTP_SOCKET_UNIT} is enabled: {problem.message}")
+        load_caller_auth(config.http)
     print(f"{config.source}: ok")
     print(f"  providers: {', '.join(p.name for p in config.providers) or '(none)'}")
     print(f"  rules (in evaluation order): {', '.join(_rule_order(config))}")
@@ -395,6 +405,12 @@ def _leaves(group: BaseExceptionGroup[ConfigError]) -> list[BaseException]:
     return leaves
 
 
+def _status_on_config_error(args: argparse.Namespace, error: BaseException) -> None:
+    """``serve`` under systemd: ``systemctl status`` shows the failing key (Status:)."""
+    if args.func is cmd_serve:
+        Notifier().status(f"config error: {error}; fix it, then: systemctl restart saslauthd-oidc")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -402,13 +418,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except ConfigError as exc:
         print(f"saslauthd-oidc: config error: {exc}", file=sys.stderr)
+        _status_on_config_error(args, exc)
         return EXIT_USAGE
     except BaseExceptionGroup as group:
         config_errors, rest = group.split(ConfigError)
         if rest is not None or config_errors is None:
             raise
-        for error in _leaves(config_errors):
+        leaves = _leaves(config_errors)
+        for error in leaves:
             print(f"saslauthd-oidc: config error: {error}", file=sys.stderr)
+        _status_on_config_error(args, leaves[0])
         return EXIT_USAGE
     except UsageError as exc:
         print(f"saslauthd-oidc: {exc}", file=sys.stderr)

@@ -154,6 +154,27 @@ def open_http_sockets(config: Config, *, backlog: int = 512) -> list[socket.sock
     return sockets
 
 
+def http_problems(config: Config, *, http_passed: bool) -> list[ConfigError]:
+    """What is wrong with serving an http socket systemd passes (empty: nothing).
+
+    Not fatal to ``serve``: an enabled saslauthd-oidc-http.socket must not take
+    the auth socket down with it; the daemon serves the other sockets, and the
+    http one refuses every introspection caller, until the file is fixed.
+    ``check-config`` reports the same as an error.
+    """
+    http = config.http
+    if http_passed and http.auth == "required" and not (http.users_file or http.secret_file):
+        return [
+            ConfigError(
+                "http.auth",
+                "systemd passes an http socket: callers must authenticate: set "
+                'http.users_file or http.secret_file, or auth = "open" (loopback only); '
+                "until then every /introspect caller is refused",
+            )
+        ]
+    return []
+
+
 class Readiness:
     """Ready once every provider's keys were loaded once, or ``grace`` seconds after start."""
 
@@ -350,16 +371,18 @@ class _Runtime:
     nursery: trio.Nursery
     stop_http: trio.Event = field(default_factory=trio.Event)
     reports: ReloadReporter = field(default_factory=lambda: ReloadReporter(None))
+    problems: list[str] = field(default_factory=list)  # shown in the systemd status
 
     @property
     def deadline(self) -> float:
         return self.config.server.request_timeout + FRONTEND_DEADLINE_MARGIN
 
     def status(self) -> str:
-        return (
+        text = (
             f"serving {len(self.config.rules)} rules, {len(self.config.providers)} providers "
             f"from {self.config.source}"
         )
+        return "; ".join([text, *self.problems])
 
     async def reload(self) -> bool:
         """Load the config again and swap it in; on any error keep the running one."""
@@ -385,6 +408,15 @@ class _Runtime:
             self.notifier.ready(status=f"reload failed ({exc}); " + self.status())
             self.reports.report(False, exc.key or None, exc.message)
             return False
+        self.problems = [
+            str(p)
+            for p in http_problems(
+                plan.config,
+                http_passed=bool(self.listeners.http) and "http" in self.listeners.passed,
+            )
+        ]
+        for problem in self.problems:
+            log.error("config", error=problem)
         engine = Engine(plan.config, registry, cache=self.cache)
         dropped = self.cache.drop_providers(plan.removed_providers + plan.changed_providers)
         if plan.logging_changed:
@@ -472,13 +504,10 @@ async def run_daemon(
     # the caller as themselves rather than wrapped in an exception group.
     caller_auth = None
     http_passed = bool((passed_fds or {}).get("http"))
-    http = config.http
-    if http_passed and http.auth == "required" and not (http.users_file or http.secret_file):
-        raise ConfigError(
-            "http.auth",
-            "systemd passes an http socket: callers must authenticate: set "
-            'http.users_file or http.secret_file, or auth = "open" (loopback only)',
-        )
+    problems = http_problems(config, http_passed=http_passed)
+    for problem in problems:
+        # Not fatal: the auth and saslauthd sockets must not go down with it.
+        log.error("config", key=problem.key, error=problem.message)
     if config.server.http_listen or config.server.http_socket or http_passed:
         caller_auth = load_caller_auth(config.http)
     listeners = open_listeners(config, passed_fds, auth=auth_listener)
@@ -516,6 +545,7 @@ async def run_daemon(
                     make_http_app=make_http_app,
                     nursery=nursery,
                     reports=ReloadReporter(report_dir),
+                    problems=[str(p) for p in problems],
                 )
                 nursery.start_soon(registry.refresh_all)
                 if listeners.http:
