@@ -146,7 +146,8 @@ def test_install_gives_command_user_conffile_units_and_man_pages(ct: Container, 
     ]
     exec_start = ct.show("saslauthd-oidc.service", "ExecStart")["ExecStart"]
     assert "path=/usr/bin/saslauthd-oidc " in exec_start
-    assert "/usr/local" not in ct.run("systemctl", "cat", "saslauthd-oidc.service").stdout
+    units = ct.run("systemctl", "cat", "saslauthd-oidc.service", "saslauthd-oidc.socket").stdout
+    assert not [line for line in units.splitlines() if "/usr/local" in line.split("#")[0]]
     # Man pages: every command and key (tests/test_deb_manpages.py checks the generator).
     assert "check-config" in ct.sh("MANWIDTH=100 man saslauthd-oidc 2>/dev/null").stdout
     assert "auth_socket" in ct.sh("MANWIDTH=100 man saslauthd-oidc.toml 2>/dev/null").stdout
@@ -161,8 +162,11 @@ def test_unconfigured_and_broken_config_fail_once_with_the_key_then_restart_work
     # turned away (Postfix: 454, try again later), not kept waiting in a loop.
     ct.write("/root/token", "not-a-token\n")
     result = authenticate(ct)
-    assert result["ok"] == 0 and result["refused"] == 1, result
+    assert result["ok"] == 0 and result["dropped"] + result["refused"] == 1, result
     ct.wait_for("the service to fail", lambda: active(ct, "saslauthd-oidc.service") == "failed")
+    # The sockets are stopped with it: nobody starts it again and again.
+    ct.wait_for("the socket to stop", lambda: active(ct, "saslauthd-oidc.socket") == "inactive")
+    assert authenticate(ct)["refused"] == 1
     time.sleep(3)  # long enough for a restart loop to show
     props = ct.show("saslauthd-oidc.service", "NRestarts", "Result", "StatusText", "ExecMainStatus")
     assert props["NRestarts"] == "0"
@@ -170,7 +174,7 @@ def test_unconfigured_and_broken_config_fail_once_with_the_key_then_restart_work
     assert props["StatusText"].startswith("config error: rule: ")
     assert "rule: at least one [[rule]] is needed" in status(ct, "saslauthd-oidc.service")
     starts = journal(ct, "saslauthd-oidc.service").count("Starting saslauthd-oidc.service")
-    assert 1 <= starts <= 5, starts  # the socket's TriggerLimitBurst, not a loop
+    assert starts == 1, starts
 
     # Configured, restarted: the sockets come back without anything by hand.
     start_issuer(ct)
@@ -201,6 +205,7 @@ def test_socket_activation_auth_reload_and_stop(ct: Container) -> None:
         "ok": 1,
         "fail": 0,
         "refused": 0,
+        "dropped": 0,
         "errors": [],
         "replies": ["OK\t1\tuser=alice@example.org"],
     }
@@ -252,7 +257,8 @@ def test_watchdog_pings_and_a_hung_daemon_is_restarted(ct: Container) -> None:
         "MainPID": pid,
         "NRestarts": "0",
     }
-    ct.run("kill", "-STOP", pid)  # hung: no more pings
+    # Hung: no more pings. (No /bin/kill in a minimal image: procps.)
+    ct.run("systemctl", "kill", "--kill-whom=main", "--signal=SIGSTOP", "saslauthd-oidc")
     ct.wait_for(
         "the watchdog restart",
         lambda: (
@@ -292,8 +298,13 @@ def test_upgrade_restarts_the_daemon_and_refuses_no_connection(ct: Container, de
     ct.run("touch", "/root/stop")
     ct.wait_for("the clients to finish", lambda: active(ct, "test-client.service") != "active")
     result = json.loads(ct.run("cat", "/root/client.json").stdout)
+    # Nothing refused: the socket stayed open, new connections waited in its
+    # backlog for the new daemon. (Connections the old daemon had accepted
+    # but not answered when it stopped are closed: "dropped", a 454 for
+    # Postfix; with this client's rate, a handful at most.)
     assert result["refused"] == 0 and result["fail"] == 0, result
     assert result["ok"] > 5
+    assert result["dropped"] <= 3, result
     assert ct.run("dpkg-query", "-W", "-f=${Version}", "saslauthd-oidc").stdout == debs.version
     assert ct.show("saslauthd-oidc.service", "MainPID")["MainPID"] != pid  # restarted
     assert ct.show("saslauthd-oidc.socket", "ActiveEnterTimestampMonotonic") == socket_since

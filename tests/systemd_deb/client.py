@@ -4,9 +4,10 @@
     python3 client.py SOCKET TOKENFILE USER --until STOPFILE  authenticate again and
         again (a new connection each time) until STOPFILE exists
 
-Prints one JSON object: {"ok": N, "fail": N, "refused": N, "errors": [...]}.
-"refused" counts connections the socket refused or that were reset before
-the handshake: what Postfix would report as a temporary failure.
+Prints one JSON object: {"ok": N, "fail": N, "refused": N, "dropped": N, ...}.
+"refused": the connection itself failed (no socket, refused); "dropped": it
+was accepted, then closed before the answer. Postfix reports both as a
+temporary failure (454).
 """
 
 from __future__ import annotations
@@ -49,12 +50,22 @@ def main(argv: list[str]) -> int:
     stop = argv[5] if len(argv) > 5 and argv[4] == "--until" else None
     with open(token_file) as f:
         token = f.read().strip()
-    counts: dict[str, object] = {"ok": 0, "fail": 0, "refused": 0, "errors": [], "replies": []}
+    counts: dict[str, object] = {
+        "ok": 0,
+        "fail": 0,
+        "refused": 0,
+        "dropped": 0,
+        "errors": [],
+        "replies": [],
+    }
     while True:
         try:
             reply = authenticate(path, token, user)
-        except (ConnectionRefusedError, FileNotFoundError, ConnectionResetError) as exc:
+        except (ConnectionRefusedError, FileNotFoundError) as exc:
             counts["refused"] = int(counts["refused"]) + 1  # type: ignore[call-overload]
+            counts["errors"].append(repr(exc))  # type: ignore[attr-defined]
+        except ConnectionResetError as exc:
+            counts["dropped"] = int(counts["dropped"]) + 1  # type: ignore[call-overload]
             counts["errors"].append(repr(exc))  # type: ignore[attr-defined]
         except OSError as exc:
             counts["fail"] = int(counts["fail"]) + 1  # type: ignore[call-overload]

@@ -259,9 +259,14 @@ class Container:
             time.sleep(0.1)
         else:
             raise ContainerError("the container's systemd did not start")
-        state = self.run(
-            "systemctl", "is-system-running", "--wait", check=False, timeout=timeout
-        ).stdout.strip()
+        state = ""
+        while time.monotonic() < deadline and state not in ("running", "degraded"):
+            # Until systemd listens on its private socket, systemctl cannot ask.
+            state = self.run(
+                "systemctl", "is-system-running", "--wait", check=False, timeout=timeout
+            ).stdout.strip()
+            if state not in ("running", "degraded"):
+                time.sleep(0.2)
         if state not in ("running", "degraded"):
             raise ContainerError(f"the container's systemd is {state!r}")
 
