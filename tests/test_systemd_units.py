@@ -45,7 +45,10 @@ def test_service_is_type_notify_unprivileged_and_hardened() -> None:
     service = unit("saslauthd-oidc.service")["Service"]
     assert service["Type"] == "notify"
     assert service["ExecStart"].startswith(f"{INSTALLED_AT} serve --config ")
-    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    # No /bin/kill (procps is not in minimal images): the command itself
+    # signals the daemon and waits for its answer.
+    assert service["ExecReload"].startswith(f"{INSTALLED_AT} reload --pid $MAINPID --config ")
+    assert "ExecStartPre" not in service  # RestartPreventExitStatus= sees only ExecStart=
     assert service["User"] == "saslauthd-oidc"
     assert service["CapabilityBoundingSet"] == ""
     for key, value in {
@@ -73,3 +76,26 @@ def test_socket_units_name_their_sockets(name: str, fdname: str) -> None:
     socket = unit(name)["Socket"]
     assert socket["FileDescriptorName"] == fdname
     assert socket["Service"] == "saslauthd-oidc.service"
+
+
+def test_a_config_error_is_final_and_stops_the_sockets() -> None:
+    """Exit 2 is not restarted; ExecStopPost stops the sockets (no re-trigger loop)."""
+    service = unit("saslauthd-oidc.service")
+    assert service["Service"]["Restart"] == "on-failure"
+    assert service["Service"]["RestartPreventExitStatus"] == "2"
+    stop_post = service["Service"]["ExecStopPost"]
+    assert stop_post.startswith("+/bin/sh -c ")  # as root: it stops units
+    assert '"$$EXIT_STATUS" = 2' in stop_post
+    for name in (
+        "saslauthd-oidc.socket",
+        "saslauthd-oidc-saslauthd.socket",
+        "saslauthd-oidc-http.socket",
+    ):
+        assert name in stop_post
+    assert service["Unit"]["Requires"] == "saslauthd-oidc.socket"  # restart starts it again
+
+
+@pytest.mark.parametrize("name", ["saslauthd-oidc.socket", "saslauthd-oidc-saslauthd.socket"])
+def test_unix_sockets_use_the_packages_own_client_group(name: str) -> None:
+    """Not postfix (absent on Exim/Cyrus hosts: 216/GROUP), not saslauthd-oidc (reads secrets)."""
+    assert unit(name)["Socket"]["SocketGroup"] == "saslauthd-oidc-clients"
