@@ -34,6 +34,7 @@ REFERENCE = ROOT / "etc" / "saslauthd-oidc.toml"
 def esc(text: str) -> str:
     """Text for a roff line: backslashes and hyphens escaped, no leading control char."""
     out = text.replace("\\", "\\e").replace("-", "\\-")
+    out = "".join(ch if ord(ch) < 128 else f"\\[u{ord(ch):04X}]" for ch in out)
     if out.startswith((".", "'")):
         out = "\\&" + out
     return out

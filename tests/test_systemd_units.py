@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import os
 import shutil
 import subprocess
 import sys
@@ -34,8 +35,24 @@ def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
         text = path.read_text()
         (tmp_path / path.name).write_text(text.replace(INSTALLED_AT, str(command)))
     files = sorted(str(p) for p in tmp_path.iterdir())
+    # verify also looks up Documentation=man:saslauthd-oidc(8): the pages
+    # the package builds (contrib/manpages.py), on MANPATH.
+    man = tmp_path / "man"
+    subprocess.run(
+        [sys.executable, str(UNITS.parent / "manpages.py"), "--outdir", str(man / "pages")],
+        check=True,
+    )
+    for page in (man / "pages").iterdir():
+        section = man / f"man{page.suffix[1:]}"
+        section.mkdir(exist_ok=True)
+        page.rename(section / page.name)
     result = subprocess.run(
-        [analyze, "verify", *files], capture_output=True, text=True, cwd=tmp_path, check=False
+        [analyze, "verify", *files],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
+        env={**os.environ, "MANPATH": f"{man}:"},
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr == "" and result.stdout == ""
