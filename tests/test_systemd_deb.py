@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,6 +116,22 @@ def active(ct: Container, unit: str) -> str:
 
 
 # --------------------------------------------------------------------------- tests
+
+
+def test_lintian_reports_no_error_and_no_unjustified_warning(debs: Debs) -> None:
+    """Each remaining tag is overridden with its reason (debian/*.lintian-overrides)."""
+    lintian = shutil.which("lintian")
+    require_peer("lintian", None if lintian else "not installed (Debian: lintian)")
+    assert lintian
+    result = subprocess.run(
+        [lintian, "--fail-on", "error,warning", str(debs.current)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    tags = [line for line in result.stdout.splitlines() if line[:2] in ("E:", "W:")]
+    assert result.returncode == 0 and not tags, result.stdout + result.stderr
 
 
 def test_install_gives_command_user_conffile_units_and_man_pages(ct: Container, debs: Debs) -> None:

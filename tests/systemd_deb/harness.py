@@ -159,6 +159,9 @@ def build_debs(log: Path) -> Debs:
         for deb in src.parent.glob("*.deb"):
             shutil.copy2(deb, out / deb.name)
     shutil.rmtree(work, ignore_errors=True)
+    for stale in CACHE.glob("deb-*"):  # builds of inputs that are gone
+        if stale != out and ".build-" not in stale.name:
+            shutil.rmtree(stale, ignore_errors=True)
     return debs
 
 
