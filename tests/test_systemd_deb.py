@@ -80,8 +80,8 @@ def ct(tree: Path, share: Path, tmp_path: Path) -> Iterator[Container]:
         yield container
 
 
-def install(ct: Container, deb: str = "/srv/test/current.deb") -> None:
-    apt_install(ct, deb)
+def install(ct: Container, deb: str = "/srv/test/current.deb") -> str:
+    return apt_install(ct, deb).stdout
 
 
 def start_issuer(ct: Container) -> None:
@@ -135,7 +135,10 @@ def test_lintian_reports_no_error_and_no_unjustified_warning(debs: Debs) -> None
 
 
 def test_install_gives_command_user_conffile_units_and_man_pages(ct: Container, debs: Debs) -> None:
-    install(ct)
+    output = install(ct)
+    assert (
+        f"saslauthd-oidc: not configured yet: add a [[provider]] and a [[rule]] to {CONF}" in output
+    )
     assert ct.run("saslauthd-oidc", "--version").stdout.split() == [
         "saslauthd-oidc",
         debs.version.split("~")[0],
