@@ -24,7 +24,7 @@ import signal
 import subprocess
 import tarfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -378,7 +378,3 @@ def apt_install(container: Container, *debs: str) -> subprocess.CompletedProcess
         *debs,
         timeout=300,
     )
-
-
-def lines_with(text: str, needle: str) -> Sequence[str]:
-    return [line for line in text.splitlines() if needle in line]
