@@ -154,10 +154,14 @@ def build_debs(log: Path) -> Debs:
         if proc.wait(timeout=600) != 0:
             tail = logfile.read_text(errors="replace")[-3000:]
             raise RuntimeError(f"dpkg-buildpackage failed ({logfile}):\n{tail}")
-    out.mkdir(parents=True, exist_ok=True)
+    # Published whole (a rename), so that a concurrent run never sees half of it.
+    staged = work / "debs"
+    staged.mkdir()
     for _, src, _ in builds:
         for deb in src.parent.glob("*.deb"):
-            shutil.copy2(deb, out / deb.name)
+            shutil.copy2(deb, staged / deb.name)
+    with contextlib.suppress(OSError):  # another run published the same inputs first
+        staged.rename(out)
     shutil.rmtree(work, ignore_errors=True)
     for stale in CACHE.glob("deb-*"):  # builds of inputs that are gone
         if stale != out and ".build-" not in stale.name:
