@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from saslauthd_oidc.request import token_fingerprint
@@ -28,15 +29,29 @@ README_MAIN_CF = {
 class Daemon:
     """``saslauthd-oidc serve --config CONFIG``; ``stop()`` sends SIGTERM and returns the status."""
 
-    def __init__(self, config: Path, socket_path: Path, log_path: Path) -> None:
+    def __init__(
+        self,
+        config: Path,
+        socket_path: Path,
+        log_path: Path,
+        *,
+        prefix: Sequence[str] = (),
+        user: str | None = None,
+        group: str | None = None,
+    ) -> None:
+        """``prefix`` goes before the command (e.g. ``systemd-socket-activate -l PATH``);
+        ``user``/``group`` run it unprivileged, as the daemon's own system user would."""
         self.socket_path = socket_path
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "saslauthd_oidc", "serve", "--config", str(config)],
+            [*prefix, sys.executable, "-m", "saslauthd_oidc", "serve", "--config", str(config)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            user=user,
+            group=group,
+            extra_groups=[] if user is not None else None,
         )
         deadline = time.monotonic() + 20
         while not self._accepting():
