@@ -72,10 +72,13 @@ Logging
 
 Line length
     ``line_length_limit`` is left at its default of 2048 bytes.  Postfix 3.7
-    truncates (and still forwards) an ``AUTH <mech> <initial-response>`` line
-    longer than that, so tokens larger than roughly 1.5 KB must be sent
-    through the ``334`` continuation (``smtp_auth(..., initial_response=None,
-    continuation=...)``) instead of as an initial response.
+    cuts an ``AUTH <mech> <initial-response>`` line longer than that and
+    answers ``535 5.7.8 Error: authentication failed: Invalid base64 data in
+    initial response`` itself, without asking the auth server, so tokens
+    larger than roughly 1.5 KB must be sent through the ``334`` continuation
+    (``smtp_auth(..., initial_response=None, continuation=...)``) unless the
+    test raises ``line_length_limit`` (the README's long-token lines,
+    ``tests/test_peer_postfix_debian.py``).
 """
 
 from __future__ import annotations
