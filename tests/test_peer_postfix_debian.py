@@ -27,6 +27,7 @@ import grp
 import os
 import pwd
 import shutil
+import signal
 import smtplib
 import ssl
 import stat
@@ -148,7 +149,7 @@ def unit_socket_path() -> str:
 
 
 class SocketActivated:
-    """The daemon behind a socket made as ``saslauthd-oidc.socket`` + the README drop-in makes it."""
+    """The daemon behind the socket ``saslauthd-oidc.socket`` + the README drop-in make."""
 
     def __init__(self, workdir: Path, issuer: str) -> None:
         self.workdir = workdir
@@ -306,9 +307,11 @@ def test_curl_through_chrooted_smtpd(
     pf, _ = chrooted
     curl = shutil.which("curl") or "curl"
     res = subprocess.run(
-        [curl, "-sS", "--max-time", "20", "--url", f"smtp://{pf.host}:{pf.port}/"]
-        + ["--oauth2-bearer", issuer.mint(email=USER), "--login-options", "AUTH=OAUTHBEARER"]
-        + ["--user", f"{USER}:", "-X", "NOOP"],
+        [
+            *(curl, "-sS", "--max-time", "20", "--url", f"smtp://{pf.host}:{pf.port}/"),
+            *("--oauth2-bearer", issuer.mint(email=USER), "--login-options", "AUTH=OAUTHBEARER"),
+            *("--user", f"{USER}:", "-X", "NOOP"),
+        ],
         capture_output=True,
         text=True,
         timeout=40,
@@ -334,13 +337,16 @@ def test_long_token_on_the_auth_line_needs_the_long_token_lines(
     cut = long_token(issuer)
     replies = smtp_auth(pf.host, pf.port, "XOAUTH2", xoauth2(cut), continuation=b"")
     assert replies == [(535, POSTFIX_CUT_REPLY)], replies
-    time.sleep(0.5)  # not a timing assert: a late log line would only make the next one fail
-    after = [e for e in activated.daemon.log_events() if e.get("event") == "authentication"]
-    assert len(after) == seen, after[seen:]
     with smtplib.SMTP(pf.host, pf.port, local_hostname="client.test.example", timeout=30) as s:
         s.ehlo()
         with pytest.raises(smtplib.SMTPAuthenticationError):
-            s.auth("XOAUTH2", lambda challenge=None: None if challenge else xoauth2(cut).decode())
+            s.auth("XOAUTH2", lambda challenge=None: xoauth2(cut).decode())
+    # A login after them is the next line in the daemon's log: none came in between.
+    probe = issuer.mint(email=USER)
+    assert smtp_auth(pf.host, pf.port, "XOAUTH2", xoauth2(probe))[-1][0] == 235
+    assert activated.daemon.events_for(probe)
+    after = [e for e in activated.daemon.log_events() if e.get("event") == "authentication"]
+    assert len(after) == seen + 1, after[seen:]
 
 
 # --------------------------------------------------------------------------- TLS + long tokens
@@ -415,10 +421,12 @@ def test_curl_starttls_then_oauthbearer(
     pf, _ = chrooted_tls
     curl = shutil.which("curl") or "curl"
     res = subprocess.run(
-        [curl, "-sS", "--max-time", "20", "--ssl-reqd", "--insecure"]
-        + ["--url", f"smtp://{pf.host}:{pf.port}/"]
-        + ["--oauth2-bearer", long_token(issuer), "--login-options", "AUTH=OAUTHBEARER"]
-        + ["--user", f"{USER}:", "-X", "NOOP"],
+        [
+            *(curl, "-sS", "--max-time", "20", "--ssl-reqd", "--insecure"),
+            *("--url", f"smtp://{pf.host}:{pf.port}/"),
+            *("--oauth2-bearer", long_token(issuer), "--login-options", "AUTH=OAUTHBEARER"),
+            *("--user", f"{USER}:", "-X", "NOOP"),
+        ],
         capture_output=True,
         text=True,
         timeout=40,
@@ -545,3 +553,60 @@ def test_absolute_socket_path_breaks_chrooted_smtpd(
         f"Connect to Dovecot auth socket '{sock}' failed: No such file or directory" in diagnostics
     )
     assert "fatal: no SASL authentication mechanisms" in diagnostics
+
+
+# --------------------------------------------------------------------------- dev mode
+
+
+def printed_postfix_lines(text: str) -> dict[str, str]:
+    """The ``main.cf`` lines dev mode printed under "Through Postfix"."""
+    block = text[text.index("Through Postfix") :]
+    block = block[: block.index("then `postfix reload`")]
+    lines = [ln.strip() for ln in block.splitlines()[1:] if ln.startswith("  ") and " = " in ln]
+    return main_cf_settings("\n".join(lines))
+
+
+def test_dev_mode_postfix_lines_work_with_stock_postfix(stock_ready: None) -> None:
+    """`scripts/dev` as root: the lines it prints make Debian's chrooted smtpd authenticate."""
+    workdir = make_shared_tmpdir()
+    out_path = workdir / "dev.out"
+    holder: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(pf: PostfixInstance) -> None:
+        # What `saslauthd-oidc dev` (no --dir) does as root; postconf finds this
+        # instance through MAIL_CONFIG, as it would find /etc/postfix.
+        code = (
+            "import trio; from pathlib import Path; from saslauthd_oidc.devmode import run_dev\n"
+            f"d = Path({str(workdir)!r})\n"
+            "raise SystemExit(trio.run(lambda: run_dev(d, postfix_queue=True)))"
+        )
+        with out_path.open("wb") as out:
+            holder["dev"] = subprocess.Popen(
+                [sys.executable, "-c", code],
+                env={**os.environ, "MAIL_CONFIG": str(pf.config_directory)},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + 30
+        while "Stop with Ctrl-C" not in out_path.read_text(errors="replace"):
+            assert holder["dev"].poll() is None, out_path.read_text()
+            assert time.monotonic() < deadline, out_path.read_text()
+            time.sleep(0.05)
+        printed = printed_postfix_lines(out_path.read_text())
+        assert printed["smtpd_sasl_path"] == "private/saslauthd-oidc-dev"
+        sock = pf.queue_directory / printed["smtpd_sasl_path"]
+        st = sock.stat()
+        assert grp.getgrgid(st.st_gid).gr_name == "postfix" and stat.S_IMODE(st.st_mode) == 0o660
+        pf.postconf(printed, reload=False)
+
+    try:
+        with PostfixInstance(
+            "private/saslauthd-oidc-dev", stock_master_cf=True, before_start=start
+        ) as pf:
+            tok = (workdir / "token").read_text().strip()
+            assert smtp_auth(pf.host, pf.port, "OAUTHBEARER", oauthbearer(tok))[-1][0] == 235
+    finally:
+        if "dev" in holder:
+            holder["dev"].send_signal(signal.SIGINT)
+            assert holder["dev"].wait(20) == 0, out_path.read_text()
