@@ -22,14 +22,12 @@ directory: ``/var/spool/postfix`` is the instance's own.
 
 from __future__ import annotations
 
-import datetime
 import grp
 import os
 import pwd
 import shutil
 import signal
 import smtplib
-import ssl
 import stat
 import subprocess
 import sys
@@ -39,10 +37,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
 from tests.conftest import require_peer
@@ -57,6 +51,7 @@ from tests.peers.postfix import (
     stock_master_cf,
     stock_postfix_available,
 )
+from tests.peers.tls import client_context, self_signed_cert
 from tests.recipes import main_cf_settings, recipe, substitute
 
 pytestmark = pytest.mark.peer
@@ -187,34 +182,9 @@ def socket_activate_ready() -> None:
 
 
 @pytest.fixture(scope="module")
-def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed EC certificate for mx.test.example (cert, key), world-readable dir."""
-    d = make_shared_tmpdir("saslo-tls-")
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mx.test.example")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("mx.test.example")]), False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = d / "cert.pem", d / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)  # smtpd reads it as root, before chroot and privilege drop
-    return cert_path, key_path
+def self_signed() -> tuple[Path, Path]:
+    """A self-signed certificate for mx.test.example; smtpd reads the key as root."""
+    return self_signed_cert(make_shared_tmpdir("saslo-tls-"))
 
 
 def tls_main_cf(cert: Path, key: Path) -> dict[str, str]:
@@ -234,13 +204,6 @@ def long_token(issuer: DevIssuer, size: int = 4096) -> str:
     tok = issuer.mint(email=USER, claims={"groups": groups})
     assert len(tok) >= size
     return tok
-
-
-def client_context() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE  # the test's own self-signed certificate
-    return ctx
 
 
 # --------------------------------------------------------------------------- recipes are consistent
