@@ -50,7 +50,8 @@ def stack() -> Iterator[tuple[DebianExim, Daemon, DevIssuer]]:
         cert, key = self_signed_cert(workdir)
         auth_file = substitute(recipe("exim-authenticators"), {README_SOCKET: str(sock)})
         try:
-            with DebianExim(auth_file, recipe("exim-localmacros"), cert, key) as exim:
+            exim = DebianExim(auth_file, recipe("exim-localmacros"), cert, key)
+            with exim:
                 yield exim, daemon, issuer
         finally:
             assert daemon.stop() == 0, daemon.log()
