@@ -17,12 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from saslauthd_oidc.request import token_fingerprint
+from tests.recipes import main_cf_settings, recipe
 
-# The README's Postfix recipe, as the tests run it (smtpd_sasl_path is per test).
+# The README's Postfix recipe (taken from README.md), as the tests with the
+# unchrooted harness run it: smtpd_sasl_path is each test's own socket.
 README_MAIN_CF = {
-    "smtpd_sasl_auth_enable": "yes",
-    "smtpd_sasl_type": "dovecot",
-    "smtpd_sasl_security_options": "noanonymous",
+    k: v for k, v in main_cf_settings(recipe("postfix-main.cf")).items() if k != "smtpd_sasl_path"
 }
 
 
