@@ -8,7 +8,10 @@ JSON log, and stops it with SIGTERM.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
+import site
 import socket
 import subprocess
 import sys
@@ -26,6 +29,38 @@ README_MAIN_CF = {
 }
 
 
+def python_for(user: str) -> tuple[list[str], dict[str, str] | None]:
+    """A Python command that ``user`` can run with this project importable.
+
+    The test's own interpreter when ``user`` can run it; else (a pyenv
+    interpreter under root's 0700 home, say) the system's ``python3`` of the
+    same version with this venv's site-packages and the checkout on
+    ``PYTHONPATH``. ``AssertionError`` when neither works.
+    """
+    probe = [sys.executable, "-c", "import saslauthd_oidc"]
+    try:
+        if subprocess.run(probe, user=user, check=False, capture_output=True).returncode == 0:
+            return [sys.executable], None
+    except PermissionError:
+        pass  # the interpreter itself is out of the user's reach
+    system = shutil.which(
+        f"python{sys.version_info.major}.{sys.version_info.minor}", path="/usr/bin"
+    )
+    assert system is not None, f"no Python that user {user!r} can run"
+    paths = [p for p in site.getsitepackages() if os.path.isdir(p)]
+    repo = str(Path(__file__).resolve().parent.parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*paths, repo])}
+    res = subprocess.run(
+        [system, "-c", "import saslauthd_oidc"],
+        user=user,
+        env=env,
+        check=False,
+        capture_output=True,
+    )
+    assert res.returncode == 0, f"user {user!r} cannot import saslauthd_oidc: {res.stderr[-300:]!r}"
+    return [system], env
+
+
 class Daemon:
     """``saslauthd-oidc serve --config CONFIG``; ``stop()`` sends SIGTERM and returns the status."""
 
@@ -40,18 +75,21 @@ class Daemon:
         group: str | None = None,
     ) -> None:
         """``prefix`` goes before the command (e.g. ``systemd-socket-activate -l PATH``);
-        ``user``/``group`` run it unprivileged, as the daemon's own system user would."""
+        ``user``/``group`` run it unprivileged, as the daemon's own system user would
+        (with :func:`python_for` that user)."""
         self.socket_path = socket_path
         self.log_path = log_path
         self._log = log_path.open("wb")
+        python, env = python_for(user) if user is not None else ([sys.executable], None)
         self.proc = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "saslauthd_oidc", "serve", "--config", str(config)],
+            [*prefix, *python, "-m", "saslauthd_oidc", "serve", "--config", str(config)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             user=user,
             group=group,
             extra_groups=[] if user is not None else None,
+            env=env,
         )
         deadline = time.monotonic() + 20
         while not self._accepting():
