@@ -161,6 +161,8 @@ class SocketActivated:
             path,
             self.workdir / "daemon.log",
             prefix=["systemd-socket-activate", "-l", str(path), "--fdname=auth"],
+            # the service runs unprivileged (User= in the unit); the socket is systemd's
+            drop_to=("nobody", "nogroup"),
         )
         # What systemd does with SocketUser=, SocketGroup=, SocketMode=:
         os.chown(

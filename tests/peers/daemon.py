@@ -73,14 +73,23 @@ class Daemon:
         prefix: Sequence[str] = (),
         user: str | None = None,
         group: str | None = None,
+        drop_to: tuple[str, str] | None = None,
     ) -> None:
         """``prefix`` goes before the command (e.g. ``systemd-socket-activate -l PATH``);
         ``user``/``group`` run it unprivileged, as the daemon's own system user would
-        (with :func:`python_for` that user)."""
+        (with :func:`python_for` that user). ``drop_to=(user, group)`` instead runs
+        ``prefix`` as root and only the daemon as that user (``setpriv``), the way
+        systemd binds a socket unit's socket as root for an unprivileged service."""
         self.socket_path = socket_path
         self.log_path = log_path
         self._log = log_path.open("wb")
         python, env = python_for(user) if user is not None else ([sys.executable], None)
+        if drop_to is not None:
+            python, env = python_for(drop_to[0])
+            drop = ["setpriv", f"--reuid={drop_to[0]}", f"--regid={drop_to[1]}", "--clear-groups"]
+            # systemd-socket-activate passes no environment on: name it on the command
+            pythonpath = [] if env is None else ["env", f"PYTHONPATH={env['PYTHONPATH']}"]
+            python, env = [*drop, *pythonpath, *python], None
         self.proc = subprocess.Popen(
             [*prefix, *python, "-m", "saslauthd_oidc", "serve", "--config", str(config)],
             stdout=self._log,
