@@ -100,3 +100,24 @@ def test_one_line_userdb_block_is_what_dovecot_refuses(tmp_path: Path) -> None:
     )
     assert "Garbage" not in res.stderr, res.stderr
     assert "driver = static" in res.stdout, res.stdout + res.stderr
+
+
+def _unit_value(unit: Path, key: str) -> str:
+    values = [
+        line.split("=", 1)[1].strip()
+        for line in unit.read_text().splitlines()
+        if line.split("=", 1)[0].strip() == key
+    ]
+    assert len(values) == 1, (unit, key, values)
+    return values[0]
+
+
+def test_saslauthd_socket_group_is_the_same_in_readme_and_shipped_unit() -> None:
+    """Group ``sasl`` (Debian's saslauthd group) in the README's recipe and the socket unit."""
+    import tomllib
+
+    server = tomllib.loads(recipe("saslauthd-socket.toml"))["server"]
+    unit = README.parent / "contrib" / "systemd" / "saslauthd-oidc-saslauthd.socket"
+    assert server["saslauthd_socket_group"] == _unit_value(unit, "SocketGroup") == "sasl"
+    assert server["saslauthd_socket_mode"] == _unit_value(unit, "SocketMode")
+    assert server["saslauthd_socket"] == _unit_value(unit, "ListenStream")
