@@ -1,4 +1,4 @@
-"""The README's Exim recipes, taken from README.md, in Debian's split configuration.
+"""The README's Exim recipes, taken from README.md, in Debian's split and one-file layouts.
 
 Debian's Exim is configured from ``/etc/exim4/conf.d/*`` by
 ``update-exim4.conf``; an administrator adds a file to ``conf.d/auth/`` and
@@ -38,8 +38,8 @@ pytestmark = pytest.mark.peer
 USER = "alice@example.org"
 
 
-@pytest.fixture(scope="module")
-def stack() -> Iterator[tuple[DebianExim, Daemon, DevIssuer]]:
+@pytest.fixture(scope="module", params=[True, False], ids=["split", "one-file"])
+def stack(request: pytest.FixtureRequest) -> Iterator[tuple[DebianExim, Daemon, DevIssuer]]:
     require_peer("exim", exim_available())
     with DevIssuerThread(DevIssuer(algorithms=("ES256",))) as issuer:
         assert issuer.issuer
@@ -50,7 +50,7 @@ def stack() -> Iterator[tuple[DebianExim, Daemon, DevIssuer]]:
         cert, key = self_signed_cert(workdir)
         auth_file = substitute(recipe("exim-authenticators"), {README_SOCKET: str(sock)})
         try:
-            exim = DebianExim(auth_file, recipe("exim-localmacros"), cert, key)
+            exim = DebianExim(auth_file, recipe("exim-localmacros"), cert, key, split=request.param)
             with exim:
                 yield exim, daemon, issuer
         finally:

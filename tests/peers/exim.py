@@ -310,9 +310,11 @@ class DebianExim(EximInstance):
         cert: Path,
         key: Path,
         *,
+        split: bool = True,
         startup_timeout: float = _STARTUP_TIMEOUT,
     ) -> None:
         super().__init__(auth_socket="", startup_timeout=startup_timeout)
+        self.split = split
         self.auth_file = auth_file
         self.localmacros = localmacros
         self.cert = cert
@@ -329,13 +331,27 @@ class DebianExim(EximInstance):
         assert d is not None
         confdir = self.confdir
         shutil.copytree(EXIM_ROOT / "etc" / "exim4", confdir)
-        (confdir / "update-exim4.conf.conf").write_text(_UPDATE_EXIM4_CONF_CONF)
-        (confdir / "conf.d" / "auth" / "35_saslauthd-oidc").write_text(self.auth_file)
-        (confdir / "conf.d" / "main" / "000_localmacros").write_text(
+        answers = _UPDATE_EXIM4_CONF_CONF
+        macros = (
             f"CONFDIR = {confdir}\nSPOOLDIR = {d}/spool\n"
             "MAIN_HARDCODE_PRIMARY_HOSTNAME = mx.test.example\n"
             f"{self.localmacros}log_file_path = {d}/log/%slog\npid_file_path = {d}/exim.pid\n"
         )
+        if self.split:
+            (confdir / "conf.d" / "auth" / "35_saslauthd-oidc").write_text(self.auth_file)
+            (confdir / "conf.d" / "main" / "000_localmacros").write_text(macros)
+        else:
+            # One file: the block after "begin authenticators" in the template.
+            # Debian's update-exim4.conf looks for exim4.conf.localmacros under
+            # /etc/exim4 only, whatever -d says, so the macros open the template.
+            answers = answers.replace("dc_use_split_config='true'", "dc_use_split_config='false'")
+            template = confdir / "exim4.conf.template"
+            text = template.read_text()
+            marker = "\nbegin authenticators\n"
+            assert text.count(marker) == 1, "Debian's template changed"
+            text = text.replace(marker, marker + "\n" + self.auth_file)
+            template.write_text(macros + text)
+        (confdir / "update-exim4.conf.conf").write_text(answers)
         exim_gid = pwd.getpwnam(EXIM_USER).pw_gid
         for src, name, mode in ((self.cert, "exim.crt", 0o644), (self.key, "exim.key", 0o640)):
             shutil.copyfile(src, confdir / name)
