@@ -9,11 +9,16 @@ and its test cannot drift apart. The only edit made to a recipe is the queue
 directory: ``/var/spool/postfix`` is the instance's own.
 
 * the systemd route: the socket where the README's socket-unit drop-in puts
-  it (``private/saslauthd-oidc``), with the group and mode of the shipped
-  ``contrib/systemd/saslauthd-oidc.socket``, passed to the daemon by
-  ``systemd-socket-activate``;
+  it (``private/saslauthd-oidc``), with the user, group and mode of the
+  shipped ``contrib/systemd/saslauthd-oidc.socket``, bound as root by
+  ``systemd-socket-activate`` and passed to the daemon, which runs as an
+  unprivileged user (``nobody`` stands in for ``saslauthd-oidc``);
 * the route without systemd: the daemon, unprivileged, binds its socket in a
   directory of its own made by the README's ``install -d`` line;
+* dev mode as root: the ``main.cf`` lines it prints, and the socket it puts
+  into the queue directory;
+* what breaks: an absolute socket path outside the chroot (what dev mode
+  used to print);
 * the TLS recipe: no AUTH before STARTTLS, OAUTHBEARER/XOAUTH2 after it
   (smtplib, curl); the advice it replaced kills every smtpd;
 * long tokens: a 4 KB token on the AUTH line fails with Postfix's default
