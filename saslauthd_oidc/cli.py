@@ -485,12 +485,15 @@ def cmd_auth_test(args: argparse.Namespace) -> int:
 
 def cmd_dev(args: argparse.Namespace) -> int:
 
+    # Without --dir, as root with Postfix, the socket goes into Postfix's queue directory.
+    workdir = Path(args.dir or DEFAULT_DEV_DIR)
     return trio.run(
         lambda: run_dev(
-            Path(args.dir),
+            workdir,
             issuer_port=args.issuer_port,
             kanidm=args.kanidm or (),
             authentik=args.authentik or (),
+            postfix_queue=args.dir is None,
         )
     )
 
@@ -619,7 +622,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_auth_test)
 
     p = sub.add_parser("dev", help="run with a built-in development issuer (try it out)")
-    p.add_argument("--dir", default=DEFAULT_DEV_DIR, help="where socket, config and token go")
+    p.add_argument(
+        "--dir",
+        help=f"where socket, config and token go (default {DEFAULT_DEV_DIR}; as root with "
+        "Postfix installed, the socket then goes into Postfix's queue directory)",
+    )
     p.add_argument("--issuer-port", type=int, default=0, help="loopback port of the dev issuer")
     p.add_argument(
         "--kanidm",
