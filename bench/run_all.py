@@ -233,8 +233,14 @@ username = "{{email}}"
 
 
 @contextlib.contextmanager
-def ours(workdir: Path, jwks: str, *, workers: int, level: str) -> Iterator[tuple[Path, int]]:
-    """saslauthd-oidc serve; yields (auth socket, parent pid)."""
+def ours(
+    workdir: Path, jwks: str, *, workers: int, level: str, pythonpath: str | None = None
+) -> Iterator[tuple[Path, int]]:
+    """saslauthd-oidc serve; yields (auth socket, parent pid).
+
+    ``pythonpath`` runs the package found there (another revision) instead of
+    ``BENCH_DAEMON_PYTHONPATH`` or this checkout's.
+    """
     d = Path(tempfile.mkdtemp(prefix=f"ours-w{workers}-", dir=workdir))
     sock = d / "auth"
     conf = d / "saslauthd-oidc.toml"
@@ -248,7 +254,7 @@ def ours(workdir: Path, jwks: str, *, workers: int, level: str) -> Iterator[tupl
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env=_daemon_env(),
+            env=_daemon_env(pythonpath),
             cwd=d,  # not the checkout: ``-m`` would import the package from the cwd first
         )
     try:
@@ -262,14 +268,16 @@ def ours(workdir: Path, jwks: str, *, workers: int, level: str) -> Iterator[tupl
         _stop(proc)
 
 
-def _daemon_env() -> dict[str, str]:
+def _daemon_env(pythonpath: str | None = None) -> dict[str, str]:
     """The daemon's environment: ``BENCH_DAEMON_PYTHONPATH`` runs another copy of the package.
 
     E.g. ``git archive <commit> saslauthd_oidc | tar -x -C /tmp/old`` and
-    ``BENCH_DAEMON_PYTHONPATH=/tmp/old`` to measure an older revision.
+    ``BENCH_DAEMON_PYTHONPATH=/tmp/old`` to measure an older revision
+    (``bench/run-all --compare REV`` does this for you, interleaved).
     """
     env = dict(os.environ)
     other = env.pop("BENCH_DAEMON_PYTHONPATH", None)
+    other = pythonpath or other
     if other:
         env["PYTHONPATH"] = other
     return env
@@ -378,6 +386,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", default="1,2", help="worker counts to run, e.g. 1,2")
     p.add_argument("--workdir", type=Path)
     p.add_argument("--json", type=Path, help="write all results here")
+    p.add_argument(
+        "--compare",
+        metavar="REV",
+        help="instead: this checkout against revision REV, interleaved (see bench/compare.py)",
+    )
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--compare" or a.startswith("--compare=") for a in argv):
+        from bench import compare  # noqa: PLC0415 - compare imports this module
+
+        return compare.main(argv)
     args = p.parse_args(argv)
     if args.quick:
         args.runs, args.requests, args.cached, args.idle = 1, 40, 50, 20
