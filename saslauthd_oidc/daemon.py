@@ -382,7 +382,7 @@ class _Runtime:
             )
             self.notifier.ready(status=f"reload failed ({exc}); " + self.status())
             return False
-        engine = Engine(plan.config, registry, cache=self.cache)
+        engine = Engine(plan.config, registry, cache=self.cache, observe=self.metrics.observe)
         dropped = self.cache.drop_providers(plan.removed_providers + plan.changed_providers)
         if plan.logging_changed:
             configure_logging(plan.config.logging)
@@ -479,10 +479,11 @@ async def run_daemon(
     try:
         async with make_http_client() as client:
             registry = ProviderRegistry(config, client)
-            engine = Engine(config, registry)
-            metrics = Metrics(registry, engine.cache)
+            cache = VerificationCache(config.cache)
+            metrics = Metrics(registry, cache)
+            engine = Engine(config, registry, cache=cache, observe=metrics.observe)
             current = Current(engine)
-            authenticate = metrics.instrument(current.authenticate)
+            authenticate = current.authenticate
             readiness = Readiness(registry, config.http.readyz_grace)
 
             def make_http_app(cfg: Config, auth: CallerAuth) -> HttpFrontend:
@@ -529,13 +530,12 @@ async def run_daemon(
                         partial(
                             serve_dovecot_listener,
                             listeners.auth,
-                            authenticate,
+                            current,
                             mechanisms=mechanisms,
                             tempfail_disconnect=config.server.tempfail == "disconnect",
                             request_timeout=deadline,
                             max_connections=config.server.max_connections,
                             line_timeout=config.server.line_timeout,
-                            authenticate_now=metrics.instrument_now(current.authenticate_now),
                         )
                     )
                     log.info("listening", socket=_name(listeners.auth), protocol="dovecot")
