@@ -1,9 +1,13 @@
-"""The no-I/O fast path: Engine.authenticate_now, cache and provider verify_now, inline replies.
+"""The fast path: Engine.start/finish, the cache in front of parsing, inline replies.
 
-The fast path must decide exactly as the async path does, and give up (None)
-whenever an answer needs I/O: opaque tokens, keys not loaded or stale, an
-unknown kid (which may refetch), userinfo enrichment not cached yet, a
-verification already in flight.
+Two kinds of tests. Equivalence: the synchronous step decides exactly as the
+full (I/O) path does, and asks for I/O (a Pending) whenever an answer needs
+it: opaque tokens, keys not loaded or stale, an unknown kid (which may
+refetch), userinfo enrichment not cached yet, a verification already in
+flight. Structure: counts of what the hot path does per request — no task
+spawned, no cancel scope entered, one recv and one send on a ready socket,
+no token parsing (base64/JSON) for a cached token, no ``labels()`` lookup —
+so that a change that puts work back on it fails here (timing is for bench/).
 """
 
 from __future__ import annotations
@@ -16,12 +20,12 @@ import pytest
 import trio
 import trio.testing
 
-from saslauthd_oidc.config import CacheConfig, ProviderConfig, parse_config
+from saslauthd_oidc.config import ProviderConfig, parse_config
 from saslauthd_oidc.devissuer import DevIssuer
-from saslauthd_oidc.engine import Engine
+from saslauthd_oidc.engine import Engine, Pending
 from saslauthd_oidc.outcome import Outcome, Reason, Verdict
 from saslauthd_oidc.providers import OidcProvider, TokenRejected, VerifiedClaims, peek
-from saslauthd_oidc.providers.cache import VerificationCache
+from saslauthd_oidc.providers.cache import Lookup, cache_key, token_digest
 from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.providers.jwt import UnverifiedToken
 from saslauthd_oidc.request import AuthRequest
@@ -86,18 +90,18 @@ async def test_fast_path_decides_as_the_async_path(index: int) -> None:
     slow, _ = _engine(FakeVerifier)
     fast, _ = _engine(SyncVerifier)
     expected = await slow.authenticate(req)
-    now = fast.authenticate_now(req)
-    assert now is not None  # every verifier answers synchronously here
+    now = fast.start(req)
+    assert isinstance(now, Verdict)  # every verifier answers synchronously here
     assert _summary(now) == _summary(expected)
 
 
 async def test_fast_path_uses_and_fills_the_cache() -> None:
     engine, lookup = _engine(SyncVerifier)
     req = REQUESTS[0]
-    first = engine.authenticate_now(req)
-    assert first is not None and first.ok
-    second = engine.authenticate_now(req)
-    assert second is not None and second.account == first.account
+    first = engine.start(req)
+    assert isinstance(first, Verdict) and first.ok
+    second = engine.start(req)
+    assert isinstance(second, Verdict) and second.account == first.account
     verifier = lookup.verifiers["a"]
     assert isinstance(verifier, SyncVerifier)
     assert verifier.now_calls == 1
@@ -108,16 +112,17 @@ async def test_fast_path_uses_and_fills_the_cache() -> None:
 
 
 async def test_fast_path_gives_up_when_the_verifier_needs_io() -> None:
-    engine, _ = _engine(FakeVerifier)  # no verify_now at all
-    assert engine.authenticate_now(REQUESTS[0]) is None
-    assert (await engine.authenticate(REQUESTS[0])).ok  # now cached
-    cached = engine.authenticate_now(REQUESTS[0])
-    assert cached is not None and cached.ok
+    engine, _ = _engine(FakeVerifier)  # verify_now always says "needs I/O"
+    pending = engine.start(REQUESTS[0])
+    assert isinstance(pending, Pending) and pending.need.lookup is Lookup.TOKEN
+    assert (await engine.finish(pending)).ok  # now cached
+    cached = engine.start(REQUESTS[0])
+    assert isinstance(cached, Verdict) and cached.ok
     engine2, lookup2 = _engine(SyncVerifier)
     blocking = lookup2.verifiers["a"]
     assert isinstance(blocking, SyncVerifier)
     blocking.blocking = True
-    assert engine2.authenticate_now(REQUESTS[0]) is None
+    assert isinstance(engine2.start(REQUESTS[0]), Pending)
     assert len(engine2.cache) == 0
 
 
@@ -127,9 +132,9 @@ async def test_fast_path_engine_error_is_internal_error() -> None:
     def broken(*_: Any) -> None:
         raise RuntimeError("bug")
 
-    lookup.verifiers["a"].verify_now = broken  # type: ignore[attr-defined]
-    verdict = engine.authenticate_now(REQUESTS[0])
-    assert verdict is not None and verdict.reason is Reason.INTERNAL_ERROR
+    lookup.verifiers["a"].verify_now = broken  # type: ignore[method-assign]
+    verdict = engine.start(REQUESTS[0])
+    assert isinstance(verdict, Verdict) and verdict.reason is Reason.INTERNAL_ERROR
 
 
 USERINFO_CONFIG = {
@@ -147,11 +152,12 @@ async def test_fast_path_waits_for_uncached_userinfo_then_uses_it() -> None:
     lookup = FakeLookup(a=UserinfoVerifier(A, {}))
     engine = Engine(parse_config(USERINFO_CONFIG), lookup)
     req = request(token(iss=A, aud="web", sub="s"), user=None)
-    assert engine.authenticate_now(req) is None  # userinfo not cached: needs I/O
-    slow = await engine.authenticate(req)
+    pending = engine.start(req)  # userinfo not cached: needs I/O
+    assert isinstance(pending, Pending) and pending.need.lookup is Lookup.USERINFO
+    slow = await engine.finish(pending)
     assert slow.account == "eve@example.org"
-    fast = engine.authenticate_now(req)
-    assert fast is not None and fast.account == "eve@example.org"
+    fast = engine.start(req)
+    assert isinstance(fast, Verdict) and fast.account == "eve@example.org"
 
 
 # --------------------------------------------------------------------------- cache
@@ -162,29 +168,30 @@ class _Never:
         await trio.sleep_forever()
 
 
-async def test_cache_verify_now_leaves_a_flight_alone() -> None:
-    cache = VerificationCache(CacheConfig())
-    sync = SyncVerifier(A, {})
-    tok = token(iss=A)
-    unverified = peek(tok)
-    assert isinstance(unverified, UnverifiedToken)
+async def test_a_flight_under_way_is_waited_for_not_redone() -> None:
+    engine, lookup = _engine(SyncVerifier)
+    req = REQUESTS[0]
+    key = cache_key("a", Lookup.TOKEN, token_digest(req.credentials.token))
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(cache.verify, "a", _Never(), tok, unverified)
+        nursery.start_soon(engine.cache.verify, "a", _Never(), req.credentials.token, None)
         await trio.testing.wait_all_tasks_blocked()
-        assert cache.verify_now("a", sync, tok, unverified) is None
-        assert sync.now_calls == 0
+        assert engine.cache.in_flight(key)
+        pending = engine.start(req)
+        assert isinstance(pending, Pending) and pending.need.key == key
+        assert lookup.verifiers["a"].now_calls == 0  # type: ignore[attr-defined]
         nursery.cancel_scope.cancel()
-    result = cache.verify_now("a", sync, tok, unverified)
-    assert isinstance(result, VerifiedClaims)
+    assert isinstance(engine.start(req), Verdict)
 
 
-async def test_cache_verify_now_without_cache() -> None:
-    cache = VerificationCache(CacheConfig(max_entries=0))
-    tok = token(iss=A)
-    unverified = peek(tok)
-    assert isinstance(unverified, UnverifiedToken)
-    assert isinstance(cache.verify_now("a", SyncVerifier(A, {}), tok, unverified), VerifiedClaims)
-    assert cache.verify_now("a", FakeVerifier(A, {}), tok, unverified) is None
+async def test_without_a_cache_every_request_is_verified() -> None:
+    lookup = FakeLookup(a=SyncVerifier(A, REJECTIONS), b=SyncVerifier(B, REJECTIONS))
+    cfg = parse_config({**CONFIG, "cache": {"max_entries": 0}})
+    engine = Engine(cfg, lookup)
+    for _ in range(3):
+        verdict = engine.start(REQUESTS[0])
+        assert isinstance(verdict, Verdict) and verdict.ok
+    assert lookup.verifiers["a"].now_calls == 3  # type: ignore[attr-defined]
+    assert len(engine.cache) == 0
 
 
 # --------------------------------------------------------------------------- provider
@@ -234,12 +241,13 @@ async def test_provider_verify_now(issuer: DevIssuer) -> None:
 
 
 class InlineStub:
-    """An authenticate_now stand-in: 'now-*' tokens are answered inline."""
+    """An engine stand-in with start/finish: 'now-*' tokens are answered inline."""
 
-    def __init__(self) -> None:
+    def __init__(self, stub: Stub) -> None:
         self.calls = 0
+        self._stub = stub
 
-    def __call__(self, req: AuthRequest) -> Verdict | None:
+    def start(self, req: AuthRequest) -> Verdict | AuthRequest:
         self.calls += 1
         tok = req.credentials.token
         if tok.startswith("now-"):
@@ -248,12 +256,13 @@ class InlineStub:
             return Verdict(reason=Reason.PROVIDER_UNAVAILABLE)
         if tok == "now:boom":
             raise RuntimeError("engine bug")
-        return None
+        return req  # a "Pending": finish() asks the stub
+
+    async def finish(self, pending: AuthRequest) -> Verdict:
+        return await self._stub(pending)
 
 
-async def _serve(
-    nursery: trio.Nursery, path: str, stub: Stub, inline: InlineStub, **kw: Any
-) -> None:
+async def _serve(nursery: trio.Nursery, path: str, inline: InlineStub, **kw: Any) -> None:
     from saslauthd_oidc.frontends.dovecot import serve_dovecot_listener
 
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
@@ -261,19 +270,15 @@ async def _serve(
     sock.listen(16)
     await nursery.start(
         functools.partial(
-            serve_dovecot_listener,
-            trio.SocketListener(sock),
-            stub,
-            mechanisms=MECHS,
-            authenticate_now=inline,
-            **kw,
+            serve_dovecot_listener, trio.SocketListener(sock), inline, mechanisms=MECHS, **kw
         )
     )
 
 
 async def test_inline_answers_need_no_task(nursery: trio.Nursery, socket_path: str) -> None:  # noqa: F811
-    stub, inline = Stub(), InlineStub()
-    await _serve(nursery, socket_path, stub, inline)
+    stub = Stub()
+    inline = InlineStub(stub)
+    await _serve(nursery, socket_path, inline)
     client = await Client.connect(socket_path)
     await client.handshake()
     assert await client.authenticate(1, "now-alice") == "OK\t1\tuser=alice"
@@ -287,8 +292,8 @@ async def test_inline_answers_need_no_task(nursery: trio.Nursery, socket_path: s
 
 
 async def test_inline_tempfail_disconnects(nursery: trio.Nursery, socket_path: str) -> None:  # noqa: F811
-    stub, inline = Stub(), InlineStub()
-    await _serve(nursery, socket_path, stub, inline, tempfail_disconnect=True)
+    stub = Stub()
+    await _serve(nursery, socket_path, InlineStub(stub), tempfail_disconnect=True)
     client = await Client.connect(socket_path)
     await client.handshake()
     assert await client.authenticate(1, "now-alice") == "OK\t1\tuser=alice"
@@ -302,8 +307,7 @@ async def test_pipelined_inline_requests_all_answered(
 ) -> None:
     from tests.test_frontend_dovecot import auth_line
 
-    stub, inline = Stub(), InlineStub()
-    await _serve(nursery, socket_path, stub, inline)
+    await _serve(nursery, socket_path, InlineStub(Stub()))
     client = await Client.connect(socket_path)
     await client.handshake()
     await client.send(
@@ -335,15 +339,16 @@ async def test_real_engine_fast_path_with_devissuer(issuer: DevIssuer) -> None:
 
         engine = Engine(cfg, Lookup())
         req = request(issuer.mint(alg="ES256"))
-        assert engine.authenticate_now(req) is None  # keys not loaded yet
-        slow = await engine.authenticate(req)
+        pending = engine.start(req)  # keys not loaded yet
+        assert isinstance(pending, Pending)
+        slow = await engine.finish(pending)
         assert slow.ok
         engine.cache.clear()
-        fast = engine.authenticate_now(req)
-        assert fast is not None and _summary(fast) == _summary(slow)
+        fast = engine.start(req)
+        assert isinstance(fast, Verdict) and _summary(fast) == _summary(slow)
         forged = request(issuer.mint(alg="ES256", claims={"iss": "https://evil.example"}))
-        refused = engine.authenticate_now(forged)
-        assert refused is not None and refused.reason is Reason.UNKNOWN_ISSUER
+        refused = engine.start(forged)
+        assert isinstance(refused, Verdict) and refused.reason is Reason.UNKNOWN_ISSUER
 
 
 # --------------------------------------------------------------------------- cheap checks
@@ -385,21 +390,27 @@ def test_filtered_authentication_log_is_skipped_and_warning_kept() -> None:
     configure_logging(LoggingConfig(level="warning", format="json"), stream=out)
     try:
         engine, _ = _engine(SyncVerifier)
-        assert engine.authenticate_now(REQUESTS[0]) is not None  # OK: info, filtered out
+        assert isinstance(engine.start(REQUESTS[0]), Verdict)  # OK: info, filtered out
         assert out.getvalue() == ""
-        assert engine.authenticate_now(REQUESTS[4]) is not None  # tempfail: warning
+        assert isinstance(engine.start(REQUESTS[4]), Verdict)  # tempfail: warning
         assert '"event": "authentication"' in out.getvalue()
         assert '"level": "warning"' in out.getvalue()
     finally:
         configure_logging(LoggingConfig(level="info", format="json"))
 
 
-def test_cache_key_separates_provider_from_token() -> None:
-    from saslauthd_oidc.providers.cache import _key
-
-    assert _key("a", "bc") != _key("ab", "c")
-    assert _key("a\x00userinfo", "t") != _key("a", "t")
-    assert len(_key("a", "t")) == 32
+def test_cache_key_separates_provider_kind_and_token() -> None:
+    digest = token_digest("t")
+    keys = {
+        cache_key("a", Lookup.TOKEN, digest),
+        cache_key("a", Lookup.USERINFO, digest),
+        cache_key("ab", Lookup.TOKEN, digest),
+        cache_key("a", Lookup.TOKEN, token_digest("u")),
+    }
+    assert len(keys) == 4
+    assert len(digest) == 32
+    secret = "eyJsecret-token-material"
+    assert secret.encode() not in cache_key("a", Lookup.TOKEN, token_digest(secret))
 
 
 def test_peeked_claim_names_and_short_values_are_shared() -> None:

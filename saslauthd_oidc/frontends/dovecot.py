@@ -52,6 +52,9 @@ log = structlog.get_logger("saslauthd_oidc.dovecot")
 
 _RECEIVE_SIZE = 65536
 
+#: The stdlib socket class the reader wraps the descriptor in (a seam for the structural tests).
+_RawSocket = socket.socket
+
 
 @runtime_checkable
 class _Steps(Protocol):
@@ -209,7 +212,7 @@ def _raw_socket(stream: trio.abc.Stream) -> socket.socket | None:
     if not isinstance(inner, trio.socket.SocketType):
         return None
     try:
-        raw = socket.socket(fileno=inner.fileno())
+        raw = _RawSocket(fileno=inner.fileno())
     except OSError:
         return None
     raw.setblocking(False)
