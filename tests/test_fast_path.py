@@ -12,7 +12,9 @@ so that a change that puts work back on it fails here (timing is for bench/).
 
 from __future__ import annotations
 
+import collections
 import functools
+import socket
 import unicodedata
 from typing import Any
 
@@ -23,9 +25,10 @@ import trio.testing
 from saslauthd_oidc.config import ProviderConfig, parse_config
 from saslauthd_oidc.devissuer import DevIssuer
 from saslauthd_oidc.engine import Engine, Pending
+from saslauthd_oidc.metrics import Metrics
 from saslauthd_oidc.outcome import Outcome, Reason, Verdict
 from saslauthd_oidc.providers import OidcProvider, TokenRejected, VerifiedClaims, peek
-from saslauthd_oidc.providers.cache import Lookup, cache_key, token_digest
+from saslauthd_oidc.providers.cache import Lookup, VerificationCache, cache_key, token_digest
 from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.providers.jwt import UnverifiedToken
 from saslauthd_oidc.request import AuthRequest
@@ -431,3 +434,206 @@ def test_memoised_ip_parsing_agrees() -> None:
         assert _parse_ip(value) == expected
         assert _parse_ip(value) == expected  # memoised the second time
     assert _parse_ip("0:0::1") == "::1"
+
+
+# --------------------------------------------------------------------------- structure
+#
+# What the hot path does per request, counted. These fail when a change puts
+# work back on it (a task, a timer, a parse, a labels() lookup, an extra
+# syscall); how long it takes is measured by bench/, never here.
+
+
+class _CountingSocket(socket.socket):
+    """The stdlib socket the Dovecot reader wraps its descriptor in, counting syscalls."""
+
+    recvs = 0
+    sends = 0
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        _CountingSocket.recvs += 1
+        return super().recv(bufsize, flags)
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        _CountingSocket.sends += 1
+        return super().send(data, flags)
+
+
+class _TaskCounter(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.spawned = 0
+        self.steps: collections.Counter[str] = collections.Counter()
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.spawned += 1
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps[task.name] += 1
+
+
+class _Calls:
+    """Wraps a callable and counts its calls."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.count = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.count += 1
+        return self.fn(*args, **kwargs)
+
+
+def _count_timers(monkeypatch: pytest.MonkeyPatch) -> list[_Calls]:
+    calls = []
+    for name in ("CancelScope", "move_on_after", "move_on_at", "fail_after", "fail_at"):
+        wrapper = _Calls(getattr(trio, name))
+        monkeypatch.setattr(trio, name, wrapper)
+        calls.append(wrapper)
+    return calls
+
+
+def _count_labels(monkeypatch: pytest.MonkeyPatch) -> _Calls:
+    from prometheus_client.metrics import MetricWrapperBase
+
+    labels = _Calls(MetricWrapperBase.labels)
+    monkeypatch.setattr(MetricWrapperBase, "labels", labels)
+    return labels
+
+
+def _auth_counts(metrics: Metrics) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body, _ = metrics.render()
+    return {
+        s.labels["reason"]: s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+        if s.name == "saslauthd_oidc_authentications_total"
+    }
+
+
+async def test_hot_path_per_request_on_a_ready_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached token over a real socket: 1 wake-up, 1 recv, 1 send, no task, no timer, no parse."""
+    from saslauthd_oidc.frontends import dovecot
+    from tests.test_frontend_dovecot import auth_line
+
+    monkeypatch.setattr(dovecot, "_RawSocket", _CountingSocket)
+    metrics = Metrics()
+    lookup = FakeLookup(a=SyncVerifier(A, REJECTIONS), b=SyncVerifier(B, REJECTIONS))
+    engine = Engine(parse_config(CONFIG), lookup, observe=metrics.observe)
+    tok = token(iss=A, aud="web", email="alice@example.org")
+    left, right = trio.socket.socketpair()
+    server, client = trio.SocketStream(left), trio.SocketStream(right)
+    requests = 5
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            functools.partial(
+                dovecot.handle_dovecot_stream, server, engine, mechanisms=MECHS, spid=1, cuid=1
+            ),
+            name="session",
+        )
+        reader = Client(client)
+        await reader.handshake()
+        await reader.send(auth_line(1, tok))  # verified (verify_now) and cached
+        assert await reader.line() == "OK\t1\tuser=alice@example.org"
+        await trio.testing.wait_all_tasks_blocked()
+
+        counter = _TaskCounter()
+        timers = _count_timers(monkeypatch)
+        parses = _Calls(peek)
+        monkeypatch.setattr("saslauthd_oidc.engine.peek", parses)
+        labels = _count_labels(monkeypatch)
+        _CountingSocket.recvs = _CountingSocket.sends = 0
+        trio.lowlevel.add_instrument(counter)
+        try:
+            for rid in range(2, 2 + requests):
+                await reader.send(auth_line(rid, tok))
+                assert await reader.line() == f"OK\t{rid}\tuser=alice@example.org"
+                await trio.testing.wait_all_tasks_blocked()
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        assert (_CountingSocket.recvs, _CountingSocket.sends) == (requests, requests)
+        assert counter.spawned == 0
+        assert counter.steps["session"] == requests  # woken once per request, by its data
+        assert [t.count for t in timers] == [0] * len(timers)
+        assert parses.count == 0  # the cache knew the token: no base64, no JSON
+        assert labels.count == 0
+        await client.aclose()
+    assert _auth_counts(metrics) == {"ok": requests + 1.0}
+
+
+async def test_cached_token_is_not_parsed_and_keeps_the_cache_semantics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Positive and negative entries answer without peek; expiry and a reload bring it back."""
+    clock = FakeClock()
+    cfg = parse_config({**CONFIG, "cache": {"ttl": 60, "negative_ttl": 30}})
+    lookup = FakeLookup(a=SyncVerifier(A, REJECTIONS), b=SyncVerifier(B, REJECTIONS))
+    engine = Engine(cfg, lookup, cache=VerificationCache(cfg.cache, clock=clock))
+    parses = _Calls(peek)
+    monkeypatch.setattr("saslauthd_oidc.engine.peek", parses)
+    good, forged = REQUESTS[0], REQUESTS[3]  # OK; BAD_SIGNATURE (a stable refusal)
+
+    def decide(req: AuthRequest) -> tuple[Any, ...]:
+        verdict = engine.start(req)
+        assert isinstance(verdict, Verdict)
+        return _summary(verdict)
+
+    first_good, first_forged = decide(good), decide(forged)
+    assert parses.count == 2
+    assert (decide(good), decide(forged)) == (first_good, first_forged)
+    assert parses.count == 2  # both from the cache, neither parsed
+    clock.advance(31)  # the negative entry is gone, the positive one lives
+    assert (decide(good), decide(forged)) == (first_good, first_forged)
+    assert parses.count == 3
+    engine.cache.drop_providers(["a"])  # a reload that changed provider a
+    assert decide(good) == first_good
+    assert parses.count == 4
+
+
+async def test_repeated_token_parsed_only_for_a_provider_without_an_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Per-provider entries: one provider's entry gives the issuer, the other still verifies."""
+    cfg = parse_config(
+        {
+            "provider": [{"name": "a1", "issuer": A}, {"name": "a2", "issuer": A}],
+            "rule": [
+                {"name": "other", "provider": "a1", "audiences": ["other"]},
+                {"name": "web", "provider": "a2", "audiences": ["web"]},
+            ],
+        }
+    )
+    lookup = FakeLookup(a1=SyncVerifier(A, {}), a2=SyncVerifier(A, {}))
+    engine = Engine(cfg, lookup)
+    req = request(token(iss=A, aud="web", email="alice@example.org"))
+    first = engine.start(req)
+    assert isinstance(first, Verdict) and first.rule == "web"
+    parses = _Calls(peek)
+    monkeypatch.setattr("saslauthd_oidc.engine.peek", parses)
+    engine.cache.drop_providers(["a2"])
+    again = engine.start(req)
+    assert isinstance(again, Verdict) and _summary(again) == _summary(first)
+    assert parses.count == 1  # parsed for a2's verification only
+    assert lookup.verifiers["a1"].now_calls == 1  # type: ignore[attr-defined]
+    assert lookup.verifiers["a2"].now_calls == 2  # type: ignore[attr-defined]
+
+
+def test_metrics_observe_needs_no_labels_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    labels = _count_labels(monkeypatch)
+    metrics = Metrics()
+    ok = Verdict(reason=Reason.OK, account="a@b", rule="web")
+    for _ in range(3):
+        metrics.observe(REQUESTS[0], ok, 0.002)
+    metrics.observe(REQUESTS[0], Verdict(reason=Reason.EXPIRED), 7.0)
+    assert labels.count == 0
+    assert _auth_counts(metrics) == {"ok": 3.0, "expired": 1.0}
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body, _ = metrics.render()
+    buckets = {
+        s.labels["le"]: s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+        if s.name == "saslauthd_oidc_authentication_duration_seconds_bucket"
+    }
+    assert (buckets["0.001"], buckets["0.0025"], buckets["5.0"], buckets["+Inf"]) == (0, 3, 3, 4)
