@@ -39,7 +39,7 @@ import trio
 from saslauthd_oidc.engine import Authenticates, Authenticator
 from saslauthd_oidc.frontends.accept import serve_connections
 from saslauthd_oidc.outcome import Outcome, Reason, Verdict
-from saslauthd_oidc.protocol.dovecot import DovecotServerConnection, NeedVerdict
+from saslauthd_oidc.protocol.dovecot import DovecotServerConnection, NeedVerdict, ProtocolError
 from saslauthd_oidc.request import AuthRequest, Mechanism
 
 __all__ = [
@@ -291,12 +291,17 @@ class _Session:
         line_started: float | None = trio.current_time()
         while not connection.closed:
             data = await self._receive()
-            for index, need in enumerate(connection.receive_data(data)):
-                if index:
+            answered = 0
+            for event in connection.receive_data(data):
+                if isinstance(event, ProtocolError):
+                    _log_protocol_error(event)
+                    continue
+                if answered:
                     # A client that pipelines many requests must not keep the
                     # others waiting for all of its inline verdicts.
                     await trio.lowlevel.checkpoint()
-                if not self._verdict(need):  # tempfail = disconnect
+                answered += 1
+                if not self._verdict(event):  # tempfail = disconnect
                     await self._flush()
                     self._hang_up()
                     return
@@ -310,7 +315,6 @@ class _Session:
             elif line_started is None and connection.partial_line:
                 line_started = trio.current_time()
                 self._set_deadline(read=line_started + self._line_timeout)
-            self._log_protocol_errors()
             # Sending before reading more gives a client that never reads our
             # replies backpressure instead of an ever-growing output queue.
             await self._flush()
@@ -334,7 +338,9 @@ class _Session:
         if self._tempfail_disconnect and step.outcome is Outcome.TEMPFAIL:
             self._tempfail(need)
             return False
-        self._connection.conclude(need.request_id, step)
+        error = self._connection.conclude(need.request_id, step)
+        if error is not None:
+            _log_protocol_error(error)
         return True
 
     async def _finish(self, need: NeedVerdict, pending: Any) -> None:
@@ -344,14 +350,15 @@ class _Session:
             await self._flush()  # what other requests were answered still goes out
             self._hang_up()
             return
-        self._connection.conclude(need.request_id, verdict)
+        error = self._connection.conclude(need.request_id, verdict)
+        if error is not None:
+            _log_protocol_error(error)
         await self._flush()
 
     def _tempfail(self, need: NeedVerdict) -> None:
         # Postfix turns every FAIL into 535 and reads it before noticing a
         # close, so only hanging up *instead of* answering gives a 454.
         log.info("tempfail_disconnect", request_id=need.request_id)
-        self._log_protocol_errors()
 
     # ---------------------------------------------------------------------- I/O
 
@@ -431,6 +438,6 @@ class _Session:
         self._send_deadline = math.inf
         self._hang_up()
 
-    def _log_protocol_errors(self) -> None:
-        for error in self._connection.take_protocol_errors():
-            log.info("protocol_error", request_id=error.request_id, error=error.message)
+
+def _log_protocol_error(error: ProtocolError) -> None:
+    log.info("protocol_error", request_id=error.request_id, error=error.message)
