@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             run_load(str(sock), suffixes[:1], connections=1, requests=5, server_pid=pid)
             spy = subprocess.Popen(
                 [
-                    "py-spy",
+                    str(Path(sys.executable).with_name("py-spy")),
                     "record",
                     "--pid",
                     str(pid),
