@@ -165,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=4000, help="per run (repeated: twice this)")
     p.add_argument("--log-level", default="warning", help="logging.level of both daemons")
     p.add_argument(
+        "--head-log-level",
+        help="logging.level of the head daemon only: with --compare HEAD, what a level costs",
+    )
+    p.add_argument(
         "--scenarios",
         default="unique8,repeated8",
         help=f"comma-separated, from {', '.join(SCENARIOS)}",
@@ -193,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         else:
             head = Side(describe_worktree(), None)
+        base.label += f", logging {args.log_level}"
+        head.label += f", logging {args.head_log_level or args.log_level}"
         n, runs = args.requests, args.runs
         issuer = DevIssuer(algorithms=("RS256", "ES256", "EdDSA"))
         issuer.issuer = run_all.ISSUER
@@ -211,9 +217,14 @@ def main(argv: list[str] | None = None) -> int:
             jwks = stack.enter_context(_jwks_server(workdir, issuer))
             daemons: dict[str, tuple[Path, int]] = {}
             for key, side in (("base", base), ("head", head)):
+                level = args.head_log_level if key == "head" and args.head_log_level else None
                 sock, pid = stack.enter_context(
                     run_all.ours(
-                        workdir, jwks, workers=1, level=args.log_level, pythonpath=side.pythonpath
+                        workdir,
+                        jwks,
+                        workers=1,
+                        level=level or args.log_level,
+                        pythonpath=side.pythonpath,
                     )
                 )
                 for _ in range(4):  # keys loaded, code paths warm

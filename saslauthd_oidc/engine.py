@@ -540,26 +540,28 @@ class Engine:
         self._log(request, verdict, latency, digest)
 
     def _log(self, request: AuthRequest, verdict: Verdict, latency: float, digest: bytes) -> None:
-        tempfail = verdict.outcome is Outcome.TEMPFAIL
+        """The one line per authentication: built only when its level is on, in one call."""
+        outcome = verdict.reason.outcome
+        tempfail = outcome is Outcome.TEMPFAIL
         enabled = getattr(log, "is_enabled_for", None)
         if enabled is not None and not enabled(logging.WARNING if tempfail else logging.INFO):
             return  # filtered out: do not even build the fields
         ctx = request.context
-        fields: dict[str, Any] = {
-            "mech": request.mechanism.value,
-            "frontend": ctx.frontend,
-            "service": ctx.service,
-            "remote": ctx.remote_ip,
-            "user": request.credentials.authzid,
-            "rule": verdict.rule,
-            "outcome": verdict.outcome.value,
-            "reason": verdict.reason.value,
-            "latency_ms": round(latency * 1000, 2),
-            "token": digest.hex()[:12],  # token_fingerprint(), from the digest at hand
-        }
-        if verdict.ok:
-            log.info("authentication", account=verdict.account, **fields)
-        elif verdict.outcome is Outcome.TEMPFAIL:
-            log.warning("authentication", detail=verdict.detail, **fields)
+        if outcome is Outcome.OK:
+            emit, what, value = log.info, "account", verdict.account
         else:
-            log.info("authentication", detail=verdict.detail, **fields)
+            emit, what, value = (log.warning if tempfail else log.info), "detail", verdict.detail
+        emit(
+            "authentication",
+            **{what: value},
+            mech=request.mechanism.value,
+            frontend=ctx.frontend,
+            service=ctx.service,
+            remote=ctx.remote_ip,
+            user=request.credentials.authzid,
+            rule=verdict.rule,
+            outcome=outcome.value,
+            reason=verdict.reason.value,
+            latency_ms=round(latency * 1000, 2),
+            token=digest.hex()[:12],  # token_fingerprint(), from the digest at hand
+        )

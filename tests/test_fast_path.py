@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import functools
 import socket
+import sys
 import unicodedata
 from typing import Any
 
@@ -637,3 +638,54 @@ def test_metrics_observe_needs_no_labels_lookup(monkeypatch: pytest.MonkeyPatch)
         if s.name == "saslauthd_oidc_authentication_duration_seconds_bucket"
     }
     assert (buckets["0.001"], buckets["0.0025"], buckets["5.0"], buckets["+Inf"]) == (0, 3, 3, 4)
+
+
+def test_json_log_line_is_what_the_standard_processors_render(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """observability's one-step JSON line == add_log_level, TimeStamper, format_exc_info,
+    redact_secrets and JSONRenderer one after the other (the timestamp aside)."""
+    import datetime
+    import json
+    import time
+
+    import structlog
+
+    from saslauthd_oidc.observability import _JsonLine, redact_secrets
+
+    def standard(method: str, event: dict[str, Any]) -> dict[str, Any]:
+        for proc in (
+            structlog.processors.add_log_level,
+            structlog.processors.format_exc_info,
+            redact_secrets,
+        ):
+            event = proc(None, method, event)  # type: ignore[assignment,arg-type]
+        return json.loads(structlog.processors.JSONRenderer()(None, method, event))  # type: ignore[arg-type]
+
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        exc = sys.exc_info()
+    jwt = token(iss=A, aud="web")
+    events = [
+        {"account": "alice@example.org", "latency_ms": 0.12, "remote": None, "event": "x"},
+        {"detail": f"Bearer {jwt}", "rule": "r", "event": "y", "odd": object.__new__(object)},
+        {"event": "engine error", "exc_info": exc, "token": jwt},
+    ]
+    line = _JsonLine()
+    for method in ("info", "warning", "exception"):
+        for event in events:
+            got = json.loads(line(None, method, dict(event)))
+            stamp = got.pop("timestamp")
+            want = standard(method, dict(event))
+            if "odd" in want:  # repr() of an object: its address differs
+                want["odd"] = got["odd"]
+            assert got == want
+            assert list(got) == list(want)
+            assert jwt not in json.dumps(got)
+            parsed = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+            assert abs(parsed.timestamp() - time.time()) < 5
+    monkeypatch.setattr(time, "time_ns", lambda: 1_700_000_000 * 10**9)  # a whole second
+    stamp = json.loads(_JsonLine()(None, "info", {"event": "z"}))["timestamp"]
+    whole = datetime.datetime.fromtimestamp(1_700_000_000, tz=datetime.UTC)
+    assert stamp == whole.isoformat().replace("+00:00", "Z")
