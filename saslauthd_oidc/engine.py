@@ -331,21 +331,24 @@ class Engine:
             iss = peeked.claims.get("iss")
         else:
             unverified = _UNPARSED  # a repeated JWS: its issuer is all we need of it
-        by_issuer = [r for r in candidates if self._providers[r.provider].accepts_issuer(iss)]
-        # Which IdP a refused client is told about, not a trust decision: a rule that
-        # fits the context AND has the token's issuer is the better guess; a fallback
-        # rule is named only when nothing but fallback rules fits the context.
-        only_fallbacks = candidates[0].fallback
-        same_issuer = [r for r in by_issuer if only_fallbacks or not r.fallback]
-        if same_issuer:
-            hint = self._hints[id(same_issuer[0])]
+        by_issuer: list[RuleConfig] = []
         for rule in candidates:
-            if rule not in by_issuer:
+            if self._providers[rule.provider].accepts_issuer(iss):
+                by_issuer.append(rule)
+            else:
                 trace.append(
                     RuleTrace(
                         rule.name, False, Reason.UNKNOWN_ISSUER, "token iss is not its issuer"
                     )
                 )
+        # Which IdP a refused client is told about, not a trust decision: a rule that
+        # fits the context AND has the token's issuer is the better guess; a fallback
+        # rule is named only when nothing but fallback rules fits the context.
+        only_fallbacks = candidates[0].fallback
+        for rule in by_issuer:
+            if only_fallbacks or not rule.fallback:
+                hint = self._hints[id(rule)]
+                break
         if not by_issuer:
             return refuse(Reason.UNKNOWN_ISSUER, "no rule's provider has the token's issuer")
         return self._select(d, by_issuer, unverified, iss, hint)
@@ -385,7 +388,7 @@ class Engine:
                 detail = f"{unverified.detail}; no rule's provider introspects opaque tokens"
             return Verdict(reason=unverified.reason, detail=detail, hint=hint, trace=tuple(d.trace))
         for rule in candidates:
-            if rule not in opaque:
+            if not self._providers[rule.provider].validates_opaque:
                 d.trace.append(
                     RuleTrace(
                         rule.name,

@@ -689,3 +689,26 @@ def test_json_log_line_is_what_the_standard_processors_render(
     stamp = json.loads(_JsonLine()(None, "info", {"event": "z"}))["timestamp"]
     whole = datetime.datetime.fromtimestamp(1_700_000_000, tz=datetime.UTC)
     assert stamp == whole.isoformat().replace("+00:00", "Z")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ["service=smtp", "nologin", "lip=127.0.0.1", "rip=::1", "secured", "resp=QUJD"],
+        [
+            "service=imap",
+            "resp=",
+        ],
+        ["service=smtp", "resp=QQ==", "rip=1.2.3.4"],  # a parameter after resp=
+        ["resp=QQ==", "service=smtp", "resp=Qg=="],  # resp= twice
+        ["service=smtp", "lport=587", "rport=99999", "local_name=mx", "resp=Qg=="],
+        ["protocol=SMTP", "rip=" + "1" * 600, "resp=Qg=="],  # too long to memoise
+        ["service=smtp", "nologin"],  # no resp= at all
+        [],
+    ],
+)
+def test_memoised_auth_params_agree(fields: list[str]) -> None:
+    from saslauthd_oidc.protocol.dovecot import _auth_params, _parse_auth_params
+
+    for _ in range(2):  # the second time from the memo
+        assert _auth_params(fields) == _parse_auth_params(fields)

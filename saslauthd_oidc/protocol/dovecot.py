@@ -370,7 +370,7 @@ class DovecotServerConnection:
         if mechanism is None or mechanism not in self._mechanisms:
             self._reject(request_id, Reason.UNSUPPORTED_MECHANISM, "unsupported mechanism", None)
             return None
-        params = _parse_auth_params(fields[2:])
+        params = _auth_params(fields[2:])
         if params.malformed:
             self._reject(request_id, Reason.MALFORMED_REQUEST, "parameter after resp=", None)
             return None
@@ -501,6 +501,28 @@ def _parse_uint(field: str) -> int | None:
 def _parse_id(field: str) -> int | None:
     value = _parse_uint(field)
     return value if value else None
+
+
+# The parameters before resp= are the same on every AUTH of a client (service,
+# addresses, flags): parsed once (bounded memo), only resp= differs.
+_MEMO_PARAMS_MAX = 512
+
+
+def _auth_params(fields: Sequence[str]) -> _AuthParams:
+    """:func:`_parse_auth_params`, memoised on everything but the value of a final resp=."""
+    if fields and fields[-1].startswith("resp="):
+        key = tuple(fields[:-1])
+        if sum(map(len, key)) <= _MEMO_PARAMS_MAX:
+            base = _memo_params(key)
+            if base.malformed:
+                return base
+            return _AuthParams(base.context, fields[-1][5:], malformed=False)
+    return _parse_auth_params(fields)
+
+
+@functools.lru_cache(maxsize=256)
+def _memo_params(key: tuple[str, ...]) -> _AuthParams:
+    return _parse_auth_params([*key, "resp="])
 
 
 def _parse_auth_params(fields: Sequence[str]) -> _AuthParams:
