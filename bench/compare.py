@@ -17,6 +17,7 @@ everyone else. Usage::
     bench/run-all --compare main                   # this checkout vs main
     bench/run-all --compare 060a916 --head HEAD    # two commits
     bench/run-all --compare main --scenarios repeated8 --runs 9 --log-level info
+    bench/run-all --compare main --scenarios memory   # RSS: 100,000 cached tokens, 1,000 idle conns
     bench/run-all --compare main --quick           # smoke test: the numbers mean nothing
 
 The dependencies come from this checkout's venv for both sides.
@@ -171,14 +172,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--scenarios",
         default="unique8,repeated8",
-        help=f"comma-separated, from {', '.join(SCENARIOS)}",
+        help=f"comma-separated, from {', '.join(SCENARIOS)}, memory",
     )
+    p.add_argument("--cached", type=int, default=100_000, help="memory: cached tokens")
+    p.add_argument("--idle", type=int, default=1000, help="memory: idle connections")
     p.add_argument("--quick", action="store_true", help="tiny loads: checks it runs, not speed")
     p.add_argument("--json", type=Path, help="write all runs here")
     args = p.parse_args(argv)
     if args.quick:
-        args.runs, args.requests = 2, 40
+        args.runs, args.requests, args.cached, args.idle = 2, 40, 50, 20
     scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    memory = "memory" in scenarios
+    scenarios = [s for s in scenarios if s != "memory"]
     unknown = [s for s in scenarios if s not in SCENARIOS]
     if unknown:
         p.error(f"--scenarios: unknown {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}")
@@ -257,7 +262,27 @@ def main(argv: list[str] | None = None) -> int:
                             f"{r.auths_per_s:.0f}/s fail {r.failures}",
                             file=log,
                         )
+            mem: dict[str, dict[str, float]] = {}
+            if memory:
+                pool = [auth_suffix(t, run_all.USER) for t in run_all.mint("EdDSA", args.cached)]
+                for key, side in (("base", base), ("head", head)):
+                    with run_all.ours(
+                        workdir, jwks, workers=1, level=args.log_level, pythonpath=side.pythonpath
+                    ) as (sock, pid):
+                        run_all.check_accepts(sock, pid, check, key)
+                        mem[key] = run_all.memory_scenario(sock, pid, pool, args.idle)
+                        print(f"  memory [{key}]: {mem[key]}", file=log)
         report = render(scenarios, base, head)
+        if mem:
+            report += "\n\n| RSS MiB | at start | cache filled | + idle connections |\n"
+            report += "|---|---:|---:|---:|\n"
+            for key in ("base", "head"):
+                m = mem[key]
+                report += (
+                    f"| {key} | {m['rss_started_mib']:.1f} | {m['rss_cache_filled_mib']:.1f} "
+                    f"| {m['rss_mib']:.1f} |\n"
+                )
+            report += f"({args.cached} cached tokens, {args.idle} idle connections)"
         if args.quick:
             report += "\n\n--quick: tiny loads to check that it runs; the numbers mean nothing"
         print(report)

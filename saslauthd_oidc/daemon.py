@@ -29,7 +29,6 @@ from typing import Any, Protocol
 import httpx
 import structlog
 import trio
-import trio.testing
 
 from saslauthd_oidc.config import Config, ConfigError, load_config
 from saslauthd_oidc.engine import Engine
@@ -434,6 +433,10 @@ class _Runtime:
         if left:
             log.warning("stopping_with_requests_in_flight", count=left)
         # Let the frontends write the verdicts they just received.
+        # (imported here: trio.testing pulls in pytest when it is installed, megabytes
+        # of RSS for a helper only the shutdown path uses)
+        import trio.testing  # noqa: PLC0415
+
         with trio.move_on_after(1.0):
             await trio.testing.wait_all_tasks_blocked(0.01)
         self.nursery.cancel_scope.cancel()

@@ -16,6 +16,12 @@ a cached answer or None) and, when it needs the provider, :meth:`VerificationCac
 without I/O. Each entry also remembers what the token's unverified ``iss``
 was (:attr:`Entry.iss`), so that a repeated token is narrowed to its
 providers without being parsed again.
+
+Entries are compact (:func:`compact`): the claims of a verified token are
+kept as a tuple of values against a key layout shared by every token of the
+same shape (:class:`CompactClaims`), and the JOSE header as one shared
+read-only mapping per distinct header. Nothing is dropped: the engine and the
+HTTP frontend read exactly the claims they would have read.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ import hashlib
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Protocol
 
 import trio
@@ -79,6 +86,73 @@ def cache_key(provider: str, lookup: Lookup, digest: bytes) -> bytes:
 
 def _key(provider: str, token: str, lookup: Lookup = Lookup.TOKEN) -> bytes:
     return cache_key(provider, lookup, token_digest(token))
+
+
+# Bounds on the shared layouts: an IdP that mints every token with its own
+# claim names or header cannot grow these; its entries are just not compacted.
+MAX_SHAPES = 256
+MAX_HEADERS = 256
+_shapes: dict[tuple[str, ...], dict[str, int]] = {}
+_headers: dict[tuple[tuple[str, Any], ...], Mapping[str, Any]] = {}
+
+
+class CompactClaims(Mapping[str, Any]):
+    """Read-only claims: the values, and a name -> position layout shared by tokens alike."""
+
+    __slots__ = ("_index", "_values")
+
+    def __init__(self, index: dict[str, int], values: tuple[Any, ...]) -> None:
+        self._index = index
+        self._values = values
+
+    def __getitem__(self, name: str) -> Any:
+        return self._values[self._index[name]]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def __repr__(self) -> str:
+        return f"CompactClaims({dict(self)!r})"
+
+
+def _compact_claims(claims: Mapping[str, Any]) -> Mapping[str, Any]:
+    if isinstance(claims, CompactClaims):
+        return claims
+    names = tuple(claims)
+    index = _shapes.get(names)
+    if index is None:
+        if len(_shapes) >= MAX_SHAPES:
+            return MappingProxyType(dict(claims))
+        index = _shapes[names] = {sys.intern(n): i for i, n in enumerate(names)}
+    return CompactClaims(index, tuple(claims.values()))
+
+
+def _shared_header(header: Mapping[str, Any]) -> Mapping[str, Any]:
+    try:
+        key = tuple(header.items())
+        shared = _headers.get(key)
+    except TypeError:  # a value that cannot be hashed (a nested object)
+        return MappingProxyType(dict(header))
+    if shared is None:
+        shared = MappingProxyType(dict(header))
+        if len(_headers) < MAX_HEADERS:
+            _headers[key] = shared
+    return shared
+
+
+def compact(result: Result) -> Result:
+    """What a cache entry keeps of ``result``: the same claims and header, in less memory."""
+    if isinstance(result, TokenRejected):
+        return result
+    return VerifiedClaims(
+        _compact_claims(result.claims), _shared_header(result.header), result.expires_at
+    )
 
 
 class Verifier(Protocol):
@@ -189,7 +263,7 @@ class VerificationCache:
             return
         if until <= now:
             return
-        self._entries[key] = Entry(result, until, sys.intern(provider), iss)
+        self._entries[key] = Entry(compact(result), until, sys.intern(provider), iss)
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
