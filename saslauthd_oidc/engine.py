@@ -51,9 +51,10 @@ from saslauthd_oidc.outcome import DiscoveryHint, Outcome, Reason, RuleTrace, Ve
 from saslauthd_oidc.providers.answers import merge_userinfo
 from saslauthd_oidc.providers.cache import (
     OPAQUE,
+    CompactClaims,
     Lookup,
     VerificationCache,
-    cache_key,
+    key_suffix,
     token_digest,
 )
 from saslauthd_oidc.providers.jwt import (
@@ -199,6 +200,11 @@ class Engine:
         self._rules = ordered(config.rules)
         self._mechanisms = frozenset(config.server.mechanisms)
         self._providers = {p.name: p for p in config.providers}
+        # Cache keys are the token's digest + these (providers.cache.cache_key).
+        self._token_suffix = {p.name: key_suffix(p.name, Lookup.TOKEN) for p in config.providers}
+        self._userinfo_suffix = {
+            p.name: key_suffix(p.name, Lookup.USERINFO) for p in config.providers
+        }
         self._hints = {
             id(rule): discovery_hint(rule, self._providers[rule.provider]) for rule in self._rules
         }
@@ -358,7 +364,7 @@ class Engine:
         if not self.cache.enabled:
             return _NO_HIT
         for rule in candidates:
-            key = cache_key(rule.provider, Lookup.TOKEN, d.digest)
+            key = d.digest + self._token_suffix[rule.provider]
             if key in d.known:
                 continue
             entry = self.cache.lookup(key)
@@ -408,7 +414,8 @@ class Engine:
         iss: Any,
     ) -> Result | Verification:
         """What ``provider`` says, when it is known without I/O; else the Verification to do."""
-        key = cache_key(provider, lookup, d.digest)
+        suffixes = self._token_suffix if lookup is Lookup.TOKEN else self._userinfo_suffix
+        key = d.digest + suffixes[provider]
         answer = d.known.get(key)
         if answer is not None:
             return answer
@@ -526,7 +533,7 @@ class Engine:
             rule=rule.name,
             provider=rule.provider,
             trace=tuple(trace),
-            claims=dict(claims),
+            claims=claims.as_dict() if isinstance(claims, CompactClaims) else dict(claims),
         )
 
     # ------------------------------------------------------------- the verdict

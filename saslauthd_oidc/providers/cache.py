@@ -81,7 +81,12 @@ def cache_key(provider: str, lookup: Lookup, digest: bytes) -> bytes:
     The digest has a fixed length and comes first, so no two (provider, kind)
     pairs can produce the same key.
     """
-    return digest + lookup.value + provider.encode("utf-8", "surrogateescape")
+    return digest + key_suffix(provider, lookup)
+
+
+def key_suffix(provider: str, lookup: Lookup) -> bytes:
+    """What :func:`cache_key` appends to the digest (callers on the hot path keep it)."""
+    return lookup.value + provider.encode("utf-8", "surrogateescape")
 
 
 def _key(provider: str, token: str, lookup: Lookup = Lookup.TOKEN) -> bytes:
@@ -110,6 +115,14 @@ class CompactClaims(Mapping[str, Any]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._index
+
+    def get(self, name: str, default: Any = None) -> Any:
+        position = self._index.get(name)
+        return default if position is None else self._values[position]
+
+    def as_dict(self) -> dict[str, Any]:
+        """A plain dict of the claims (what ``dict(claims)`` gives, at C speed)."""
+        return dict(zip(self._index, self._values, strict=True))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._index)
