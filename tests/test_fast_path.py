@@ -712,3 +712,25 @@ def test_memoised_auth_params_agree(fields: list[str]) -> None:
 
     for _ in range(2):  # the second time from the memo
         assert _auth_params(fields) == _parse_auth_params(fields)
+
+
+async def test_current_answers_inline_finishes_on_its_engine_and_holds_when_draining(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    from saslauthd_oidc.lifecycle import Current
+
+    old, _ = _engine(FakeVerifier)  # every token needs the (async) provider
+    new, _ = _engine(SyncVerifier)
+    current = Current(old)
+    pending = current.start(REQUESTS[0])
+    assert isinstance(pending, Pending) and pending.engine is old
+    current.swap(new)  # a reload: the pending request still finishes on the old engine
+    assert isinstance(current.start(REQUESTS[1]), Verdict)  # the new one answers inline
+    assert (await current.finish(pending)).ok
+    assert current.in_flight == 0
+    await current.drain(timeout=1)
+    held = current.start(REQUESTS[0])
+    assert isinstance(held, Pending) and held.engine is None
+    with trio.move_on_after(3600) as waited:
+        await current.finish(held)  # never answered while stopping
+    assert waited.cancelled_caught
