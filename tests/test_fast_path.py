@@ -734,3 +734,19 @@ async def test_current_answers_inline_finishes_on_its_engine_and_holds_when_drai
     with trio.move_on_after(3600) as waited:
         await current.finish(held)  # never answered while stopping
     assert waited.cancelled_caught
+
+
+async def test_a_finish_that_raises_fails_that_request_only(
+    nursery: trio.Nursery,
+    socket_path: str,  # noqa: F811
+) -> None:
+    class Broken(InlineStub):
+        async def finish(self, pending: AuthRequest) -> Verdict:
+            raise RuntimeError("bug in finish")
+
+    await _serve(nursery, socket_path, Broken(Stub()))
+    client = await Client.connect(socket_path)
+    await client.handshake()
+    reply = await client.authenticate(1, "good-x")  # not inline: goes to finish
+    assert reply is not None and reply.startswith("FAIL\t1\tcode=temp_fail")
+    assert await client.authenticate(2, "now-alice") == "OK\t2\tuser=alice"

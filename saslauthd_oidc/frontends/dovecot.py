@@ -344,7 +344,16 @@ class _Session:
         return True
 
     async def _finish(self, need: NeedVerdict, pending: Any) -> None:
-        verdict = await self._steps.finish(pending)
+        try:
+            verdict = await self._steps.finish(pending)
+        except Exception as exc:  # finish has its own catch-all; this is the connection's
+            log.error(
+                "authenticate_failed",
+                request_id=need.request_id,
+                error=type(exc).__name__,
+                exc_info=True,
+            )
+            verdict = Verdict(reason=Reason.INTERNAL_ERROR, detail="authenticator raised")
         if self._tempfail_disconnect and verdict.outcome is Outcome.TEMPFAIL:
             self._tempfail(need)
             await self._flush()  # what other requests were answered still goes out
