@@ -65,6 +65,7 @@ class Reason(enum.StrEnum):
     PROVIDER_UNAVAILABLE = "provider_unavailable"
     TIMEOUT = "timeout"
     INTERNAL_ERROR = "internal_error"
+    OVERLOADED = "overloaded"  # too many requests in flight on one connection
 
     @property
     def outcome(self) -> Outcome:
@@ -75,7 +76,9 @@ class Reason(enum.StrEnum):
         return Outcome.FAIL
 
 
-_TEMPORARY = frozenset({Reason.PROVIDER_UNAVAILABLE, Reason.TIMEOUT, Reason.INTERNAL_ERROR})
+_TEMPORARY = frozenset(
+    {Reason.PROVIDER_UNAVAILABLE, Reason.TIMEOUT, Reason.INTERNAL_ERROR, Reason.OVERLOADED}
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,9 @@ class FakeVerifier:
         self.verdicts = verdicts
         self.calls = 0
 
+    def verify_now(self, tok: str, unverified: UnverifiedToken | None) -> None:
+        return None  # always needs its (async) verify: the engine's I/O step
+
     async def verify(self, tok: str, unverified: UnverifiedToken) -> VerifiedClaims | TokenRejected:
         self.calls += 1
         if unverified.claims.get("iss") != self.issuer:
