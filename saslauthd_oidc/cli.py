@@ -35,7 +35,7 @@ from saslauthd_oidc.outcome import Outcome, Verdict
 from saslauthd_oidc.providers import ProviderRegistry
 from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
-from saslauthd_oidc.rules import config_warnings, ordered
+from saslauthd_oidc.rules import config_warnings, ordered, token_policy
 from saslauthd_oidc.systemd import ActivationError, Notifier, take_listen_fds
 from saslauthd_oidc.workers import serve_workers
 
@@ -110,6 +110,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"{config.source}: ok")
     print(f"  providers: {', '.join(p.name for p in config.providers) or '(none)'}")
     print(f"  rules (in evaluation order): {', '.join(_rule_order(config))}")
+    for line in token_policy(config):
+        print(f"  {line}")
     warnings = config_warnings(config)
     for w in warnings:
         print(f"warning: {w}")

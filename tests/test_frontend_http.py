@@ -39,6 +39,7 @@ def make_config(http: dict[str, Any] | None = None) -> Config:
             "rule": [
                 {
                     "name": "jmap",
+                    "audiences": ["mail"],
                     "provider": "authentik",
                     "hosts": ["mail.example.com"],
                     "resource_paths": ["/jmap"],
@@ -46,6 +47,7 @@ def make_config(http: dict[str, Any] | None = None) -> Config:
                 },
                 {
                     "name": "webmail",
+                    "audiences": ["mail"],
                     "provider": "kanidm",
                     "hosts": ["mail.example.com"],
                     "referers": ["https://webmail.example.com/"],
@@ -53,6 +55,7 @@ def make_config(http: dict[str, Any] | None = None) -> Config:
                 },
                 {
                     "name": "default",
+                    "audiences": ["mail"],
                     "provider": "kanidm",
                     "hosts": ["mail.example.com"],
                     "challenge_scope": "openid",
