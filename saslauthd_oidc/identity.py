@@ -128,7 +128,7 @@ def check_account_domain(account: str, rule: RuleConfig) -> IdentityError | None
     * else: the account may not be in a domain another issuer's rule claims
       (``rule.foreign_domains``).
     """
-    local, at, domain = account.rpartition("@")
+    _, at, domain = account.rpartition("@")
     if rule.account_domains:
         if not at or domain not in rule.account_domains:
             return IdentityError(

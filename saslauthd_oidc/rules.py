@@ -282,7 +282,7 @@ def _email_warnings(cfg: Config) -> list[str]:
             warnings.append(
                 f"rule[{i}] ({r.name}) maps {{email}} of the multi-tenant issuer of provider "
                 f"{p.name!r}: each tenant's admin sets email freely, so tokens without "
-                'email_verified or xms_edov true are refused (unverified_email); use username = '
+                "email_verified or xms_edov true are refused (unverified_email); use username = "
                 '"{preferred_username}" (a UPN in a domain the tenant verified) with '
                 'account_domains, or "{oid}@example.org"'
             )
@@ -312,10 +312,7 @@ def token_policy(cfg: Config) -> list[str]:
     revoked one keeps working (``check-config`` prints these)."""
     lines: list[str] = []
     for p in cfg.providers:
-        if p.token_types:
-            kinds = f"JWT typ must be {' or '.join(p.token_types)}"
-        else:
-            kinds = "any JWT typ"
+        kinds = f"JWT typ must be {' or '.join(p.token_types)}" if p.token_types else "any JWT typ"
         if p.accept_id_tokens:
             kinds += "; ID tokens accepted (accept_id_tokens)"
         else:

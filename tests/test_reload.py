@@ -42,7 +42,10 @@ def test_plan_reload_names_what_needs_a_restart_and_keeps_it() -> None:
                 {"name": "a", "issuer": "https://a.example", "leeway": 5},
                 {"name": "c", "issuer": "https://c.example"},
             ],
-            rule=[{"name": "r", "provider": "a", "audiences": ["mail"]}, {"name": "s", "provider": "c", "audiences": ["mail"]}],
+            rule=[
+                {"name": "r", "provider": "a", "audiences": ["mail"]},
+                {"name": "s", "provider": "c", "audiences": ["mail"]},
+            ],
         )
     )
     plan = plan_reload(old, new)

@@ -139,7 +139,8 @@ def test_authentik_example_loads_as_documented() -> None:
             AUTHENTIK,
             # wider than the rules before it (no domain, no scope) and last: reachable
             '[[rule]]\nname = "net-all"\nprovider = "keycloak-net"\n'
-            'authorized_parties = ["thunderbird", "roundcube"]\naccount_domains = ["example.net"]\n',
+            'authorized_parties = ["thunderbird", "roundcube"]\n'
+            'account_domains = ["example.net"]\n',
             None,
         ),
     ],

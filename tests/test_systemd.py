@@ -188,7 +188,7 @@ async def test_passed_http_socket_needs_caller_authentication() -> None:
         {
             "server": {"auth_socket": ""},
             "provider": [{"name": "p", "issuer": "https://idp.example"}],
-            "rule": [{"provider": "p"}],
+            "rule": [{"provider": "p", "audiences": ["mail"]}],
         }
     )
     with pytest.raises(ConfigError, match=r"^http\.auth: systemd passes an http socket"):

@@ -211,7 +211,7 @@ class OidcProvider:
             why = self.last_error or "no keys loaded yet"
             return TokenRejected(Reason.PROVIDER_UNAVAILABLE, f"provider {self.name}: {why}")
         result = self._verify_with(token, unverified, keys)
-        if self._should_refetch(result, unverified):
+        if isinstance(result, TokenRejected) and self._should_refetch(result, unverified):
             result = await self._after_unknown_key(token, unverified, result, seen)
         if isinstance(result, VerifiedClaims) and self.config.force_introspection:
             result = await self._confirm_active(token, result)
@@ -514,6 +514,10 @@ class OidcProvider:
             return False
         kid, alg = unverified.header.get("kid"), unverified.header.get("alg")
         kid_ok = kid is None or (isinstance(kid, str) and 0 < len(kid) <= MAX_KID_LENGTH)
+        if kid is None and self._jwks is not None:
+            # No kid and several keys fit: ambiguous, whatever a refetch brings.
+            fitting = sum(1 for _, a in self._jwks.keys if a == alg)
+            kid_ok = fitting == 0
         return kid_ok and alg in self._asymmetric
 
     async def _ensure_fresh(self) -> None:
@@ -548,7 +552,8 @@ class OidcProvider:
         """
         if self._failures:
             steps = min(self._failures - 1, _MAX_BACKOFF_STEPS)
-            return self._last_attempt + min(min_interval, self.config.jwks_retry * 2**steps)
+            backoff: float = self.config.jwks_retry * 2.0**steps
+            return self._last_attempt + min(min_interval, backoff)
         return (self._last_kid_attempt if kid_miss else self._last_attempt) + min_interval
 
     async def _refetch(
