@@ -230,8 +230,7 @@ class OidcProvider:
         )
         if outcome is _Refetch.TOO_SOON and self._refetch_due(unverified):
             wait = self._next_fetch_at(cooldown, kid_miss=True) - self._clock()
-            remaining = trio.current_effective_deadline() - trio.current_time()
-            if 0 < wait <= min(self._fetch_timeout, remaining - _WAIT_MARGIN):
+            if self._can_wait(wait):
                 await trio.sleep(wait)
                 outcome = await self._refetch(
                     rediscover=False, min_interval=cooldown, seen=self._generation, kid_miss=True
@@ -261,6 +260,12 @@ class OidcProvider:
                     self._missing_kids.add(kid)
                 return result
         return unknown
+
+    def _can_wait(self, wait: float) -> bool:
+        """Whether a request may sleep ``wait`` seconds for a fetch and still have
+        time for it within its deadline (and never longer than one fetch may take)."""
+        remaining = trio.current_effective_deadline() - trio.current_time()
+        return 0 < wait <= min(self._fetch_timeout, remaining - _WAIT_MARGIN)
 
     def _refetch_due(self, unverified: UnverifiedToken) -> bool:
         """Whether the token may be newer than our keys (by its *unverified* iat).
@@ -523,9 +528,18 @@ class OidcProvider:
     async def _ensure_fresh(self) -> None:
         stale = self._clock() - self._loaded_at >= self._jwks_lifetime
         if self._jwks is None or stale:
-            await self._refetch(
-                rediscover=True, min_interval=self.config.jwks_cooldown, seen=self._generation
+            cooldown = self.config.jwks_cooldown
+            outcome = await self._refetch(
+                rediscover=True, min_interval=cooldown, seen=self._generation
             )
+            if outcome is _Refetch.TOO_SOON and self._jwks is None:
+                # No keys at all (an outage at start): the next retry may be close.
+                wait = self._next_fetch_at(cooldown) - self._clock()
+                if self._can_wait(wait):
+                    await trio.sleep(wait)
+                    await self._refetch(
+                        rediscover=True, min_interval=cooldown, seen=self._generation
+                    )
 
     # ----------------------------------------------------------------- refresh
 
