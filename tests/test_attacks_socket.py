@@ -148,6 +148,7 @@ class Stack:
             "iat": now,
             "nbf": now,
             "email": USER,
+            "scope": "openid email",  # an access token names what it grants (RFC 9068)
         }
         claims.update(overrides)
         return {k: v for k, v in claims.items() if v is not None}

@@ -328,6 +328,7 @@ async def test_id_tokens_do_not_log_in(nursery: trio.Nursery, start: Start) -> N
         {"c_hash": "LDktKdoQak3Pk0cnXxCltA"},
         {"s_hash": "5Ex3bB6R6Fbw3fNjnQXyHQ"},
         {"typ": "ID"},  # Keycloak names its token kinds in a claim
+        {"azp": None},  # no marker, but the client only in aud (oidc-provider's ID tokens)
     ):
         token = a.mint({**id_claims, **marker}, audience="webmail", typ="JWT")
         await d.refused(token, "id_token")

@@ -464,7 +464,9 @@ async def test_hmac_only_provider_needs_no_fetch(
     import jwt as pyjwt
 
     tok = pyjwt.encode(
-        {"iss": "https://hs.example", "exp": clock.now + 60, "sub": "a"}, "s" * 40, "HS256"
+        {"iss": "https://hs.example", "exp": clock.now + 60, "sub": "a", "client_id": "c"},
+        "s" * 40,
+        "HS256",
     )
     assert reason(await verify(p, tok)) is Reason.OK
     forged = pyjwt.encode(

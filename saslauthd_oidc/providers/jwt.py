@@ -497,6 +497,15 @@ def _check_registered_claims(claims: Mapping[str, Any], issuer: str) -> TokenRej
 # oidc-provider do not carry them. auth_time is *not* a marker: RFC 9068
 # allows it, and Keycloak, Kanidm and Authentik access tokens carry it.
 ID_TOKEN_CLAIMS = ("at_hash", "c_hash", "s_hash", "nonce")
+# An access token names the client it was issued to (RFC 9068 §2.2 client_id,
+# REQUIRED; azp: Keycloak, Entra v2, Authentik, Auth0; cid: Okta; appid: Entra
+# v1) or the scopes it grants; an ID token names its client only in aud (OIDC
+# Core 2: azp is optional), and oidc-provider's ID tokens from the token
+# endpoint carry neither at_hash nor nonce. A JWT with none of these claims is
+# taken for an ID token. (Dex hands out ID-token-shaped access tokens: that
+# is what accept_id_tokens is for.)
+CLIENT_CLAIMS = ("client_id", "azp", "cid", "appid")
+SCOPE_CLAIMS = ("scope", "scp", "roles")
 # Keycloak names the kind of token in a "typ" claim: Bearer (access), ID,
 # Refresh, Offline, Logout. Older Keycloaks put the nonce in access tokens too,
 # so a "Bearer" typ claim outweighs a nonce.
@@ -512,7 +521,8 @@ def bearer_problem(claims: Mapping[str, Any], *, accept_id_tokens: bool) -> Toke
       §3): the token is only valid with a proof of possession, which SASL
       cannot carry; accepting it as a bearer token would make a stolen one
       usable (RFC 9449 §7.2).
-    * An ID token (see :data:`ID_TOKEN_CLAIMS`, Keycloak ``typ: ID``), unless
+    * An ID token (see :data:`ID_TOKEN_CLAIMS`, Keycloak ``typ: ID``, and no
+      client or scope claim at all, :data:`CLIENT_CLAIMS`), unless
       ``accept_id_tokens``: it is issued *to* the client, not for a resource.
     * Keycloak's refresh, offline and logout tokens: never.
     """
@@ -532,6 +542,8 @@ def bearer_problem(claims: Mapping[str, Any], *, accept_id_tokens: bool) -> Toke
     markers = [name for name in ID_TOKEN_CLAIMS if name in claims]
     if kind == _KEYCLOAK_ID:
         markers.insert(0, "typ ID")
+    if not any(name in claims for name in (*CLIENT_CLAIMS, *SCOPE_CLAIMS)):
+        markers.append("no client_id, azp or scope: the client only in aud")
     if markers:
         return TokenRejected(
             Reason.ID_TOKEN,
