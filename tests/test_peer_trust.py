@@ -112,10 +112,7 @@ class Daemon:
         assert reply == f"OK\t{self.rid}\tuser={account}", (reply, self.reason(token))
 
 
-@pytest.fixture
-async def daemon(
-    op: OidcProviderPeer, nursery: trio.Nursery, tmp_path: Path
-) -> AsyncIterator[Daemon]:
+async def start_daemon(op: OidcProviderPeer, nursery: trio.Nursery, tmp_path: Path) -> Daemon:
     secret = tmp_path / "introspection.secret"
     secret.write_text(op.introspect_credentials("saslauthd")[1] + "\n")
     secret.chmod(0o600)
@@ -165,8 +162,16 @@ async def daemon(
     )
     client = LineClient(await trio.open_unix_socket(sock))
     await client.handshake()
-    yield Daemon(sock, log, client)
-    await client.stream.aclose()
+    return Daemon(sock, log, client)
+
+
+@pytest.fixture
+async def daemon(
+    op: OidcProviderPeer, nursery: trio.Nursery, tmp_path: Path
+) -> AsyncIterator[Daemon]:
+    d = await start_daemon(op, nursery, tmp_path)
+    yield d
+    await d.client.stream.aclose()
     nursery.cancel_scope.cancel()
 
 
@@ -208,3 +213,26 @@ async def test_a_real_dpop_bound_opaque_token_does_not_log_in(
     await daemon.refused(token, "sender_constrained")
     bearer = await trio.to_thread.run_sync(lambda: op.token("mail-webmail"))
     await daemon.ok(bearer, "mail-webmail@clients.example.org")
+
+
+async def test_logins_work_again_as_soon_as_the_real_idp_is_back(
+    op: OidcProviderPeer, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Issue 14: after an outage, logins kept answering 454 for jwks_cooldown (30 s).
+
+    The provider is frozen (SIGSTOP) before the daemon starts, so the daemon never
+    has its keys: the first login times out fetching them (a temporary failure:
+    454 from Postfix). Right after the provider is resumed, the next login works.
+    """
+    token = await trio.to_thread.run_sync(lambda: op.token("mail-webmail", resource="urn:mail"))
+    op.pause()
+    try:
+        daemon = await start_daemon(op, nursery, tmp_path)
+        reply = await daemon.login(token, None)
+        assert reply.startswith(f"FAIL\t{daemon.rid}\t") and "temp_fail" in reply, reply
+        assert daemon.reason(token) in ("provider_unavailable", "timeout")
+    finally:
+        op.resume()
+    await daemon.ok(token, "mail-webmail@clients.example.org")
+    await daemon.client.stream.aclose()
+    nursery.cancel_scope.cancel()
