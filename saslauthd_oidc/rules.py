@@ -302,7 +302,9 @@ def _token_kind_warnings(cfg: Config) -> list[str]:
         if p.accept_id_tokens and p.name in used:
             warnings.append(
                 f"provider[{i}] ({p.name}) accepts ID tokens (accept_id_tokens): a token the "
-                "IdP gave a client to identify the user to that client logs in here too"
+                "IdP gave any client to identify the user to that client logs in here too; "
+                "keep it only for an IdP whose access tokens look like ID tokens (Dex), "
+                "with audiences naming only your mail clients"
             )
     return warnings
 

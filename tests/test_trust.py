@@ -476,3 +476,11 @@ async def test_force_introspection_bounds_the_cache_and_checks_the_subject(
     issuer.revoke(token)
     result = await p.verify(token, unverified)
     assert isinstance(result, TokenRejected) and result.reason is Reason.TOKEN_INACTIVE
+
+
+def test_the_readme_lists_every_reason_code() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("Reason codes:") :]
+    section = section[: section.index("###")]
+    missing = [r.value for r in Reason if f"`{r.value}`" not in section]
+    assert not missing, f"README's reason list lacks {missing}"
