@@ -223,8 +223,10 @@ class OidcProvider:
         """An unknown kid: refetch, wait for a due refetch, or say why not (see module doc)."""
         cooldown = self.config.jwks_cooldown
         kid = unverified.header.get("kid")
-        if kid in self._missing_kids:
-            return unknown  # a fetch made for this very kid did not find it
+        if kid in self._missing_kids and self._clock() < self._next_fetch_at(
+            cooldown, kid_miss=True
+        ):
+            return unknown  # a fetch made for this very kid did not find it, lately
         outcome = await self._refetch(
             rediscover=False, min_interval=cooldown, seen=seen, kid_miss=True
         )
