@@ -251,8 +251,8 @@ class RuleConfig:
     # The username may use an e-mail the IdP does not vouch for (nOAuth).
     trust_unverified_email: bool = False
     # Not a setting: the account domains other issuers' rules claim (their
-    # domains / account_domains), which this rule may not produce accounts in
-    # unless its own account_domains list them. Filled in by parse_config.
+    # trusted_account_domains), which this rule may not produce accounts in
+    # unless it names domains of its own. Filled in by parse_config.
     foreign_domains: tuple[str, ...] = field(default=(), metadata={"derived": True})
 
     @property

@@ -129,6 +129,7 @@ def check_account_domain(account: str, rule: RuleConfig) -> IdentityError | None
       (``rule.foreign_domains``).
     """
     _, at, domain = account.rpartition("@")
+    domain = domain.lower()  # normalize = false keeps the account's case, not the domain's
     if rule.account_domains:
         if not at or domain not in rule.account_domains:
             return IdentityError(

@@ -187,6 +187,11 @@ def test_account_domains(rule_b: dict[str, Any], account: str, refused: bool) ->
         assert problem.reason is Reason.UNTRUSTED_ACCOUNT_DOMAIN
 
 
+def test_domains_compare_without_case() -> None:
+    rule = two_idps({"domains": ["example.net"], "normalize": False}).rules[1]
+    assert check_account_domain("Bob@Example.NET", rule) is None
+
+
 def test_a_template_domain_is_claimed_like_domains() -> None:
     cfg = two_idps({}, {"username": "{preferred_username|localpart}@Example.ORG"})
     a, b = cfg.rules
