@@ -118,7 +118,9 @@ def email_problem(
     return None
 
 
-def check_account_domain(account: str, rule: RuleConfig) -> IdentityError | None:
+def check_account_domain(
+    account: str, rule: RuleConfig, *, named_user: bool = True
+) -> IdentityError | None:
     """The account must be in a domain the rule is trusted for.
 
     * ``account_domains`` set: the account's domain must be one of them (an
@@ -127,6 +129,11 @@ def check_account_domain(account: str, rule: RuleConfig) -> IdentityError | None
       account with a domain must be in one of them.
     * else: the account may not be in a domain another issuer's rule claims
       (``rule.foreign_domains``).
+
+    For a request that names no user (``named_user`` false: Dovecot's
+    ``/introspect``, Stalwart) an account outside ``domains`` is not refused
+    here: such a rule simply does not apply (rules.account_domain_mismatch),
+    and the next rule is tried.
     """
     _, at, domain = account.rpartition("@")
     domain = domain.lower()  # normalize = false keeps the account's case, not the domain's
@@ -141,7 +148,7 @@ def check_account_domain(account: str, rule: RuleConfig) -> IdentityError | None
         return None
     trusted = rule.trusted_account_domains
     if trusted:
-        if domain in trusted:
+        if domain in trusted or (rule.domains and not named_user):
             return None
         return IdentityError(
             Reason.UNTRUSTED_ACCOUNT_DOMAIN,
@@ -158,9 +165,16 @@ def check_account_domain(account: str, rule: RuleConfig) -> IdentityError | None
 
 
 def map_account(
-    rule: RuleConfig, provider: ProviderConfig, claims: Mapping[str, Any]
+    rule: RuleConfig,
+    provider: ProviderConfig,
+    claims: Mapping[str, Any],
+    *,
+    named_user: bool = True,
 ) -> str | IdentityError:
-    """The account ``rule`` maps these verified claims to, or why there is none."""
+    """The account ``rule`` maps these verified claims to, or why there is none.
+
+    ``named_user``: the request names the user (authzid, XOAUTH2 user=, login).
+    """
     account = render_username(rule.username, claims, normalize=rule.normalize)
     if isinstance(account, IdentityError):
         return account
@@ -176,7 +190,7 @@ def map_account(
         account = rewrite_domain(account, rule.domain_map, ())
         if isinstance(account, IdentityError):  # pragma: no cover - no allow-list given
             return account
-    refused = check_account_domain(account, rule)
+    refused = check_account_domain(account, rule, named_user=named_user)
     return refused if refused is not None else account
 
 

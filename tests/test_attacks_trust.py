@@ -301,7 +301,7 @@ def test_a_rule_checking_no_audience_is_refused_unless_explicit(
     path.write_text(head + '[[rule]]\nname = "jmap"\nprovider = "idp"\nhosts = ["mail.x"]\n')
     assert main(["check-config", "--config", str(path)]) == 2
     err = capsys.readouterr().err
-    assert "rule[0].audiences" in err and "'jmap'" in err and "check_audience = false" in err
+    assert "rule[0].audiences" in err and '"jmap"' in err and "check_audience = false" in err
     path.write_text(head + '[[rule]]\nname = "any"\nprovider = "idp"\ncheck_audience = false\n')
     assert main(["check-config", "--config", str(path)]) == 0
     assert "rule[0] (any) checks no audience (check_audience = false)" in capsys.readouterr().out

@@ -235,7 +235,12 @@ def load(rule: dict[str, Any], **provider: Any) -> Config:
     ("rule", "provider", "key", "words"),
     [
         ({}, {}, "rule[0].audiences", "check_audience = false"),
-        ({"hosts": ["mail.x"], "resource_paths": ["/jmap"]}, {}, "rule[0].audiences", "rule0"),
+        (
+            {"hosts": ["mail.x"], "resource_paths": ["/jmap"]},
+            {},
+            "rule[0].audiences",
+            "any other application",
+        ),
         (
             {"audiences": ["m"], "check_audience": False},
             {},
