@@ -366,7 +366,7 @@ def token_policy(cfg: Config) -> list[str]:
         if p.accept_id_tokens:
             kinds += "; ID tokens accepted (accept_id_tokens)"
         else:
-            kinds += "; ID tokens (nonce, at_hash, c_hash, s_hash, typ ID) refused"
+            kinds += "; ID tokens (nonce, at_hash, c_hash, s_hash, typ ID, no client) refused"
         kinds += "; cnf-bound (DPoP, mTLS) refused"
         if p.force_introspection:
             ttl = p.effective_introspection_ttl

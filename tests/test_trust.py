@@ -348,7 +348,8 @@ def test_check_config_prints_the_token_policy(
     assert "a revoked opaque token for up to 30s" in out
     policy = token_policy(load({"audiences": ["m"]}))
     assert policy == [
-        "provider p: any JWT typ; ID tokens (nonce, at_hash, c_hash, s_hash, typ ID) refused; "
+        "provider p: any JWT typ; ID tokens (nonce, at_hash, c_hash, s_hash, typ ID, no client) "
+        "refused; "
         "cnf-bound (DPoP, mTLS) refused; a revoked JWT works until its exp"
     ]
 
