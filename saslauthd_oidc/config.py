@@ -942,7 +942,12 @@ def _optional_number(s: _Section, name: str) -> float | None:
     return s.number(name, 0.0)
 
 
-def _parse_rule(index: int, data: Any, provider_names: set[str]) -> RuleConfig:
+def _parse_rule(
+    index: int,
+    data: Any,
+    provider_names: set[str],
+    userinfo_only: frozenset[str] = frozenset(),
+) -> RuleConfig:
     key = f"rule[{index}]"
     s = _Section(key, data)
     name = s.text("name", f"rule{index}")
@@ -1057,6 +1062,14 @@ def _parse_rule(index: int, data: Any, provider_names: set[str]) -> RuleConfig:
     )
     s.reject_unknown()
     if cfg.check_audience and not (cfg.audiences or cfg.authorized_parties):
+        if provider in userinfo_only:
+            raise ConfigError(
+                f"{key}.audiences",
+                f"checks neither audiences nor authorized_parties; provider {provider!r} "
+                "checks opaque tokens by userinfo, whose answers name no audience: give the "
+                "provider client_id and client_secret_file (introspection), or say "
+                "check_audience = false to accept any of its tokens",
+            )
         raise ConfigError(
             f"{key}.audiences",
             "checks neither audiences nor authorized_parties, so a token provider "
@@ -1150,7 +1163,8 @@ def _parse_config(data: Mapping[str, Any], *, source: str) -> Config:
     rules_raw = top._get("rule") or []
     if not isinstance(rules_raw, list):
         raise ConfigError("rule", "expected [[rule]] tables")
-    rules = tuple(_parse_rule(i, r, set(names)) for i, r in enumerate(rules_raw))
+    userinfo_only = frozenset(p.name for p in providers if p.userinfo_validation)
+    rules = tuple(_parse_rule(i, r, set(names), userinfo_only) for i, r in enumerate(rules_raw))
     rule_names = [r.name for r in rules]
     for i, n in enumerate(rule_names):
         if n in rule_names[:i]:

@@ -270,6 +270,16 @@ def test_config_errors_name_the_key(
     assert err.value.key == key and words in str(err.value)
 
 
+def test_a_userinfo_validation_rule_is_told_what_fits() -> None:
+    with pytest.raises(ConfigError) as err:
+        load({}, userinfo_validation=True)
+    assert err.value.key == "rule[0].audiences"
+    assert "name no audience" in str(err.value) and "check_audience = false" in str(err.value)
+    assert (
+        load({"check_audience": False}, userinfo_validation=True).rules[0].check_audience is False
+    )
+
+
 def test_introspection_ttl_defaults() -> None:
     base = ProviderConfig(name="p", issuer=A, client_id="c", client_secret_file="/x")
     assert base.effective_introspection_ttl is None  # the cache's own ttl
