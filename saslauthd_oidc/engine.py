@@ -43,8 +43,7 @@ from saslauthd_oidc.config import Config, RuleConfig
 from saslauthd_oidc.identity import (
     IdentityError,
     check_authzid,
-    render_username,
-    rewrite_domain,
+    map_account,
     template_claims,
 )
 from saslauthd_oidc.outcome import DiscoveryHint, Outcome, Reason, RuleTrace, Verdict
@@ -527,9 +526,12 @@ class Engine:
         if isinstance(enriched, TokenRejected):
             return refuse(enriched.reason, enriched.detail)
         claims = enriched
-        account = render_username(rule.username, claims, normalize=rule.normalize)
-        if isinstance(account, str) and (rule.domain_map or rule.account_domains):
-            account = rewrite_domain(account, rule.domain_map, rule.account_domains)
+        account = map_account(
+            rule,
+            self._providers[rule.provider],
+            claims,
+            named_user=bool(request.credentials.authzid),
+        )
         problem: IdentityError | None = account if isinstance(account, IdentityError) else None
         if problem is None and rule.authzid == "match":
             assert isinstance(account, str)

@@ -266,7 +266,7 @@ async def test_domain_map_applies_before_the_authzid_check() -> None:
     assert (v.outcome, v.account) == (Outcome.OK, "carol@example.org")
     tok = token(iss=A, aud="web", preferred_username="mallory@elsewhere.org")
     v = await engine.authenticate(request(tok, user=None))
-    assert v.reason is Reason.INVALID_ACCOUNT
+    assert v.reason is Reason.UNTRUSTED_ACCOUNT_DOMAIN
 
 
 async def test_hint_prefers_the_context_rule_with_the_tokens_issuer() -> None:

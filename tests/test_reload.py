@@ -25,7 +25,7 @@ def config(**changes: Any) -> dict[str, Any]:
             {"name": "a", "issuer": "https://a.example"},
             {"name": "b", "issuer": "https://b.example"},
         ],
-        "rule": [{"name": "r", "provider": "a"}],
+        "rule": [{"name": "r", "provider": "a", "audiences": ["mail"]}],
     }
     data.update(changes)
     return data
@@ -42,7 +42,10 @@ def test_plan_reload_names_what_needs_a_restart_and_keeps_it() -> None:
                 {"name": "a", "issuer": "https://a.example", "leeway": 5},
                 {"name": "c", "issuer": "https://c.example"},
             ],
-            rule=[{"name": "r", "provider": "a"}, {"name": "s", "provider": "c"}],
+            rule=[
+                {"name": "r", "provider": "a", "audiences": ["mail"]},
+                {"name": "s", "provider": "c", "audiences": ["mail"]},
+            ],
         )
     )
     plan = plan_reload(old, new)

@@ -55,6 +55,8 @@ STABLE_REFUSALS = frozenset(
         Reason.EXPIRED,
         Reason.BAD_CLAIM,
         Reason.TOKEN_INACTIVE,
+        Reason.ID_TOKEN,
+        Reason.SENDER_CONSTRAINED,
     }
 )
 
