@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import get_default_algorithms
 
-from saslauthd_oidc import devissuer
 from saslauthd_oidc.providers.jwt import KeySet, UnverifiedToken, peek
+from saslauthd_oidc.tools import devissuer
 
 NOW = 1_800_000_000.0
 ISS = "https://idp.example.org/realms/mail"

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from saslauthd_oidc.config import ProviderConfig
-from saslauthd_oidc.outcome import Reason
+from saslauthd_oidc.core.outcome import Reason
 from saslauthd_oidc.providers.answers import (
     DECISION_CLAIMS,
     interpret_introspection,

@@ -40,10 +40,10 @@ from cryptography.x509.oid import NameOID
 from jwt.algorithms import get_default_algorithms
 
 from saslauthd_oidc.config import LoggingConfig, parse_config
-from saslauthd_oidc.daemon import run_daemon
-from saslauthd_oidc.devissuer import DevIssuer
-from saslauthd_oidc.observability import configure_logging
-from saslauthd_oidc.request import token_fingerprint
+from saslauthd_oidc.core.request import token_fingerprint
+from saslauthd_oidc.service.daemon import run_daemon
+from saslauthd_oidc.service.logs import configure_logging
+from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.peers.dovecot_client import LineClient
 
 USER = "alice@example.org"

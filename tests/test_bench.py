@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bench.loadgen import LoadResult, auth_suffix, run_load
 from bench.run_all import Row, render
-from saslauthd_oidc.devissuer import DevIssuer
+from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.test_workers import _accepts, issuer, start, wait_for, workdir  # noqa: F401
 
 
@@ -112,4 +112,4 @@ def test_compare_exports_a_revision(tmp_path: Path) -> None:
 
     commit = resolve("HEAD")
     out = export(commit, tmp_path / "rev")
-    assert (out / "saslauthd_oidc" / "engine.py").is_file()
+    assert (out / "saslauthd_oidc" / "__main__.py").is_file()

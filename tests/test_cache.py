@@ -6,9 +6,9 @@ import trio
 import trio.testing
 
 from saslauthd_oidc.config import CacheConfig
-from saslauthd_oidc.outcome import Reason
-from saslauthd_oidc.providers.cache import VerificationCache
+from saslauthd_oidc.core.outcome import Reason
 from saslauthd_oidc.providers.jwt import TokenRejected, UnverifiedToken, VerifiedClaims
+from saslauthd_oidc.providers.verification_cache import VerificationCache
 
 UNVERIFIED = UnverifiedToken(header={}, claims={})
 

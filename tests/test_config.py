@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from saslauthd_oidc.cli import main
 from saslauthd_oidc.config import ConfigError, load_config, parse_config
+from saslauthd_oidc.tools.cli import main
 
 BASE: dict[str, Any] = {
     "provider": [{"name": "idp", "issuer": "https://idp.example.org/realms/mail"}],

@@ -18,8 +18,8 @@ import pytest
 import trio
 
 from saslauthd_oidc.config import parse_config
-from saslauthd_oidc.daemon import run_daemon
-from saslauthd_oidc.devissuer import DevIssuer
+from saslauthd_oidc.service.daemon import run_daemon
+from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.peers.dovecot_client import LineClient
 from tests.test_sasl import OAUTHBEARER_REJECT, XOAUTH2_REJECT
 

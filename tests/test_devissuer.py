@@ -9,10 +9,11 @@ import pytest
 import trio
 
 from saslauthd_oidc.config import ProviderConfig
-from saslauthd_oidc.devissuer import SUPPORTED_ALGORITHMS, DevIssuer, DevIssuerThread
-from saslauthd_oidc.outcome import Reason
-from saslauthd_oidc.providers import OidcProvider, TokenRejected, VerifiedClaims, peek
+from saslauthd_oidc.core.outcome import Reason
 from saslauthd_oidc.providers.http import make_http_client
+from saslauthd_oidc.providers.jwt import TokenRejected, VerifiedClaims, peek
+from saslauthd_oidc.providers.oidc import OidcProvider
+from saslauthd_oidc.tools.devissuer import SUPPORTED_ALGORITHMS, DevIssuer, DevIssuerThread
 
 
 async def _verify(p: OidcProvider, token: str) -> VerifiedClaims | TokenRejected:

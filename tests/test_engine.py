@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from saslauthd_oidc.config import parse_config
-from saslauthd_oidc.engine import Engine
-from saslauthd_oidc.outcome import Outcome, Reason
+from saslauthd_oidc.core.engine import Engine
+from saslauthd_oidc.core.outcome import Outcome, Reason
+from saslauthd_oidc.core.request import AuthRequest, Credentials, Mechanism, RequestContext
 from saslauthd_oidc.providers.jwt import TokenRejected, UnverifiedToken, VerifiedClaims
-from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
 
 A = "https://a.example.org"
 B = "https://b.example.org"
@@ -230,7 +230,7 @@ async def test_log_line_has_fingerprint_not_token(user: str | None) -> None:
     import io
 
     from saslauthd_oidc.config import LoggingConfig
-    from saslauthd_oidc.observability import configure_logging
+    from saslauthd_oidc.service.logs import configure_logging
 
     out = io.StringIO()
     configure_logging(LoggingConfig(level="info", format="json"), stream=out)

@@ -13,12 +13,13 @@ import pytest
 import trio
 
 from saslauthd_oidc.config import Config, parse_config
-from saslauthd_oidc.devissuer import DevIssuer
-from saslauthd_oidc.engine import Engine
-from saslauthd_oidc.outcome import Outcome, Reason, Verdict
-from saslauthd_oidc.providers import ProviderRegistry, make_http_client
-from saslauthd_oidc.providers.cache import VerificationCache
-from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
+from saslauthd_oidc.core.engine import Engine
+from saslauthd_oidc.core.outcome import Outcome, Reason, Verdict
+from saslauthd_oidc.core.request import AuthRequest, Credentials, Mechanism, RequestContext
+from saslauthd_oidc.providers.http import make_http_client
+from saslauthd_oidc.providers.registry import ProviderRegistry
+from saslauthd_oidc.providers.verification_cache import VerificationCache
+from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.providers_helpers import FakeClock, b64u
 
 INTROSPECT = "/introspect"

@@ -24,15 +24,20 @@ import trio
 import trio.testing
 
 from saslauthd_oidc.config import ProviderConfig, parse_config
-from saslauthd_oidc.devissuer import DevIssuer
-from saslauthd_oidc.engine import Engine, Pending
-from saslauthd_oidc.metrics import Metrics
-from saslauthd_oidc.outcome import Outcome, Reason, Verdict
-from saslauthd_oidc.providers import OidcProvider, TokenRejected, VerifiedClaims, peek
-from saslauthd_oidc.providers.cache import Lookup, VerificationCache, cache_key, token_digest
+from saslauthd_oidc.core.engine import Engine, Pending
+from saslauthd_oidc.core.outcome import Outcome, Reason, Verdict
+from saslauthd_oidc.core.request import AuthRequest
 from saslauthd_oidc.providers.http import make_http_client
-from saslauthd_oidc.providers.jwt import UnverifiedToken
-from saslauthd_oidc.request import AuthRequest
+from saslauthd_oidc.providers.jwt import TokenRejected, UnverifiedToken, VerifiedClaims, peek
+from saslauthd_oidc.providers.oidc import OidcProvider
+from saslauthd_oidc.providers.verification_cache import (
+    Lookup,
+    VerificationCache,
+    cache_key,
+    token_digest,
+)
+from saslauthd_oidc.service.metrics import Metrics
+from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.providers_helpers import FakeClock
 from tests.test_engine import CONFIG, A, B, FakeLookup, FakeVerifier, request, token
 from tests.test_frontend_dovecot import MECHS, Client, Stub, socket_path  # noqa: F401
@@ -362,7 +367,7 @@ async def test_real_engine_fast_path_with_devissuer(issuer: DevIssuer) -> None:
     "name", ["alice@example.org", "a b", "a\tb", "a\x7fb", "a\x00b", "Ünïcode", "a\u2028b", "~!"]
 )
 def test_ascii_fast_path_of_account_validation_agrees(name: str) -> None:
-    from saslauthd_oidc.identity import IdentityError, validate_account
+    from saslauthd_oidc.core.identity import IdentityError, validate_account
 
     result = validate_account(name, normalize=False)
     slow_ok = not any(
@@ -378,7 +383,7 @@ def test_ascii_fast_path_of_account_validation_agrees(name: str) -> None:
 
 @pytest.mark.parametrize("text", ["alice", "a b", "a\x01b", "a\x7f", "é\x85", "ok é"])
 def test_ascii_fast_path_of_sasl_identity_agrees(text: str) -> None:
-    from saslauthd_oidc.sasl import SaslError, _identity, _is_control
+    from saslauthd_oidc.protocol.sasl import SaslError, _identity, _is_control
 
     result = _identity(text.encode(), "authzid")
     assert isinstance(result, SaslError) is any(_is_control(ch) for ch in text)
@@ -388,7 +393,7 @@ def test_filtered_authentication_log_is_skipped_and_warning_kept() -> None:
     import io
 
     from saslauthd_oidc.config import LoggingConfig
-    from saslauthd_oidc.observability import configure_logging
+    from saslauthd_oidc.service.logs import configure_logging
 
     out = io.StringIO()
     configure_logging(LoggingConfig(level="warning", format="json"), stream=out)
@@ -541,7 +546,7 @@ async def test_hot_path_per_request_on_a_ready_socket(monkeypatch: pytest.Monkey
         counter = _TaskCounter()
         timers = _count_timers(monkeypatch)
         parses = _Calls(peek)
-        monkeypatch.setattr("saslauthd_oidc.engine.peek", parses)
+        monkeypatch.setattr("saslauthd_oidc.core.engine.peek", parses)
         labels = _count_labels(monkeypatch)
         _CountingSocket.recvs = _CountingSocket.sends = 0
         trio.lowlevel.add_instrument(counter)
@@ -571,7 +576,7 @@ async def test_cached_token_is_not_parsed_and_keeps_the_cache_semantics(
     lookup = FakeLookup(a=SyncVerifier(A, REJECTIONS), b=SyncVerifier(B, REJECTIONS))
     engine = Engine(cfg, lookup, cache=VerificationCache(cfg.cache, clock=clock))
     parses = _Calls(peek)
-    monkeypatch.setattr("saslauthd_oidc.engine.peek", parses)
+    monkeypatch.setattr("saslauthd_oidc.core.engine.peek", parses)
     good, forged = REQUESTS[0], REQUESTS[3]  # OK; BAD_SIGNATURE (a stable refusal)
 
     def decide(req: AuthRequest) -> tuple[Any, ...]:
@@ -610,7 +615,7 @@ async def test_repeated_token_parsed_only_for_a_provider_without_an_answer(
     first = engine.start(req)
     assert isinstance(first, Verdict) and first.rule == "web"
     parses = _Calls(peek)
-    monkeypatch.setattr("saslauthd_oidc.engine.peek", parses)
+    monkeypatch.setattr("saslauthd_oidc.core.engine.peek", parses)
     engine.cache.drop_providers(["a2"])
     again = engine.start(req)
     assert isinstance(again, Verdict) and _summary(again) == _summary(first)
@@ -651,7 +656,7 @@ def test_json_log_line_is_what_the_standard_processors_render(
 
     import structlog
 
-    from saslauthd_oidc.observability import _JsonLine, redact_secrets
+    from saslauthd_oidc.service.logs import _JsonLine, redact_secrets
 
     def standard(method: str, event: dict[str, Any]) -> dict[str, Any]:
         for proc in (
@@ -717,7 +722,7 @@ def test_memoised_auth_params_agree(fields: list[str]) -> None:
 async def test_current_answers_inline_finishes_on_its_engine_and_holds_when_draining(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    from saslauthd_oidc.lifecycle import Current
+    from saslauthd_oidc.service.lifecycle import Current
 
     old, _ = _engine(FakeVerifier)  # every token needs the (async) provider
     new, _ = _engine(SyncVerifier)

@@ -15,9 +15,9 @@ import pytest
 import trio
 import trio.testing
 
+from saslauthd_oidc.core.outcome import DiscoveryHint, Reason, Verdict
+from saslauthd_oidc.core.request import AuthRequest, Mechanism
 from saslauthd_oidc.frontends.dovecot import handle_dovecot_stream, serve_dovecot_listener
-from saslauthd_oidc.outcome import DiscoveryHint, Reason, Verdict
-from saslauthd_oidc.request import AuthRequest, Mechanism
 
 MECHS = [Mechanism.OAUTHBEARER, Mechanism.XOAUTH2]
 

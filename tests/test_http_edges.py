@@ -26,8 +26,8 @@ import trio
 
 import saslauthd_oidc.frontends.http as http_frontend
 from saslauthd_oidc.config import parse_config
-from saslauthd_oidc.daemon import run_daemon
-from saslauthd_oidc.devissuer import DevIssuer
+from saslauthd_oidc.service.daemon import run_daemon
+from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.peers.dovecot_client import LineClient
 from tests.peers.postfix import free_tcp_port
 

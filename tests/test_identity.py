@@ -6,8 +6,13 @@ from typing import Any
 
 import pytest
 
-from saslauthd_oidc.identity import IdentityError, check_authzid, render_username, rewrite_domain
-from saslauthd_oidc.outcome import Reason
+from saslauthd_oidc.core.identity import (
+    IdentityError,
+    check_authzid,
+    render_username,
+    rewrite_domain,
+)
+from saslauthd_oidc.core.outcome import Reason
 
 
 @pytest.mark.parametrize(

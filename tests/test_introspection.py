@@ -16,15 +16,11 @@ import trio
 from structlog.testing import capture_logs
 
 from saslauthd_oidc.config import ProviderConfig
-from saslauthd_oidc.devissuer import DevIssuer
-from saslauthd_oidc.outcome import Outcome, Reason
-from saslauthd_oidc.providers import (
-    OidcProvider,
-    TokenRejected,
-    VerifiedClaims,
-    make_http_client,
-    peek,
-)
+from saslauthd_oidc.core.outcome import Outcome, Reason
+from saslauthd_oidc.providers.http import make_http_client
+from saslauthd_oidc.providers.jwt import TokenRejected, VerifiedClaims, peek
+from saslauthd_oidc.providers.oidc import OidcProvider
+from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.providers_helpers import FakeClock
 
 DISCOVERY = "/.well-known/openid-configuration"

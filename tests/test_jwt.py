@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import given
 from hypothesis import strategies as st
 
-from saslauthd_oidc.outcome import Reason
+from saslauthd_oidc.core.outcome import Reason
 from saslauthd_oidc.providers.jwt import (
     JwksError,
     KeySet,

@@ -21,14 +21,10 @@ import pytest
 import trio
 
 from saslauthd_oidc.config import Config, parse_config
-from saslauthd_oidc.daemon import run_daemon
-from saslauthd_oidc.providers import (
-    ProviderRegistry,
-    TokenRejected,
-    VerifiedClaims,
-    make_http_client,
-    peek,
-)
+from saslauthd_oidc.providers.http import make_http_client
+from saslauthd_oidc.providers.jwt import TokenRejected, VerifiedClaims, peek
+from saslauthd_oidc.providers.registry import ProviderRegistry
+from saslauthd_oidc.service.daemon import run_daemon
 from tests.peers.dovecot_client import LineClient
 from tests.peers.oidc_provider import OidcProviderPeer
 

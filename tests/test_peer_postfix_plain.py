@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
+from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
 from tests.peers.daemon import README_MAIN_CF, Daemon
 from tests.peers.postfix import PostfixInstance, make_shared_tmpdir, smtp_auth, smtp_ehlo
 from tests.recipes import recipe

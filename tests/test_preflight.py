@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from saslauthd_oidc import daemon
-from saslauthd_oidc.cli import main
 from saslauthd_oidc.config import parse_config
-from saslauthd_oidc.daemon import open_listeners, preflight
+from saslauthd_oidc.service import daemon
+from saslauthd_oidc.service.daemon import open_listeners, preflight
+from saslauthd_oidc.tools.cli import main
 
 CLI = [sys.executable, "-m", "saslauthd_oidc"]
 UNPRIVILEGED = "nobody"

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from saslauthd_oidc.outcome import Outcome, Reason, Verdict
+from saslauthd_oidc.core.outcome import Outcome, Reason, Verdict
+from saslauthd_oidc.core.request import Mechanism
 from saslauthd_oidc.protocol.saslauthd import (
     MAX_FIELD_BYTES,
     NeedData,
@@ -19,7 +20,6 @@ from saslauthd_oidc.protocol.saslauthd import (
     encode_reply,
     reply_text,
 )
-from saslauthd_oidc.request import Mechanism
 
 TOKEN = b"eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln"
 

@@ -11,19 +11,12 @@ import pytest
 import trio
 
 from saslauthd_oidc.config import Config, ConfigError, ProviderConfig, RuleConfig
-from saslauthd_oidc.devissuer import DevIssuer
-from saslauthd_oidc.outcome import Reason
-from saslauthd_oidc.providers import (
-    FetchError,
-    OidcProvider,
-    ProviderRegistry,
-    TokenRejected,
-    VerifiedClaims,
-    fetch_json,
-    make_http_client,
-    peek,
-)
-from saslauthd_oidc.providers.http import USER_AGENT
+from saslauthd_oidc.core.outcome import Reason
+from saslauthd_oidc.providers.http import USER_AGENT, FetchError, fetch_json, make_http_client
+from saslauthd_oidc.providers.jwt import TokenRejected, VerifiedClaims, peek
+from saslauthd_oidc.providers.oidc import OidcProvider
+from saslauthd_oidc.providers.registry import ProviderRegistry
+from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.providers_helpers import FakeClock, b64u, write_tls_files
 
 DISCOVERY = "/.well-known/openid-configuration"

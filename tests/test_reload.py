@@ -8,14 +8,19 @@ import trio
 import trio.testing
 
 from saslauthd_oidc.config import CacheConfig, parse_config
-from saslauthd_oidc.devissuer import JWKS_PATH, DevIssuer
-from saslauthd_oidc.lifecycle import Current, plan_reload
-from saslauthd_oidc.outcome import Reason, Verdict
-from saslauthd_oidc.providers import ProviderRegistry
-from saslauthd_oidc.providers.cache import Lookup, VerificationCache, cache_key, token_digest
+from saslauthd_oidc.core.outcome import Reason, Verdict
+from saslauthd_oidc.core.request import AuthRequest, Credentials, Mechanism, RequestContext
 from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.providers.jwt import TokenRejected, UnverifiedToken, VerifiedClaims, peek
-from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
+from saslauthd_oidc.providers.registry import ProviderRegistry
+from saslauthd_oidc.providers.verification_cache import (
+    Lookup,
+    VerificationCache,
+    cache_key,
+    token_digest,
+)
+from saslauthd_oidc.service.lifecycle import Current, plan_reload
+from saslauthd_oidc.tools.devissuer import JWKS_PATH, DevIssuer
 
 
 def config(**changes: Any) -> dict[str, Any]:

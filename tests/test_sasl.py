@@ -1,4 +1,4 @@
-"""Table-driven tests for saslauthd_oidc.sasl: decoders, failure challenges, exchanges.
+"""Table-driven tests for saslauthd_oidc.protocol.sasl: decoders, failure challenges, exchanges.
 
 Sources of the cases: RFC 7628 §3.1/§4, RFC 5801 §4, Dovecot's test-sasl-oauth2.c /
 test-mech.c / test-auth-gs2.c, the curl test data, Google's XOAUTH2 page and the
@@ -12,9 +12,9 @@ from collections.abc import Callable
 
 import pytest
 
-from saslauthd_oidc.outcome import DiscoveryHint, Reason, Verdict
-from saslauthd_oidc.request import SASL_MECHANISMS, Credentials, Mechanism
-from saslauthd_oidc.sasl import (
+from saslauthd_oidc.core.outcome import DiscoveryHint, Reason, Verdict
+from saslauthd_oidc.core.request import SASL_MECHANISMS, Credentials, Mechanism
+from saslauthd_oidc.protocol.sasl import (
     Authenticate,
     Challenge,
     Failed,

@@ -1,4 +1,5 @@
-"""Property tests for saslauthd_oidc.sasl: no input makes it raise, and encodings round-trip."""
+"""Property tests for saslauthd_oidc.protocol.sasl: no input makes it raise, and encodings
+round-trip."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import unicodedata
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from saslauthd_oidc.outcome import DiscoveryHint, Reason, Verdict
-from saslauthd_oidc.request import SASL_MECHANISMS, Credentials, Mechanism
-from saslauthd_oidc.sasl import (
+from saslauthd_oidc.core.outcome import DiscoveryHint, Reason, Verdict
+from saslauthd_oidc.core.request import SASL_MECHANISMS, Credentials, Mechanism
+from saslauthd_oidc.protocol.sasl import (
     Authenticate,
     Challenge,
     Failed,

@@ -15,15 +15,20 @@ import httpx
 import pytest
 import trio
 
-from saslauthd_oidc.cli import main
 from saslauthd_oidc.config import Config, ConfigError, ProviderConfig, parse_config
-from saslauthd_oidc.devissuer import DevIssuer
-from saslauthd_oidc.identity import IdentityError, check_account_domain, email_problem, map_account
-from saslauthd_oidc.outcome import Reason
-from saslauthd_oidc.providers import OidcProvider, TokenRejected, VerifiedClaims, peek
+from saslauthd_oidc.core.identity import (
+    IdentityError,
+    check_account_domain,
+    email_problem,
+    map_account,
+)
+from saslauthd_oidc.core.outcome import Reason
+from saslauthd_oidc.core.rules import config_warnings, token_policy
 from saslauthd_oidc.providers.answers import interpret_introspection
-from saslauthd_oidc.providers.jwt import bearer_problem
-from saslauthd_oidc.rules import config_warnings, token_policy
+from saslauthd_oidc.providers.jwt import TokenRejected, VerifiedClaims, bearer_problem, peek
+from saslauthd_oidc.providers.oidc import OidcProvider
+from saslauthd_oidc.tools.cli import main
+from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.providers_helpers import FakeClock
 
 A = "https://a.example.org"

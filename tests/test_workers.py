@@ -18,8 +18,8 @@ import pytest
 import trio
 import trio.testing
 
-from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
-from saslauthd_oidc.workers import BalancedListener, LoadTable, _describe
+from saslauthd_oidc.service.workers import BalancedListener, LoadTable, _describe
+from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
 
 
 def children(pid: int) -> set[int]:
@@ -225,7 +225,7 @@ async def test_busier_listener_leaves_the_connection_to_its_sibling(workdir: Pat
 
 def test_workers_refuse_sockets_they_cannot_share_yet(tmp_path: Path) -> None:
     from saslauthd_oidc.config import ConfigError, parse_config
-    from saslauthd_oidc.workers import serve_workers
+    from saslauthd_oidc.service.workers import serve_workers
 
     base = {
         "provider": [{"name": "p", "issuer": "https://idp.example"}],

@@ -37,19 +37,19 @@ from hypercorn.config import Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
-from saslauthd_oidc.asgi import Receive, Scope, Send, acknowledge_lifespan
 from saslauthd_oidc.config import Config, ConfigError, HttpConfig, read_secret_file
-from saslauthd_oidc.discovery import (
+from saslauthd_oidc.core.engine import Authenticator
+from saslauthd_oidc.core.outcome import Outcome, Reason, Verdict
+from saslauthd_oidc.core.request import AuthRequest, Credentials, Mechanism, RequestContext
+from saslauthd_oidc.core.resource_metadata import (
     ResourceRequest,
     parse_host,
     protected_resource_metadata,
     resource_path,
     select_rule,
 )
-from saslauthd_oidc.engine import Authenticator
-from saslauthd_oidc.metrics import Metrics
-from saslauthd_oidc.outcome import Outcome, Reason, Verdict
-from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
+from saslauthd_oidc.frontends.asgi import Receive, Scope, Send, acknowledge_lifespan
+from saslauthd_oidc.service.metrics import Metrics
 
 __all__ = ["CallerAuth", "HttpFrontend", "load_caller_auth", "serve_http", "verdict_reply"]
 

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from saslauthd_oidc.outcome import Reason
+from saslauthd_oidc.core.outcome import Reason
 from saslauthd_oidc.providers.jwt import (
     TokenRejected,
     VerifiedClaims,

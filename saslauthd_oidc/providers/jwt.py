@@ -38,7 +38,7 @@ import jwt as pyjwt
 from cryptography.exceptions import InvalidSignature
 from jwt import exceptions as jwt_exc
 
-from saslauthd_oidc.outcome import Reason
+from saslauthd_oidc.core.outcome import Reason
 
 MAX_TOKEN_BYTES = 16384
 MAX_HEADER_BYTES = 4096

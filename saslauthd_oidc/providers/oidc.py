@@ -49,7 +49,7 @@ import structlog
 import trio
 
 from saslauthd_oidc.config import ConfigError, ProviderConfig, read_secret_file
-from saslauthd_oidc.outcome import Reason
+from saslauthd_oidc.core.outcome import Reason
 from saslauthd_oidc.providers.answers import interpret_introspection, interpret_userinfo
 from saslauthd_oidc.providers.http import (
     DEFAULT_MAX_BYTES,

@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import trio
 
 from saslauthd_oidc.config import CacheConfig
-from saslauthd_oidc.outcome import Reason
+from saslauthd_oidc.core.outcome import Reason
 from saslauthd_oidc.providers.jwt import TokenRejected, UnverifiedToken, VerifiedClaims
 
 Result = VerifiedClaims | TokenRejected

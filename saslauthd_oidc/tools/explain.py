@@ -30,16 +30,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from saslauthd_oidc.authtest import (
-    build_auth_line,
-    build_initial_response,
-    client_answer,
-    redact,
-    show_sasl,
-)
 from saslauthd_oidc.config import Config, ProviderConfig, suggest
+from saslauthd_oidc.core.outcome import Outcome, Reason, RuleTrace, Verdict
+from saslauthd_oidc.core.request import AuthRequest, Mechanism, token_fingerprint
 from saslauthd_oidc.frontends.http import CallerAuth, HttpFrontend
-from saslauthd_oidc.outcome import Outcome, Reason, RuleTrace, Verdict
 from saslauthd_oidc.protocol.dovecot import DovecotServerConnection, NeedVerdict, decode_base64
 from saslauthd_oidc.protocol.saslauthd import (
     Rejected,
@@ -48,7 +42,13 @@ from saslauthd_oidc.protocol.saslauthd import (
     reply_text,
 )
 from saslauthd_oidc.providers.jwt import TokenRejected, peek
-from saslauthd_oidc.request import AuthRequest, Mechanism, token_fingerprint
+from saslauthd_oidc.tools.authtest import (
+    build_auth_line,
+    build_initial_response,
+    client_answer,
+    redact,
+    show_sasl,
+)
 
 __all__ = [
     "FRONTENDS",

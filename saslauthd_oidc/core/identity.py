@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from saslauthd_oidc.config import USERNAME_FILTERS, ProviderConfig, RuleConfig
-from saslauthd_oidc.outcome import Reason
+from saslauthd_oidc.core.outcome import Reason
 
 MAX_ACCOUNT_LENGTH = 255
 

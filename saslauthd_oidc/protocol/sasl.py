@@ -19,8 +19,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from saslauthd_oidc.outcome import DiscoveryHint, Outcome, Reason, Verdict
-from saslauthd_oidc.request import Credentials, Mechanism
+from saslauthd_oidc.core.outcome import DiscoveryHint, Outcome, Reason, Verdict
+from saslauthd_oidc.core.request import Credentials, Mechanism
 
 __all__ = [
     "Authenticate",

@@ -13,7 +13,7 @@ needs claims the token lacks and its provider has ``userinfo = true``, the
 userinfo answer fills them in (cached like verifications).
 
 The decision is one synchronous step, :meth:`Engine.step`: it returns a
-:class:`~saslauthd_oidc.outcome.Verdict`, or a :class:`Verification` — the one
+:class:`~saslauthd_oidc.core.outcome.Verdict`, or a :class:`Verification` — the one
 piece of I/O it needs first (a provider verifying the token, or a userinfo
 call). The caller performs it (:meth:`Engine.perform`, through the cache's
 single-flight) and runs the step again with the answer. Whatever can be
@@ -40,22 +40,22 @@ import structlog
 import trio
 
 from saslauthd_oidc.config import Config, RuleConfig
-from saslauthd_oidc.identity import (
+from saslauthd_oidc.core.identity import (
     IdentityError,
     check_authzid,
     map_account,
     template_claims,
 )
-from saslauthd_oidc.outcome import DiscoveryHint, Outcome, Reason, RuleTrace, Verdict
-from saslauthd_oidc.providers.answers import merge_userinfo
-from saslauthd_oidc.providers.cache import (
-    OPAQUE,
-    CompactClaims,
-    Lookup,
-    VerificationCache,
-    key_suffix,
-    token_digest,
+from saslauthd_oidc.core.outcome import DiscoveryHint, Outcome, Reason, RuleTrace, Verdict
+from saslauthd_oidc.core.request import AuthRequest
+from saslauthd_oidc.core.rules import (
+    account_domain_mismatch,
+    claim_mismatch,
+    context_mismatch,
+    discovery_hint,
+    ordered,
 )
+from saslauthd_oidc.providers.answers import merge_userinfo
 from saslauthd_oidc.providers.jwt import (
     TokenRejected,
     UnverifiedToken,
@@ -63,13 +63,13 @@ from saslauthd_oidc.providers.jwt import (
     looks_like_jws,
     peek,
 )
-from saslauthd_oidc.request import AuthRequest
-from saslauthd_oidc.rules import (
-    account_domain_mismatch,
-    claim_mismatch,
-    context_mismatch,
-    discovery_hint,
-    ordered,
+from saslauthd_oidc.providers.verification_cache import (
+    OPAQUE,
+    CompactClaims,
+    Lookup,
+    VerificationCache,
+    key_suffix,
+    token_digest,
 )
 
 log = structlog.get_logger("saslauthd_oidc.auth")
@@ -297,7 +297,7 @@ class Engine:
     ) -> Verdict | Verification:
         """Decide with what is known without I/O, or name the one verification still needed.
 
-        ``digest`` is :func:`~saslauthd_oidc.providers.cache.token_digest` of
+        ``digest`` is :func:`~saslauthd_oidc.providers.verification_cache.token_digest` of
         the request's token; ``answers`` are what earlier :meth:`perform`
         calls returned, by their :attr:`Verification.key`. Pure but for the
         cache (read, and filled with answers got without I/O).

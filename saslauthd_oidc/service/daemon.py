@@ -40,7 +40,9 @@ from saslauthd_oidc.config import (
     load_config,
     read_secret_file,
 )
-from saslauthd_oidc.engine import Engine
+from saslauthd_oidc.core.engine import Engine
+from saslauthd_oidc.core.request import Mechanism
+from saslauthd_oidc.core.rules import config_warnings
 from saslauthd_oidc.frontends.dovecot import serve_dovecot_listener
 from saslauthd_oidc.frontends.http import (
     CallerAuth,
@@ -49,16 +51,14 @@ from saslauthd_oidc.frontends.http import (
     serve_http,
 )
 from saslauthd_oidc.frontends.saslauthd import serve_saslauthd_listener
-from saslauthd_oidc.lifecycle import Current, DrainableListener, ReloadReporter, plan_reload
-from saslauthd_oidc.metrics import Metrics
-from saslauthd_oidc.observability import configure_logging
-from saslauthd_oidc.providers import ProviderRegistry
-from saslauthd_oidc.providers.cache import VerificationCache
 from saslauthd_oidc.providers.http import make_http_client, make_ssl_context
 from saslauthd_oidc.providers.jwt import KeySet
-from saslauthd_oidc.request import Mechanism
-from saslauthd_oidc.rules import config_warnings
-from saslauthd_oidc.systemd import UNNAMED, Notifier
+from saslauthd_oidc.providers.registry import ProviderRegistry
+from saslauthd_oidc.providers.verification_cache import VerificationCache
+from saslauthd_oidc.service.lifecycle import Current, DrainableListener, ReloadReporter, plan_reload
+from saslauthd_oidc.service.logs import configure_logging
+from saslauthd_oidc.service.metrics import Metrics
+from saslauthd_oidc.service.systemd import UNNAMED, Notifier
 
 log = structlog.get_logger("saslauthd_oidc.daemon")
 
@@ -349,7 +349,7 @@ def preflight(config: Config, passed: Collection[str] = ()) -> Preflight:
             )
         )
     # Imported here: workers imports this module.
-    from saslauthd_oidc.workers import worker_problem  # noqa: PLC0415
+    from saslauthd_oidc.service.workers import worker_problem  # noqa: PLC0415
 
     problem = worker_problem(config)
     if problem is not None:
@@ -872,12 +872,13 @@ async def run_daemon(
 ) -> None:
     """Serve until SIGTERM/SIGINT (or cancellation). Reports the first Engine once listening.
 
-    ``passed_fds`` are systemd's sockets by name (:func:`saslauthd_oidc.systemd.take_listen_fds`).
+    ``passed_fds`` are systemd's sockets by name
+    (:func:`saslauthd_oidc.service.systemd.take_listen_fds`).
     ``load`` reads the configuration again on SIGHUP (default: the file it came from).
     ``auth_listener`` listens on an auth socket opened by someone else (a
     worker's, inherited from the parent of ``server.workers``, which owns and
     removes the socket). ``report_dir`` receives the answer to each reload
-    (:class:`~saslauthd_oidc.lifecycle.ReloadReporter`; systemd's
+    (:class:`~saslauthd_oidc.service.lifecycle.ReloadReporter`; systemd's
     ``$RUNTIME_DIRECTORY``).
     """
     mechanisms = [Mechanism(m) for m in config.server.mechanisms]

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from typing import TYPE_CHECKING, Any
 
-from saslauthd_oidc.discovery import discovery_warnings
-from saslauthd_oidc.identity import template_claims as _template_claims
-from saslauthd_oidc.outcome import DiscoveryHint, Reason
-from saslauthd_oidc.request import AuthRequest, unreachable_condition_warnings
+from saslauthd_oidc.core.identity import template_claims as _template_claims
+from saslauthd_oidc.core.outcome import DiscoveryHint, Reason
+from saslauthd_oidc.core.request import AuthRequest, unreachable_condition_warnings
+from saslauthd_oidc.core.resource_metadata import discovery_warnings
 
 if TYPE_CHECKING:
     from saslauthd_oidc.config import Config, ProviderConfig, RuleConfig
