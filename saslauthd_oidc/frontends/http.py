@@ -27,7 +27,7 @@ import json
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 import structlog
@@ -49,11 +49,17 @@ from saslauthd_oidc.core.resource_metadata import (
     select_rule,
 )
 from saslauthd_oidc.frontends.asgi import Receive, Scope, Send, acknowledge_lifespan
-from saslauthd_oidc.service.metrics import Metrics
 
 __all__ = ["CallerAuth", "HttpFrontend", "load_caller_auth", "serve_http", "verdict_reply"]
 
 log = structlog.get_logger("saslauthd_oidc.http")
+
+
+class MetricsPage(Protocol):
+    """What ``GET /metrics`` serves: the service's metrics (the frontend does not import
+    the service layer above it), rendered as the body and its content type."""
+
+    def render(self) -> tuple[bytes, str]: ...
 
 
 MAX_BODY_BYTES = 65536
@@ -274,7 +280,7 @@ class HttpFrontend:
         authenticate: Authenticator,
         caller_auth: CallerAuth,
         *,
-        metrics: Metrics | None = None,
+        metrics: MetricsPage | None = None,
         ready: Callable[[], bool] = lambda: True,
         request_timeout: float | None = None,
     ) -> None:
