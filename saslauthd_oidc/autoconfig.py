@@ -38,10 +38,10 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import escape, quoteattr
 
-from saslauthd_oidc.discovery import ResourceRequest, scopes_for, select_rule
+from saslauthd_oidc.discovery import WELL_KNOWN, ResourceRequest, scopes_for, select_rule
 from saslauthd_oidc.outcome import DiscoveryHint
 from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
 from saslauthd_oidc.rules import context_mismatch, discovery_hint, ordered
@@ -55,6 +55,7 @@ __all__ = [
     "EndpointAnswer",
     "autoconfig_warnings",
     "autoconfig_xml",
+    "discover_report",
     "domain_answers",
     "domain_for",
     "endpoint_rule",
@@ -391,3 +392,102 @@ def autoconfig_warnings(cfg: Config) -> list[str]:
                 "must learn it per endpoint (RFC 9728, RFC 7628)"
             )
     return warnings
+
+
+# --------------------------------------------------------------------------- discover (CLI)
+
+
+def resource_metadata_url(endpoint: EndpointConfig) -> str:
+    """Where RFC 9728 metadata for a JMAP session URL is (§3.1: well-known before the path)."""
+    request = resource_request(endpoint)
+    base = request.resource("/")
+    return base + WELL_KNOWN + ("" if endpoint.path == "/" else endpoint.path)
+
+
+def www_authenticate(endpoint: EndpointConfig) -> str:
+    """The RFC 9728 §5.1 challenge a 401 from the JMAP server should carry."""
+    return f'Bearer resource_metadata="{resource_metadata_url(endpoint)}"'
+
+
+def discover_report(cfg: Config, address: str, client: str | None = None) -> dict[str, Any]:
+    """What every document says for ``address`` (and a client): ``saslauthd-oidc discover``."""
+    domain_name = email_domain(address)
+    domain = domain_for(cfg, "", address) if domain_name else None
+    report: dict[str, Any] = {
+        "address": address,
+        "domain": domain_name,
+        "client": client or (domain.client if domain else None),
+        "configured": domain is not None,
+        "endpoints": [],
+        "autoconfig": None,
+        "pacc": None,
+        "agree": False,
+    }
+    if domain is None:
+        return report
+    providers = {p.name: p for p in cfg.providers}
+    answers = domain_answers(cfg, domain, client)
+    for a in answers:
+        e = a.endpoint
+        entry: dict[str, Any] = {
+            "protocol": e.protocol,
+            "rule": a.rule.name if a.rule else None,
+            "issuer": a.issuer,
+            "scopes": list(a.scopes),
+        }
+        if e.protocol == "jmap":
+            entry["url"] = e.url
+            entry["resource_metadata"] = resource_metadata_url(e)
+            entry["www_authenticate"] = www_authenticate(e)
+            logins = [
+                r.name
+                for r in fitting_rules(cfg, domain, e)
+                if a.issuer is not None and providers[r.provider].issuer == a.issuer
+            ]
+            entry["login_rule"] = logins[0] if logins else None
+        else:
+            entry.update(host=e.host, port=e.port, socket_type=_SOCKET_TYPES[e.tls])
+            entry["service"] = e.service
+            entry["login_rule"] = a.rule.name if a.rule else None
+            entry["challenge"] = {
+                "openid-configuration": a.challenge.openid_configuration,
+                "scope": a.challenge.scope,
+            }
+        report["endpoints"].append(entry)
+    xml = autoconfig_xml(cfg, domain, client)
+    oauth = _document_oauth([a for a in answers if a.rule is not None])
+    if xml is not None:
+        report["autoconfig"] = {
+            "urls": [
+                f"https://autoconfig.{domain.name}/mail/config-v1.1.xml?emailaddress={address}",
+                f"https://{domain.name}{AUTOCONFIG_PATHS[0]}",
+            ],
+            "issuer": oauth[0] if oauth else None,
+            "scope": " ".join(oauth[1]) if oauth else None,
+            "document": xml.decode(),
+        }
+    body = pacc_json(cfg, domain, client)
+    if body is not None:
+        report["pacc"] = {
+            "url": f"https://ua-auto-config.{domain.name}{PACC_PATH}",
+            "issuer": oauth[0] if oauth else None,
+            "dns_txt": f'_ua-auto-config.{domain.name}. TXT "{pacc_txt_record(body)}"',
+            "document": body.decode(),
+        }
+    report["agree"] = (
+        bool(answers)
+        and all(
+            a.issuer is not None
+            and (
+                a.endpoint.protocol != "jmap"
+                or any(x["login_rule"] for x in report["endpoints"] if x["protocol"] == "jmap")
+            )
+            and (
+                a.endpoint.protocol == "jmap"
+                or _names_issuer(a.challenge.openid_configuration, a.issuer)
+            )
+            for a in answers
+        )
+        and oauth is not None
+    )
+    return report
