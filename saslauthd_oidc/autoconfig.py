@@ -121,6 +121,15 @@ def fitting_rules(cfg: Config, domain: DomainConfig, endpoint: EndpointConfig) -
     return [r for r in ordered(cfg.rules) if context_mismatch(r, request) is None]
 
 
+def _jmap_logins(
+    cfg: Config, domain: DomainConfig, endpoint: EndpointConfig, rule: RuleConfig
+) -> list[RuleConfig]:
+    """Rules of ``rule``'s issuer that accept ``domain``'s logins on the JMAP endpoint."""
+    issuer = {p.name: p.issuer for p in cfg.providers}
+    wanted = issuer[rule.provider]
+    return [r for r in fitting_rules(cfg, domain, endpoint) if issuer[r.provider] == wanted]
+
+
 def resource_request(endpoint: EndpointConfig) -> ResourceRequest:
     """The RFC 9728 request a client makes for a JMAP session URL."""
     return ResourceRequest(
@@ -131,9 +140,17 @@ def resource_request(endpoint: EndpointConfig) -> ResourceRequest:
 def endpoint_rule(
     cfg: Config, domain: DomainConfig, endpoint: EndpointConfig, client: str | None = None
 ) -> RuleConfig | None:
-    """THE rule for ``endpoint`` of ``domain`` (and a client): see the module docstring."""
+    """THE rule for ``endpoint`` of ``domain`` (and a client): see the module docstring.
+
+    For JMAP, the RFC 9728 rule counts only if a rule of its issuer accepts
+    this domain's logins there: a JMAP host shared by several domains must
+    not hand one domain's documents another domain's IdP.
+    """
     if endpoint.protocol == "jmap":
-        return select_rule(cfg.rules, resource_request(endpoint))
+        rule = select_rule(cfg.rules, resource_request(endpoint))
+        if rule is None or not _jmap_logins(cfg, domain, endpoint, rule):
+            return None
+        return rule
     client = client or domain.client
     for rule in fitting_rules(cfg, domain, endpoint):
         if client is None or _accepts_client(rule, client):
@@ -346,7 +363,17 @@ def autoconfig_warnings(cfg: Config) -> list[str]:
         for a in answers:
             label = _label(domain, a.endpoint)
             if a.rule is None or a.issuer is None:
+                prm = None
                 if a.endpoint.protocol == "jmap":
+                    prm = select_rule(cfg.rules, resource_request(a.endpoint))
+                if prm is not None:
+                    warnings.append(
+                        f"{label}: RFC 9728 names {providers[prm.provider].issuer} (rule "
+                        f"{prm.name!r}) but no rule of that issuer accepts this domain's logins "
+                        "there (service 'jmap', host, port, domain): left out of autoconfig "
+                        "and PACC"
+                    )
+                elif a.endpoint.protocol == "jmap":
                     warnings.append(
                         f"{label}: no rule answers RFC 9728 discovery for it, so no document "
                         f"names an issuer: give a rule hosts = [{a.endpoint.host!r}] and "
@@ -359,18 +386,8 @@ def autoconfig_warnings(cfg: Config) -> list[str]:
                         "issuer and the endpoint is left out of autoconfig and PACC"
                     )
                 continue
-            if a.endpoint.protocol == "jmap":
-                logins = [
-                    r
-                    for r in fitting_rules(cfg, domain, a.endpoint)
-                    if providers[r.provider].issuer == a.issuer
-                ]
-                if not logins:
-                    warnings.append(
-                        f"{label}: RFC 9728 names {a.issuer} (rule {a.rule.name!r}) but no rule "
-                        "of that issuer accepts logins there (service 'jmap', host, port, domain)"
-                    )
-            elif not _names_issuer(a.challenge.openid_configuration, a.issuer):
+            challenge = a.challenge.openid_configuration
+            if a.endpoint.protocol != "jmap" and not _names_issuer(challenge, a.issuer):
                 warnings.append(
                     f"{label}: autoconfig and PACC name {a.issuer} (rule {a.rule.name!r}) but "
                     "the RFC 7628 challenge names "
@@ -425,7 +442,6 @@ def discover_report(cfg: Config, address: str, client: str | None = None) -> dic
     }
     if domain is None:
         return report
-    providers = {p.name: p for p in cfg.providers}
     answers = domain_answers(cfg, domain, client)
     for a in answers:
         e = a.endpoint
@@ -439,12 +455,8 @@ def discover_report(cfg: Config, address: str, client: str | None = None) -> dic
             entry["url"] = e.url
             entry["resource_metadata"] = resource_metadata_url(e)
             entry["www_authenticate"] = www_authenticate(e)
-            logins = [
-                r.name
-                for r in fitting_rules(cfg, domain, e)
-                if a.issuer is not None and providers[r.provider].issuer == a.issuer
-            ]
-            entry["login_rule"] = logins[0] if logins else None
+            logins = _jmap_logins(cfg, domain, e, a.rule) if a.rule is not None else []
+            entry["login_rule"] = logins[0].name if logins else None
         else:
             entry.update(host=e.host, port=e.port, socket_type=_SOCKET_TYPES[e.tls])
             entry["service"] = e.service
@@ -474,20 +486,15 @@ def discover_report(cfg: Config, address: str, client: str | None = None) -> dic
             "dns_txt": f'_ua-auto-config.{domain.name}. TXT "{pacc_txt_record(body)}"',
             "document": body.decode(),
         }
+    # Every endpoint names an issuer (a JMAP one only when its login rule exists),
+    # every challenge names it too, and the documents can name the one issuer.
     report["agree"] = (
-        bool(answers)
+        oauth is not None
+        and all(a.issuer is not None for a in answers)
         and all(
-            a.issuer is not None
-            and (
-                a.endpoint.protocol != "jmap"
-                or any(x["login_rule"] for x in report["endpoints"] if x["protocol"] == "jmap")
-            )
-            and (
-                a.endpoint.protocol == "jmap"
-                or _names_issuer(a.challenge.openid_configuration, a.issuer)
-            )
+            _names_issuer(a.challenge.openid_configuration, a.issuer or "")
             for a in answers
+            if a.endpoint.protocol != "jmap"
         )
-        and oauth is not None
     )
     return report

@@ -638,3 +638,21 @@ def test_discover_prints_what_each_document_says(
     assert cli.main(["discover", "--config", str(path), "bob@elsewhere.test"]) == 1
     assert "every document answers 404" in capsys.readouterr().out
     assert cli.main(["discover", "--config", str(path), "not-an-address"]) == 2
+
+
+def test_a_shared_jmap_host_never_gives_one_domain_anothers_idp() -> None:
+    data = tomllib.loads(MULTI_IDP)
+    # example.net's users are told the JMAP URL whose RFC 9728 rule is example.org's.
+    data["domain"][1]["jmap"] = "https://mail.example.org/jmap/session"
+    cfg = parse_config(data)
+    net = cfg.domains[1]
+    jmap = next(a for a in domain_answers(cfg, net) if a.endpoint.protocol == "jmap")
+    assert jmap.rule is None and jmap.issuer is None
+    xml = autoconfig_xml(cfg, net) or b""
+    assert xml_issuer(xml) == AUTHENTIK
+    assert b"mail.example.org" not in xml and KANIDM_TB.encode() not in xml
+    assert "jmap" not in json.loads(pacc_json(cfg, net) or b"{}")["protocols"]
+    assert (
+        "domain 'example.net' jmap (https://mail.example.org/jmap/session): RFC 9728 names "
+        f"{KANIDM_TB} (rule 'org-jmap') but no rule of that issuer accepts this domain's logins"
+    ) in "\n".join(autoconfig_warnings(cfg))
