@@ -656,3 +656,16 @@ def test_a_shared_jmap_host_never_gives_one_domain_anothers_idp() -> None:
         "domain 'example.net' jmap (https://mail.example.org/jmap/session): RFC 9728 names "
         f"{KANIDM_TB} (rule 'org-jmap') but no rule of that issuer accepts this domain's logins"
     ) in "\n".join(autoconfig_warnings(cfg))
+
+
+def test_the_document_module_is_pure() -> None:
+    """Sans-I/O: importing it pulls in no trio, httpx or hypercorn."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, saslauthd_oidc.autoconfig; "
+        "print(sorted(m for m in ('trio', 'httpx', 'hypercorn') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
