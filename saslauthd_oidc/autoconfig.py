@@ -86,12 +86,25 @@ class EndpointAnswer:
     challenge: DiscoveryHint  # RFC 7628 (SASL endpoints); empty for JMAP
 
 
-def login_request(domain: DomainConfig, endpoint: EndpointConfig, user: str = "") -> AuthRequest:
+# How a token reaches us from each endpoint: SASL on the auth socket, or a bare
+# token over HTTP (Dovecot's passdb oauth2 for IMAP/POP3/submission, JMAP servers).
+_MECHANISMS = {
+    "jmap": (Mechanism.BEARER,),
+    "sasl": (Mechanism.OAUTHBEARER, Mechanism.XOAUTH2, Mechanism.BEARER),
+}
+
+
+def login_request(
+    domain: DomainConfig,
+    endpoint: EndpointConfig,
+    user: str = "",
+    mechanism: Mechanism = Mechanism.OAUTHBEARER,
+) -> AuthRequest:
     """A login on ``endpoint`` as the login path sees it: service, host (SNI), port, domain."""
     local = user or "user"
-    frontend = "http" if endpoint.protocol == "jmap" else "dovecot"
+    frontend = "http" if mechanism is Mechanism.BEARER else "dovecot"
     return AuthRequest(
-        Mechanism.OAUTHBEARER,
+        mechanism,
         Credentials(
             token="",
             authzid=f"{local}@{domain.name}",
@@ -116,9 +129,18 @@ def _accepts_client(rule: RuleConfig, client: str) -> bool:
 
 
 def fitting_rules(cfg: Config, domain: DomainConfig, endpoint: EndpointConfig) -> list[RuleConfig]:
-    """The login path's candidates for a login on ``endpoint``, in login order."""
-    request = login_request(domain, endpoint)
-    return [r for r in ordered(cfg.rules) if context_mismatch(r, request) is None]
+    """The login path's candidates for a login on ``endpoint``, in login order.
+
+    A rule fits when a login by any of the ways tokens arrive from that
+    endpoint (:data:`_MECHANISMS`) satisfies its context conditions.
+    """
+    mechanisms = _MECHANISMS["jmap" if endpoint.protocol == "jmap" else "sasl"]
+    requests = [login_request(domain, endpoint, mechanism=m) for m in mechanisms]
+    return [
+        r
+        for r in ordered(cfg.rules)
+        if any(context_mismatch(r, request) is None for request in requests)
+    ]
 
 
 def _jmap_logins(

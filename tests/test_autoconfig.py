@@ -285,7 +285,8 @@ def test_every_document_of_every_endpoint_names_the_same_issuer() -> None:
                 )
                 request = login(endpoint, domain_name, tok)
                 if context is not None:
-                    request = AuthRequest(request.mechanism, request.credentials, context)
+                    # A JMAP server hands over the bare token: no user, the account counts.
+                    request = AuthRequest(Mechanism.BEARER, Credentials(tok), context)
                 verdict = await engine.evaluate(request)
                 assert verdict.account == f"alice@{domain_name}", (domain_name, endpoint, verdict)
                 assert verdict.provider is not None
@@ -669,3 +670,20 @@ def test_the_document_module_is_pure() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_rule_for_dovecots_passdb_oauth2_counts_for_its_imap_endpoint() -> None:
+    """IMAP tokens may reach us as a bare token from Dovecot's passdb oauth2 (BEARER)."""
+    data = tomllib.loads(MULTI_IDP)
+    data["rule"][0]["mechanisms"] = ["BEARER"]
+    data["rule"][1]["mechanisms"] = ["XOAUTH2"]
+    cfg = parse_config(data)
+    by_protocol = {a.endpoint.protocol: a for a in domain_answers(cfg, cfg.domains[0])}
+    assert by_protocol["imap"].rule is not None
+    assert by_protocol["imap"].rule.name == "org-thunderbird"
+    webmail = {a.endpoint.protocol: a for a in domain_answers(cfg, cfg.domains[0], "webmail")}
+    assert webmail["imap"].rule is not None and webmail["imap"].rule.name == "org-webmail"
+    data["rule"][0]["mechanisms"] = ["PLAIN"]  # token as password: not a way OAuth clients log in
+    cfg = parse_config(data)
+    imap = next(a for a in domain_answers(cfg, cfg.domains[0]) if a.endpoint.protocol == "imap")
+    assert imap.rule is None  # example.org's client is thunderbird: no other rule takes its tokens
