@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -52,13 +54,21 @@ from saslauthd_oidc.explain import (
     rules_in_file_order,
     token_facts,
 )
+from saslauthd_oidc.frontends.http import load_caller_auth
+from saslauthd_oidc.lifecycle import read_reload_report
 from saslauthd_oidc.observability import configure_logging
 from saslauthd_oidc.outcome import Outcome, Reason, Verdict
 from saslauthd_oidc.providers import ProviderRegistry
 from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.request import AuthRequest, Mechanism, token_fingerprint
 from saslauthd_oidc.rules import config_warnings, ordered
-from saslauthd_oidc.systemd import ActivationError, Notifier, take_listen_fds
+from saslauthd_oidc.systemd import (
+    HTTP_SOCKET_UNIT,
+    ActivationError,
+    Notifier,
+    take_listen_fds,
+    unit_enabled,
+)
 from saslauthd_oidc.workers import serve_workers
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_TEMPFAIL = 0, 1, 2, 3
@@ -122,10 +132,55 @@ def cmd_serve(args: argparse.Namespace) -> int:
     notifier = Notifier()
     trio.run(
         lambda: run_daemon(
-            config, passed_fds=passed, notifier=notifier, load=partial(load_config, path)
+            config,
+            passed_fds=passed,
+            notifier=notifier,
+            load=partial(load_config, path),
+            report_dir=os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None,
         )
     )
     return EXIT_OK
+
+
+# --------------------------------------------------------------------------- reload
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Check the file, SIGHUP the daemon, wait for its answer (systemd's ExecReload=)."""
+    config = _load(args)  # a broken file: exit 2 naming the key, nothing sent
+    if config.server.http_listen or config.server.http_socket:
+        load_caller_auth(config.http)
+    if args.pid is None or args.pid <= 1:
+        raise UsageError("reload: --pid PID of the running daemon is needed (systemd: $MAINPID)")
+    state = args.state_dir or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or None
+    before = read_reload_report(state) if state else None
+    try:
+        os.kill(args.pid, signal.SIGHUP)
+    except OSError as exc:
+        raise UsageError(f"reload: cannot signal pid {args.pid}: {exc.strerror}") from None
+    if state is None:
+        print(f"sent SIGHUP to {args.pid}; the daemon logs whether it applied the configuration")
+        return EXIT_OK
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        answer = read_reload_report(state)
+        if answer is not None and (before is None or answer.generation > before.generation):
+            if answer.ok:
+                print(f"reloaded: {answer.message}")
+                return EXIT_OK
+            where = f"{answer.key}: " if answer.key else ""
+            print(
+                f"saslauthd-oidc: reload refused: {where}{answer.message}; "
+                "still serving the previous configuration",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        time.sleep(0.05)
+    print(
+        f"saslauthd-oidc: reload: no answer from pid {args.pid} within {args.timeout:g} s",
+        file=sys.stderr,
+    )
+    return EXIT_TEMPFAIL
 
 
 # --------------------------------------------------------------------------- check-config
@@ -154,9 +209,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         if name not in PASSED_NAMES:
             raise UsageError(f"--passed: {name!r} is not a socket name ({', '.join(PASSED_NAMES)})")
         names.append(name)
+    http_unit = unit_enabled(HTTP_SOCKET_UNIT)
+    if http_unit:  # serve will be passed that socket
+        names.append("http")
     check = preflight(config, sorted(set(names)))  # what serve checks before it listens
-    if check.problems:
-        for problem in check.problems:
+    degraded = [
+        ConfigError(p.key, f"{HTTP_SOCKET_UNIT} is enabled: {p.message}") if http_unit else p
+        for p in check.degraded
+    ]
+    if check.problems or degraded:
+        for problem in [*check.problems, *degraded]:
             print(
                 f"saslauthd-oidc: config error: {located(problem, config.source)}", file=sys.stderr
             )
@@ -479,12 +541,15 @@ def cmd_auth_test(args: argparse.Namespace) -> int:
 
 def cmd_dev(args: argparse.Namespace) -> int:
 
+    # Without --dir, as root with Postfix, the socket goes into Postfix's queue directory.
+    workdir = Path(args.dir or DEFAULT_DEV_DIR)
     return trio.run(
         lambda: run_dev(
-            Path(args.dir),
+            workdir,
             issuer_port=args.issuer_port,
             kanidm=args.kanidm or (),
             authentik=args.authentik or (),
+            postfix_queue=args.dir is None,
         )
     )
 
@@ -568,6 +633,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_check_config)
 
+    p = sub.add_parser(
+        "reload", help="reload a running daemon and report whether it took the new configuration"
+    )
+    _add_config(p)
+    p.add_argument("--pid", type=int, help="the daemon's process id (systemd: $MAINPID)")
+    p.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="where the daemon answers (default: $RUNTIME_DIRECTORY, set by systemd)",
+    )
+    p.add_argument("--timeout", type=float, default=20.0, help="seconds to wait for the answer")
+    p.set_defaults(func=cmd_reload)
+
     p = sub.add_parser("explain", help="show rule by rule why a token is accepted or refused")
     _add_config(p)
     _add_request(p)
@@ -609,7 +687,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_auth_test)
 
     p = sub.add_parser("dev", help="run with a built-in development issuer (try it out)")
-    p.add_argument("--dir", default=DEFAULT_DEV_DIR, help="where socket, config and token go")
+    p.add_argument(
+        "--dir",
+        help=f"where socket, config and token go (default {DEFAULT_DEV_DIR}; as root with "
+        "Postfix installed, the socket then goes into Postfix's queue directory)",
+    )
     p.add_argument("--issuer-port", type=int, default=0, help="loopback port of the dev issuer")
     p.add_argument(
         "--kanidm",
@@ -679,6 +761,12 @@ def _located_for(args: argparse.Namespace, exc: ConfigError) -> ConfigError:
     return located(exc, resolve_config_path(args.config))
 
 
+def _status_on_config_error(args: argparse.Namespace, error: BaseException) -> None:
+    """``serve`` under systemd: ``systemctl status`` shows the failing key (Status:)."""
+    if args.func is cmd_serve:
+        Notifier().status(f"config error: {error}; fix it, then: systemctl restart saslauthd-oidc")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -686,14 +774,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = args.func(args)
     except ConfigError as exc:
         print(f"saslauthd-oidc: config error: {_located_for(args, exc)}", file=sys.stderr)
+        _status_on_config_error(args, exc)
         return EXIT_USAGE
     except BaseExceptionGroup as group:
         config_errors, rest = group.split(ConfigError)
         if rest is not None or config_errors is None:
             raise
-        for error in _leaves(config_errors):
+        leaves = _leaves(config_errors)
+        for error in leaves:
             assert isinstance(error, ConfigError)
             print(f"saslauthd-oidc: config error: {_located_for(args, error)}", file=sys.stderr)
+        _status_on_config_error(args, leaves[0])
         return EXIT_USAGE
     except UsageError as exc:
         print(f"saslauthd-oidc: {exc}", file=sys.stderr)

@@ -101,8 +101,12 @@ class HttpConfig:
     stalwart_issuer: str | None = None  # the issuer URL of the Stalwart userinfo facade
     # Reverse proxies whose X-Forwarded-Host / X-Forwarded-Proto are believed:
     # addresses or networks, and "unix" for the Unix-socket listener. None by default.
-    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
-    trust_unix_proxies: bool = False
+    trusted_proxies: tuple[IPv4Network | IPv6Network | Literal["unix"], ...] = ()
+
+    @property
+    def trust_unix_proxies(self) -> bool:
+        """Callers on the Unix-socket listener are trusted proxies (``"unix"``)."""
+        return "unix" in self.trusted_proxies
 
     @property
     def stalwart_path(self) -> str | None:
@@ -749,11 +753,10 @@ def _parse_http(data: Any, server: ServerConfig) -> HttpConfig:
                 "http.stalwart_issuer",
                 "needs a path of its own, e.g. http://127.0.0.1:8480/stalwart",
             )
-    proxies: list[IPv4Network | IPv6Network] = []
-    trust_unix = False
+    proxies: list[IPv4Network | IPv6Network | Literal["unix"]] = []
     for entry in s.texts("trusted_proxies"):
         if entry == "unix":
-            trust_unix = True
+            proxies.append("unix")
             continue
         try:
             proxies.append(ipaddress.ip_network(entry, strict=False))
@@ -770,7 +773,6 @@ def _parse_http(data: Any, server: ServerConfig) -> HttpConfig:
         metrics=s.flag("metrics", d.metrics),
         stalwart_issuer=stalwart_issuer or None,
         trusted_proxies=tuple(proxies),
-        trust_unix_proxies=trust_unix,
     )
     s.reject_unknown()
     enabled = bool(server.http_listen or server.http_socket)

@@ -50,7 +50,7 @@ from saslauthd_oidc.frontends.http import (
     serve_http,
 )
 from saslauthd_oidc.frontends.saslauthd import serve_saslauthd_listener
-from saslauthd_oidc.lifecycle import Current, DrainableListener, plan_reload
+from saslauthd_oidc.lifecycle import Current, DrainableListener, ReloadReporter, plan_reload
 from saslauthd_oidc.metrics import Metrics
 from saslauthd_oidc.observability import configure_logging
 from saslauthd_oidc.providers import ProviderRegistry
@@ -247,6 +247,9 @@ class Preflight:
     problems: list[ConfigError]
     notes: list[str]
     warnings: list[str]
+    #: What ``serve`` survives by refusing one listener's callers (``http_problems``)
+    #: so that the auth socket stays up; ``check-config`` reports them as errors.
+    degraded: list[ConfigError]
 
 
 def preflight(config: Config, passed: Collection[str] = ()) -> Preflight:
@@ -287,15 +290,8 @@ def preflight(config: Config, passed: Collection[str] = ()) -> Preflight:
             warnings.extend(_daemon_user_socket_warnings(path, group, key=key))
     http = config.http
     http_enabled = bool(server.http_listen or server.http_socket or "http" in passed)
-    if "http" in passed and http.auth == "required" and not (http.users_file or http.secret_file):
-        problems.append(
-            ConfigError(
-                "http.auth",
-                "systemd passes an http socket: callers must authenticate: set "
-                'http.users_file or http.secret_file, or auth = "open" (loopback only)',
-            )
-        )
-    elif http_enabled:
+    degraded = http_problems(config, http_passed="http" in passed)
+    if http_enabled and not degraded:
         try:
             load_caller_auth(http)
         except ConfigError as exc:
@@ -359,7 +355,7 @@ def preflight(config: Config, passed: Collection[str] = ()) -> Preflight:
     problem = worker_problem(config)
     if problem is not None:
         problems.append(problem)
-    return Preflight(problems, notes, warnings)
+    return Preflight(problems, notes, warnings, degraded)
 
 
 _SO_ACCEPTCON = 0x10000
@@ -500,6 +496,27 @@ def open_http_sockets(config: Config, *, backlog: int = 512) -> list[socket.sock
     for s in sockets:
         s.setblocking(False)
     return sockets
+
+
+def http_problems(config: Config, *, http_passed: bool) -> list[ConfigError]:
+    """What is wrong with serving an http socket systemd passes (empty: nothing).
+
+    Not fatal to ``serve``: an enabled saslauthd-oidc-http.socket must not take
+    the auth socket down with it; the daemon serves the other sockets, and the
+    http one refuses every introspection caller, until the file is fixed.
+    ``check-config`` reports the same as an error.
+    """
+    http = config.http
+    if http_passed and http.auth == "required" and not (http.users_file or http.secret_file):
+        return [
+            ConfigError(
+                "http.auth",
+                "systemd passes an http socket: callers must authenticate: set "
+                'http.users_file or http.secret_file, or auth = "open" (loopback only); '
+                "until then every /introspect caller is refused",
+            )
+        ]
+    return []
 
 
 class Readiness:
@@ -734,16 +751,19 @@ class _Runtime:
     make_http_app: Callable[[Config, CallerAuth], HttpFrontend]
     nursery: trio.Nursery
     stop_http: trio.Event = field(default_factory=trio.Event)
+    reports: ReloadReporter = field(default_factory=lambda: ReloadReporter(None))
+    problems: list[str] = field(default_factory=list)  # shown in the systemd status
 
     @property
     def deadline(self) -> float:
         return self.config.server.request_timeout + FRONTEND_DEADLINE_MARGIN
 
     def status(self) -> str:
-        return (
+        text = (
             f"serving {len(self.config.rules)} rules, {len(self.config.providers)} providers "
             f"from {self.config.source}"
         )
+        return "; ".join([text, *self.problems])
 
     async def reload(self) -> bool:
         """Load the config again and swap it in; on any error keep the running one."""
@@ -751,6 +771,7 @@ class _Runtime:
         if self.load is None:
             log.warning("reload_failed", error="the configuration was not read from a file")
             self.notifier.ready(status=self.status())
+            self.reports.report(False, None, "the configuration was not read from a file")
             return False
         log.info("reloading", config=self.config.source)
         try:
@@ -766,7 +787,17 @@ class _Runtime:
                 detail="still serving the previous configuration",
             )
             self.notifier.ready(status=f"reload failed ({exc}); " + self.status())
+            self.reports.report(False, exc.key or None, exc.message)
             return False
+        self.problems = [
+            str(p)
+            for p in http_problems(
+                plan.config,
+                http_passed=bool(self.listeners.http) and "http" in self.listeners.passed,
+            )
+        ]
+        for problem in self.problems:
+            log.error("config", error=problem)
         engine = Engine(plan.config, registry, cache=self.cache)
         dropped = self.cache.drop_providers(plan.removed_providers + plan.changed_providers)
         if plan.logging_changed:
@@ -799,6 +830,7 @@ class _Runtime:
             cache_entries_dropped=dropped,
         )
         self.notifier.ready(status=self.status())
+        self.reports.report(True, None, self.status())
         return True
 
     async def _retire(self, registry: ProviderRegistry) -> None:
@@ -833,6 +865,7 @@ async def run_daemon(
     notifier: Notifier | None = None,
     load: Callable[[], Config] | None = None,
     auth_listener: InheritedListener | None = None,
+    report_dir: str | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or cancellation). Reports the first Engine once listening.
 
@@ -840,7 +873,9 @@ async def run_daemon(
     ``load`` reads the configuration again on SIGHUP (default: the file it came from).
     ``auth_listener`` listens on an auth socket opened by someone else (a
     worker's, inherited from the parent of ``server.workers``, which owns and
-    removes the socket).
+    removes the socket). ``report_dir`` receives the answer to each reload
+    (:class:`~saslauthd_oidc.lifecycle.ReloadReporter`; systemd's
+    ``$RUNTIME_DIRECTORY``).
     """
     mechanisms = [Mechanism(m) for m in config.server.mechanisms]
     notifier = notifier or Notifier({})
@@ -850,13 +885,10 @@ async def run_daemon(
     # the caller as themselves rather than wrapped in an exception group.
     caller_auth = None
     http_passed = bool((passed_fds or {}).get("http"))
-    http = config.http
-    if http_passed and http.auth == "required" and not (http.users_file or http.secret_file):
-        raise ConfigError(
-            "http.auth",
-            "systemd passes an http socket: callers must authenticate: set "
-            'http.users_file or http.secret_file, or auth = "open" (loopback only)',
-        )
+    problems = http_problems(config, http_passed=http_passed)
+    for problem in problems:
+        # Not fatal: the auth and saslauthd sockets must not go down with it.
+        log.error("config", key=problem.key, error=problem.message)
     if config.server.http_listen or config.server.http_socket or http_passed:
         caller_auth = load_caller_auth(config.http)
     listeners = open_listeners(config, passed_fds, auth=auth_listener)
@@ -893,6 +925,8 @@ async def run_daemon(
                     notifier=notifier,
                     make_http_app=make_http_app,
                     nursery=nursery,
+                    reports=ReloadReporter(report_dir),
+                    problems=[str(p) for p in problems],
                 )
                 nursery.start_soon(registry.refresh_all)
                 if listeners.http:
@@ -948,6 +982,7 @@ async def run_daemon(
                     socket_activation=listeners.passed or None,
                 )
                 notifier.ready(status=runtime.status())
+                runtime.reports.started()
                 task_status.started(engine)
             await runtime.registry.aclose()
     finally:

@@ -316,10 +316,14 @@ def test_a_stale_socket_file_is_checked(tmp_path: Path) -> None:
 
 
 def test_passed_http_socket_needs_caller_auth() -> None:
+    # Not fatal to serve (the auth socket stays up, /introspect refuses every
+    # caller), but check-config reports it: preflight lists it as degraded.
     cfg = _cfg({"auth_socket": ""})
     check = preflight(cfg, ["http"])
-    assert [p.key for p in check.problems] == ["http.auth"]
-    assert preflight(_cfg({"auth_socket": ""}, {"auth": "open"}), ["http"]).problems == []
+    assert check.problems == []
+    assert [p.key for p in check.degraded] == ["http.auth"]
+    fixed = preflight(_cfg({"auth_socket": ""}, {"auth": "open"}), ["http"])
+    assert fixed.problems == [] and fixed.degraded == []
 
 
 def test_root_check_config_warns_when_the_daemon_user_cannot_create_the_socket(

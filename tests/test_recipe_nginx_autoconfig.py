@@ -37,8 +37,8 @@ from saslauthd_oidc.devissuer import DevIssuer
 from tests.conftest import require_peer
 from tests.peers.postfix import free_tcp_port
 from tests.providers_helpers import write_tls_files
+from tests.recipes import recipe, substitute
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 # What the recipe says, and what the test puts in its place.
 RECIPE_LISTEN = "listen 443 ssl;"
@@ -50,16 +50,6 @@ RECIPE_JMAP = "http://127.0.0.1:8080"
 STALWART_401 = (
     'Bearer realm="Stalwart Server", resource_metadata="/.well-known/oauth-protected-resource"'
 )
-
-
-def readme_recipe(name: str) -> str:
-    """The fenced block after ``<!-- recipe: NAME -->`` in README.md (one extractor to unify)."""
-    text = README.read_text("utf-8")
-    match = re.search(
-        rf"<!-- recipe: {re.escape(name)} -->\s*```[a-z]*\n(.*?)\n```", text, flags=re.DOTALL
-    )
-    assert match, f"README.md has no <!-- recipe: {name} --> block"
-    return match.group(1)
 
 
 def nginx_available() -> str | None:
@@ -124,18 +114,19 @@ def daemon_config(tmp_path: Path, port: int, org: DevIssuer, net: DevIssuer) -> 
 
 
 def nginx_conf(
-    tmp_path: Path, recipe: str, nginx_port: int, daemon: int, jmap: int
+    tmp_path: Path, site_recipe: str, nginx_port: int, daemon: int, jmap: int
 ) -> tuple[str, str]:
     """The private nginx's configuration around the recipe, and the CA file to trust."""
     ca, cert, key = write_tls_files(tmp_path)
-    for placeholder in (RECIPE_LISTEN, RECIPE_CERT, RECIPE_KEY, RECIPE_DAEMON, RECIPE_JMAP):
-        assert placeholder in recipe, f"the README recipe no longer says {placeholder!r}"
-    site = (
-        recipe.replace(RECIPE_LISTEN, f"listen 127.0.0.1:{nginx_port} ssl;")
-        .replace(RECIPE_CERT, cert)
-        .replace(RECIPE_KEY, key)
-        .replace(RECIPE_DAEMON, f"http://127.0.0.1:{daemon}")
-        .replace(RECIPE_JMAP, f"http://127.0.0.1:{jmap}")
+    site = substitute(
+        site_recipe,
+        {
+            RECIPE_LISTEN: f"listen 127.0.0.1:{nginx_port} ssl;",
+            RECIPE_CERT: cert,
+            RECIPE_KEY: key,
+            RECIPE_DAEMON: f"http://127.0.0.1:{daemon}",
+            RECIPE_JMAP: f"http://127.0.0.1:{jmap}",
+        },
     )
     temp = {n: tmp_path / n for n in ("body", "proxy", "fastcgi", "uwsgi", "scgi")}
     for directory in temp.values():
@@ -201,9 +192,7 @@ async def chain(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Chain]:
         lambda task_status: run_daemon(config, task_status=task_status, handle_signals=False)
     )
     conf = tmp_path / "nginx.conf"
-    ca, text = nginx_conf(
-        tmp_path, readme_recipe("nginx-autoconfig"), nginx_port, daemon_port, jmap_port
-    )
+    ca, text = nginx_conf(tmp_path, recipe("nginx-autoconfig"), nginx_port, daemon_port, jmap_port)
     conf.write_text(text)
     error_log = tmp_path / "error.log"
     checked = subprocess.run(
