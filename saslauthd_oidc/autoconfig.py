@@ -402,10 +402,11 @@ def autoconfig_warnings(cfg: Config) -> list[str]:
                         f"resource_paths = [{a.endpoint.path!r}]"
                     )
                 else:
+                    client = f", client {domain.client!r}" if domain.client else ""
                     warnings.append(
                         f"{label}: no rule accepts logins there (service "
-                        f"{a.endpoint.service!r}, host, port, domain), so no document names an "
-                        "issuer and the endpoint is left out of autoconfig and PACC"
+                        f"{a.endpoint.service!r}, host, port, domain{client}), so no document "
+                        "names an issuer and the endpoint is left out of autoconfig and PACC"
                     )
                 continue
             challenge = a.challenge.openid_configuration

@@ -687,3 +687,7 @@ def test_a_rule_for_dovecots_passdb_oauth2_counts_for_its_imap_endpoint() -> Non
     cfg = parse_config(data)
     imap = next(a for a in domain_answers(cfg, cfg.domains[0]) if a.endpoint.protocol == "imap")
     assert imap.rule is None  # example.org's client is thunderbird: no other rule takes its tokens
+    assert (
+        "domain 'example.org' imap (imap.example.org:993): no rule accepts logins there "
+        "(service 'imap', host, port, domain, client 'thunderbird')"
+    ) in "\n".join(autoconfig_warnings(cfg))
