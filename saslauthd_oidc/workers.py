@@ -125,6 +125,11 @@ class _CountedStream(trio.abc.Stream):
         self.send_all = inner.send_all  # type: ignore[method-assign]
         self.receive_some = inner.receive_some  # type: ignore[method-assign]
 
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        """The connection's socket (the Dovecot frontend reads and writes it directly)."""
+        return self._inner.socket
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._inner.send_all(data)
 

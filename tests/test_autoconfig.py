@@ -165,6 +165,9 @@ class IssuerVerifier:
     def __init__(self, issuer: str) -> None:
         self.issuer = issuer
 
+    def verify_now(self, tok: str, unverified: UnverifiedToken | None) -> None:
+        return None  # always the (async) verify: the engine's I/O step
+
     async def verify(self, tok: str, unverified: UnverifiedToken) -> VerifiedClaims | TokenRejected:
         if unverified.claims.get("iss") != self.issuer:
             return TokenRejected(Reason.WRONG_ISSUER, "iss")

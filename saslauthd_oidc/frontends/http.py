@@ -57,6 +57,7 @@ from saslauthd_oidc.discovery import (
     resource_path,
     select_rule,
 )
+from saslauthd_oidc.engine import Authenticator
 from saslauthd_oidc.metrics import Metrics
 from saslauthd_oidc.outcome import Outcome, Reason, Verdict
 from saslauthd_oidc.request import (
@@ -71,7 +72,6 @@ __all__ = ["CallerAuth", "HttpFrontend", "load_caller_auth", "serve_http", "verd
 
 log = structlog.get_logger("saslauthd_oidc.http")
 
-Authenticator = Callable[[AuthRequest], Awaitable[Verdict]]
 
 MAX_BODY_BYTES = 65536
 FRONTEND = "http"
