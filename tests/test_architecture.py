@@ -35,6 +35,7 @@ PURE = (
     "core.rules",
     "core.identity",
     "core.resource_metadata",
+    "core.autoconfig",
     "protocol",
     "providers.jwt",
     "providers.answers",

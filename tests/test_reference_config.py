@@ -10,6 +10,7 @@ import pytest
 
 from saslauthd_oidc.config import (
     CacheConfig,
+    DomainConfig,
     LoggingConfig,
     ProviderConfig,
     RuleConfig,
@@ -24,6 +25,7 @@ SECTIONS = {
     "logging": LoggingConfig,
     "provider": ProviderConfig,
     "rule": RuleConfig,
+    "domain": DomainConfig,
 }
 
 
