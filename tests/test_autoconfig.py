@@ -32,11 +32,11 @@ from saslauthd_oidc.core.autoconfig import (
     pacc_txt_record,
 )
 from saslauthd_oidc.core.engine import Engine
-from saslauthd_oidc.core.outcome import Reason, Verdict
+from saslauthd_oidc.core.outcome import Reason, Refusal, Verdict
 from saslauthd_oidc.core.request import AuthRequest, Credentials, Mechanism, RequestContext
 from saslauthd_oidc.core.rules import config_warnings
 from saslauthd_oidc.frontends.http import CallerAuth, HttpFrontend
-from saslauthd_oidc.providers.jwt import TokenRejected, UnverifiedToken, VerifiedClaims
+from saslauthd_oidc.providers.jwt import UnverifiedToken, VerifiedClaims
 from saslauthd_oidc.tools import cli
 
 KANIDM_TB = "https://idm.example.org/oauth2/openid/thunderbird"
@@ -168,15 +168,15 @@ class IssuerVerifier:
     def verify_now(self, tok: str, unverified: UnverifiedToken | None) -> None:
         return None  # always the (async) verify: the engine's I/O step
 
-    async def verify(self, tok: str, unverified: UnverifiedToken) -> VerifiedClaims | TokenRejected:
+    async def verify(self, tok: str, unverified: UnverifiedToken) -> VerifiedClaims | Refusal:
         if unverified.claims.get("iss") != self.issuer:
-            return TokenRejected(Reason.WRONG_ISSUER, "iss")
+            return Refusal(Reason.WRONG_ISSUER, "iss")
         if unverified.claims.get("jti") == "expired":
-            return TokenRejected(Reason.EXPIRED, "exp")
+            return Refusal(Reason.EXPIRED, "exp")
         return VerifiedClaims(dict(unverified.claims), dict(unverified.header), 2e9)
 
-    async def userinfo(self, token: str) -> VerifiedClaims | TokenRejected:
-        return TokenRejected(Reason.USERINFO_FAILED, "none here")
+    async def userinfo(self, token: str) -> VerifiedClaims | Refusal:
+        return Refusal(Reason.USERINFO_FAILED, "none here")
 
 
 class Lookup:

@@ -15,9 +15,9 @@ import pytest
 
 from saslauthd_oidc.config import parse_config
 from saslauthd_oidc.core.engine import Engine
-from saslauthd_oidc.core.outcome import Outcome, Reason
+from saslauthd_oidc.core.outcome import Outcome, Reason, Refusal
 from saslauthd_oidc.core.request import AuthRequest, Credentials, Mechanism, RequestContext
-from saslauthd_oidc.providers.jwt import TokenRejected, UnverifiedToken, VerifiedClaims
+from saslauthd_oidc.providers.jwt import UnverifiedToken, VerifiedClaims
 
 A = "https://a.example.org"
 B = "https://b.example.org"
@@ -32,7 +32,7 @@ def token(**claims: Any) -> str:
 
 
 class FakeVerifier:
-    def __init__(self, issuer: str, verdicts: dict[str, TokenRejected]) -> None:
+    def __init__(self, issuer: str, verdicts: dict[str, Refusal]) -> None:
         self.issuer = issuer
         self.verdicts = verdicts
         self.calls = 0
@@ -40,10 +40,10 @@ class FakeVerifier:
     def verify_now(self, tok: str, unverified: UnverifiedToken | None) -> None:
         return None  # always needs its (async) verify: the engine's I/O step
 
-    async def verify(self, tok: str, unverified: UnverifiedToken) -> VerifiedClaims | TokenRejected:
+    async def verify(self, tok: str, unverified: UnverifiedToken) -> VerifiedClaims | Refusal:
         self.calls += 1
         if unverified.claims.get("iss") != self.issuer:
-            return TokenRejected(Reason.WRONG_ISSUER, "iss")
+            return Refusal(Reason.WRONG_ISSUER, "iss")
         rejection = self.verdicts.get(str(unverified.claims.get("jti")))
         if rejection:
             return rejection
@@ -89,7 +89,7 @@ CONFIG = {
 }
 
 
-def make_engine(**rejections: TokenRejected) -> tuple[Engine, FakeLookup]:
+def make_engine(**rejections: Refusal) -> tuple[Engine, FakeLookup]:
     lookup = FakeLookup(a=FakeVerifier(A, rejections), b=FakeVerifier(B, rejections))
     return Engine(parse_config(CONFIG), lookup), lookup
 
@@ -195,14 +195,14 @@ async def test_unknown_issuer() -> None:
 
 
 async def test_temporary_failure_wins_over_later_mismatches() -> None:
-    engine, _ = make_engine(j1=TokenRejected(Reason.PROVIDER_UNAVAILABLE, "jwks fetch failed"))
+    engine, _ = make_engine(j1=Refusal(Reason.PROVIDER_UNAVAILABLE, "jwks fetch failed"))
     v = await engine.authenticate(request(token(iss=A, aud="web", jti="j1")))
     assert v.outcome is Outcome.TEMPFAIL
     assert "a: jwks fetch failed" in v.detail
 
 
 async def test_signature_failure_is_reported() -> None:
-    engine, _ = make_engine(j2=TokenRejected(Reason.BAD_SIGNATURE, "signature"))
+    engine, _ = make_engine(j2=Refusal(Reason.BAD_SIGNATURE, "signature"))
     v = await engine.authenticate(request(token(iss=A, aud="web", jti="j2")))
     assert v.reason is Reason.BAD_SIGNATURE
     assert v.account is None

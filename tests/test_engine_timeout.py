@@ -12,9 +12,9 @@ from structlog.testing import capture_logs
 
 from saslauthd_oidc.config import parse_config
 from saslauthd_oidc.core.engine import Engine
-from saslauthd_oidc.core.outcome import Outcome, Reason
+from saslauthd_oidc.core.outcome import Outcome, Reason, Refusal
 from saslauthd_oidc.core.request import AuthRequest, Credentials, Mechanism, token_fingerprint
-from saslauthd_oidc.providers.jwt import TokenRejected, UnverifiedToken, VerifiedClaims
+from saslauthd_oidc.providers.jwt import UnverifiedToken, VerifiedClaims
 from saslauthd_oidc.service.metrics import Metrics
 from tests.test_engine import A, token
 
@@ -25,11 +25,11 @@ class HangingVerifier:
 
     async def verify(
         self, tok: str, unverified: UnverifiedToken | None
-    ) -> VerifiedClaims | TokenRejected:
+    ) -> VerifiedClaims | Refusal:
         await trio.sleep(math.inf)
         raise AssertionError("unreachable")
 
-    async def userinfo(self, tok: str) -> VerifiedClaims | TokenRejected:
+    async def userinfo(self, tok: str) -> VerifiedClaims | Refusal:
         raise AssertionError("not used")
 
 

@@ -25,10 +25,10 @@ import trio.testing
 
 from saslauthd_oidc.config import ProviderConfig, parse_config
 from saslauthd_oidc.core.engine import Engine, Pending
-from saslauthd_oidc.core.outcome import Outcome, Reason, Verdict
+from saslauthd_oidc.core.outcome import Outcome, Reason, Refusal, Verdict
 from saslauthd_oidc.core.request import AuthRequest
 from saslauthd_oidc.providers.http import make_http_client
-from saslauthd_oidc.providers.jwt import TokenRejected, UnverifiedToken, VerifiedClaims, peek
+from saslauthd_oidc.providers.jwt import UnverifiedToken, VerifiedClaims, peek
 from saslauthd_oidc.providers.oidc import OidcProvider
 from saslauthd_oidc.providers.verification_cache import (
     Lookup,
@@ -46,19 +46,19 @@ from tests.test_frontend_dovecot import MECHS, Client, Stub, socket_path  # noqa
 class SyncVerifier(FakeVerifier):
     """FakeVerifier that can also answer synchronously (as a provider with fresh keys)."""
 
-    def __init__(self, issuer: str, verdicts: dict[str, TokenRejected]) -> None:
+    def __init__(self, issuer: str, verdicts: dict[str, Refusal]) -> None:
         super().__init__(issuer, verdicts)
         self.now_calls = 0
         self.blocking = False
 
     def verify_now(
         self, tok: str, unverified: UnverifiedToken | None
-    ) -> VerifiedClaims | TokenRejected | None:
+    ) -> VerifiedClaims | Refusal | None:
         self.now_calls += 1
         if self.blocking or unverified is None:
             return None
         if unverified.claims.get("iss") != self.issuer:
-            return TokenRejected(Reason.WRONG_ISSUER, "iss")
+            return Refusal(Reason.WRONG_ISSUER, "iss")
         rejection = self.verdicts.get(str(unverified.claims.get("jti")))
         if rejection:
             return rejection
@@ -66,8 +66,8 @@ class SyncVerifier(FakeVerifier):
 
 
 REJECTIONS = {
-    "sig": TokenRejected(Reason.BAD_SIGNATURE, "sig"),
-    "down": TokenRejected(Reason.PROVIDER_UNAVAILABLE, "down"),
+    "sig": Refusal(Reason.BAD_SIGNATURE, "sig"),
+    "down": Refusal(Reason.PROVIDER_UNAVAILABLE, "down"),
 }
 
 REQUESTS = [
@@ -153,7 +153,7 @@ USERINFO_CONFIG = {
 
 
 class UserinfoVerifier(SyncVerifier):
-    async def userinfo(self, tok: str) -> VerifiedClaims | TokenRejected:
+    async def userinfo(self, tok: str) -> VerifiedClaims | Refusal:
         return VerifiedClaims({"sub": "s", "email": "eve@example.org"}, {}, 2e9)
 
 
@@ -236,7 +236,7 @@ async def test_provider_verify_now(issuer: DevIssuer) -> None:
         bad_unverified = peek(bad)
         assert isinstance(bad_unverified, UnverifiedToken)
         refused = p.verify_now(bad, bad_unverified)
-        assert isinstance(refused, TokenRejected) and refused.reason is Reason.BAD_SIGNATURE
+        assert isinstance(refused, Refusal) and refused.reason is Reason.BAD_SIGNATURE
         new_kid = issuer.add_key("ES256")
         unknown = issuer.mint(kid=new_kid)
         unknown_unverified = peek(unknown)
@@ -367,7 +367,7 @@ async def test_real_engine_fast_path_with_devissuer(issuer: DevIssuer) -> None:
     "name", ["alice@example.org", "a b", "a\tb", "a\x7fb", "a\x00b", "Ünïcode", "a\u2028b", "~!"]
 )
 def test_ascii_fast_path_of_account_validation_agrees(name: str) -> None:
-    from saslauthd_oidc.core.identity import IdentityError, validate_account
+    from saslauthd_oidc.core.identity import Refusal, validate_account
 
     result = validate_account(name, normalize=False)
     slow_ok = not any(
@@ -378,15 +378,15 @@ def test_ascii_fast_path_of_account_validation_agrees(name: str) -> None:
     )
     assert isinstance(result, str) is slow_ok
     if not slow_ok:
-        assert isinstance(result, IdentityError)
+        assert isinstance(result, Refusal)
 
 
 @pytest.mark.parametrize("text", ["alice", "a b", "a\x01b", "a\x7f", "é\x85", "ok é"])
 def test_ascii_fast_path_of_sasl_identity_agrees(text: str) -> None:
-    from saslauthd_oidc.protocol.sasl import SaslError, _identity, _is_control
+    from saslauthd_oidc.protocol.sasl import Refusal, _identity, _is_control
 
     result = _identity(text.encode(), "authzid")
-    assert isinstance(result, SaslError) is any(_is_control(ch) for ch in text)
+    assert isinstance(result, Refusal) is any(_is_control(ch) for ch in text)
 
 
 def test_filtered_authentication_log_is_skipped_and_warning_kept() -> None:

@@ -16,9 +16,9 @@ import trio
 from structlog.testing import capture_logs
 
 from saslauthd_oidc.config import ProviderConfig
-from saslauthd_oidc.core.outcome import Outcome, Reason
+from saslauthd_oidc.core.outcome import Outcome, Reason, Refusal
 from saslauthd_oidc.providers.http import make_http_client
-from saslauthd_oidc.providers.jwt import TokenRejected, VerifiedClaims, peek
+from saslauthd_oidc.providers.jwt import VerifiedClaims, peek
 from saslauthd_oidc.providers.oidc import OidcProvider
 from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.providers_helpers import FakeClock
@@ -82,13 +82,13 @@ def provider(
     )
 
 
-def reason(result: VerifiedClaims | TokenRejected) -> Reason:
+def reason(result: VerifiedClaims | Refusal) -> Reason:
     return Reason.OK if isinstance(result, VerifiedClaims) else result.reason
 
 
-async def verify_jwt(p: OidcProvider, token: str) -> VerifiedClaims | TokenRejected:
+async def verify_jwt(p: OidcProvider, token: str) -> VerifiedClaims | Refusal:
     unverified = peek(token)
-    assert not isinstance(unverified, TokenRejected), unverified
+    assert not isinstance(unverified, Refusal), unverified
     return await p.verify(token, unverified)
 
 
@@ -157,7 +157,7 @@ async def test_wrong_client_secret_is_temporary_and_logged(
     p = provider(issuer, client, clock, client_secret="not-the-secret")
     result = await p.verify(token, None)
     assert reason(result) is Reason.PROVIDER_UNAVAILABLE
-    assert isinstance(result, TokenRejected)
+    assert isinstance(result, Refusal)
     assert result.reason.outcome is Outcome.TEMPFAIL
     assert issuer.requests[INTROSPECT] == 1
     [entry] = failures(logs)
@@ -270,7 +270,7 @@ async def test_http_endpoint_from_discovery_refused_without_allow_http(
     p = provider(issuer, client, clock, allow_http=False, discovery_url=issuer.discovery_url)
     result = await p.verify(issuer.mint_opaque(), None)
     assert reason(result) is Reason.PROVIDER_UNAVAILABLE
-    assert isinstance(result, TokenRejected)
+    assert isinstance(result, Refusal)
     assert "introspection_endpoint" in result.detail
     assert issuer.requests[INTROSPECT] == 0
 
@@ -342,7 +342,7 @@ async def test_slow_introspection_is_a_timeout(
     with trio.fail_after(10):  # a hang would fail here, not wait for the delay
         result = await p.verify(token, None)
     assert reason(result) is Reason.TIMEOUT
-    assert isinstance(result, TokenRejected)
+    assert isinstance(result, Refusal)
     assert result.reason.outcome is Outcome.TEMPFAIL
 
 
@@ -370,7 +370,7 @@ async def test_redirect_is_refused_not_followed(
     p = provider(issuer, client, clock, introspection_endpoint=f"{issuer.url}{INTROSPECT}")
     result = await p.verify(issuer.mint_opaque(), None)
     assert reason(result) is Reason.PROVIDER_UNAVAILABLE
-    assert isinstance(result, TokenRejected)
+    assert isinstance(result, Refusal)
     assert "redirect" in result.detail
     assert sum(other.requests.values()) == 0
     assert [e["kind"] for e in failures(logs)] == ["redirect"]

@@ -11,9 +11,9 @@ import pytest
 import trio
 
 from saslauthd_oidc.config import Config, ConfigError, ProviderConfig, RuleConfig
-from saslauthd_oidc.core.outcome import Reason
+from saslauthd_oidc.core.outcome import Reason, Refusal
 from saslauthd_oidc.providers.http import USER_AGENT, FetchError, fetch_json, make_http_client
-from saslauthd_oidc.providers.jwt import TokenRejected, VerifiedClaims, peek
+from saslauthd_oidc.providers.jwt import VerifiedClaims, peek
 from saslauthd_oidc.providers.oidc import OidcProvider
 from saslauthd_oidc.providers.registry import ProviderRegistry
 from saslauthd_oidc.tools.devissuer import DevIssuer
@@ -61,13 +61,13 @@ def provider(
     return OidcProvider(ProviderConfig(**fields), client, clock=clock, fetch_timeout=fetch_timeout)
 
 
-async def verify(p: OidcProvider, token: str) -> VerifiedClaims | TokenRejected:
+async def verify(p: OidcProvider, token: str) -> VerifiedClaims | Refusal:
     unverified = peek(token)
-    assert not isinstance(unverified, TokenRejected), unverified
+    assert not isinstance(unverified, Refusal), unverified
     return await p.verify(token, unverified)
 
 
-def reason(result: VerifiedClaims | TokenRejected) -> Reason:
+def reason(result: VerifiedClaims | Refusal) -> Reason:
     return Reason.OK if isinstance(result, VerifiedClaims) else result.reason
 
 
@@ -306,7 +306,7 @@ async def test_provider_unreachable_at_start(client: httpx.AsyncClient, clock: F
     dev = DevIssuer()
     dev.issuer = cfg.issuer
     result = await verify(p, dev.mint())
-    assert isinstance(result, TokenRejected)
+    assert isinstance(result, Refusal)
     assert result.reason is Reason.PROVIDER_UNAVAILABLE
     assert result.reason.outcome.value == "tempfail"
     assert "down" in result.detail

@@ -8,10 +8,10 @@ import trio
 import trio.testing
 
 from saslauthd_oidc.config import CacheConfig, parse_config
-from saslauthd_oidc.core.outcome import Reason, Verdict
+from saslauthd_oidc.core.outcome import Reason, Refusal, Verdict
 from saslauthd_oidc.core.request import AuthRequest, Credentials, Mechanism, RequestContext
 from saslauthd_oidc.providers.http import make_http_client
-from saslauthd_oidc.providers.jwt import TokenRejected, UnverifiedToken, VerifiedClaims, peek
+from saslauthd_oidc.providers.jwt import UnverifiedToken, VerifiedClaims, peek
 from saslauthd_oidc.providers.registry import ProviderRegistry
 from saslauthd_oidc.providers.verification_cache import (
     Lookup,
@@ -74,13 +74,13 @@ def test_plan_reload_of_the_same_config_changes_nothing() -> None:
 
 
 class _Answer:
-    def __init__(self, result: VerifiedClaims | TokenRejected) -> None:
+    def __init__(self, result: VerifiedClaims | Refusal) -> None:
         self.result = result
         self.calls = 0
 
     async def verify(
         self, token: str, unverified: UnverifiedToken | None
-    ) -> VerifiedClaims | TokenRejected:
+    ) -> VerifiedClaims | Refusal:
         self.calls += 1
         return self.result
 

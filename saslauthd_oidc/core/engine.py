@@ -40,13 +40,8 @@ import structlog
 import trio
 
 from saslauthd_oidc.config import Config, RuleConfig
-from saslauthd_oidc.core.identity import (
-    IdentityError,
-    check_authzid,
-    map_account,
-    template_claims,
-)
-from saslauthd_oidc.core.outcome import DiscoveryHint, Outcome, Reason, RuleTrace, Verdict
+from saslauthd_oidc.core.identity import check_authzid, map_account, template_claims
+from saslauthd_oidc.core.outcome import DiscoveryHint, Outcome, Reason, Refusal, RuleTrace, Verdict
 from saslauthd_oidc.core.request import AuthRequest
 from saslauthd_oidc.core.rules import (
     account_domain_mismatch,
@@ -56,13 +51,7 @@ from saslauthd_oidc.core.rules import (
     ordered,
 )
 from saslauthd_oidc.providers.answers import merge_userinfo
-from saslauthd_oidc.providers.jwt import (
-    TokenRejected,
-    UnverifiedToken,
-    VerifiedClaims,
-    looks_like_jws,
-    peek,
-)
+from saslauthd_oidc.providers.jwt import UnverifiedToken, VerifiedClaims, looks_like_jws, peek
 from saslauthd_oidc.providers.verification_cache import (
     OPAQUE,
     CompactClaims,
@@ -95,7 +84,7 @@ _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _UNNEGOTIATED_FRONTENDS = frozenset({"saslauthd"})
 
 
-Result = VerifiedClaims | TokenRejected
+Result = VerifiedClaims | Refusal
 
 #: What every frontend calls: one request in, one verdict out.
 Authenticator = Callable[[AuthRequest], Awaitable[Verdict]]
@@ -336,7 +325,7 @@ class Engine:
         unverified: UnverifiedToken | _Unparsed
         if iss is _NO_HIT:
             peeked = peek(token, max_bytes=self._max_token_bytes)
-            if isinstance(peeked, TokenRejected):
+            if isinstance(peeked, Refusal):
                 return self._opaque(d, candidates, peeked, hint)
             unverified = peeked
             iss = peeked.claims.get("iss")
@@ -382,7 +371,7 @@ class Engine:
         self,
         d: _Decision,
         candidates: list[RuleConfig],
-        unverified: TokenRejected,
+        unverified: Refusal,
         hint: DiscoveryHint,
     ) -> Verdict | Verification:
         """A token that is not a JWS: the providers that introspect, in rule order."""
@@ -458,7 +447,7 @@ class Engine:
                 if isinstance(answer, Verification):
                     return answer
                 results[rule.provider] = result = answer
-            if isinstance(result, TokenRejected):
+            if isinstance(result, Refusal):
                 trace.append(RuleTrace(rule.name, False, result.reason, result.detail))
                 if result.reason.outcome is Outcome.TEMPFAIL:
                     temporary = temporary or (result.reason, f"{rule.provider}: {result.detail}")
@@ -490,7 +479,7 @@ class Engine:
 
     def _enrich(
         self, d: _Decision, rule: RuleConfig, claims: Mapping[str, Any]
-    ) -> Mapping[str, Any] | TokenRejected | Verification:
+    ) -> Mapping[str, Any] | Refusal | Verification:
         """Claims plus userinfo's, when the username needs claims the token lacks."""
         if not self._providers[rule.provider].userinfo:
             return claims
@@ -499,8 +488,8 @@ class Engine:
         answer = self._answer(d, rule.provider, Lookup.USERINFO, None, OPAQUE)
         if isinstance(answer, Verification):
             return answer
-        if isinstance(answer, TokenRejected):
-            return TokenRejected(answer.reason, f"userinfo enrichment: {answer.detail}")
+        if isinstance(answer, Refusal):
+            return Refusal(answer.reason, f"userinfo enrichment: {answer.detail}")
         return merge_userinfo(claims, answer.claims)
 
     def _conclude(
@@ -523,7 +512,7 @@ class Engine:
         enriched = self._enrich(d, rule, claims)
         if isinstance(enriched, Verification):
             return enriched
-        if isinstance(enriched, TokenRejected):
+        if isinstance(enriched, Refusal):
             return refuse(enriched.reason, enriched.detail)
         claims = enriched
         account = map_account(
@@ -532,7 +521,7 @@ class Engine:
             claims,
             named_user=bool(request.credentials.authzid),
         )
-        problem: IdentityError | None = account if isinstance(account, IdentityError) else None
+        problem: Refusal | None = account if isinstance(account, Refusal) else None
         if problem is None and rule.authzid == "match":
             assert isinstance(account, str)
             problem = check_authzid(account, request.credentials.authzid, normalize=rule.normalize)

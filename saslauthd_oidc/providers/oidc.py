@@ -49,7 +49,7 @@ import structlog
 import trio
 
 from saslauthd_oidc.config import ConfigError, ProviderConfig, read_secret_file
-from saslauthd_oidc.core.outcome import Reason
+from saslauthd_oidc.core.outcome import Reason, Refusal
 from saslauthd_oidc.providers.answers import interpret_introspection, interpret_userinfo
 from saslauthd_oidc.providers.http import (
     DEFAULT_MAX_BYTES,
@@ -63,7 +63,6 @@ from saslauthd_oidc.providers.jwt import (
     MAX_KID_LENGTH,
     JwksError,
     KeySet,
-    TokenRejected,
     UnverifiedToken,
     VerifiedClaims,
     verify_jwt,
@@ -195,7 +194,7 @@ class OidcProvider:
 
     async def verify(
         self, token: str, unverified: UnverifiedToken | None
-    ) -> VerifiedClaims | TokenRejected:
+    ) -> VerifiedClaims | Refusal:
         """Verify a token; never raises for bad tokens.
 
         ``unverified`` is the peeked JWS, or None for a token that is not one
@@ -209,17 +208,17 @@ class OidcProvider:
         keys = self._keyset()
         if keys is None:
             why = self.last_error or "no keys loaded yet"
-            return TokenRejected(Reason.PROVIDER_UNAVAILABLE, f"provider {self.name}: {why}")
+            return Refusal(Reason.PROVIDER_UNAVAILABLE, f"provider {self.name}: {why}")
         result = self._verify_with(token, unverified, keys)
-        if isinstance(result, TokenRejected) and self._should_refetch(result, unverified):
+        if isinstance(result, Refusal) and self._should_refetch(result, unverified):
             result = await self._after_unknown_key(token, unverified, result, seen)
         if isinstance(result, VerifiedClaims) and self.config.force_introspection:
             result = await self._confirm_active(token, result)
         return result
 
     async def _after_unknown_key(
-        self, token: str, unverified: UnverifiedToken, unknown: TokenRejected, seen: int
-    ) -> VerifiedClaims | TokenRejected:
+        self, token: str, unverified: UnverifiedToken, unknown: Refusal, seen: int
+    ) -> VerifiedClaims | Refusal:
         """An unknown kid: refetch, wait for a due refetch, or say why not (see module doc)."""
         cooldown = self.config.jwks_cooldown
         kid = unverified.header.get("kid")
@@ -238,14 +237,14 @@ class OidcProvider:
                     rediscover=False, min_interval=cooldown, seen=self._generation, kid_miss=True
                 )
             if outcome is _Refetch.TOO_SOON:
-                return TokenRejected(
+                return Refusal(
                     Reason.KEY_REFRESH_PENDING,
                     f"provider {self.name}: {unknown.detail}, and the keys were fetched "
                     f"before the token was issued; refetching within {cooldown:g}s "
                     "(jwks_cooldown): maybe a key rotation, retry",
                 )
         if outcome is _Refetch.FAILED:
-            return TokenRejected(
+            return Refusal(
                 Reason.PROVIDER_UNAVAILABLE,
                 f"provider {self.name}: {unknown.detail}, and refetching the keys failed: "
                 f"{self.last_error}",
@@ -255,7 +254,7 @@ class OidcProvider:
             if keys is not None:
                 result = self._verify_with(token, unverified, keys)
                 if (
-                    isinstance(result, TokenRejected)
+                    isinstance(result, Refusal)
                     and result.reason is Reason.UNKNOWN_KEY
                     and len(self._missing_kids) < _MAX_MISSING_KIDS
                 ):
@@ -283,20 +282,18 @@ class OidcProvider:
 
     async def _confirm_active(
         self, token: str, verified: VerifiedClaims
-    ) -> VerifiedClaims | TokenRejected:
+    ) -> VerifiedClaims | Refusal:
         """force_introspection: a JWT whose signature holds must still be active at the IdP.
 
         The decision uses the JWT's own (signed) claims; the answer only says
         whether the token is still active, and must be about the same subject.
         """
         answer = await self.introspect(token)
-        if isinstance(answer, TokenRejected):
+        if isinstance(answer, Refusal):
             return answer
         sub, answered = verified.claims.get("sub"), answer.claims.get("sub")
         if answered is not None and sub is not None and answered != sub:
-            return TokenRejected(
-                Reason.BAD_CLAIM, "introspection: sub differs from the token's sub"
-            )
+            return Refusal(Reason.BAD_CLAIM, "introspection: sub differs from the token's sub")
         return VerifiedClaims(
             claims=verified.claims,
             header=verified.header,
@@ -305,7 +302,7 @@ class OidcProvider:
 
     def verify_now(
         self, token: str, unverified: UnverifiedToken | None
-    ) -> VerifiedClaims | TokenRejected | None:
+    ) -> VerifiedClaims | Refusal | None:
         """:meth:`verify` without I/O, or None when it would fetch something.
 
         Answers for a JWT when the key set is loaded and fresh, unless the key
@@ -327,14 +324,14 @@ class OidcProvider:
 
     def _verify_with(
         self, token: str, unverified: UnverifiedToken, keys: KeySet
-    ) -> VerifiedClaims | TokenRejected:
+    ) -> VerifiedClaims | Refusal:
         issuer = self.config.issuer
         tenant: str | None = None
         if self.config.multi_tenant:
             iss = unverified.claims.get("iss")
             tenant = self.config.tenant_of(iss)
             if tenant is None or not isinstance(iss, str):
-                return TokenRejected(Reason.WRONG_ISSUER, "iss is not an allowed tenant's issuer")
+                return Refusal(Reason.WRONG_ISSUER, "iss is not an allowed tenant's issuer")
             issuer = iss
         result = verify_jwt(
             token,
@@ -350,24 +347,24 @@ class OidcProvider:
         if tenant is not None and isinstance(result, VerifiedClaims):
             tid = result.claims.get("tid")
             if not isinstance(tid, str) or tid.lower() != tenant.lower():
-                return TokenRejected(Reason.WRONG_ISSUER, "tid claim does not match the issuer")
+                return Refusal(Reason.WRONG_ISSUER, "tid claim does not match the issuer")
         return result
 
     # ----------------------------------------------------------------- opaque tokens
 
-    async def _verify_opaque(self, token: str) -> VerifiedClaims | TokenRejected:
+    async def _verify_opaque(self, token: str) -> VerifiedClaims | Refusal:
         if self.config.introspects:
             return await self.introspect(token)
         if self.config.userinfo_validation:
             return await self.userinfo(token)
-        return TokenRejected(
+        return Refusal(
             Reason.MALFORMED_TOKEN, f"provider {self.name}: not a JWT, and no introspection"
         )
 
-    async def introspect(self, token: str) -> VerifiedClaims | TokenRejected:
+    async def introspect(self, token: str) -> VerifiedClaims | Refusal:
         """RFC 7662: ask the provider whether ``token`` is active, as our configured client."""
         endpoint = await self._endpoint("introspection_endpoint")
-        if isinstance(endpoint, TokenRejected):
+        if isinstance(endpoint, Refusal):
             return endpoint
         assert self.config.client_id is not None and self._client_secret is not None
         form = {"token": token, "token_type_hint": "access_token"}
@@ -377,7 +374,7 @@ class OidcProvider:
         else:  # RFC 6749 2.3.1: both parts form-urlencoded before Basic
             auth = (quote(self.config.client_id, safe=""), quote(self._client_secret, safe=""))
         answer = await self._call("introspection", "POST", endpoint, data=form, auth=auth)
-        if isinstance(answer, TokenRejected):
+        if isinstance(answer, Refusal):
             return answer
         assert answer.doc is not None
         now = self._clock()
@@ -394,10 +391,10 @@ class OidcProvider:
             result = VerifiedClaims(result.claims, result.header, min(result.expires_at, now + ttl))
         return result
 
-    async def userinfo(self, token: str) -> VerifiedClaims | TokenRejected:
+    async def userinfo(self, token: str) -> VerifiedClaims | Refusal:
         """The userinfo answer for ``token`` (HTTP 401: the token is not valid there)."""
         endpoint = await self._endpoint("userinfo_endpoint")
-        if isinstance(endpoint, TokenRejected):
+        if isinstance(endpoint, Refusal):
             return endpoint
         answer = await self._call(
             "userinfo",
@@ -406,12 +403,10 @@ class OidcProvider:
             headers={"Authorization": f"Bearer {token}"},
             accept_status=(401, 403),
         )
-        if isinstance(answer, TokenRejected):
+        if isinstance(answer, Refusal):
             return answer
         if answer.doc is None:
-            return TokenRejected(
-                Reason.TOKEN_INACTIVE, f"userinfo: HTTP {answer.status} for this token"
-            )
+            return Refusal(Reason.TOKEN_INACTIVE, f"userinfo: HTTP {answer.status} for this token")
         return interpret_userinfo(
             answer.doc, issuer=self.config.issuer, accepts_issuer=self.config.accepts_issuer
         )
@@ -429,15 +424,11 @@ class OidcProvider:
             checks.append(("keys", ok, detail))
         if self.config.introspects:
             probe = await self.introspect("saslauthd-oidc-check-config-" + "0" * 16)
-            ok = isinstance(probe, TokenRejected) and probe.reason is Reason.TOKEN_INACTIVE
+            ok = isinstance(probe, Refusal) and probe.reason is Reason.TOKEN_INACTIVE
             detail = (
                 "endpoint answers, client credentials accepted"
                 if ok
-                else (
-                    probe.detail
-                    if isinstance(probe, TokenRejected)
-                    else "a made-up token is active!"
-                )
+                else (probe.detail if isinstance(probe, Refusal) else "a made-up token is active!")
             )
             checks.append(("introspection", ok, detail))
         if self.config.userinfo or self.config.userinfo_validation:
@@ -448,7 +439,7 @@ class OidcProvider:
             )
         return checks
 
-    async def _endpoint(self, name: str) -> str | TokenRejected:
+    async def _endpoint(self, name: str) -> str | Refusal:
         """A configured endpoint, or the one the discovery document names."""
         configured = getattr(self.config, name)
         if configured:
@@ -457,12 +448,10 @@ class OidcProvider:
             doc = await self._metadata()
         except _RefreshError as exc:
             self._report(exc)
-            return TokenRejected(
-                Reason.PROVIDER_UNAVAILABLE, f"provider {self.name}: {self.last_error}"
-            )
+            return Refusal(Reason.PROVIDER_UNAVAILABLE, f"provider {self.name}: {self.last_error}")
         url = doc.get(name)
         if not isinstance(url, str) or not self._url_allowed(url):
-            return TokenRejected(
+            return Refusal(
                 Reason.PROVIDER_UNAVAILABLE,
                 f"provider {self.name}: discovery document has no usable {name}",
             )
@@ -478,7 +467,7 @@ class OidcProvider:
         auth: tuple[str, str] | None = None,
         headers: dict[str, str] | None = None,
         accept_status: tuple[int, ...] = (),
-    ) -> JsonAnswer | TokenRejected:
+    ) -> JsonAnswer | Refusal:
         """One bounded request for a token; failures are temporary and logged, never raised."""
         self.fetches += 1
         try:
@@ -511,13 +500,13 @@ class OidcProvider:
                 detail=f"{_origin(url)}: {detail}",
             )
             reason = Reason.TIMEOUT if exc.kind == "timeout" else Reason.PROVIDER_UNAVAILABLE
-            return TokenRejected(reason, f"provider {self.name}: {stage} failed ({exc.kind})")
+            return Refusal(reason, f"provider {self.name}: {stage} failed ({exc.kind})")
 
     def _should_refetch(
-        self, result: VerifiedClaims | TokenRejected, unverified: UnverifiedToken
+        self, result: VerifiedClaims | Refusal, unverified: UnverifiedToken
     ) -> bool:
         """Only an unknown key for an asymmetric alg with a sane kid is worth a refetch."""
-        if not isinstance(result, TokenRejected) or result.reason is not Reason.UNKNOWN_KEY:
+        if not isinstance(result, Refusal) or result.reason is not Reason.UNKNOWN_KEY:
             return False
         kid, alg = unverified.header.get("kid"), unverified.header.get("alg")
         kid_ok = kid is None or (isinstance(kid, str) and 0 < len(kid) <= MAX_KID_LENGTH)
