@@ -215,6 +215,19 @@ async def test_disabled_mechanism() -> None:
     assert v.reason is Reason.UNSUPPORTED_MECHANISM
 
 
+async def test_unnegotiated_request_is_not_held_to_the_offered_mechanisms() -> None:
+    """A request that negotiated no mechanism (the saslauthd socket's login + token as
+    password) is decided on its token, whatever server.mechanisms offers; the request
+    says so, not the name of the frontend it came from."""
+    cfg = {**CONFIG, "server": {"mechanisms": ["OAUTHBEARER"]}}
+    engine = Engine(parse_config(cfg), FakeLookup(a=FakeVerifier(A, {}), b=FakeVerifier(B, {})))
+    tok = token(iss=A, aud="web", email="alice@example.org")
+    plain = request(tok, mech=Mechanism.PLAIN)
+    unnegotiated = AuthRequest(plain.mechanism, plain.credentials, plain.context, negotiated=False)
+    assert (await engine.authenticate(unnegotiated)).outcome is Outcome.OK
+    assert (await engine.authenticate(plain)).reason is Reason.UNSUPPORTED_MECHANISM
+
+
 async def test_engine_error_is_internal_tempfail() -> None:
     class Boom(FakeLookup):
         def get(self, name: str) -> FakeVerifier:

@@ -48,6 +48,7 @@ def test_four_field_request_as_the_reference_example() -> None:
     assert req.context.frontend == "saslauthd"
     assert req.context.service == "smtp"
     assert req.context.remote_ip is None
+    assert req.negotiated is False  # login + token as password: no mechanism negotiated
 
 
 def test_five_field_request_carries_the_client_address() -> None:

@@ -78,11 +78,6 @@ _DEPTH = {
 # RFC 6750 b64token: what a bearer token may look like before we send it to an IdP.
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
-# server.mechanisms is what the Dovecot-protocol socket offers. The saslauthd
-# socket negotiates no mechanism (its requests are PLAIN: login + token as
-# password); configuring server.saslauthd_socket is its opt-in.
-_UNNEGOTIATED_FRONTENDS = frozenset({"saslauthd"})
-
 
 Result = VerifiedClaims | Refusal
 
@@ -292,8 +287,10 @@ class Engine:
         cache (read, and filled with answers got without I/O).
         """
         if (
+            # server.mechanisms is what we offer; a request that negotiated no
+            # mechanism (saslauthd: login + token as password) is not held to it.
             request.mechanism.is_sasl
-            and request.context.frontend not in _UNNEGOTIATED_FRONTENDS
+            and request.negotiated
             and request.mechanism.value not in self._mechanisms
         ):
             return Verdict(

@@ -250,4 +250,5 @@ def _request(raw: list[bytes]) -> Request | Rejected:
         remote_port=remote_port,
     )
     credentials = Credentials(token=token, authzid=account_name(login, realm))
-    return Request(AuthRequest(Mechanism.PLAIN, credentials, context), fields=len(raw))
+    request = AuthRequest(Mechanism.PLAIN, credentials, context, negotiated=False)
+    return Request(request, fields=len(raw))

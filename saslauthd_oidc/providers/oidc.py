@@ -486,11 +486,7 @@ class OidcProvider:
         except FetchError as exc:
             self.fetch_errors += 1
             detail = exc.detail
-            if (
-                exc.kind == "http_status"
-                and stage == "introspection"
-                and ("401" in detail or "403" in detail)
-            ):
+            if stage == "introspection" and exc.status in (401, 403):
                 detail += " (our client_id/client_secret_file were refused)"
             log.warning(
                 "provider request failed",
