@@ -32,6 +32,8 @@ class Reason(enum.StrEnum):
     CHANNEL_BINDING_UNSUPPORTED = "channel_binding_unsupported"
     MISSING_TOKEN = "missing_token"
     MISSING_AUTHZID = "missing_authzid"
+    # The client gave the exchange up (OAUTHBEARER's lone %x01 where no failure
+    # challenge was sent; the mail server answers its client itself).
     CANCELLED = "cancelled"
 
     # The token was refused.

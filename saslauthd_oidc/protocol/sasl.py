@@ -194,8 +194,8 @@ def decode_oauthbearer(data: bytes) -> Credentials | Refusal:
     """
     if not data:
         return _malformed("empty OAUTHBEARER message")
-    if data == _KVSEP:
-        return _malformed("client aborted")
+    if data == _KVSEP:  # a lone kvsep where no failure challenge was sent: the client gives up
+        return Refusal(Reason.CANCELLED, "client aborted")
     if _HEADERLESS.match(data) is not None and not data.startswith(b"p="):
         authzid: str | None = None
         pairs = _kvpairs(data, 0, _HEADERLESS_KEYS)
@@ -469,7 +469,7 @@ class SaslExchange:
         result = self._too_large(data)
         if result is None:
             if self._mechanism is Mechanism.OAUTHBEARER and data == _KVSEP:
-                return self._fail(Verdict(reason=Reason.MALFORMED_SASL, detail="client aborted"))
+                return self._fail(Verdict(reason=Reason.CANCELLED, detail="client aborted"))
             decoded = _DECODERS[self._mechanism](data)
             if isinstance(decoded, Credentials):
                 self._state = _State.VERDICT
