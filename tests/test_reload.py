@@ -132,6 +132,14 @@ async def test_registry_reload_keeps_keys_of_unchanged_providers() -> None:
             result = await second.get("a").verify(token, peek(token))
             assert isinstance(result, VerifiedClaims)
             assert issuer_a.requests[JWKS_PATH] == fetched  # no fetch: the keys were kept
+            # One key cache handed over whole: a fetch made by the old registry's
+            # provider (a request still in flight at the reload) serves the new one.
+            issuer_a.rotate("ES256")
+            rotated = issuer_a.mint()
+            assert await first.get("a").refresh()
+            fetched = issuer_a.requests[JWKS_PATH]
+            assert isinstance(second.get("a").verify_now(rotated, peek(rotated)), VerifiedClaims)
+            assert issuer_a.requests[JWKS_PATH] == fetched
             await first.aclose()
             await second.aclose()
         nursery.cancel_scope.cancel()

@@ -67,6 +67,7 @@ from saslauthd_oidc.providers.jwt import (
     VerifiedClaims,
     verify_jwt,
 )
+from saslauthd_oidc.providers.key_cache import KeyCache
 
 log = structlog.get_logger("saslauthd_oidc.providers")
 
@@ -115,24 +116,8 @@ class OidcProvider:
         self._max_bytes = max_bytes
         self._asymmetric = frozenset(config.algorithms) & ASYMMETRIC_ALGORITHMS
         self._hmac = _hmac_keys(config, hmac_secret)
-        self._jwks: KeySet | None = None
-        self._jwks_uri: str | None = config.jwks_uri
-        self._loaded_at = -math.inf
-        self._jwks_lifetime = config.jwks_refresh
-        self._discovery: dict[str, Any] | None = None
-        self._discovery_until = -math.inf
-        self._discovery_lock = trio.Lock()
+        self._keys = KeyCache(jwks_uri=config.jwks_uri, jwks_lifetime=config.jwks_refresh)
         self._client_secret = _client_secret(config, client_secret)
-        self._last_attempt = -math.inf
-        self._last_kid_attempt = -math.inf  # the last fetch caused by an unknown kid
-        # Kids still unknown after a fetch made because of them: a well-behaved IdP
-        # publishes a key before signing with it, so these are no rotation.
-        self._missing_kids: set[str | None] = set()
-        self._failures = 0  # consecutive failed fetches (the retry backoff)
-        self._keys_asked_at = -math.inf  # when the fetch that gave the current keys began
-        self._generation = 0
-        self._last_ok = False
-        self._lock = trio.Lock()
         self.last_error: str | None = None
         # Read by the metrics collector: key-set refreshes attempted / failed.
         self.fetches = 0
@@ -147,7 +132,7 @@ class OidcProvider:
     @property
     def jwks_uri(self) -> str | None:
         """The JWKS URL in use: configured, or learnt from discovery (None before)."""
-        return self._jwks_uri
+        return self._keys.jwks_uri
 
     @property
     def needs_jwks(self) -> bool:
@@ -155,37 +140,29 @@ class OidcProvider:
 
     @property
     def keys_loaded(self) -> bool:
-        return self._jwks is not None or not self.needs_jwks
+        return self._keys.jwks is not None or not self.needs_jwks
 
     @property
     def key_count(self) -> int:
-        return len(self._jwks) if self._jwks is not None else 0
+        return len(self._keys.jwks) if self._keys.jwks is not None else 0
 
     def _keyset(self) -> KeySet | None:
-        if self._jwks is None:
+        if self._keys.jwks is None:
             return self._hmac if not self.needs_jwks else None
-        return self._jwks.merged(self._hmac) if self._hmac is not None else self._jwks
+        return self._keys.jwks.merged(self._hmac) if self._hmac is not None else self._keys.jwks
 
     def adopt_keys(self, previous: OidcProvider) -> None:
-        """Take over ``previous``'s discovery document, key set and counters (reload).
+        """Take over ``previous``'s key cache, whole, and its counters (reload).
 
         Only for a provider whose configuration is unchanged: its keys are
-        still this provider's keys, so a reload fetches nothing.
+        still this provider's keys, so a reload fetches nothing; both objects
+        then share one :class:`~saslauthd_oidc.providers.key_cache.KeyCache`
+        (its locks too), so requests still in flight on the old one and new
+        ones never fetch twice.
         """
         if previous.config != self.config:
             raise ValueError(f"provider {self.name}: configuration changed; keys not adopted")
-        self._jwks = previous._jwks
-        self._jwks_uri = previous._jwks_uri
-        self._loaded_at = previous._loaded_at
-        self._jwks_lifetime = previous._jwks_lifetime
-        self._discovery = previous._discovery
-        self._discovery_until = previous._discovery_until
-        self._last_attempt = previous._last_attempt
-        self._last_kid_attempt = previous._last_kid_attempt
-        self._missing_kids = previous._missing_kids
-        self._failures = previous._failures
-        self._keys_asked_at = previous._keys_asked_at
-        self._last_ok = previous._last_ok
+        self._keys = previous._keys  # handed over whole: one key cache, two providers
         self.last_error = previous.last_error
         self.fetches = previous.fetches
         self.fetch_errors = previous.fetch_errors
@@ -204,7 +181,7 @@ class OidcProvider:
             return await self._verify_opaque(token)
         if self.needs_jwks:
             await self._ensure_fresh()
-        seen = self._generation
+        seen = self._keys.generation
         keys = self._keyset()
         if keys is None:
             why = self.last_error or "no keys loaded yet"
@@ -222,7 +199,7 @@ class OidcProvider:
         """An unknown kid: refetch, wait for a due refetch, or say why not (see module doc)."""
         cooldown = self.config.jwks_cooldown
         kid = unverified.header.get("kid")
-        if kid in self._missing_kids and self._clock() < self._next_fetch_at(
+        if kid in self._keys.missing_kids and self._clock() < self._next_fetch_at(
             cooldown, kid_miss=True
         ):
             return unknown  # a fetch made for this very kid did not find it, lately
@@ -234,7 +211,10 @@ class OidcProvider:
             if self._can_wait(wait):
                 await trio.sleep(wait)
                 outcome = await self._refetch(
-                    rediscover=False, min_interval=cooldown, seen=self._generation, kid_miss=True
+                    rediscover=False,
+                    min_interval=cooldown,
+                    seen=self._keys.generation,
+                    kid_miss=True,
                 )
             if outcome is _Refetch.TOO_SOON:
                 return Refusal(
@@ -256,9 +236,9 @@ class OidcProvider:
                 if (
                     isinstance(result, Refusal)
                     and result.reason is Reason.UNKNOWN_KEY
-                    and len(self._missing_kids) < _MAX_MISSING_KIDS
+                    and len(self._keys.missing_kids) < _MAX_MISSING_KIDS
                 ):
-                    self._missing_kids.add(kid)
+                    self._keys.missing_kids.add(kid)
                 return result
         return unknown
 
@@ -278,7 +258,7 @@ class OidcProvider:
         iat = unverified.claims.get("iat")
         if isinstance(iat, bool) or not isinstance(iat, int | float) or not math.isfinite(iat):
             return True
-        return iat > self._keys_asked_at - self.config.leeway
+        return iat > self._keys.keys_asked_at - self.config.leeway
 
     async def _confirm_active(
         self, token: str, verified: VerifiedClaims
@@ -311,7 +291,8 @@ class OidcProvider:
         if unverified is None or self.config.force_introspection:
             return None
         if self.needs_jwks and (
-            self._jwks is None or self._clock() - self._loaded_at >= self._jwks_lifetime
+            self._keys.jwks is None
+            or self._clock() - self._keys.loaded_at >= self._keys.jwks_lifetime
         ):
             return None
         keys = self._keyset()
@@ -506,26 +487,26 @@ class OidcProvider:
             return False
         kid, alg = unverified.header.get("kid"), unverified.header.get("alg")
         kid_ok = kid is None or (isinstance(kid, str) and 0 < len(kid) <= MAX_KID_LENGTH)
-        if kid is None and self._jwks is not None:
+        if kid is None and self._keys.jwks is not None:
             # No kid and several keys fit: ambiguous, whatever a refetch brings.
-            fitting = sum(1 for _, a in self._jwks.keys if a == alg)
+            fitting = sum(1 for _, a in self._keys.jwks.keys if a == alg)
             kid_ok = fitting == 0
         return kid_ok and alg in self._asymmetric
 
     async def _ensure_fresh(self) -> None:
-        stale = self._clock() - self._loaded_at >= self._jwks_lifetime
-        if self._jwks is None or stale:
+        stale = self._clock() - self._keys.loaded_at >= self._keys.jwks_lifetime
+        if self._keys.jwks is None or stale:
             cooldown = self.config.jwks_cooldown
             outcome = await self._refetch(
-                rediscover=True, min_interval=cooldown, seen=self._generation
+                rediscover=True, min_interval=cooldown, seen=self._keys.generation
             )
-            if outcome is _Refetch.TOO_SOON and self._jwks is None:
+            if outcome is _Refetch.TOO_SOON and self._keys.jwks is None:
                 # No keys at all (an outage at start): the next retry may be close.
                 wait = self._next_fetch_at(cooldown) - self._clock()
                 if self._can_wait(wait):
                     await trio.sleep(wait)
                     await self._refetch(
-                        rediscover=True, min_interval=cooldown, seen=self._generation
+                        rediscover=True, min_interval=cooldown, seen=self._keys.generation
                     )
 
     # ----------------------------------------------------------------- refresh
@@ -537,8 +518,8 @@ class OidcProvider:
         """
         if not self.needs_jwks:
             return True
-        self._discovery_until = -math.inf  # an explicit refresh rereads discovery too
-        outcome = await self._refetch(rediscover=True, min_interval=0.0, seen=self._generation)
+        self._keys.discovery_until = -math.inf  # an explicit refresh rereads discovery too
+        outcome = await self._refetch(rediscover=True, min_interval=0.0, seen=self._keys.generation)
         return outcome is _Refetch.FRESH
 
     def _next_fetch_at(self, min_interval: float, *, kid_miss: bool = False) -> float:
@@ -551,33 +532,33 @@ class OidcProvider:
         so a key rotated in just after a routine load is fetched at once, and
         unknown kids still cause at most one fetch per ``jwks_cooldown``.
         """
-        if self._failures:
-            steps = min(self._failures - 1, _MAX_BACKOFF_STEPS)
+        if self._keys.failures:
+            steps = min(self._keys.failures - 1, _MAX_BACKOFF_STEPS)
             backoff: float = self.config.jwks_retry * 2.0**steps
-            return self._last_attempt + min(min_interval, backoff)
-        return (self._last_kid_attempt if kid_miss else self._last_attempt) + min_interval
+            return self._keys.last_attempt + min(min_interval, backoff)
+        return (self._keys.last_kid_attempt if kid_miss else self._keys.last_attempt) + min_interval
 
     async def _refetch(
         self, *, rediscover: bool, min_interval: float, seen: int, kid_miss: bool = False
     ) -> _Refetch:
         """Single-flight fetch of the keys, unless generation ``seen`` is already stale."""
-        async with self._lock:
-            if self._generation != seen:  # someone fetched while we waited
-                return _Refetch.FRESH if self._last_ok else _Refetch.FAILED
+        async with self._keys.fetch_lock:
+            if self._keys.generation != seen:  # someone fetched while we waited
+                return _Refetch.FRESH if self._keys.last_ok else _Refetch.FAILED
             now = self._clock()
             if now < self._next_fetch_at(min_interval, kid_miss=kid_miss):
                 return _Refetch.TOO_SOON
-            self._last_attempt = now
+            self._keys.last_attempt = now
             if kid_miss:
-                self._last_kid_attempt = now
+                self._keys.last_kid_attempt = now
             ok = await self._fetch(rediscover=rediscover)
-            self._generation += 1
-            self._last_ok = ok
+            self._keys.generation += 1
+            self._keys.last_ok = ok
             if ok:
-                self._failures = 0
-                self._keys_asked_at = now
+                self._keys.failures = 0
+                self._keys.keys_asked_at = now
             else:
-                self._failures += 1
+                self._keys.failures += 1
             return _Refetch.FRESH if ok else _Refetch.FAILED
 
     async def _fetch(self, *, rediscover: bool) -> bool:
@@ -589,10 +570,10 @@ class OidcProvider:
             return self._failed(_RefreshError("fetch", "timeout", f"over {self._fetch_timeout:g}s"))
         except _RefreshError as exc:
             return self._failed(exc)
-        self._jwks = keys
-        self._missing_kids = set()
-        self._loaded_at = self._clock()
-        self._jwks_lifetime = self._bounded_lifetime(lifetime)
+        self._keys.jwks = keys
+        self._keys.missing_kids = set()
+        self._keys.loaded_at = self._clock()
+        self._keys.jwks_lifetime = self._bounded_lifetime(lifetime)
         self.last_error = None
         log.info(
             "jwks loaded",
@@ -616,7 +597,7 @@ class OidcProvider:
             stage=exc.stage,
             kind=exc.kind,
             detail=exc.detail,
-            keeping_cached_keys=self._jwks is not None,
+            keeping_cached_keys=self._keys.jwks is not None,
         )
 
     def _bounded_lifetime(self, max_age: float | None) -> float:
@@ -625,7 +606,7 @@ class OidcProvider:
         return min(max(max_age, self.config.jwks_min_refresh), self.config.jwks_refresh)
 
     async def _fetch_keys(self, *, rediscover: bool) -> tuple[str, KeySet, float | None]:
-        uri = self.config.jwks_uri or self._jwks_uri
+        uri = self.config.jwks_uri or self._keys.jwks_uri
         if not self.config.jwks_uri and (rediscover or uri is None):
             uri = await self._discover()
         assert uri is not None
@@ -642,10 +623,10 @@ class OidcProvider:
 
     async def _metadata(self, *, force: bool = False) -> dict[str, Any]:
         """The discovery document, cached for its lifetime (single-flight)."""
-        async with self._discovery_lock:
+        async with self._keys.discovery_lock:
             now = self._clock()
-            if self._discovery is not None and not force and now < self._discovery_until:
-                return self._discovery
+            if self._keys.discovery is not None and not force and now < self._keys.discovery_until:
+                return self._keys.discovery
             answer = await self._get("discovery", self.discovery_url)
             doc = answer.doc
             assert doc is not None
@@ -657,8 +638,8 @@ class OidcProvider:
                     "issuer_mismatch",
                     f"document says issuer {shown!r}, configured {self.config.issuer!r}",
                 )
-            self._discovery = doc
-            self._discovery_until = now + self._bounded_lifetime(answer.max_age)
+            self._keys.discovery = doc
+            self._keys.discovery_until = now + self._bounded_lifetime(answer.max_age)
             return doc
 
     async def _discover(self) -> str:
@@ -672,7 +653,7 @@ class OidcProvider:
                 f"jwks_uri {shown!r} refused (https on the issuer's host, or one in "
                 "endpoint_hosts)",
             )
-        self._jwks_uri = uri
+        self._keys.jwks_uri = uri
         return uri
 
     def _url_allowed(self, url: str) -> bool:
