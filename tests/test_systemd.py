@@ -12,12 +12,8 @@ import pytest
 import trio
 
 from saslauthd_oidc.config import ConfigError, parse_config
-from saslauthd_oidc.service.daemon import (
-    adopt_passed_socket,
-    http_problems,
-    run_daemon,
-    sort_passed_fds,
-)
+from saslauthd_oidc.service.daemon import run_daemon
+from saslauthd_oidc.service.listeners import adopt_passed_socket, http_problems, sort_passed_fds
 from saslauthd_oidc.service.systemd import (
     ActivationError,
     Notifier,

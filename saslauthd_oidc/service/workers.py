@@ -38,7 +38,8 @@ import structlog
 import trio
 
 from saslauthd_oidc.config import Config, ConfigError
-from saslauthd_oidc.service.daemon import open_unix_socket, run_daemon
+from saslauthd_oidc.service.daemon import run_daemon
+from saslauthd_oidc.service.listeners import open_unix_socket
 
 log = structlog.get_logger("saslauthd_oidc.workers")
 

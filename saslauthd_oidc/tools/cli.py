@@ -37,9 +37,11 @@ from saslauthd_oidc.core.rules import config_warnings, ordered, token_policy
 from saslauthd_oidc.frontends.http import load_caller_auth
 from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.providers.registry import ProviderRegistry
-from saslauthd_oidc.service.daemon import PASSED_NAMES, preflight, run_daemon, sort_passed_fds
+from saslauthd_oidc.service.daemon import run_daemon
 from saslauthd_oidc.service.lifecycle import read_reload_report
+from saslauthd_oidc.service.listeners import PASSED_NAMES, sort_passed_fds
 from saslauthd_oidc.service.logs import configure_logging
+from saslauthd_oidc.service.preflight import preflight
 from saslauthd_oidc.service.systemd import (
     HTTP_SOCKET_UNIT,
     ActivationError,

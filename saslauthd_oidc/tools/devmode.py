@@ -24,7 +24,8 @@ import trio
 
 from saslauthd_oidc.config import Config, parse_config
 from saslauthd_oidc.core.engine import Engine
-from saslauthd_oidc.service.daemon import run_daemon, socket_in_use
+from saslauthd_oidc.service.daemon import run_daemon
+from saslauthd_oidc.service.listeners import socket_in_use
 from saslauthd_oidc.service.logs import configure_logging
 from saslauthd_oidc.tools.devissuer import DevIssuer, issuer_for, mint_offline
 
