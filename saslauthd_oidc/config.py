@@ -10,7 +10,6 @@ the secret files it names.
 from __future__ import annotations
 
 import difflib
-import errno
 import ipaddress
 import os
 import re
@@ -124,7 +123,8 @@ class LoggingConfig:
     format: Literal["json", "console"] = "json"
 
 
-_TENANT_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
+#: One tenant label in a ``{tenantid}`` issuer (providers/issuers.py) and allowed_tenants.
+TENANT_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
 
 
 def _host(url: str) -> str:
@@ -213,31 +213,11 @@ class ProviderConfig:
         """Whether tokens that are not a JWS can be checked here at all."""
         return self.introspects or self.userinfo_validation
 
-    def tenant_of(self, iss: object) -> str | None:
-        """The tenant a multi-tenant issuer template gives ``iss``, if it fits and is allowed."""
-        if not self.multi_tenant or not isinstance(iss, str):
-            return None
-        head, _, tail = self.issuer.partition(TENANT_PLACEHOLDER)
-        if len(iss) <= len(head) + len(tail) or not (iss.startswith(head) and iss.endswith(tail)):
-            return None
-        tenant = iss[len(head) : len(iss) - len(tail)]
-        if not _TENANT_RE.fullmatch(tenant):
-            return None
-        if "*" in self.allowed_tenants or tenant.lower() in self.allowed_tenants:
-            return tenant
-        return None
-
     @property
     def metadata_hosts(self) -> frozenset[str]:
         """Hosts a discovered endpoint may be on: the issuer's, discovery's, endpoint_hosts."""
         hosts = {_host(self.issuer), _host(self.effective_discovery_url)}
         return frozenset(h for h in hosts | set(self.endpoint_hosts) if h)
-
-    def accepts_issuer(self, iss: object) -> bool:
-        """``iss`` is this provider's issuer (exactly, or through the tenant template)."""
-        if self.multi_tenant:
-            return self.tenant_of(iss) is not None
-        return iss == self.issuer
 
 
 @dataclass(frozen=True, slots=True)
@@ -923,7 +903,7 @@ def _parse_provider(index: int, data: Any) -> ProviderConfig:
                 'an issuer with {tenantid} needs the tenants it accepts (["*"] for any)',
             )
         for t in allowed_tenants:
-            if t != "*" and not _TENANT_RE.fullmatch(t):
+            if t != "*" and not TENANT_RE.fullmatch(t):
                 raise ConfigError(f"{key}.allowed_tenants", f"{t!r} is not a tenant id")
     elif allowed_tenants:
         raise ConfigError(f"{key}.allowed_tenants", "only for an issuer containing {tenantid}")
@@ -1421,38 +1401,3 @@ def claim_warnings(cfg: Config) -> list[str]:
                     "(explain shows a token's claims)"
                 )
     return warnings
-
-
-def read_secret_file(key: str, path: str) -> str:
-    """Read a secret (client secret, HMAC key) from a file that others cannot write."""
-    p = Path(path)
-    try:
-        st = p.stat()
-    except OSError as exc:
-        raise ConfigError(key, f"cannot read {p}: {exc.strerror}") from None
-    if st.st_mode & (stat.S_IWOTH | stat.S_IROTH):
-        raise ConfigError(
-            key,
-            f"{p} is readable or writable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
-            f"{SECRET_FILE_ADVICE.format(path=p)}",
-        )
-    try:
-        text = p.read_text("utf-8").strip()
-    except UnicodeDecodeError:
-        raise ConfigError(key, f"{p} is not UTF-8 text") from None
-    except OSError as exc:
-        advice = ""
-        if exc.errno == errno.EACCES:
-            advice = f" for this user (uid {os.geteuid()}): {SECRET_FILE_ADVICE.format(path=p)}"
-        raise ConfigError(key, f"cannot read {p}: {exc.strerror}{advice}") from None
-    if not text:
-        raise ConfigError(key, f"{p} is empty")
-    return text
-
-
-# The README's install layout: root owns the file, the daemon's group reads it.
-DAEMON_USER = "saslauthd-oidc"
-SECRET_FILE_ADVICE = (
-    "the daemon's user must read it and nobody else: chown root:saslauthd-oidc {path} "
-    "&& chmod 0640 {path} (the daemon's group; the README's install layout)"
-)

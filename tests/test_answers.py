@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ from saslauthd_oidc.providers.answers import (
     interpret_userinfo,
     merge_userinfo,
 )
+from saslauthd_oidc.providers.issuers import accepts_issuer
 from saslauthd_oidc.providers.jwt import VerifiedClaims
 
 ISS = "https://idp.example.org/realms/mail"
@@ -195,13 +197,13 @@ def test_userinfo_multi_tenant_issuer_through_config() -> None:
     ok = interpret_userinfo(
         {"sub": "a", "iss": "https://login.example/t1/v2.0"},
         issuer=cfg.issuer,
-        accepts_issuer=cfg.accepts_issuer,
+        accepts_issuer=partial(accepts_issuer, cfg),
     )
     assert reason(ok) is Reason.OK
     other = interpret_userinfo(
         {"sub": "a", "iss": "https://login.example/t2/v2.0"},
         issuer=cfg.issuer,
-        accepts_issuer=cfg.accepts_issuer,
+        accepts_issuer=partial(accepts_issuer, cfg),
     )
     assert reason(other) is Reason.WRONG_ISSUER
 

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "saslauthd_oidc"
 
 # Lowest first. A module belongs to the longest prefix listed here.
 LAYERS: list[tuple[str, ...]] = [
-    ("saslauthd_oidc", "config", "core.outcome", "core.request"),
+    ("saslauthd_oidc", "config", "secret_files", "core.outcome", "core.request"),
     ("protocol",),
     ("providers",),
     ("core",),
@@ -39,6 +39,7 @@ PURE = (
     "protocol",
     "providers.jwt",
     "providers.answers",
+    "providers.issuers",
 )
 IO_LIBRARIES = frozenset(
     {"trio", "httpx", "hypercorn", "anyio", "asyncio", "socket", "selectors", "time"}

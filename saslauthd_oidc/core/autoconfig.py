@@ -50,6 +50,7 @@ from saslauthd_oidc.core.resource_metadata import (
     select_rule,
 )
 from saslauthd_oidc.core.rules import context_mismatch, discovery_hint, ordered
+from saslauthd_oidc.providers.issuers import accepts_issuer
 
 if TYPE_CHECKING:
     from saslauthd_oidc.config import Config, DomainConfig, EndpointConfig, RuleConfig
@@ -205,7 +206,7 @@ def _challenge(
         same = [
             r
             for r in candidates
-            if providers[r.provider].accepts_issuer(issuer) and (only_fallbacks or not r.fallback)
+            if accepts_issuer(providers[r.provider], issuer) and (only_fallbacks or not r.fallback)
         ]
         if same:
             chosen = same[0]

@@ -51,6 +51,7 @@ from saslauthd_oidc.core.rules import (
     ordered,
 )
 from saslauthd_oidc.providers.answers import merge_userinfo
+from saslauthd_oidc.providers.issuers import accepts_issuer
 from saslauthd_oidc.providers.jwt import UnverifiedToken, VerifiedClaims, looks_like_jws, peek
 from saslauthd_oidc.providers.verification_cache import (
     OPAQUE,
@@ -330,7 +331,7 @@ class Engine:
             unverified = _UNPARSED  # a repeated JWS: its issuer is all we need of it
         by_issuer: list[RuleConfig] = []
         for rule in candidates:
-            if self._providers[rule.provider].accepts_issuer(iss):
+            if accepts_issuer(self._providers[rule.provider], iss):
                 by_issuer.append(rule)
             else:
                 trace.append(

@@ -40,7 +40,7 @@ from hypercorn.config import Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
-from saslauthd_oidc.config import Config, ConfigError, HttpConfig, read_secret_file
+from saslauthd_oidc.config import Config, ConfigError, HttpConfig
 from saslauthd_oidc.core.autoconfig import (
     AUTOCONFIG_PATHS,
     PACC_PATH,
@@ -66,6 +66,7 @@ from saslauthd_oidc.core.resource_metadata import (
     select_rule,
 )
 from saslauthd_oidc.frontends.asgi import Receive, Scope, Send, acknowledge_lifespan
+from saslauthd_oidc.secret_files import read_secret_file
 
 __all__ = ["CallerAuth", "HttpFrontend", "load_caller_auth", "serve_http", "verdict_reply"]
 

@@ -41,6 +41,7 @@ import enum
 import math
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -48,7 +49,7 @@ import httpx
 import structlog
 import trio
 
-from saslauthd_oidc.config import ConfigError, ProviderConfig, read_secret_file
+from saslauthd_oidc.config import ConfigError, ProviderConfig
 from saslauthd_oidc.core.outcome import Reason, Refusal
 from saslauthd_oidc.providers.answers import interpret_introspection, interpret_userinfo
 from saslauthd_oidc.providers.http import (
@@ -57,6 +58,7 @@ from saslauthd_oidc.providers.http import (
     JsonAnswer,
     request_json,
 )
+from saslauthd_oidc.providers.issuers import accepts_issuer, tenant_of
 from saslauthd_oidc.providers.jwt import (
     ASYMMETRIC_ALGORITHMS,
     HMAC_ALGORITHMS,
@@ -68,6 +70,7 @@ from saslauthd_oidc.providers.jwt import (
     verify_jwt,
 )
 from saslauthd_oidc.providers.key_cache import KeyCache
+from saslauthd_oidc.secret_files import read_secret_file
 
 log = structlog.get_logger("saslauthd_oidc.providers")
 
@@ -108,6 +111,7 @@ class OidcProvider:
         limiter: trio.CapacityLimiter | None = None,
     ) -> None:
         self.config = config
+        self._accepts_issuer = partial(accepts_issuer, config)
         self.name = config.name
         self._client = client
         self._limiter = limiter
@@ -310,7 +314,7 @@ class OidcProvider:
         tenant: str | None = None
         if self.config.multi_tenant:
             iss = unverified.claims.get("iss")
-            tenant = self.config.tenant_of(iss)
+            tenant = tenant_of(self.config, iss)
             if tenant is None or not isinstance(iss, str):
                 return Refusal(Reason.WRONG_ISSUER, "iss is not an allowed tenant's issuer")
             issuer = iss
@@ -362,7 +366,7 @@ class OidcProvider:
         result = interpret_introspection(
             answer.doc,
             issuer=self.config.issuer,
-            accepts_issuer=self.config.accepts_issuer,
+            accepts_issuer=self._accepts_issuer,
             now=now,
             leeway=self.config.leeway,
         )
@@ -389,7 +393,7 @@ class OidcProvider:
         if answer.doc is None:
             return Refusal(Reason.TOKEN_INACTIVE, f"userinfo: HTTP {answer.status} for this token")
         return interpret_userinfo(
-            answer.doc, issuer=self.config.issuer, accepts_issuer=self.config.accepts_issuer
+            answer.doc, issuer=self.config.issuer, accepts_issuer=self._accepts_issuer
         )
 
     async def self_check(self) -> list[tuple[str, bool, str]]:

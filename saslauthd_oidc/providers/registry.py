@@ -14,6 +14,7 @@ import trio
 
 from saslauthd_oidc.config import Config, ConfigError
 from saslauthd_oidc.providers.http import MAX_OUTBOUND, make_http_client
+from saslauthd_oidc.providers.issuers import accepts_issuer
 from saslauthd_oidc.providers.oidc import DEFAULT_FETCH_TIMEOUT, OidcProvider
 
 
@@ -78,7 +79,7 @@ class ProviderRegistry:
 
     def by_issuer(self, iss: str) -> list[OidcProvider]:
         """Providers whose configured issuer equals ``iss`` exactly (in config order)."""
-        return [p for p in self._providers.values() if p.config.accepts_issuer(iss)]
+        return [p for p in self._providers.values() if accepts_issuer(p.config, iss)]
 
     def __iter__(self) -> Iterator[OidcProvider]:
         return iter(self._providers.values())

@@ -26,11 +26,8 @@ from typing import Any, Protocol
 import structlog
 import trio
 
-from saslauthd_oidc.config import (
-    DAEMON_USER,
-    Config,
-    ConfigError,
-)
+from saslauthd_oidc.config import Config, ConfigError
+from saslauthd_oidc.secret_files import DAEMON_USER
 from saslauthd_oidc.service.lifecycle import DrainableListener
 from saslauthd_oidc.service.systemd import UNNAMED
 
