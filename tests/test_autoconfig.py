@@ -35,7 +35,8 @@ from saslauthd_oidc.core.engine import Engine
 from saslauthd_oidc.core.outcome import Reason, Refusal, Verdict
 from saslauthd_oidc.core.request import AuthRequest, Credentials, Mechanism, RequestContext
 from saslauthd_oidc.core.rules import config_warnings
-from saslauthd_oidc.frontends.http import CallerAuth, HttpFrontend
+from saslauthd_oidc.frontends.http import HttpFrontend
+from saslauthd_oidc.frontends.http_callers import CallerAuth
 from saslauthd_oidc.providers.jwt import UnverifiedToken, VerifiedClaims
 from saslauthd_oidc.tools import cli
 

@@ -32,12 +32,8 @@ from saslauthd_oidc.core.engine import Engine
 from saslauthd_oidc.core.request import Mechanism
 from saslauthd_oidc.core.rules import config_warnings
 from saslauthd_oidc.frontends.dovecot import serve_dovecot_listener
-from saslauthd_oidc.frontends.http import (
-    CallerAuth,
-    HttpFrontend,
-    load_caller_auth,
-    serve_http,
-)
+from saslauthd_oidc.frontends.http import HttpFrontend, serve_http
+from saslauthd_oidc.frontends.http_callers import CallerAuth, load_caller_auth
 from saslauthd_oidc.frontends.saslauthd import serve_saslauthd_listener
 from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.providers.registry import ProviderRegistry

@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from saslauthd_oidc.config import SYMMETRIC_ALGORITHMS, Config, ConfigError
-from saslauthd_oidc.frontends.http import (
-    load_caller_auth,
-)
+from saslauthd_oidc.frontends.http_callers import load_caller_auth
 from saslauthd_oidc.providers.http import make_ssl_context
 from saslauthd_oidc.providers.jwt import KeySet
 from saslauthd_oidc.secret_files import DAEMON_USER, SECRET_FILE_ADVICE, read_secret_file

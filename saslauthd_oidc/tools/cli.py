@@ -34,7 +34,7 @@ from saslauthd_oidc.core.engine import Engine
 from saslauthd_oidc.core.outcome import Outcome, Reason, Verdict
 from saslauthd_oidc.core.request import AuthRequest, Mechanism, token_fingerprint
 from saslauthd_oidc.core.rules import config_warnings, ordered, token_policy
-from saslauthd_oidc.frontends.http import load_caller_auth
+from saslauthd_oidc.frontends.http_callers import load_caller_auth
 from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.providers.registry import ProviderRegistry
 from saslauthd_oidc.service.daemon import run_daemon

@@ -33,7 +33,8 @@ from urllib.parse import urlencode, urlsplit
 from saslauthd_oidc.config import Config, ProviderConfig, suggest
 from saslauthd_oidc.core.outcome import Outcome, Reason, Refusal, RuleTrace, Verdict
 from saslauthd_oidc.core.request import AuthRequest, Mechanism, token_fingerprint
-from saslauthd_oidc.frontends.http import CallerAuth, HttpFrontend
+from saslauthd_oidc.frontends.http import HttpFrontend
+from saslauthd_oidc.frontends.http_callers import CallerAuth
 from saslauthd_oidc.protocol.dovecot import DovecotServerConnection, NeedVerdict, decode_base64
 from saslauthd_oidc.protocol.saslauthd import (
     Rejected,
