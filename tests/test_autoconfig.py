@@ -177,7 +177,7 @@ class IssuerVerifier:
         return VerifiedClaims(dict(unverified.claims), dict(unverified.header), 2e9)
 
     async def userinfo(self, token: str) -> VerifiedClaims | Refusal:
-        return Refusal(Reason.USERINFO_FAILED, "none here")
+        return Refusal(Reason.PROVIDER_UNAVAILABLE, "none here")
 
 
 class Lookup:

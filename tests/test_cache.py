@@ -27,7 +27,9 @@ class CountingVerifier:
         self.delay = delay
         self.calls = 0
 
-    async def verify(self, token: str, unverified: UnverifiedToken) -> VerifiedClaims | Refusal:
+    async def verify(
+        self, token: str, unverified: UnverifiedToken | None
+    ) -> VerifiedClaims | Refusal:
         self.calls += 1
         await trio.sleep(self.delay)
         return self.result

@@ -105,6 +105,7 @@ async def test_every_malformed_sasl_payload_fails_only_its_request(
     cases = [("OAUTHBEARER", p.values[0]) for p in OAUTHBEARER_REJECT]
     cases += [("XOAUTH2", p.values[0]) for p in XOAUTH2_REJECT]
     for mech, payload in cases:
+        assert isinstance(payload, bytes)
         rid += 1
         challenge = await expect_refusal(client, rid, mech, payload)
         if challenge is not None:
@@ -141,7 +142,9 @@ async def test_malformed_protocol_lines_keep_the_connection(daemon: tuple[str, D
 
 
 def _jws(header: dict[str, Any], claims: dict[str, Any], sig: bytes = b"") -> str:
-    enc = lambda o: base64.urlsafe_b64encode(json.dumps(o).encode()).rstrip(b"=").decode()  # noqa: E731
+    def enc(o: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(o).encode()).rstrip(b"=").decode()
+
     return f"{enc(header)}.{enc(claims)}.{base64.urlsafe_b64encode(sig).rstrip(b'=').decode()}"
 
 
@@ -187,7 +190,7 @@ async def test_attack_tokens_refused_with_reason_and_connection_survives(
         issuer.mint(email=USER, claims={"exp": None}),
         issuer.mint(email=USER, claims={"iat": now + 3600}),
         issuer.mint(email=USER, claims={"nbf": now + 3600}),
-        issuer.mint(email=USER, claims={"iss": issuer.issuer + "/"}),
+        issuer.mint(email=USER, claims={"iss": f"{issuer.issuer}/"}),
         issuer.mint(email=USER, audience="evil"),
         issuer.mint(email=USER, audience=["mail", "evil"]),
         issuer.mint(email="v@x\tuser=admin"),

@@ -37,17 +37,25 @@ class FakeVerifier:
         self.verdicts = verdicts
         self.calls = 0
 
-    def verify_now(self, tok: str, unverified: UnverifiedToken | None) -> None:
+    def verify_now(
+        self, tok: str, unverified: UnverifiedToken | None
+    ) -> VerifiedClaims | Refusal | None:
         return None  # always needs its (async) verify: the engine's I/O step
 
-    async def verify(self, tok: str, unverified: UnverifiedToken) -> VerifiedClaims | Refusal:
+    async def verify(
+        self, tok: str, unverified: UnverifiedToken | None
+    ) -> VerifiedClaims | Refusal:
         self.calls += 1
+        assert unverified is not None  # these tests use JWTs only
         if unverified.claims.get("iss") != self.issuer:
             return Refusal(Reason.WRONG_ISSUER, "iss")
         rejection = self.verdicts.get(str(unverified.claims.get("jti")))
         if rejection:
             return rejection
         return VerifiedClaims(dict(unverified.claims), dict(unverified.header), 2e9)
+
+    async def userinfo(self, tok: str) -> VerifiedClaims | Refusal:
+        return Refusal(Reason.PROVIDER_UNAVAILABLE, "no userinfo here")
 
 
 class FakeLookup:

@@ -24,7 +24,7 @@ import trio
 import trio.testing
 
 from saslauthd_oidc.config import ProviderConfig, parse_config
-from saslauthd_oidc.core.engine import Engine, Pending
+from saslauthd_oidc.core.engine import Engine, Pending, unanswered
 from saslauthd_oidc.core.outcome import Outcome, Reason, Refusal, Verdict
 from saslauthd_oidc.core.request import AuthRequest
 from saslauthd_oidc.providers.http import make_http_client
@@ -141,7 +141,7 @@ async def test_fast_path_engine_error_is_internal_error() -> None:
     def broken(*_: Any) -> None:
         raise RuntimeError("bug")
 
-    lookup.verifiers["a"].verify_now = broken  # type: ignore[method-assign]
+    lookup.verifiers["a"].verify_now = broken  # type: ignore[method-assign,assignment]
     verdict = engine.start(REQUESTS[0])
     assert isinstance(verdict, Verdict) and verdict.reason is Reason.INTERNAL_ERROR
 
@@ -256,7 +256,7 @@ class InlineStub:
         self.calls = 0
         self._stub = stub
 
-    def start(self, req: AuthRequest) -> Verdict | AuthRequest:
+    def start(self, req: AuthRequest) -> Verdict | Pending:
         self.calls += 1
         tok = req.credentials.token
         if tok.startswith("now-"):
@@ -265,10 +265,14 @@ class InlineStub:
             return Verdict(reason=Reason.PROVIDER_UNAVAILABLE)
         if tok == "now:boom":
             raise RuntimeError("engine bug")
-        return req  # a "Pending": finish() asks the stub
+        return unanswered(req)  # a Pending: finish() asks the stub
 
-    async def finish(self, pending: AuthRequest) -> Verdict:
-        return await self._stub(pending)
+    async def finish(self, pending: Pending) -> Verdict:
+        return await self._stub(pending.request)
+
+    async def authenticate(self, req: AuthRequest) -> Verdict:
+        verdict = self.start(req)
+        return verdict if isinstance(verdict, Verdict) else await self.finish(verdict)
 
 
 async def _serve(nursery: trio.Nursery, path: str, inline: InlineStub, **kw: Any) -> None:
@@ -367,7 +371,7 @@ async def test_real_engine_fast_path_with_devissuer(issuer: DevIssuer) -> None:
     "name", ["alice@example.org", "a b", "a\tb", "a\x7fb", "a\x00b", "Ünïcode", "a\u2028b", "~!"]
 )
 def test_ascii_fast_path_of_account_validation_agrees(name: str) -> None:
-    from saslauthd_oidc.core.identity import Refusal, validate_account
+    from saslauthd_oidc.core.identity import validate_account
 
     result = validate_account(name, normalize=False)
     slow_ok = not any(
@@ -383,7 +387,7 @@ def test_ascii_fast_path_of_account_validation_agrees(name: str) -> None:
 
 @pytest.mark.parametrize("text", ["alice", "a b", "a\x01b", "a\x7f", "é\x85", "ok é"])
 def test_ascii_fast_path_of_sasl_identity_agrees(text: str) -> None:
-    from saslauthd_oidc.protocol.sasl import Refusal, _identity, _is_control
+    from saslauthd_oidc.protocol.sasl import _identity, _is_control
 
     result = _identity(text.encode(), "authzid")
     assert isinstance(result, Refusal) is any(_is_control(ch) for ch in text)
@@ -664,15 +668,17 @@ def test_json_log_line_is_what_the_standard_processors_render(
             structlog.processors.format_exc_info,
             redact_secrets,
         ):
-            event = proc(None, method, event)  # type: ignore[assignment,arg-type]
-        return json.loads(structlog.processors.JSONRenderer()(None, method, event))  # type: ignore[arg-type]
+            event = dict(proc(None, method, event))
+        rendered = structlog.processors.JSONRenderer()(None, method, event)
+        doc: dict[str, Any] = json.loads(rendered)
+        return doc
 
     try:
         raise ValueError("boom")
     except ValueError:
         exc = sys.exc_info()
     jwt = token(iss=A, aud="web")
-    events = [
+    events: list[dict[str, Any]] = [
         {"account": "alice@example.org", "latency_ms": 0.12, "remote": None, "event": "x"},
         {"detail": f"Bearer {jwt}", "rule": "r", "event": "y", "odd": object.__new__(object)},
         {"event": "engine error", "exc_info": exc, "token": jwt},
@@ -746,7 +752,7 @@ async def test_a_finish_that_raises_fails_that_request_only(
     socket_path: str,  # noqa: F811
 ) -> None:
     class Broken(InlineStub):
-        async def finish(self, pending: AuthRequest) -> Verdict:
+        async def finish(self, pending: Pending) -> Verdict:
             raise RuntimeError("bug in finish")
 
     await _serve(nursery, socket_path, Broken(Stub()))

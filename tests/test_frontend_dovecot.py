@@ -10,6 +10,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -108,7 +109,7 @@ def socket_path() -> Iterator[str]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-async def serve(nursery: trio.Nursery, path: str, authenticate: Stub, **kw: object) -> None:
+async def serve(nursery: trio.Nursery, path: str, authenticate: Stub, **kw: Any) -> None:
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     await sock.bind(path)
     sock.listen(256)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -52,7 +52,7 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def logs() -> Iterator[list[dict[str, Any]]]:
+def logs() -> Iterator[list[MutableMapping[str, Any]]]:
     with capture_logs() as captured:
         yield captured
 
@@ -92,7 +92,7 @@ async def verify_jwt(p: OidcProvider, token: str) -> VerifiedClaims | Refusal:
     return await p.verify(token, unverified)
 
 
-def failures(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def failures(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
     return [e for e in logs if e.get("log_level") in ("warning", "error")]
 
 
@@ -151,7 +151,7 @@ async def test_wrong_client_secret_is_temporary_and_logged(
     issuer: DevIssuer,
     client: httpx.AsyncClient,
     clock: FakeClock,
-    logs: list[dict[str, Any]],
+    logs: list[MutableMapping[str, Any]],
 ) -> None:
     token = issuer.mint_opaque()
     p = provider(issuer, client, clock, client_secret="not-the-secret")
@@ -279,7 +279,7 @@ async def test_token_never_logged(
     issuer: DevIssuer,
     client: httpx.AsyncClient,
     clock: FakeClock,
-    logs: list[dict[str, Any]],
+    logs: list[MutableMapping[str, Any]],
 ) -> None:
     token = issuer.mint_opaque()
     p = provider(issuer, client, clock)
@@ -362,7 +362,7 @@ async def test_redirect_is_refused_not_followed(
     nursery: trio.Nursery,
     client: httpx.AsyncClient,
     clock: FakeClock,
-    logs: list[dict[str, Any]],
+    logs: list[MutableMapping[str, Any]],
 ) -> None:
     other = DevIssuer()
     await nursery.start(other.serve)
@@ -430,7 +430,7 @@ async def test_userinfo_down_is_provider_unavailable(
         client,
         clock,
         client_id=None,
-        userinfo_endpoint=issuer.url + USERINFO,
+        userinfo_endpoint=f"{issuer.url}{USERINFO}",
         **USERINFO_VALIDATION,
     )
     issuer.fail_status = 503

@@ -729,6 +729,7 @@ def test_keyset_ignores_private_material() -> None:
 
 
 def test_keyset_rejects_non_jwks() -> None:
+    doc: object
     for doc in ([], {"keys": {}}, {"nokeys": []}, "x", None):
         with pytest.raises(JwksError):
             KeySet.from_jwks(doc, ALL_ASYM)

@@ -248,7 +248,7 @@ def test_any_bytes_give_a_defined_event(chunks: list[bytes], eof: bool) -> None:
 @settings(max_examples=300, deadline=None)
 @given(
     login=st.text(
-        st.characters(min_codepoint=0x21, max_codepoint=0x2FF, exclude_categories=("Cc",)),
+        st.characters(min_codepoint=0x21, max_codepoint=0x2FF, exclude_categories=["Cc"]),
         min_size=1,
         max_size=40,
     ),

@@ -85,7 +85,7 @@ async def test_refresh_loads_discovery_and_jwks(
 ) -> None:
     p = provider(issuer, client, clock)
     assert not p.keys_loaded
-    assert p.discovery_url == issuer.url + DISCOVERY
+    assert p.discovery_url == f"{issuer.url}{DISCOVERY}"
     assert await p.refresh() is True
     assert p.keys_loaded
     assert p.key_count == 2
@@ -422,7 +422,7 @@ async def test_slow_provider_bounded_by_timeout(
 
 async def test_fetch_json_errors(issuer: DevIssuer, client: httpx.AsyncClient) -> None:
     with pytest.raises(FetchError) as info:
-        await fetch_json(client, issuer.url + "/missing", timeout=2)
+        await fetch_json(client, f"{issuer.url}/missing", timeout=2)
     assert info.value.kind == "http_status"
     with pytest.raises(FetchError) as info:
         await fetch_json(client, issuer.jwks_uri, max_bytes=10, timeout=2)
