@@ -37,11 +37,13 @@ from saslauthd_oidc.frontends.dovecot import serve_dovecot_listener
 from saslauthd_oidc.frontends.http import (
     CallerAuth,
     HttpFrontend,
+    HttpLimits,
     load_caller_auth,
     serve_http,
 )
 from saslauthd_oidc.frontends.saslauthd import serve_saslauthd_listener
 from saslauthd_oidc.lifecycle import Current, DrainableListener, plan_reload
+from saslauthd_oidc.limits import Caps, budget_for, caps_for, raise_nofile_limit
 from saslauthd_oidc.metrics import Metrics
 from saslauthd_oidc.observability import configure_logging
 from saslauthd_oidc.providers import ProviderRegistry
@@ -475,6 +477,7 @@ async def run_daemon(
     if config.server.http_listen or config.server.http_socket or http_passed:
         caller_auth = load_caller_auth(config.http)
     listeners = open_listeners(config, passed_fds, auth=auth_listener)
+    caps = descriptor_caps(config, listeners)
     deadline = config.server.request_timeout + FRONTEND_DEADLINE_MARGIN
     try:
         async with make_http_client() as client:
@@ -521,6 +524,7 @@ async def run_daemon(
                             listeners.http,
                             shutdown_trigger=runtime.stop_http.wait,
                             graceful_timeout=deadline,
+                            limits=HttpLimits.from_config(config, caps.http),
                         )
                     )
                     log.info("listening", http=binds)
@@ -533,7 +537,7 @@ async def run_daemon(
                             mechanisms=mechanisms,
                             tempfail_disconnect=config.server.tempfail == "disconnect",
                             request_timeout=deadline,
-                            max_connections=config.server.max_connections,
+                            max_connections=caps.auth,
                             line_timeout=config.server.line_timeout,
                             authenticate_now=metrics.instrument_now(current.authenticate_now),
                         )
@@ -546,7 +550,7 @@ async def run_daemon(
                             listeners.saslauthd,
                             authenticate,
                             request_timeout=deadline,
-                            max_connections=config.server.max_connections,
+                            max_connections=caps.saslauthd,
                             max_password_bytes=config.server.max_token_bytes,
                         )
                     )
@@ -569,6 +573,45 @@ async def run_daemon(
         listeners.close()
         notifier.close()
     log.info("stopped")
+
+
+def descriptor_caps(config: Config, listeners: Listeners) -> Caps:
+    """Raise RLIMIT_NOFILE where allowed; the connection caps its budget allows (logged)."""
+    before, limit, error = raise_nofile_limit()
+    if error is not None:
+        log.warning(
+            "nofile_limit",
+            soft=before,
+            error=error,
+            detail="could not raise the descriptor limit; set LimitNOFILE= in the unit",
+        )
+    http = bool(listeners.http)
+    budget = budget_for(
+        config,
+        limit,
+        auth=listeners.auth is not None,
+        saslauthd=listeners.saslauthd is not None,
+        http=http,
+    )
+    caps = caps_for(config, budget)
+    for key, configured, used in caps.lowered:
+        log.warning(
+            "connection_cap_lowered",
+            key=key,
+            configured=configured,
+            used=used,
+            nofile=limit,
+            detail="the descriptor limit cannot hold this many; raise LimitNOFILE=",
+        )
+    log.info(
+        "descriptor_budget",
+        raised_from=before if limit != before else None,
+        **budget.describe(),
+        max_connections_auth=caps.auth,
+        max_connections_saslauthd=caps.saslauthd or None,
+        max_connections_http=caps.http if http else None,
+    )
+    return caps
 
 
 async def _handle_signals(runtime: _Runtime) -> None:
