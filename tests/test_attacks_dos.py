@@ -1,0 +1,331 @@
+"""Denial of service (issue 13) through a real daemon process at the shipped descriptor limit.
+
+Each test runs ``saslauthd-oidc serve`` in a subprocess whose RLIMIT_NOFILE is
+1024 soft *and* hard (the old unit's soft limit, and the daemon cannot raise
+it), with the auth socket and a loopback HTTP listener, and attacks it the
+way issue 13 describes:
+
+* 1,100 HTTP connections with a tiny receive buffer that never read, each
+  asking for a large answer (a reflected 30 kB discovery path; or many
+  pipelined requests with paths within bounds), while a Dovecot-protocol
+  client must still complete its handshake and an AUTH, and ``/healthz``
+  must still answer;
+* 1,100 idle auth connections from one local user (uid ``nobody`` when the
+  tests run as root) while another user's client is served, ``/healthz``
+  alive;
+* pipelined ``GET /metrics`` followed by a close: the daemon stops working
+  for the client that left (its CPU time afterwards stays small), and a
+  client that pipelines gets at most ``max_requests_per_connection``
+  answers per connection.
+
+On main before the fix the first two stop the auth socket (EMFILE: HTTP or
+idle connections take every descriptor) and the third costs seconds of CPU.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
+
+USER = "alice@example.org"
+NOFILE = 1024  # the shipped unit's soft limit before LimitNOFILE= was set
+ATTACK_CONNECTIONS = 1100
+NOBODY = 65534
+
+
+def _raise_own_limit(need: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < need:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < need:
+        pytest.skip(f"RLIMIT_NOFILE {soft} < {need}: the attacker's connections do not fit")
+
+
+def _limit_fds() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    sock: str
+    port: int
+    log: Path
+    issuer: DevIssuer
+
+    def events(self) -> list[dict[str, object]]:
+        return [
+            json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")
+        ]
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.fixture
+def daemon(request: pytest.FixtureRequest) -> Iterator[Daemon]:
+    extra = getattr(request, "param", "")
+    with DevIssuerThread(DevIssuer()) as issuer:
+        directory = Path(tempfile.mkdtemp(prefix="dos", dir="/tmp"))
+        directory.chmod(0o755)  # another uid may connect (the idle-connection attacker)
+        sock = directory / "auth"
+        port = _free_port()
+        config = directory / "c.toml"
+        config.write_text(
+            f'[server]\nauth_socket = "{sock}"\nauth_socket_mode = "0666"\n'
+            f'http_listen = ["127.0.0.1:{port}"]\nrequest_timeout = 3.0\n'
+            f'[http]\nauth = "open"\n{extra}\n'
+            '[logging]\nlevel = "info"\nformat = "json"\n'
+            f'[[provider]]\nname = "dev"\nissuer = "{issuer.issuer}"\nallow_http = true\n'
+            '[[rule]]\nname = "mail"\nprovider = "dev"\naudiences = ["mail"]\n'
+            'username = "{email}"\n'
+        )
+        log_path = directory / "daemon.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "saslauthd_oidc", "serve", "--config", str(config)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_limit_fds,  # noqa: PLW1509 - only setrlimit, before exec
+            )
+        try:
+            deadline = time.monotonic() + 20
+            while b'"event": "started"' not in log_path.read_bytes():
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.05)
+            yield Daemon(proc, str(sock), port, log_path, issuer)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            assert proc.returncode == 0, log_path.read_text()[-3000:]
+
+
+def dovecot_login(path: str, token: str, timeout: float = 5.0) -> str:
+    """Handshake and one OAUTHBEARER AUTH over a fresh connection, within ``timeout``."""
+    end = time.monotonic() + timeout
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        ir = base64.b64encode(f"n,a={USER},\x01auth=Bearer {token}\x01\x01".encode()).decode()
+        s.sendall(
+            f"VERSION\t1\t2\nCPID\t1\nAUTH\t1\tOAUTHBEARER\tservice=smtp\tresp={ir}\n".encode()
+        )
+        got = b""
+        while b"\t1\t" not in got.rsplit(b"DONE\n", 1)[-1] or not got.endswith(b"\n"):
+            s.settimeout(max(0.01, end - time.monotonic()))
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        return got.rsplit(b"DONE\n", 1)[-1].decode().strip()
+
+
+def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """One GET on a fresh connection: (status, body); within ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(f"GET {path} HTTP/1.0\r\nHost: mail.example.org\r\n\r\n".encode())
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+            s.settimeout(max(0.01, end - time.monotonic()))
+    head, _, body = got.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+def slow_reader(port: int, request: bytes) -> socket.socket | None:
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # before connect: a tiny window
+    s.settimeout(2.0)
+    try:
+        s.connect(("127.0.0.1", port))
+        s.sendall(request)
+    except OSError:
+        s.close()
+        return None
+    return s
+
+
+def _request(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: mail.example.org\r\n\r\n".encode()
+
+
+@pytest.mark.parametrize(
+    ("path_bytes", "pipelined"),
+    [(30_000, 2), (1_900, 24)],
+    ids=["reflected-30kB-path", "pipelined-requests"],
+)
+def test_http_slow_readers_do_not_starve_the_auth_socket(
+    daemon: Daemon, path_bytes: int, pipelined: int
+) -> None:
+    _raise_own_limit(ATTACK_CONNECTIONS + 200)
+    token = daemon.issuer.mint(email=USER)
+    assert dovecot_login(daemon.sock, token) == f"OK\t1\tuser={USER}"  # keys loaded
+    path = "/.well-known/oauth-protected-resource/" + "a" * path_bytes
+    status, body = http_get(daemon.port, "/.well-known/oauth-protected-resource/a")
+    assert status == 200 and b"resource" in body  # the discovery route reflects the path
+    held: list[socket.socket] = []
+    try:
+        for _ in range(ATTACK_CONNECTIONS):
+            s = slow_reader(daemon.port, _request(path) * pipelined)
+            if s is not None:
+                held.append(s)
+        # While every attacking connection is still open on our side: the auth
+        # socket completes a handshake and an AUTH, /healthz answers.
+        assert dovecot_login(daemon.sock, daemon.issuer.mint(email=USER)) == (f"OK\t1\tuser={USER}")
+        assert http_get(daemon.port, "/healthz") == (200, b"ok\n")
+    finally:
+        for s in held:
+            s.close()
+    events = daemon.events()
+    assert not [e for e in events if e.get("event") == "accept_failed"]
+    budget = next(e for e in events if e.get("event") == "descriptor_budget")
+    assert budget["nofile"] == NOFILE
+    assert int(str(budget["max_connections_http"])) < int(str(budget["max_connections_auth"]))
+    assert dovecot_login(daemon.sock, token) == f"OK\t1\tuser={USER}"
+
+
+def test_long_request_target_is_refused_not_reflected(daemon: Daemon) -> None:
+    status, body = http_get(daemon.port, "/.well-known/oauth-protected-resource/" + "a" * 30_000)
+    assert status == 414
+    assert b"aaaa" not in body and len(body) < 200
+
+
+_IDLE_ATTACKER = textwrap.dedent(
+    """
+    import os, socket, sys, time
+    uid, path, count = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    if uid >= 0:
+        os.setgid(uid)
+        os.setuid(uid)
+    held = []
+    for i in range(count):
+        s = socket.socket(socket.AF_UNIX)
+        s.setblocking(False)
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                s.connect(path)
+                s.sendall(b"VERSION\\t1\\t2\\nCPID\\t%d\\n" % (i + 1))
+            except BlockingIOError:  # the backlog is full: retry for a while
+                if time.monotonic() < deadline:
+                    time.sleep(0.005)
+                    continue
+                s.close()
+            except OSError:
+                s.close()
+            else:
+                held.append(s)
+            break
+    print(len(held), flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+    """
+)
+
+
+def test_idle_auth_connections_of_one_user_do_not_lock_out_another(daemon: Daemon) -> None:
+    _raise_own_limit(200)
+    token = daemon.issuer.mint(email=USER)
+    assert dovecot_login(daemon.sock, token) == f"OK\t1\tuser={USER}"
+    uid = NOBODY if os.getuid() == 0 else -1  # as root: the attacker is another local user
+    attacker = subprocess.Popen(
+        [sys.executable, "-c", _IDLE_ATTACKER, str(uid), daemon.sock, str(ATTACK_CONNECTIONS)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        preexec_fn=lambda: resource.setrlimit(  # noqa: PLW1509 - only setrlimit, before exec
+            resource.RLIMIT_NOFILE, (ATTACK_CONNECTIONS + 100, ATTACK_CONNECTIONS + 100)
+        ),
+    )
+    try:
+        assert attacker.stdout is not None
+        opened = int(attacker.stdout.readline())
+        assert opened > NOFILE, daemon.log.read_text()[-4000:]
+        # Another client is served at once, and so are several held at the same time.
+        assert dovecot_login(daemon.sock, daemon.issuer.mint(email=USER)) == (f"OK\t1\tuser={USER}")
+        held = []
+        for _ in range(20):
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(5)
+            s.connect(daemon.sock)
+            held.append(s)
+        for s in held:
+            got = b""
+            while b"DONE\n" not in got:
+                chunk = s.recv(65536)
+                assert chunk, "a held connection was closed instead of served"
+                got += chunk
+        assert http_get(daemon.port, "/healthz") == (200, b"ok\n")
+        for s in held:
+            s.close()
+    finally:
+        assert attacker.stdin is not None
+        attacker.stdin.close()
+        attacker.wait(10)
+    events = daemon.events()
+    assert not [e for e in events if e.get("event") == "accept_failed"]
+    limit = [e for e in events if e.get("event") == "connection_limit"]
+    assert limit and limit[0]["level"] == "warning"
+    if uid >= 0:
+        assert {e["peer"] for e in limit} == {f"uid={uid}"}  # only the attacker lost slots
+    assert dovecot_login(daemon.sock, token) == f"OK\t1\tuser={USER}"
+
+
+def _pipelined_metrics_then_close(port: int, count: int) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * count)
+
+
+def test_pipelined_requests_of_a_client_that_left_stop_costing_work(daemon: Daemon) -> None:
+    token = daemon.issuer.mint(email=USER)
+    assert dovecot_login(daemon.sock, token) == f"OK\t1\tuser={USER}"
+    assert http_get(daemon.port, "/metrics")[0] == 200
+    before = daemon.cpu_seconds()
+    for _ in range(30):
+        _pipelined_metrics_then_close(daemon.port, 1800)  # 63 kB of requests, then gone
+    time.sleep(2.0)  # what the daemon still does for them, it does now
+    # Before the fix the daemon answered every request to nobody: over 4 s of
+    # CPU (one core busy for as long as it was watched).
+    assert daemon.cpu_seconds() - before < 1.0
+    assert http_get(daemon.port, "/healthz") == (200, b"ok\n")
+
+
+@pytest.mark.parametrize("daemon", ["max_requests_per_connection = 5"], indirect=True)
+def test_pipelining_is_bounded_per_connection(daemon: Daemon) -> None:
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 50)
+        got = b""
+        while chunk := s.recv(65536):
+            got += chunk
+    assert got.count(b"HTTP/1.1 200") == 5
+    assert b"connection: close" in got.lower()
