@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import resource
+import secrets
 import signal
 import socket
 import subprocess
@@ -39,6 +40,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,10 +90,10 @@ class Daemon:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-@pytest.fixture
-def daemon(request: pytest.FixtureRequest) -> Iterator[Daemon]:
-    extra = getattr(request, "param", "")
-    with DevIssuerThread(DevIssuer()) as issuer:
+@contextlib.contextmanager
+def running_daemon(issuer: DevIssuer, extra: str = "") -> Iterator[Daemon]:
+    """``saslauthd-oidc serve`` at RLIMIT_NOFILE 1024:1024, auth socket and loopback HTTP."""
+    with DevIssuerThread(issuer):
         directory = Path(tempfile.mkdtemp(prefix="dos", dir="/tmp"))
         directory.chmod(0o755)  # another uid may connect (the idle-connection attacker)
         sock = directory / "auth"
@@ -103,6 +105,7 @@ def daemon(request: pytest.FixtureRequest) -> Iterator[Daemon]:
             f'[http]\nauth = "open"\n{extra}\n'
             '[logging]\nlevel = "info"\nformat = "json"\n'
             f'[[provider]]\nname = "dev"\nissuer = "{issuer.issuer}"\nallow_http = true\n'
+            'algorithms = ["ES256", "RS256"]\n'
             '[[rule]]\nname = "mail"\nprovider = "dev"\naudiences = ["mail"]\n'
             'username = "{email}"\n'
         )
@@ -129,6 +132,12 @@ def daemon(request: pytest.FixtureRequest) -> Iterator[Daemon]:
                 proc.kill()
                 proc.wait()
             assert proc.returncode == 0, log_path.read_text()[-3000:]
+
+
+@pytest.fixture
+def daemon(request: pytest.FixtureRequest) -> Iterator[Daemon]:
+    with running_daemon(DevIssuer(), getattr(request, "param", "")) as d:
+        yield d
 
 
 def dovecot_login(path: str, token: str, timeout: float = 5.0) -> str:
@@ -329,3 +338,63 @@ def test_pipelining_is_bounded_per_connection(daemon: Daemon) -> None:
             got += chunk
     assert got.count(b"HTTP/1.1 200") == 5
     assert b"connection: close" in got.lower()
+
+
+# --------------------------------------------------------------------------- key sizes
+
+
+def _b64u_int(value: int) -> str:
+    return (
+        base64.urlsafe_b64encode(value.to_bytes((value.bit_length() + 7) // 8, "big"))
+        .rstrip(b"=")
+        .decode()
+    )
+
+
+class HostileJwks(DevIssuer):
+    """A real issuer whose JWKS also publishes keys that are too costly to verify with."""
+
+    def jwks(self) -> dict[str, Any]:
+        doc = super().jwks()
+        huge_n = secrets.randbits(16384) | (1 << 16383) | 1  # a 16384-bit modulus
+        big_e = secrets.randbits(3000) | (1 << 2999) | 1  # a 3000-bit public exponent
+        n4096 = secrets.randbits(4096) | (1 << 4095) | 1  # e < n, as RSA needs
+        doc["keys"] += [
+            {"kty": "RSA", "kid": "huge-n", "use": "sig", "n": _b64u_int(huge_n), "e": "AQAB"},
+            {
+                "kty": "RSA",
+                "kid": "huge-e",
+                "use": "sig",
+                "n": _b64u_int(n4096),
+                "e": _b64u_int(big_e),
+            },
+        ]
+        return doc
+
+
+def _forged(kid: str, signature_bytes: int) -> str:
+    def enc(obj: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    now = int(time.time())
+    claims = {"iss": "x", "aud": "mail", "sub": "a", "email": USER, "exp": now + 600, "iat": now}
+    sig = base64.urlsafe_b64encode(secrets.token_bytes(signature_bytes)).rstrip(b"=").decode()
+    return f"{enc({'alg': 'RS256', 'typ': 'at+jwt', 'kid': kid})}.{enc(claims)}.{sig}"
+
+
+def test_oversized_rsa_keys_are_refused_at_load_and_never_used() -> None:
+    with running_daemon(HostileJwks()) as d:
+        token = d.issuer.mint(email=USER)
+        assert dovecot_login(d.sock, token) == f"OK\t1\tuser={USER}"  # the good key works
+        for kid, size in (("huge-n", 2048), ("huge-e", 256)):
+            reply = dovecot_login(d.sock, _forged(kid, size))
+            assert reply.startswith("FAIL\t1") or reply.startswith("CONT\t1"), reply
+        loaded = [e for e in d.events() if e.get("event") == "jwks loaded"]
+        skipped = " ".join(str(e["skipped"]) for e in loaded)
+        assert "kid='huge-n': RSA modulus missing, invalid or over 8192 bits" in skipped
+        assert "kid='huge-e': RSA public exponent" in skipped
+        verdicts = [e for e in d.events() if e.get("event") == "authentication"]
+        forged = [e for e in verdicts if e.get("outcome") != "ok"]
+        assert len(forged) == 2
+        # never verified with the refused keys (on main: bad_signature after a costly verify)
+        assert all(e["reason"] != "bad_signature" for e in forged), forged
