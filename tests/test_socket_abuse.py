@@ -21,7 +21,6 @@ import base64
 import functools
 import io
 import json
-import os
 import resource
 import signal
 import socket
