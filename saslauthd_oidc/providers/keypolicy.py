@@ -39,7 +39,7 @@ def _b64url(value: Any, max_bytes: int) -> bytes | None:
     if not isinstance(value, str) or not value or len(value) > (max_bytes * 4 + 2) // 3 + 1:
         return None
     try:
-        return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+        return base64.b64decode(value + "=" * (-len(value) % 4), altchars=b"-_", validate=True)
     except (binascii.Error, ValueError):
         return None
 

@@ -1,0 +1,383 @@
+"""Descriptor budgets, the fair accept loop, guarded streams, key-size bounds: unit level.
+
+The same behaviours through a real daemon process are in tests/test_attacks_dos.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import errno
+import resource
+import secrets
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+from structlog.testing import capture_logs
+
+from saslauthd_oidc.config import ConfigError, parse_config
+from saslauthd_oidc.frontends.accept import (
+    ConnectionTable,
+    GuardedStream,
+    _Connection,
+    serve_connections,
+)
+from saslauthd_oidc.limits import (
+    TARGET_NOFILE,
+    budget_for,
+    caps_for,
+    limit_warnings,
+    planned_limit,
+    split,
+)
+from saslauthd_oidc.providers.keypolicy import (
+    HMAC_MAX_SECRET_BYTES,
+    hmac_secret_refusal,
+    jwk_refusal,
+)
+
+PROVIDER = {"name": "p", "issuer": "https://idp.example.org", "jwks_uri": "https://idp/jwks"}
+RULE = {"name": "r", "provider": "p", "audiences": ["mail"], "username": "{email}"}
+
+
+def config(server: dict[str, Any] | None = None, http: dict[str, Any] | None = None) -> Any:
+    return parse_config(
+        {
+            "server": {"auth_socket": "/run/x/auth", **(server or {})},
+            "http": {"auth": "open", **(http or {})},
+            "provider": [PROVIDER],
+            "rule": [RULE],
+        }
+    )
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+def test_split_reserves_and_keeps_http_below_auth() -> None:
+    b = split(1024, auth=True, saslauthd=False, http=True, outbound=20)
+    assert b.reserve == 32 + 1024 // 32
+    assert b.auth + b.http + b.reserve + b.outbound <= 1024
+    assert 0 < b.http < b.auth
+    assert b.saslauthd == 0
+    alone = split(1024, auth=True, saslauthd=False, http=False, outbound=20)
+    assert alone.auth > b.auth and alone.http == 0
+    three = split(1024, auth=True, saslauthd=True, http=True, outbound=20)
+    assert three.auth > three.saslauthd > 0 and three.auth > three.http > 0
+
+
+def test_split_at_a_tiny_limit_still_gives_each_listener_a_slot() -> None:
+    b = split(40, auth=True, saslauthd=True, http=True, outbound=20)
+    assert (b.auth, b.saslauthd, b.http) == (1, 1, 1)
+
+
+def test_outbound_counts_each_http_client() -> None:
+    plain = config(server={"http_listen": ["127.0.0.1:8480"]})
+    own_ca = parse_config(
+        {
+            "server": {"auth_socket": "/run/x/auth"},
+            "provider": [PROVIDER, {**PROVIDER, "name": "q", "ca_file": "/etc/ca.pem"}],
+            "rule": [RULE],
+        }
+    )
+    assert budget_for(plain, 1024).outbound == 20
+    assert budget_for(own_ca, 1024).outbound == 40
+
+
+def test_unset_caps_are_defaults_within_the_budget() -> None:
+    cfg = config(server={"http_listen": ["127.0.0.1:8480"]})
+    big = caps_for(cfg, budget_for(cfg, 65536))
+    assert (big.auth, big.http, big.lowered) == (4096, 256, ())
+    small = caps_for(cfg, budget_for(cfg, 1024))
+    assert small.auth == budget_for(cfg, 1024).auth < 4096
+    assert small.lowered == ()  # nothing was configured, so nothing is "lowered"
+
+
+def test_configured_caps_above_the_budget_are_lowered_and_warned_about() -> None:
+    cfg = config(
+        server={"http_listen": ["127.0.0.1:8480"], "max_connections": 4096},
+        http={"max_connections": 5000},
+    )
+    budget = budget_for(cfg, 1024)
+    caps = caps_for(cfg, budget)
+    assert caps.auth == budget.auth and caps.http == budget.http
+    assert caps.lowered == (
+        ("server.max_connections", 4096, budget.auth),
+        ("http.max_connections", 5000, budget.http),
+    )
+    warnings = limit_warnings(cfg, 1024, 1024)
+    assert len(warnings) == 2
+    assert warnings[0].startswith("server.max_connections = 4096 does not fit")
+    assert "LimitNOFILE=" in warnings[0]
+    # the hard limit lets serve raise the soft one: then it fits
+    assert limit_warnings(cfg, 1024, 524288) == []
+    fits = config(server={"max_connections": 100})
+    assert limit_warnings(fits, 1024, 1024) == []
+
+
+def test_planned_limit() -> None:
+    assert planned_limit(1024, 1024) == 1024
+    assert planned_limit(1024, 524288) == TARGET_NOFILE
+    assert planned_limit(1024, 4096) == 4096
+    assert planned_limit(100000, 200000) == 100000  # never lowered
+    assert planned_limit(1024, resource.RLIM_INFINITY) == TARGET_NOFILE
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("server", "max_connections", 0),
+        ("http", "max_connections", "many"),
+        ("http", "read_timeout", 0),
+        ("http", "write_timeout", -1),
+        ("http", "keepalive_timeout", "x"),
+        ("http", "max_requests_per_connection", 0),
+    ],
+)
+def test_limit_keys_are_validated_by_name(section: str, key: str, value: Any) -> None:
+    with pytest.raises(ConfigError) as err:
+        config(**{section: {key: value}})
+    assert err.value.key == f"{section}.{key}"
+
+
+# --------------------------------------------------------------------------- the accept loop
+
+
+class _Stream(trio.abc.Stream):
+    def __init__(self) -> None:
+        self.closed = False
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.sleep_forever()
+        raise AssertionError  # pragma: no cover
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await trio.lowlevel.checkpoint()
+
+
+def _conn(table: ConnectionTable, peer: str, last_active: float) -> _Connection:
+    stream = GuardedStream(_Stream())
+    stream.last_active = last_active
+    c = _Connection(stream, ("uid", peer), trio.CancelScope())
+    table.add(c)
+    return c
+
+
+async def test_victim_is_the_longest_idle_of_the_peer_holding_the_most() -> None:
+    table = ConnectionTable("t", 10)
+    a_old = _conn(table, "a", 1.0)
+    _conn(table, "a", 5.0)
+    _conn(table, "a", 6.0)
+    p_old = _conn(table, "postfix", 0.5)
+    _conn(table, "postfix", 7.0)
+    assert table.victim(("uid", "postfix")) is a_old  # a holds the most
+    assert table.victim(("uid", "new")) is a_old
+    assert table.victim(("uid", "a")) is a_old
+    _conn(table, "postfix", 8.0)  # a tie: the newcomer's own peer gives way
+    assert table.victim(("uid", "postfix")) is p_old
+    assert table.victim(("uid", "a")) is a_old
+    table.remove(a_old)
+    assert table.held_by(("uid", "a")) == 2 and len(table) == 5
+
+
+class _Listener(trio.abc.Listener[Any]):
+    """Hands out queued streams; raises queued OSErrors first."""
+
+    def __init__(self) -> None:
+        self.send, self.receive = trio.open_memory_channel[Any](100)
+
+    async def accept(self) -> Any:
+        item = await self.receive.receive()
+        if isinstance(item, OSError):
+            raise item
+        return item
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_at_the_cap_a_newcomer_is_served_and_the_longest_idle_is_closed(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    listener = _Listener()
+    serving: list[GuardedStream] = []
+    ended: list[GuardedStream] = []
+
+    async def serve_one(stream: GuardedStream) -> None:
+        serving.append(stream)
+        try:
+            await trio.sleep_forever()
+        finally:
+            ended.append(stream)
+
+    streams = [_Stream() for _ in range(3)]
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: serve_connections(
+                    listener, serve_one, max_connections=2, name="t", task_status=task_status
+                )
+            )
+            for s in streams:
+                await listener.send.send(s)
+                await trio.sleep(1)
+            assert [g.inner for g in serving] == streams
+            assert [g.inner for g in ended] == [streams[0]]  # the longest idle made room
+            assert serving[0].gone and not serving[1].gone
+            nursery.cancel_scope.cancel()
+    warning = next(e for e in logs if e["event"] == "connection_limit")
+    assert warning["listener"] == "t" and warning["max_connections"] == 2
+
+
+async def test_accept_out_of_descriptors_is_logged_and_retried(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    listener = _Listener()
+    served: list[Any] = []
+
+    async def serve_one(stream: GuardedStream) -> None:
+        served.append(stream.inner)
+
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: serve_connections(
+                    listener, serve_one, max_connections=5, task_status=task_status
+                )
+            )
+            await listener.send.send(OSError(errno.EMFILE, "Too many open files"))
+            stream = _Stream()
+            await listener.send.send(stream)
+            await trio.sleep(1)
+            nursery.cancel_scope.cancel()
+    assert served == [stream]
+    failed = [e for e in logs if e["event"] == "accept_failed"]
+    assert failed and failed[0]["log_level"] == "warning"
+
+
+async def test_guarded_stream_write_timeout_drops_a_client_that_does_not_read(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    server, client = trio.testing.lockstep_stream_pair()
+    gone: list[bool] = []
+    guarded = GuardedStream(server, write_timeout=10.0, on_gone=lambda: gone.append(True))
+    start = trio.current_time()
+    with pytest.raises(trio.BrokenResourceError):
+        await guarded.send_all(b"x" * 100)  # nobody reads the other end
+    assert 10.0 <= trio.current_time() - start < 11.0
+    assert guarded.gone and gone == [True]
+    with pytest.raises(trio.BrokenResourceError):
+        await guarded.send_all(b"more")  # gone: no further work
+    assert await guarded.receive_some() == b""
+    await client.aclose()
+
+
+async def test_guarded_stream_peer_gone_cancels_the_connection() -> None:
+    server, client = trio.testing.memory_stream_pair()
+    with trio.CancelScope() as scope:
+        guarded = GuardedStream(server, on_gone=scope.cancel)
+        await client.aclose()
+        with pytest.raises(trio.BrokenResourceError):
+            await guarded.send_all(b"answer")
+        await trio.sleep_forever()  # cancelled by on_gone
+    assert scope.cancelled_caught and guarded.gone
+
+
+async def test_guarded_stream_records_activity(autojump_clock: trio.abc.Clock) -> None:
+    server, client = trio.testing.memory_stream_pair()
+    guarded = GuardedStream(server)
+    first = guarded.last_active
+    await trio.sleep(5)
+    await client.send_all(b"hello")
+    assert await guarded.receive_some() == b"hello"
+    assert guarded.last_active == first + 5
+
+
+# --------------------------------------------------------------------------- key sizes
+
+
+def b64u(value: int) -> str:
+    raw = value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def rsa(bits: int, e: int = 65537) -> dict[str, Any]:
+    return {"kty": "RSA", "n": b64u(secrets.randbits(bits) | (1 << (bits - 1)) | 1), "e": b64u(e)}
+
+
+def b64b(size: int) -> str:
+    return base64.urlsafe_b64encode(b"\x01" * size).rstrip(b"=").decode()
+
+
+@pytest.mark.parametrize(
+    ("jwk", "refused"),
+    [
+        (rsa(2048), None),
+        (rsa(4096), None),
+        (rsa(8192), None),
+        (rsa(3072, 3), None),
+        (rsa(2048, 2**32 - 1), None),
+        (rsa(2047), "RSA modulus of 2047 bits"),
+        (rsa(8193), "RSA modulus of 8193 bits"),
+        (rsa(16384), "RSA modulus missing, invalid or over 8192 bits"),
+        (rsa(4096, 2**3000 + 1), "RSA public exponent missing, invalid or over 2**32"),
+        (rsa(2048, 2**32 + 1), "RSA public exponent must be odd"),
+        (rsa(2048, 65536), "RSA public exponent must be odd"),
+        (rsa(2048, 1), "RSA public exponent must be odd"),
+        ({"kty": "RSA", "n": "!!!", "e": "AQAB"}, "RSA modulus missing"),
+        ({"kty": "RSA", "e": "AQAB"}, "RSA modulus missing"),
+        ({"kty": "EC", "crv": "P-256", "x": b64b(32), "y": b64b(32)}, None),
+        ({"kty": "EC", "crv": "P-521", "x": b64b(66), "y": b64b(66)}, None),
+        ({"kty": "EC", "crv": "P-256", "x": b64b(33), "y": b64b(32)}, "EC x coordinate"),
+        ({"kty": "EC", "crv": "P-256", "x": b64b(32), "y": b64b(9000)}, "EC y coordinate"),
+        ({"kty": "EC", "crv": "secp256k1", "x": b64b(32), "y": b64b(32)}, "EC curve"),
+        ({"kty": "OKP", "crv": "Ed25519", "x": b64b(32)}, None),
+        ({"kty": "OKP", "crv": "Ed448", "x": b64b(57)}, None),
+        ({"kty": "OKP", "crv": "Ed25519", "x": b64b(64)}, "OKP public key is not 32 bytes"),
+        ({"kty": "OKP", "crv": "X25519", "x": b64b(32)}, "OKP curve"),
+        ({"kty": "oct", "k": "AAAA"}, "unsupported kty"),
+    ],
+)
+def test_jwk_size_bounds(jwk: dict[str, Any], refused: str | None) -> None:
+    reason = jwk_refusal(jwk)
+    if refused is None:
+        assert reason is None
+    else:
+        assert reason is not None and reason.startswith(refused), reason
+
+
+def test_hmac_secret_bounds() -> None:
+    assert hmac_secret_refusal(b"k" * 32, "HS256") is None
+    assert hmac_secret_refusal(b"k" * 31, "HS256") == "HMAC secret shorter than 32 bytes"
+    assert hmac_secret_refusal(b"k" * 63, "HS512") == "HMAC secret shorter than 64 bytes"
+    assert hmac_secret_refusal(b"k" * HMAC_MAX_SECRET_BYTES, "HS512") is None
+    too_long = hmac_secret_refusal(b"k" * (HMAC_MAX_SECRET_BYTES + 1), "HS256")
+    assert too_long == f"HMAC secret longer than {HMAC_MAX_SECRET_BYTES} bytes"
+
+
+def test_hmac_secret_too_long_is_a_config_error(tmp_path: Any) -> None:
+    secret = tmp_path / "hmac"
+    secret.write_bytes(b"s" * (HMAC_MAX_SECRET_BYTES + 1))
+    secret.chmod(0o600)
+    from saslauthd_oidc.providers.oidc import _hmac_keys
+
+    cfg = parse_config(
+        {
+            "server": {"auth_socket": "/run/x/auth"},
+            "provider": [{**PROVIDER, "algorithms": ["HS256"], "hmac_secret_file": str(secret)}],
+            "rule": [RULE],
+        }
+    )
+    with pytest.raises(ConfigError) as err:
+        _hmac_keys(cfg.providers[0], None)
+    assert err.value.key == "provider p.hmac_secret_file"
+    assert "longer than" in err.value.message
+    assert "sss" not in str(err.value)  # never the secret itself
