@@ -30,6 +30,7 @@ from saslauthd_oidc.daemon import run_daemon
 from saslauthd_oidc.devmode import DEFAULT_DEV_DIR, run_dev
 from saslauthd_oidc.engine import Engine
 from saslauthd_oidc.frontends.http import load_caller_auth
+from saslauthd_oidc.limits import current_nofile_limit, limit_warnings
 from saslauthd_oidc.observability import configure_logging
 from saslauthd_oidc.outcome import Outcome, Verdict
 from saslauthd_oidc.providers import ProviderRegistry
@@ -110,7 +111,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"{config.source}: ok")
     print(f"  providers: {', '.join(p.name for p in config.providers) or '(none)'}")
     print(f"  rules (in evaluation order): {', '.join(_rule_order(config))}")
-    warnings = config_warnings(config)
+    warnings = config_warnings(config) + limit_warnings(config, *current_nofile_limit())
     for w in warnings:
         print(f"warning: {w}")
     if not args.online:

@@ -7,8 +7,16 @@ from __future__ import annotations
 
 import base64
 import errno
+import functools
+import json
+import re
 import resource
 import secrets
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +31,7 @@ from saslauthd_oidc.frontends.accept import (
     _Connection,
     serve_connections,
 )
+from saslauthd_oidc.frontends.http import HttpLimits, serve_http
 from saslauthd_oidc.limits import (
     TARGET_NOFILE,
     budget_for,
@@ -381,3 +390,177 @@ def test_hmac_secret_too_long_is_a_config_error(tmp_path: Any) -> None:
     assert err.value.key == "provider p.hmac_secret_file"
     assert "longer than" in err.value.message
     assert "sss" not in str(err.value)  # never the secret itself
+
+
+def test_the_shipped_unit_holds_the_default_caps() -> None:
+    unit = Path(__file__).resolve().parent.parent / "contrib/systemd/saslauthd-oidc.service"
+    values = re.findall(r"^LimitNOFILE=(\d+)$", unit.read_text(), re.MULTILINE)
+    assert len(values) == 1
+    limit = int(values[0])
+    cfg = config(
+        server={"http_listen": ["127.0.0.1:8480"], "saslauthd_socket": "/run/x/mux"},
+    )
+    caps = caps_for(cfg, budget_for(cfg, planned_limit(limit, limit)))
+    assert (caps.auth, caps.saslauthd, caps.http) == (4096, 4096, 256)
+    assert limit_warnings(config(server={"max_connections": 4096}), limit, limit) == []
+
+
+# --------------------------------------------------------------------------- the HTTP listener
+
+
+async def _echo_app(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"got %d" % len(body)})
+
+
+async def _serve(nursery: trio.Nursery, **limits: Any) -> int:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    sock.setblocking(False)
+    await nursery.start(
+        functools.partial(serve_http, _echo_app, [sock], limits=HttpLimits(**limits))
+    )
+    return int(sock.getsockname()[1])
+
+
+async def _exchange(port: int, data: bytes, *, wait: float = 5.0) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(data)
+        got = b""
+        with trio.fail_after(wait):
+            while chunk := await stream.receive_some(65536):
+                got += chunk
+    return got
+
+
+def _get(target: str = "/", headers: str = "") -> bytes:
+    return f"GET {target} HTTP/1.1\r\nHost: x\r\n{headers}Connection: close\r\n\r\n".encode()
+
+
+async def test_http_request_bounds(nursery: trio.Nursery) -> None:
+    port = await _serve(nursery)
+    assert (await _exchange(port, _get("/" + "a" * 100))).startswith(b"HTTP/1.1 200")
+    long_target = await _exchange(port, _get("/" + "a" * 3000))
+    assert long_target.startswith(b"HTTP/1.1 414") and b"aaaa" not in long_target
+    long_header = await _exchange(port, _get("/", "Referer: https://" + "r" * 5000 + "\r\n"))
+    assert long_header.startswith(b"HTTP/1.1 431")
+    token = "t" * 16000  # a long bearer token still fits
+    assert (await _exchange(port, _get("/", f"Authorization: Bearer {token}\r\n"))).startswith(
+        b"HTTP/1.1 200"
+    )
+
+
+async def test_http_body_that_does_not_arrive_gets_408(nursery: trio.Nursery) -> None:
+    port = await _serve(nursery, read_timeout=0.3)
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789"
+    assert (await _exchange(port, head)).startswith(b"HTTP/1.1 408")
+
+
+async def test_http_idle_connection_is_closed_after_keepalive_timeout(
+    nursery: trio.Nursery,
+) -> None:
+    port = await _serve(nursery, keepalive_timeout=0.3)
+    request = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"  # keep-alive
+    got = await _exchange(port, request)  # returns at the server's close
+    assert got.startswith(b"HTTP/1.1 200") and got.count(b"HTTP/1.1") == 1
+    assert await _exchange(port, b"") == b""  # nothing sent at all: closed too
+
+
+async def test_http_connection_cap_closes_the_longest_idle(nursery: trio.Nursery) -> None:
+    port = await _serve(nursery, max_connections=2, keepalive_timeout=60)
+    first = await trio.open_tcp_stream("127.0.0.1", port)
+    await trio.sleep(0.05)
+    second = await trio.open_tcp_stream("127.0.0.1", port)
+    await trio.sleep(0.05)
+    assert (await _exchange(port, _get())).startswith(b"HTTP/1.1 200")  # served at the cap
+    with trio.fail_after(5):
+        assert await first.receive_some() == b""  # the longest idle made room
+    await second.send_all(_get())
+    with trio.fail_after(5):
+        assert (await second.receive_some()).startswith(b"HTTP/1.1 200")
+    await first.aclose()
+    await second.aclose()
+
+
+def test_check_config_warns_about_caps_the_descriptor_limit_cannot_hold(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[server]\nauth_socket = "/run/x/auth"\nmax_connections = 4096\n'
+        'http_listen = ["127.0.0.1:8480"]\n[http]\nauth = "open"\nmax_connections = 1000\n'
+        '[[provider]]\nname = "p"\nissuer = "https://idp.example.org"\n'
+        'jwks_uri = "https://idp.example.org/jwks"\n'
+        '[[rule]]\nname = "r"\nprovider = "p"\naudiences = ["mail"]\nusername = "{email}"\n'
+    )
+
+    def at(soft: int, hard: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "saslauthd_oidc", "check-config", "--config", str(path)],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard)),
+        )
+
+    low = at(1024, 1024)
+    assert low.returncode == 0, low.stderr
+    warnings = [line for line in low.stdout.splitlines() if line.startswith("warning:")]
+    assert any(
+        w.startswith("warning: server.max_connections = 4096 does not fit") for w in warnings
+    )
+    assert any(w.startswith("warning: http.max_connections = 1000 does not fit") for w in warnings)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 8192:
+        pytest.skip(f"hard RLIMIT_NOFILE {hard}: cannot show a raisable limit")
+    raisable = at(1024, hard)  # serve raises the soft limit: then both fit
+    assert raisable.returncode == 0, raisable.stderr
+    assert "does not fit" not in raisable.stdout
+
+
+def test_serve_raises_the_soft_limit_and_budgets_from_what_it_got(tmp_path: Path) -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard <= 1024:
+        pytest.skip(f"hard RLIMIT_NOFILE {hard}: nothing to raise to")
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'[server]\nauth_socket = "{tmp_path}/auth"\n[logging]\nformat = "json"\n'
+        '[[provider]]\nname = "p"\nissuer = "https://127.0.0.1:1"\n'
+        'jwks_uri = "https://127.0.0.1:1/jwks"\n'
+        '[[rule]]\nname = "r"\nprovider = "p"\naudiences = ["mail"]\nusername = "{email}"\n'
+    )
+    log = tmp_path / "log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "saslauthd_oidc", "serve", "--config", str(path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=lambda: resource.setrlimit(  # noqa: PLW1509 - only setrlimit
+                resource.RLIMIT_NOFILE, (1024, hard)
+            ),
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while b'"event": "started"' not in log.read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    want = planned_limit(1024, hard)
+    assert re.search(rf"^Max open files\s+{want}\s", limits, re.MULTILINE), limits
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    budget = next(e for e in events if e["event"] == "descriptor_budget")
+    assert budget["raised_from"] == 1024 and budget["nofile"] == want
+    assert budget["max_connections_auth"] == min(4096, budget["auth"])

@@ -10,6 +10,7 @@ import pytest
 
 from saslauthd_oidc.config import (
     CacheConfig,
+    HttpConfig,
     LoggingConfig,
     ProviderConfig,
     RuleConfig,
@@ -21,6 +22,7 @@ REFERENCE = Path(__file__).resolve().parent.parent / "etc" / "saslauthd-oidc.tom
 SECTIONS = {
     "server": ServerConfig,
     "cache": CacheConfig,
+    "http": HttpConfig,
     "logging": LoggingConfig,
     "provider": ProviderConfig,
     "rule": RuleConfig,

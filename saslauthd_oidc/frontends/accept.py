@@ -103,9 +103,19 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         if self.gone:
             await trio.lowlevel.checkpoint()
             raise trio.BrokenResourceError("the client is gone")
-        scope = trio.CancelScope()
-        if self._write_timeout is not None:
-            scope.deadline = trio.current_time() + self._write_timeout
+        if self._write_timeout is None:
+            # No deadline of ours: the connection's own cancellation (an
+            # eviction) interrupts the send; no scope to set up per call.
+            try:
+                await self.inner.send_all(data)
+            except trio.BrokenResourceError:
+                self.abort()
+                raise
+            self.last_active = trio.current_time()
+            return
+        # A scope of our own, inside whatever shields the caller puts around
+        # the send (hypercorn does): the deadline and abort() reach it.
+        scope = trio.CancelScope(deadline=trio.current_time() + self._write_timeout)
         self._ops.add(scope)
         try:
             with scope:
@@ -126,18 +136,11 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         await self.inner.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        # An abort() cancels the connection's task, which ends a pending receive.
         if self.gone:
             await trio.lowlevel.checkpoint()
             return b""
-        scope = trio.CancelScope()
-        self._ops.add(scope)
-        try:
-            with scope:
-                data = await self.inner.receive_some(max_bytes)
-        finally:
-            self._ops.discard(scope)
-        if scope.cancelled_caught:
-            return b""
+        data = await self.inner.receive_some(max_bytes)
         self.last_active = trio.current_time()
         return data
 
@@ -280,6 +283,9 @@ async def serve_connections(
             with connection.scope:
                 await serve_one(connection.stream)
         finally:
+            # Whatever the handler did (hypercorn's close may be cut short by
+            # the cancellation), the descriptor is released here.
+            await trio.aclose_forcefully(connection.stream.inner)
             table.remove(connection)
             connection.done.set()
 

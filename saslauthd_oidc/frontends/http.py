@@ -536,8 +536,9 @@ def hypercorn_config(limits: HttpLimits, graceful_timeout: float) -> HypercornCo
     config.h11_max_incomplete_size = limits.max_head_bytes
     config.h2_max_concurrent_streams = H2_MAX_STREAMS
     config.h2_max_header_list_size = limits.max_head_bytes
-    # Per receive: a client that sends nothing at all for this long is dropped.
-    config.read_timeout = limits.read_timeout  # type: ignore[assignment]
+    # A backstop per receive (the idle timer below closes idle connections,
+    # the ASGI guard bounds a body): a client silent this long is dropped.
+    config.read_timeout = max(limits.read_timeout, limits.keepalive_timeout)  # type: ignore[assignment]
     config.keep_alive_timeout = limits.keepalive_timeout
     config.keep_alive_max_requests = limits.max_requests_per_connection
     config.max_app_queue_size = 4
