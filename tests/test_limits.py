@@ -564,3 +564,14 @@ def test_serve_raises_the_soft_limit_and_budgets_from_what_it_got(tmp_path: Path
     budget = next(e for e in events if e["event"] == "descriptor_budget")
     assert budget["raised_from"] == 1024 and budget["nofile"] == want
     assert budget["max_connections_auth"] == min(4096, budget["auth"])
+
+
+def test_http_limits_changed_on_reload_need_a_restart() -> None:
+    from saslauthd_oidc.lifecycle import plan_reload
+
+    old = config(server={"http_listen": ["127.0.0.1:8480"]})
+    new = config(
+        server={"http_listen": ["127.0.0.1:8480"]},
+        http={"max_connections": 10, "write_timeout": 3.0, "metrics": False},
+    )
+    assert plan_reload(old, new).restart_keys == ("http.max_connections", "http.write_timeout")
