@@ -88,6 +88,10 @@ class HttpConfig:
     readyz_grace: float = 30.0
     metrics: bool = True
     stalwart_issuer: str | None = None  # the issuer URL of the Stalwart userinfo facade
+    # Reverse proxies whose X-Forwarded-Host / X-Forwarded-Proto are believed:
+    # addresses or networks, and "unix" for the Unix-socket listener. None by default.
+    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
+    trust_unix_proxies: bool = False
     # Denial-of-service bounds of the HTTP listener (saslauthd_oidc.limits).
     max_connections: int | None = None  # None: 256, within the descriptor budget
     read_timeout: float = 10.0  # seconds for a request (head and body) to arrive
@@ -371,6 +375,32 @@ def _parse_mode(key: str, v: Any) -> int:
     raise ConfigError(key, 'expected an octal string such as "0660"')
 
 
+# RFC 6749 §3.3 scope-token: NQCHAR, i.e. printable ASCII except '"' and '\\'.
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")
+
+
+def _scope_list(key: str, value: str | None) -> str | None:
+    """A space-separated scope list (the RFC 7628 challenge's ``scope``), normalised."""
+    if not value:
+        return None
+    scopes = value.split()
+    bad = [s for s in scopes if _SCOPE_TOKEN.fullmatch(s) is None]
+    if not scopes or bad:
+        raise ConfigError(key, 'expected space-separated scopes (printable ASCII, no " or \\)')
+    return " ".join(scopes)
+
+
+def _a_label_host(key: str, host: str) -> str:
+    """A host name as requests carry it: lower case, no trailing dot, IDNA A-labels."""
+    host = host.lower().rstrip(".")
+    if host.isascii():
+        return host
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise ConfigError(key, f"{host!r} is not a valid internationalised host name") from None
+
+
 def _check_url(key: str, url: str, *, allow_http: bool) -> str:
     if url.startswith("https://") or (allow_http and url.startswith("http://")):
         return url
@@ -465,6 +495,19 @@ def _parse_http(data: Any, server: ServerConfig) -> HttpConfig:
                 "http.stalwart_issuer",
                 "needs a path of its own, e.g. http://127.0.0.1:8480/stalwart",
             )
+    proxies: list[IPv4Network | IPv6Network] = []
+    trust_unix = False
+    for entry in s.texts("trusted_proxies"):
+        if entry == "unix":
+            trust_unix = True
+            continue
+        try:
+            proxies.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ConfigError(
+                "http.trusted_proxies",
+                f'{entry!r} is not an address, a network or "unix"',
+            ) from None
     cfg = HttpConfig(
         auth=s.choice("auth", d.auth, ("required", "open")),  # type: ignore[arg-type]
         users_file=s.text("users_file", None),
@@ -472,6 +515,8 @@ def _parse_http(data: Any, server: ServerConfig) -> HttpConfig:
         readyz_grace=s.number("readyz_grace", d.readyz_grace),
         metrics=s.flag("metrics", d.metrics),
         stalwart_issuer=stalwart_issuer or None,
+        trusted_proxies=tuple(proxies),
+        trust_unix_proxies=trust_unix,
         max_connections=_optional_whole(s, "max_connections"),
         read_timeout=s.number("read_timeout", d.read_timeout, minimum=0.1),
         write_timeout=s.number("write_timeout", d.write_timeout, minimum=0.1),
@@ -670,6 +715,16 @@ def _parse_rule(index: int, data: Any, provider_names: set[str]) -> RuleConfig:
     referers = s.texts("referers")
     for referer in referers:
         _check_url(f"{key}.referers", referer, allow_http=True)
+        try:
+            parts = urlsplit(referer)
+            valid = bool(parts.hostname) and (parts.port or 0) >= 0  # .port checks the port
+        except ValueError:
+            valid = False
+        if not valid or "@" in parts.netloc or parts.query or parts.fragment:
+            raise ConfigError(
+                f"{key}.referers",
+                f"{referer!r}: expected scheme://host[:port][/path], no user, query or fragment",
+            )
     remote_networks = []
     for net in s.texts("remote_networks"):
         try:
@@ -700,7 +755,7 @@ def _parse_rule(index: int, data: Any, provider_names: set[str]) -> RuleConfig:
         claims=claims,
         domains=tuple(d.lower().lstrip("@") for d in s.texts("domains")),
         services=tuple(v.lower() for v in s.texts("services")),
-        hosts=tuple(h.lower().rstrip(".") for h in s.texts("hosts")),
+        hosts=tuple(_a_label_host(f"{key}.hosts", h) for h in s.texts("hosts")),
         ports=ports,
         mechanisms=mechanisms,
         remote_networks=tuple(remote_networks),
@@ -712,7 +767,7 @@ def _parse_rule(index: int, data: Any, provider_names: set[str]) -> RuleConfig:
         authzid=s.choice("authzid", "match", ("match", "ignore")),  # type: ignore[arg-type]
         fallback=s.flag("fallback", False),
         discovery_hint=discovery_hint,
-        challenge_scope=s.text("challenge_scope", None),
+        challenge_scope=_scope_list(f"{key}.challenge_scope", s.text("challenge_scope", None)),
         resource_paths=tuple(p.rstrip("/") or "/" for p in resource_paths),
         referers=referers,
         scopes_supported=s.texts("scopes_supported"),

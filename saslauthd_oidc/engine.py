@@ -48,7 +48,13 @@ from saslauthd_oidc.providers.jwt import (
     peek,
 )
 from saslauthd_oidc.request import AuthRequest
-from saslauthd_oidc.rules import claim_mismatch, context_mismatch, discovery_hint, ordered
+from saslauthd_oidc.rules import (
+    account_domain_mismatch,
+    claim_mismatch,
+    context_mismatch,
+    discovery_hint,
+    ordered,
+)
 
 log = structlog.get_logger("saslauthd_oidc.auth")
 
@@ -297,7 +303,11 @@ class Engine:
                 if refusal is None or _DEPTH.get(mismatch.reason, 0) > _DEPTH.get(refusal[0], 0):
                     refusal = (mismatch.reason, mismatch.detail)
                 continue
-            return await self._conclude(request, rule, result.claims, hint, trace, now=now)
+            verdict = await self._conclude(request, rule, result.claims, hint, trace, now=now)
+            if verdict is not None:
+                return verdict
+            if refusal is None:  # the account is outside the rule's domains: next rule
+                refusal = (trace[-1].reason, trace[-1].detail)
         verdict_reason = temporary or refusal
         assert verdict_reason is not None
         return Verdict(
@@ -332,7 +342,9 @@ class Engine:
         trace: list[RuleTrace],
         *,
         now: bool,
-    ) -> Verdict:
+    ) -> Verdict | None:
+        """The rule's account, or its refusal; None: not this rule after all (try the next)."""
+
         def refuse(reason: Reason, detail: str) -> Verdict:
             trace.append(RuleTrace(rule.name, False, reason, detail))
             return Verdict(
@@ -358,6 +370,10 @@ class Engine:
         if problem is not None:
             return refuse(problem.reason, problem.detail)
         assert isinstance(account, str)
+        outside = account_domain_mismatch(rule, request, account)
+        if outside is not None:
+            trace.append(RuleTrace(rule.name, False, outside.reason, outside.detail))
+            return None
         trace.append(RuleTrace(rule.name, True, Reason.OK, f"account {account!r}"))
         return Verdict(
             reason=Reason.OK,

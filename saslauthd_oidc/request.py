@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from saslauthd_oidc.config import Config, RuleConfig
 
 
 class Mechanism(enum.StrEnum):
@@ -85,3 +90,79 @@ class AuthRequest:
 def token_fingerprint(token: str) -> str:
     """The only form in which a token may appear in logs, replies or metrics."""
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- who says what
+
+# Rule context conditions that a frontend's requests can never satisfy, because
+# its callers never send the fact (README "Who controls each request fact").
+# The Dovecot socket's callers can send all of them (Postfix and Exim send no
+# lport: there the client's OAUTHBEARER port= is all there is).
+_NEVER_SENT: Mapping[str, tuple[str, Mapping[str, str]]] = {
+    "saslauthd": (
+        "the saslauthd socket (Cyrus SASL)",
+        {
+            "hosts": "no host name",
+            "ports": "no port",
+            "require_secured": "no TLS flag",
+        },
+    ),
+    "introspect": (
+        "Dovecot's /introspect",
+        {
+            "hosts": "no host name",
+            "require_secured": "no TLS flag",
+        },
+    ),
+    "stalwart": (
+        "Stalwart",
+        {
+            "services": "no service",
+            "hosts": "no host name",
+            "ports": "no port",
+            "remote_networks": "no client address",
+            "require_secured": "no TLS flag",
+        },
+    ),
+}
+
+
+def _serves(rule: RuleConfig, mechanism: Mechanism) -> bool:
+    return not rule.mechanisms or mechanism.value in rule.mechanisms
+
+
+def unreachable_condition_warnings(cfg: Config) -> list[str]:
+    """Rules whose context conditions can never hold on an enabled frontend.
+
+    Such a rule never serves that frontend's requests; said once per rule,
+    naming each frontend and the fact its callers do not send. A rule that
+    excludes the frontend by ``mechanisms`` is not reported.
+    """
+    http = bool(cfg.server.http_listen or cfg.server.http_socket)
+    enabled = {
+        "saslauthd": (bool(cfg.server.saslauthd_socket), Mechanism.PLAIN),
+        "introspect": (http, Mechanism.BEARER),
+        "stalwart": (http and bool(cfg.http.stalwart_issuer), Mechanism.BEARER),
+    }
+    warnings: list[str] = []
+    for i, rule in enumerate(cfg.rules):
+        problems: list[str] = []
+        for frontend, (on, mechanism) in enabled.items():
+            if not on or not _serves(rule, mechanism):
+                continue
+            label, never = _NEVER_SENT[frontend]
+            missing = [
+                f"{condition} ({fact})"
+                for condition, fact in never.items()
+                if getattr(rule, condition)
+            ]
+            if missing:
+                problems.append(f"{label}: {', '.join(missing)}")
+        if problems:
+            warnings.append(
+                f"rule[{i}] ({rule.name}) never serves "
+                + "; ".join(problems)
+                + ": those requests do not carry these facts (a rule whose mechanisms "
+                'leave out "BEARER" is kept off HTTP, one without "PLAIN" off saslauthd)'
+            )
+    return warnings

@@ -3,7 +3,8 @@
 Selection is deterministic (README "How a rule is chosen"):
 
 1. context conditions narrow the rules: mechanism, service, host and port
-   (OAUTHBEARER ``host=``/``port=``, else TLS SNI and the local port), the
+   (what the server says — TLS SNI, the local port — else OAUTHBEARER
+   ``host=``/``port=``), the
    user's domain (authzid / XOAUTH2 ``user=`` / login), the remote address,
    whether the connection is secured;
 2. the *unverified* token's ``iss`` may only narrow them further (exact match);
@@ -23,8 +24,9 @@ from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from typing import TYPE_CHECKING, Any
 
+from saslauthd_oidc.discovery import discovery_warnings
 from saslauthd_oidc.outcome import DiscoveryHint, Reason
-from saslauthd_oidc.request import AuthRequest
+from saslauthd_oidc.request import AuthRequest, unreachable_condition_warnings
 
 if TYPE_CHECKING:
     from saslauthd_oidc.config import Config, ProviderConfig, RuleConfig
@@ -43,12 +45,14 @@ def ordered(rules: Iterable[RuleConfig]) -> list[RuleConfig]:
 
 
 def request_host(request: AuthRequest) -> str | None:
-    host = request.credentials.host or request.context.local_name
+    """The server's TLS SNI (``local_name=``), else the client's OAUTHBEARER ``host=``."""
+    host = request.context.local_name or request.credentials.host
     return host.lower().rstrip(".") if host else None
 
 
 def request_port(request: AuthRequest) -> int | None:
-    return request.credentials.port or request.context.local_port
+    """The server's own ``lport``, else the client's OAUTHBEARER ``port=`` (docs/SECURITY.md)."""
+    return request.context.local_port or request.credentials.port
 
 
 def context_mismatch(rule: RuleConfig, request: AuthRequest) -> Mismatch | None:
@@ -70,11 +74,29 @@ def context_mismatch(rule: RuleConfig, request: AuthRequest) -> Mismatch | None:
         return Mismatch(Reason.NO_RULE_FOR_CONTEXT, "connection is not secured (TLS)")
     if rule.remote_networks and not _in_networks(ctx.remote_ip, rule.remote_networks):
         return Mismatch(Reason.NO_RULE_FOR_CONTEXT, f"remote address {ctx.remote_ip!r} not in rule")
-    if rule.domains:
+    # A request that names no user (Dovecot's passdb oauth2, Stalwart, OAUTHBEARER
+    # without a=) logs in the account we answer: its domain is checked instead
+    # (account_domain_mismatch), once the token has named the account.
+    if rule.domains and request.credentials.authzid:
         domain = request.credentials.user_domain
         if domain not in rule.domains:
             return Mismatch(Reason.NO_RULE_FOR_CONTEXT, f"user domain {domain!r} not in rule")
     return None
+
+
+def account_domain_mismatch(
+    rule: RuleConfig, request: AuthRequest, account: str
+) -> Mismatch | None:
+    """``domains`` judged on the mapped account, for a request that names no user."""
+    if not rule.domains or request.credentials.authzid:
+        return None
+    local, at, domain = account.rpartition("@")
+    if at and local and domain.lower() in rule.domains:
+        return None
+    return Mismatch(
+        Reason.NO_RULE_FOR_CONTEXT,
+        f"no user named, and the account {account!r} is not in the rule's domains",
+    )
 
 
 def _in_networks(address: str | None, networks: Sequence[IPv4Network | IPv6Network]) -> bool:
@@ -151,7 +173,8 @@ def discovery_hint(rule: RuleConfig | None, provider: ProviderConfig | None) -> 
     if rule is None:
         return DiscoveryHint()
     url = rule.discovery_hint or (provider.effective_discovery_url if provider else None)
-    scope = rule.challenge_scope or (rule.required_scopes[0] if rule.required_scopes else None)
+    # RFC 7628 §3.2.2 / RFC 6749 §3.3: one space-separated string of every scope needed.
+    scope = rule.challenge_scope or (" ".join(rule.required_scopes) or None)
     return DiscoveryHint(openid_configuration=url, scope=scope)
 
 
@@ -217,6 +240,8 @@ def config_warnings(cfg: Config) -> list[str]:
                 f"{r.provider!r}, for any client, is accepted"
             )
     warnings.extend(_opaque_token_warnings(cfg))
+    warnings.extend(discovery_warnings(cfg))
+    warnings.extend(unreachable_condition_warnings(cfg))
     return warnings
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from saslauthd_oidc.config import Config, ConfigError, parse_config
 from saslauthd_oidc.frontends.http import CallerAuth, HttpFrontend, load_caller_auth
@@ -195,6 +196,29 @@ async def test_dovecot_auth_headers_feed_the_request_context() -> None:
     assert (ctx.remote_ip, ctx.remote_port) == ("192.0.2.7", 51234)
 
 
+async def test_introspect_without_dovecot_headers_says_what_to_set() -> None:
+    cfg = parse_config(
+        {
+            "server": {"http_listen": "127.0.0.1:8480"},
+            "http": {"auth": "open"},
+            "provider": [{"name": "kanidm", "issuer": ISSUER}],
+            "rule": [
+                {"name": "imap", "provider": "kanidm", "services": ["imap"]},
+                {"name": "smtp", "provider": "kanidm", "ports": [587], "mechanisms": ["XOAUTH2"]},
+            ],
+        }
+    )
+    c, _ = client(OK, config=cfg)
+    with capture_logs() as logs:
+        async with c:
+            for _ in range(2):
+                await c.post("/introspect", **form())
+    hints = [e for e in logs if e["event"] == "introspect_without_auth_headers"]
+    assert len(hints) == 1  # once, not per request
+    assert hints[0]["rules"] == ["imap"]  # "smtp" never serves HTTP anyway
+    assert "send_auth_headers = yes" in hints[0]["hint"]
+
+
 def basic(user: str, password: str) -> dict[str, str]:
     value = base64.b64encode(f"{user}:{password}".encode()).decode()
     return {"authorization": f"Basic {value}"}
@@ -367,12 +391,13 @@ async def test_protected_resource_metadata_by_path() -> None:
         "bearer_methods_supported": ["header"],
         "scopes_supported": ["openid", "email", "urn:ietf:params:oauth:scope:mail"],
     }
-    r = await prm("/.well-known/oauth-protected-resource/jmap/session")
-    assert r.json()["authorization_servers"] == [AK_ISSUER]
-    assert r.json()["resource"] == "https://mail.example.com/jmap/session"
-    # "/jmapx" is not under "/jmap": the next rules decide
-    r = await prm("/.well-known/oauth-protected-resource/jmapx")
-    assert r.json()["authorization_servers"] == [ISSUER]
+    # Only configured resources are answered: nothing of the request path is reflected.
+    for other in ("/jmap/session", "/jmapx", "/" + "x" * 30000):
+        r = await prm("/.well-known/oauth-protected-resource" + other)
+        assert r.status_code == 404, other
+        assert other.encode() not in r.content
+    r = await prm("/.well-known/oauth-protected-resource/jmap/")
+    assert r.json()["resource"] == "https://mail.example.com/jmap"
 
 
 async def test_protected_resource_metadata_by_referer() -> None:
@@ -389,10 +414,22 @@ async def test_protected_resource_metadata_by_host_and_scheme() -> None:
     r = await prm(
         "/.well-known/oauth-protected-resource",
         host="MAIL.example.com:8443",
-        **{"x-forwarded-proto": "http"},
+        **{"x-forwarded-proto": "http"},  # from no trusted proxy: ignored
     )
     assert r.status_code == 200
-    assert r.json()["resource"] == "http://MAIL.example.com:8443"  # byte-equal to the client's
+    assert r.json()["resource"] == "https://mail.example.com:8443"  # RFC 3986 §6.2.2.1 case
+    cfg = make_config({"auth": "open", "trusted_proxies": ["127.0.0.1"]})
+    c, _ = client(OK, config=cfg)
+    async with c:
+        r = await c.get(
+            "/.well-known/oauth-protected-resource",
+            headers={
+                "host": "127.0.0.1:8480",
+                "x-forwarded-proto": "http",
+                "x-forwarded-host": "mail.example.com",
+            },
+        )
+    assert r.json()["resource"] == "http://mail.example.com"
 
 
 async def test_protected_resource_metadata_is_get_only() -> None:

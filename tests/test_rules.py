@@ -10,6 +10,7 @@ from saslauthd_oidc.config import parse_config
 from saslauthd_oidc.outcome import Reason
 from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
 from saslauthd_oidc.rules import (
+    account_domain_mismatch,
     claim_mismatch,
     config_warnings,
     context_mismatch,
@@ -45,13 +46,23 @@ def req(
         ({"services": ["smtp"]}, req(), Reason.NO_RULE_FOR_CONTEXT),
         ({"domains": ["example.org"]}, req(user="bob@Example.ORG"), None),
         ({"domains": ["example.org"]}, req(user="bob@example.net"), Reason.NO_RULE_FOR_CONTEXT),
-        ({"domains": ["example.org"]}, req(user=None), Reason.NO_RULE_FOR_CONTEXT),
+        # no user named: judged on the account instead (account_domain_mismatch)
+        ({"domains": ["example.org"]}, req(user=None), None),
+        ({"domains": ["example.org"]}, req(user="alice"), Reason.NO_RULE_FOR_CONTEXT),
         ({"hosts": ["mail.example.org"]}, req(host="MAIL.example.org."), None),
         ({"hosts": ["mail.example.org"]}, req(local_name="mail.example.org"), None),
         ({"hosts": ["mail.example.org"]}, req(host="other.example.org"), Reason.HOST_MISMATCH),
         ({"ports": [587]}, req(port=587), None),
         ({"ports": [587]}, req(local_port=587), None),
         ({"ports": [587]}, req(local_port=25), Reason.HOST_MISMATCH),
+        # what the server says beats what the client claims (docs/SECURITY.md)
+        ({"ports": [587]}, req(port=587, local_port=25), Reason.HOST_MISMATCH),
+        ({"ports": [25]}, req(port=587, local_port=25), None),
+        (
+            {"hosts": ["mail.example.org"]},
+            req(host="mail.example.org", local_name="other.example.org"),
+            Reason.HOST_MISMATCH,
+        ),
         ({"mechanisms": ["XOAUTH2"]}, req(), Reason.NO_RULE_FOR_CONTEXT),
         ({"mechanisms": ["XOAUTH2"]}, req(mech=Mechanism.XOAUTH2), None),
         ({"remote_networks": ["10.0.0.0/8"]}, req(remote_ip="10.1.2.3"), None),
@@ -156,7 +167,8 @@ def test_discovery_hint_prefers_rule_setting() -> None:
     a, b = cfg.rules
     hint_a = discovery_hint(a, cfg.provider("idp"))
     assert hint_a.openid_configuration == "https://idp.example.org/.well-known/openid-configuration"
-    assert hint_a.scope == "mail"
+    # every scope the rule requires, as one RFC 6749 scope string
+    assert hint_a.scope == "mail email"
     hint_b = discovery_hint(b, cfg.provider("idp"))
     assert (hint_b.openid_configuration, hint_b.scope) == ("https://h.example/x", "s")
 
@@ -234,3 +246,14 @@ def test_fallbacks_that_cannot_overlap(second: dict[str, Any]) -> None:
         "services": ["smtp"],
     }
     assert not any("overlap" in x for x in warnings_for([first, second]))
+
+
+def test_domains_judged_on_the_account_when_no_user_is_named() -> None:
+    r = rule(domains=["example.org"])
+    assert account_domain_mismatch(r, req(user=None), "alice@Example.org") is None
+    for account in ("alice@example.net", "alice", "@example.org"):
+        mismatch = account_domain_mismatch(r, req(user=None), account)
+        assert mismatch is not None and mismatch.reason is Reason.NO_RULE_FOR_CONTEXT
+    # a named user was judged in the context phase already
+    assert account_domain_mismatch(r, req(user="alice@example.org"), "x@example.net") is None
+    assert account_domain_mismatch(rule(), req(user=None), "alice@example.net") is None

@@ -22,6 +22,7 @@ import base64
 import enum
 import hashlib
 import hmac
+import ipaddress
 import json
 import socket
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
@@ -42,6 +43,7 @@ from saslauthd_oidc.asgi import Receive, Scope, Send, acknowledge_lifespan
 from saslauthd_oidc.config import Config, ConfigError, HttpConfig, read_secret_file
 from saslauthd_oidc.discovery import (
     ResourceRequest,
+    parse_host,
     protected_resource_metadata,
     resource_path,
     select_rule,
@@ -93,6 +95,7 @@ def json_reply(status: int, doc: Any, *headers: tuple[bytes, bytes]) -> Reply:
 _NOT_FOUND = json_reply(404, {"error": "not_found"})
 _BAD_METHOD = json_reply(405, {"error": "method_not_allowed"})
 _UNAVAILABLE = json_reply(503, {"error": "temporarily_unavailable"})
+_BAD_HOST = json_reply(400, {"error": "invalid_request", "error_description": "bad Host"})
 
 
 def _introspection_claims(verdict: Verdict) -> dict[str, Any]:
@@ -159,11 +162,19 @@ class CallerAuth:
             except (ValueError, UnicodeDecodeError):
                 return False
             name, sep, password = decoded.partition(":")
+            # Hash and compare for unknown names too (against a digest no password
+            # has), so that a valid user name takes no longer to refuse than any other.
             expected = self.users.get(name)
-            return bool(sep) and expected is not None and _same(password, expected)
+            matches = _same(password, _UNKNOWN_USER_DIGEST if expected is None else expected)
+            return bool(sep) and expected is not None and matches
         if scheme.lower() == "bearer" and self.secret is not None:
             return _same(value, self.secret)
         return False
+
+
+# Compared against for a user name that is not in http.users_file: no password's
+# SHA-256 is all ones (as unlikely as any preimage), and the comparison costs the same.
+_UNKNOWN_USER_DIGEST = b"\xff" * hashlib.sha256().digest_size
 
 
 def _digest(text: str) -> bytes:
@@ -285,6 +296,13 @@ class HttpFrontend:
         self._timeout = request_timeout or config.server.request_timeout
         self._providers = {p.name: p for p in config.providers}
         self._stalwart = config.http.stalwart_path
+        # Rules that need Dovecot's send_auth_headers; said once if Dovecot sends none.
+        self._header_rules = [
+            r.name
+            for r in config.rules
+            if (r.services or r.ports or r.remote_networks)
+            and (not r.mechanisms or Mechanism.BEARER.value in r.mechanisms)
+        ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -316,11 +334,7 @@ class HttpFrontend:
             return await self._stalwart_route(path[len(self._stalwart) :], method, headers, receive)
         resource = resource_path(path)
         if resource is not None:
-            return (
-                self._protected_resource(method, resource, headers)
-                if method == "GET"
-                else _BAD_METHOD
-            )
+            return self._protected_resource(scope, resource) if method == "GET" else _BAD_METHOD
         if method != "GET":
             return _BAD_METHOD if path in ("/metrics", "/healthz", "/readyz") else _NOT_FOUND
         if path == "/healthz":
@@ -347,7 +361,18 @@ class HttpFrontend:
                 (b"www-authenticate", b'Basic realm="saslauthd-oidc"'),
             )
         token = _form_token(await _read_body(receive))
-        context = dovecot_context(headers) if surface is Surface.INTROSPECT else _stalwart_context()
+        if surface is Surface.INTROSPECT:
+            context = dovecot_context(headers)
+            if context.service is None and self._header_rules:
+                log.warning(
+                    "introspect_without_auth_headers",
+                    rules=self._header_rules,
+                    hint="set send_auth_headers = yes in Dovecot's passdb oauth2 file: "
+                    "without it these rules' services, ports and remote_networks never hold",
+                )
+                self._header_rules = []  # once per process
+        else:
+            context = _stalwart_context()
         return await self._answer(surface, token, context)
 
     async def _stalwart_route(
@@ -385,22 +410,70 @@ class HttpFrontend:
                 verdict = Verdict(reason=Reason.INTERNAL_ERROR, detail="authenticator raised")
         return verdict_reply(surface, verdict)
 
-    def _protected_resource(self, method: str, path: str, headers: Mapping[str, str]) -> Reply:
-        host = headers.get("x-forwarded-host") or headers.get("host")
-        if not host:
-            return _NOT_FOUND
-        scheme = headers.get("x-forwarded-proto", "https").lower()
-        request = ResourceRequest(
-            host=host.split(",")[0].strip(),
-            path=path,
-            referer=headers.get("referer"),
-            scheme="http" if scheme == "http" else "https",
-        )
+    def _protected_resource(self, scope: Scope, path: str) -> Reply:
+        request = resource_request(scope, path, self._config.http)
+        if request is None:
+            return _BAD_HOST
         rule = select_rule(self._config.rules, request)
         if rule is None:
             return _NOT_FOUND
         doc = protected_resource_metadata(rule, self._providers[rule.provider], request)
         return json_reply(200, doc)
+
+
+def _header_values(scope: Scope, name: bytes, *, split: bool = True) -> list[str]:
+    """Every value of header ``name`` (lower case): repeated headers, and comma lists split."""
+    values: list[str] = []
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            text = value.decode("latin-1")
+            parts = text.split(",") if split else [text]
+            values.extend(part.strip() for part in parts)
+    return values
+
+
+def from_trusted_proxy(scope: Scope, cfg: HttpConfig) -> bool:
+    """The peer is one of ``http.trusted_proxies`` (``"unix"``: any peer on a Unix socket)."""
+    client = scope.get("client")
+    if not client:
+        return cfg.trust_unix_proxies
+    if not cfg.trusted_proxies:
+        return False
+    try:
+        address = ipaddress.ip_address(str(client[0]))
+    except ValueError:
+        return False
+    return any(address in network for network in cfg.trusted_proxies)
+
+
+def resource_request(scope: Scope, path: str, cfg: HttpConfig) -> ResourceRequest | None:
+    """A discovery request's facts, or None when its Host is missing, repeated or invalid.
+
+    ``X-Forwarded-Host``/``X-Forwarded-Proto`` count only from a trusted proxy,
+    and then their last value (the one the nearest proxy set).
+    """
+    hosts = _header_values(scope, b"host")
+    scheme = "https"
+    if from_trusted_proxy(scope, cfg):
+        forwarded = _header_values(scope, b"x-forwarded-host")
+        if forwarded:
+            hosts = forwarded[-1:]
+        proto = _header_values(scope, b"x-forwarded-proto")
+        if proto and proto[-1].lower() in ("http", "https"):
+            scheme = proto[-1].lower()
+    if len(hosts) != 1:
+        return None
+    parsed = parse_host(hosts[0])
+    if parsed is None:
+        return None
+    referers = _header_values(scope, b"referer", split=False)
+    return ResourceRequest(
+        host=parsed[0],
+        port=parsed[1],
+        path=path,
+        referer=referers[0] if len(referers) == 1 else None,
+        scheme=scheme,
+    )
 
 
 def _stalwart_context() -> RequestContext:
