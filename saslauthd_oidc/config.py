@@ -94,7 +94,7 @@ class HttpConfig:
     trust_unix_proxies: bool = False
     # Denial-of-service bounds of the HTTP listener (saslauthd_oidc.limits).
     max_connections: int | None = None  # None: 256, within the descriptor budget
-    read_timeout: float = 10.0  # seconds for a request (head and body) to arrive
+    read_timeout: float = 10.0  # seconds for a request's body to arrive once its head has
     write_timeout: float = 10.0  # seconds for a client to take each answer
     keepalive_timeout: float = 15.0  # seconds an idle keep-alive connection is kept
     max_requests_per_connection: int = 100  # then "Connection: close"

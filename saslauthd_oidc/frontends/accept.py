@@ -221,7 +221,9 @@ class ConnectionTable:
         held = max(self._by_peer.values(), key=len)
         if own and own >= len(held):
             held = self._by_peer[newcomer]
-        return min(held.values(), key=lambda c: c.stream.last_active)
+        # One already closed (and still unwinding) is not closed twice.
+        live = [c for c in held.values() if not c.stream.gone]
+        return min(live, key=lambda c: c.stream.last_active) if live else None
 
     def note_eviction(self, victim: _Connection, newcomer: Hashable) -> None:
         self.evicted += 1

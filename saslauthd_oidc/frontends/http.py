@@ -515,7 +515,7 @@ class HttpLimits:
     """The HTTP listener's bounds (``[http]``, within the descriptor budget)."""
 
     max_connections: int = 256
-    read_timeout: float = 10.0  # a request's head and body, from its first byte
+    read_timeout: float = 10.0  # a request's body, once its head has arrived (408)
     write_timeout: float = 10.0  # each answer's bytes taken by the client
     keepalive_timeout: float = 15.0  # an idle connection between requests
     max_requests_per_connection: int = 100
