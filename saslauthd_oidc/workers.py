@@ -128,6 +128,11 @@ class _CountedStream(trio.abc.Stream):
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self._inner.send_all(data)
 
+    @property
+    def socket(self) -> trio.socket.SocketType:
+        """The connection's socket (the accept loop reads the peer's uid from it)."""
+        return self._inner.socket
+
     async def wait_send_all_might_not_block(self) -> None:
         await self._inner.wait_send_all_might_not_block()
 

@@ -9,6 +9,7 @@ import base64
 import errno
 import functools
 import json
+import os
 import re
 import resource
 import secrets
@@ -575,3 +576,18 @@ def test_http_limits_changed_on_reload_need_a_restart() -> None:
         http={"max_connections": 10, "write_timeout": 3.0, "metrics": False},
     )
     assert plan_reload(old, new).restart_keys == ("http.max_connections", "http.write_timeout")
+
+
+async def test_peer_is_the_uid_on_unix_sockets_also_through_a_workers_stream() -> None:
+    from saslauthd_oidc.frontends.accept import peer_of
+    from saslauthd_oidc.workers import _CountedStream
+
+    a, b = socket.socketpair()
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+    try:
+        assert peer_of(stream) == ("uid", os.getuid())
+        assert peer_of(_CountedStream(stream, lambda: None)) == ("uid", os.getuid())
+        assert peer_of(object()) is None
+    finally:
+        a.close()
+        b.close()
