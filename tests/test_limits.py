@@ -591,3 +591,42 @@ async def test_peer_is_the_uid_on_unix_sockets_also_through_a_workers_stream() -
     finally:
         a.close()
         b.close()
+
+
+async def _big_app(scope: Any, receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"x" * 4_000_000})
+
+
+async def test_http_client_that_does_not_read_is_dropped_after_write_timeout(
+    nursery: trio.Nursery,
+) -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    sock.setblocking(False)
+    limits = HttpLimits(write_timeout=0.5, keepalive_timeout=60, read_timeout=60)
+    with capture_logs() as logs:
+        await nursery.start(functools.partial(serve_http, _big_app, [sock], limits=limits))
+        client = socket.socket()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+        client.setblocking(False)
+        await trio.to_thread.run_sync(lambda: client.connect_ex(sock.getsockname()))
+        await trio.sleep(0.1)
+        client.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        with trio.fail_after(10):
+            while not any(e["event"] == "write_timeout" for e in logs):
+                await trio.sleep(0.05)
+        # the server closed it: the client reads what was sent, then the end
+        received = 0
+        client.setblocking(True)
+        client.settimeout(5)
+        try:
+            while chunk := await trio.to_thread.run_sync(client.recv, 65536):
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+        client.close()
+    assert 0 < received < 4_000_000
