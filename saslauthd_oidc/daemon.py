@@ -20,7 +20,7 @@ import os
 import signal
 import socket
 import stat
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -30,9 +30,12 @@ import httpx
 import structlog
 import trio
 import trio.testing
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from saslauthd_oidc.config import Config, ConfigError, load_config
 from saslauthd_oidc.engine import Engine
+from saslauthd_oidc.frontends.accept import ConnectionTable
 from saslauthd_oidc.frontends.dovecot import serve_dovecot_listener
 from saslauthd_oidc.frontends.http import (
     CallerAuth,
@@ -477,13 +480,22 @@ async def run_daemon(
     if config.server.http_listen or config.server.http_socket or http_passed:
         caller_auth = load_caller_auth(config.http)
     listeners = open_listeners(config, passed_fds, auth=auth_listener)
-    caps = descriptor_caps(config, listeners)
+    caps, nofile = descriptor_caps(config, listeners)
+    # One cap (and its counts for /metrics) per listener; all HTTP sockets share one.
+    tables: dict[str, ConnectionTable] = {}
+    if listeners.auth is not None:
+        tables["auth"] = ConnectionTable(_name(listeners.auth), caps.auth)
+    if listeners.saslauthd is not None:
+        tables["saslauthd"] = ConnectionTable(_name(listeners.saslauthd), caps.saslauthd)
+    if listeners.http:
+        tables["http"] = ConnectionTable("http", caps.http)
     deadline = config.server.request_timeout + FRONTEND_DEADLINE_MARGIN
     try:
         async with make_http_client() as client:
             registry = ProviderRegistry(config, client)
             engine = Engine(config, registry)
             metrics = Metrics(registry, engine.cache)
+            metrics.registry.register(ConnectionCollector(tables, nofile))
             current = Current(engine)
             authenticate = metrics.instrument(current.authenticate)
             readiness = Readiness(registry, config.http.readyz_grace)
@@ -525,6 +537,7 @@ async def run_daemon(
                             shutdown_trigger=runtime.stop_http.wait,
                             graceful_timeout=deadline,
                             limits=HttpLimits.from_config(config, caps.http),
+                            table=tables["http"],
                         )
                     )
                     log.info("listening", http=binds)
@@ -538,6 +551,7 @@ async def run_daemon(
                             tempfail_disconnect=config.server.tempfail == "disconnect",
                             request_timeout=deadline,
                             max_connections=caps.auth,
+                            table=tables["auth"],
                             line_timeout=config.server.line_timeout,
                             authenticate_now=metrics.instrument_now(current.authenticate_now),
                         )
@@ -551,6 +565,7 @@ async def run_daemon(
                             authenticate,
                             request_timeout=deadline,
                             max_connections=caps.saslauthd,
+                            table=tables["saslauthd"],
                             max_password_bytes=config.server.max_token_bytes,
                         )
                     )
@@ -575,8 +590,8 @@ async def run_daemon(
     log.info("stopped")
 
 
-def descriptor_caps(config: Config, listeners: Listeners) -> Caps:
-    """Raise RLIMIT_NOFILE where allowed; the connection caps its budget allows (logged)."""
+def descriptor_caps(config: Config, listeners: Listeners) -> tuple[Caps, int]:
+    """Raise RLIMIT_NOFILE where allowed; the caps its budget allows (logged), and the limit."""
     before, limit, error = raise_nofile_limit()
     if error is not None:
         log.warning(
@@ -611,7 +626,42 @@ def descriptor_caps(config: Config, listeners: Listeners) -> Caps:
         max_connections_saslauthd=caps.saslauthd or None,
         max_connections_http=caps.http if http else None,
     )
-    return caps
+    return caps, limit
+
+
+class ConnectionCollector(Collector):
+    """``/metrics``: connections held, their caps and evictions per listener; the fd limit."""
+
+    def __init__(self, tables: Mapping[str, ConnectionTable], nofile: int) -> None:
+        self._tables = dict(tables)
+        self._nofile = nofile
+
+    def collect(self) -> Iterator[Metric]:
+        held = GaugeMetricFamily(
+            "saslauthd_oidc_connections", "Connections held, by listener", labels=["listener"]
+        )
+        cap = GaugeMetricFamily(
+            "saslauthd_oidc_connections_max",
+            "Connection cap in force (within the descriptor budget), by listener",
+            labels=["listener"],
+        )
+        evicted = CounterMetricFamily(
+            "saslauthd_oidc_connections_evicted",
+            "Connections closed to make room at the cap (longest idle of the busiest peer)",
+            labels=["listener"],
+        )
+        for name, table in self._tables.items():
+            held.add_metric([name], len(table))
+            cap.add_metric([name], table.max_connections)
+            evicted.add_metric([name], table.evicted)
+        yield held
+        yield cap
+        yield evicted
+        yield GaugeMetricFamily(
+            "saslauthd_oidc_descriptor_limit",
+            "RLIMIT_NOFILE in force (after raising it toward the hard limit)",
+            value=self._nofile,
+        )
 
 
 async def _handle_signals(runtime: _Runtime) -> None:

@@ -307,6 +307,18 @@ def test_idle_auth_connections_of_one_user_do_not_lock_out_another(daemon: Daemo
                 assert chunk, "a held connection was closed instead of served"
                 got += chunk
         assert http_get(daemon.port, "/healthz") == (200, b"ok\n")
+        status, body = http_get(daemon.port, "/metrics")
+        assert status == 200
+        samples = dict(
+            line.rsplit(" ", 1)
+            for line in body.decode().splitlines()
+            if line.startswith("saslauthd")
+        )
+        auth = samples['saslauthd_oidc_connections_max{listener="auth"}']
+        held_now = float(samples['saslauthd_oidc_connections{listener="auth"}'])
+        assert float(auth) / 2 < held_now <= float(auth)  # at the cap, never above it
+        assert float(samples['saslauthd_oidc_connections_evicted_total{listener="auth"}']) > 0
+        assert float(samples["saslauthd_oidc_descriptor_limit"]) == NOFILE
         for s in held:
             s.close()
     finally:

@@ -23,7 +23,7 @@ from typing import Any
 import structlog
 import trio
 
-from saslauthd_oidc.frontends.accept import serve_connections
+from saslauthd_oidc.frontends.accept import ConnectionTable, serve_connections
 from saslauthd_oidc.outcome import Outcome, Reason, Verdict
 from saslauthd_oidc.protocol.dovecot import DovecotServerConnection, NeedVerdict
 from saslauthd_oidc.request import AuthRequest, Mechanism
@@ -52,6 +52,7 @@ async def serve_dovecot_listener(
     tempfail_disconnect: bool = False,
     request_timeout: float = 5.0,
     max_connections: int = 4096,
+    table: ConnectionTable | None = None,  # the cap and its counts, shared with /metrics
     line_timeout: float = 30.0,
     authenticate_now: InlineAuthenticator | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -74,7 +75,11 @@ async def serve_dovecot_listener(
         )
 
     await serve_connections(
-        listener, serve_one, max_connections=max_connections, task_status=task_status
+        listener,
+        serve_one,
+        max_connections=max_connections,
+        table=table,
+        task_status=task_status,
     )
 
 

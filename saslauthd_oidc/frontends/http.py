@@ -625,6 +625,7 @@ async def serve_http(
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     graceful_timeout: float = 1.0,
     limits: HttpLimits | None = None,
+    table: ConnectionTable | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on already bound and listening sockets until cancelled.
@@ -644,7 +645,7 @@ async def serve_http(
     context = WorkerContext(None)
     asgi: Any = bounded_app(app, limits)
     wrapped = wrap_app(asgi, config.wsgi_max_body_size, "asgi")
-    table = ConnectionTable("http", limits.max_connections)
+    table = table or ConnectionTable("http", limits.max_connections)
     listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
     binds = [f"http://{repr_socket_addr(s.family, s.getsockname())}" for s in sockets]
 
