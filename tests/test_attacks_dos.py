@@ -431,6 +431,9 @@ def test_oversized_rsa_keys_are_refused_at_load_and_never_used() -> None:
         skipped = " ".join(str(e["skipped"]) for e in loaded)
         assert "kid='huge-n': RSA modulus missing, invalid or over 8192 bits" in skipped
         assert "kid='huge-e': RSA public exponent" in skipped
+        warned = [e for e in d.events() if e.get("event") == "jwks key refused"]
+        assert len(warned) == 2 and {e["provider"] for e in warned} == {"dev"}
+        assert {e["level"] for e in warned} == {"warning"}
         verdicts = [e for e in d.events() if e.get("event") == "authentication"]
         forged = [e for e in verdicts if e.get("outcome") != "ok"]
         assert len(forged) == 2

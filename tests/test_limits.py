@@ -25,7 +25,8 @@ import trio
 import trio.testing
 from structlog.testing import capture_logs
 
-from saslauthd_oidc.config import ConfigError, parse_config
+from saslauthd_oidc.config import ConfigError, ProviderConfig, parse_config
+from saslauthd_oidc.devissuer import DevIssuer
 from saslauthd_oidc.frontends.accept import (
     ConnectionTable,
     GuardedStream,
@@ -41,8 +42,10 @@ from saslauthd_oidc.limits import (
     planned_limit,
     split,
 )
+from saslauthd_oidc.providers import OidcProvider, make_http_client
 from saslauthd_oidc.providers.keypolicy import (
     HMAC_MAX_SECRET_BYTES,
+    RefusalLog,
     hmac_secret_refusal,
     jwk_refusal,
 )
@@ -630,3 +633,37 @@ async def test_http_client_that_does_not_read_is_dropped_after_write_timeout(
             pass
         client.close()
     assert 0 < received < 4_000_000
+
+
+def test_refusal_log_reports_each_refused_key_once() -> None:
+    log = RefusalLog(limit=3)
+    assert log.new(["a", "b", "a"]) == ["a", "b"]
+    assert log.new(["a", "b", "c"]) == ["c"]
+    assert log.new(["d", "e"]) == ["d", "e"]  # over the limit: reported, not remembered
+    assert log.new(["d"]) == ["d"]
+
+
+class _OversizedKeyIssuer(DevIssuer):
+    def jwks(self) -> dict[str, Any]:
+        doc = super().jwks()
+        doc["keys"].append({**rsa(8200), "kid": "too-big", "use": "sig"})
+        return doc
+
+
+async def test_a_refused_key_is_logged_once_with_provider_and_kid(nursery: trio.Nursery) -> None:
+    issuer = _OversizedKeyIssuer(algorithms=("ES256",))
+    await nursery.start(issuer.serve)
+    cfg = ProviderConfig(
+        name="dev", issuer=issuer.issuer or "", allow_http=True, algorithms=("ES256", "RS256")
+    )
+    async with make_http_client(timeout=2.0) as client:
+        provider = OidcProvider(cfg, client)
+        with capture_logs() as logs:
+            assert await provider.refresh() is True
+            assert await provider.refresh() is True  # fetched again: not logged again
+    assert issuer.requests["/jwks.json"] == 2
+    refused = [e for e in logs if e["event"] == "jwks key refused"]
+    assert len(refused) == 1
+    assert refused[0]["provider"] == "dev" and refused[0]["log_level"] == "warning"
+    assert "kid='too-big'" in refused[0]["key"] and "8200 bits" in refused[0]["key"]
+    assert provider.key_count == 1  # the refused key is not among the keys

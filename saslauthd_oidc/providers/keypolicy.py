@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 RSA_MIN_BITS = 2048
@@ -103,3 +103,23 @@ def hmac_secret_refusal(secret: bytes, algorithm: str) -> str | None:
     if len(secret) > HMAC_MAX_SECRET_BYTES:
         return f"HMAC secret longer than {HMAC_MAX_SECRET_BYTES} bytes"
     return None
+
+
+class RefusalLog:
+    """Which refused keys a provider reported already, so that each is logged once.
+
+    ``new(skipped)`` returns the entries (``"key[1] kid='x': reason"``, as
+    :class:`~saslauthd_oidc.providers.jwt.KeySet` lists them) not seen
+    before; at most ``limit`` are remembered (a JWKS that changes every fetch
+    cannot grow it without bound).
+    """
+
+    def __init__(self, limit: int = 256) -> None:
+        self._seen: set[str] = set()
+        self._limit = limit
+
+    def new(self, refusals: Iterable[str]) -> list[str]:
+        fresh = [r for r in dict.fromkeys(refusals) if r not in self._seen]
+        for refusal in fresh[: max(0, self._limit - len(self._seen))]:
+            self._seen.add(refusal)
+        return fresh
