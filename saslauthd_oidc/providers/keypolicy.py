@@ -14,8 +14,8 @@ before any key object is built:
   §3.2) and at most :data:`HMAC_MAX_SECRET_BYTES`.
 
 :func:`jwk_refusal` returns why a JWK is refused, or None; the caller skips
-the key (it is listed with its kid in the provider's "jwks loaded" log line)
-and never uses it.
+the key and never uses it. :class:`RefusalLog` lets a provider log each
+refused key once (with its kid), not at every fetch.
 """
 
 from __future__ import annotations
