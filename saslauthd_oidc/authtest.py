@@ -13,6 +13,7 @@ from __future__ import annotations
 import binascii
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import trio
@@ -26,9 +27,11 @@ __all__ = [
     "AuthTestResult",
     "build_auth_line",
     "build_initial_response",
+    "client_answer",
     "redact",
     "run_auth_test",
     "sasl_escape",
+    "show_sasl",
 ]
 
 REQUEST_ID = 1
@@ -85,9 +88,16 @@ def build_initial_response(
 
 
 def build_auth_line(
-    request_id: int, mechanism: Mechanism, *, service: str, initial_response: bytes | None
+    request_id: int,
+    mechanism: Mechanism,
+    *,
+    service: str,
+    initial_response: bytes | None,
+    params: Sequence[str] = (),
 ) -> str:
+    """An AUTH line; ``params`` (``lip=…``, ``secured``) go between service= and resp=."""
     fields = ["AUTH", str(request_id), mechanism.value, "service=" + tab_escape(service)]
+    fields += [tab_escape(p) for p in params]
     if initial_response is not None:
         fields.append("resp=" + _b64(initial_response))
     return "\t".join(fields)
@@ -100,7 +110,7 @@ def redact(text: str, token: str) -> str:
     return text.replace(token, f"<token sha256:{token_fingerprint(token)}>")
 
 
-def _show_sasl(data: bytes, token: str) -> str:
+def show_sasl(data: bytes, token: str) -> str:
     """A SASL message for the transcript: token redacted, control bytes visible."""
     text = redact(data.decode("utf-8", "replace"), token)
     return "".join(f"^{chr(ord(c) + 64)}" if ord(c) < 32 else c for c in text)
@@ -109,7 +119,7 @@ def _show_sasl(data: bytes, token: str) -> str:
 def _shown_cont(reply: bytes, token: str) -> str | None:
     """How a CONT we send appears in the transcript when its base64 would hide the token."""
     if token and token.encode() in reply:
-        return f"CONT\t{REQUEST_ID}\t<{_show_sasl(reply, token)}>"
+        return f"CONT\t{REQUEST_ID}\t<{show_sasl(reply, token)}>"
     return None
 
 
@@ -189,7 +199,7 @@ async def _read_handshake(client: _Client) -> set[str]:
     return mechanisms
 
 
-def _answer(
+def client_answer(
     mechanism: Mechanism,
     data: bytes,
     *,
@@ -222,7 +232,7 @@ async def _exchange(
     line = build_auth_line(REQUEST_ID, mechanism, service=service, initial_response=initial)
     shown = None
     if initial is not None:
-        shown = line.rpartition("resp=")[0] + f"resp=<{_show_sasl(initial, token)}>"
+        shown = line.rpartition("resp=")[0] + f"resp=<{show_sasl(initial, token)}>"
     await client.send(line, shown)
     challenge: dict[str, object] | None = None
     for round_no in range(_MAX_ROUNDS):
@@ -241,9 +251,11 @@ async def _exchange(
         if data is None:
             raise AuthTestError("server sent invalid base64 in CONT", client.transcript)
         if data:
-            client.note("   = " + _show_sasl(data, token))
+            client.note("   = " + show_sasl(data, token))
             challenge = _parse_challenge(data) or challenge
-        reply = _answer(mechanism, data, round_no=round_no, initial=initial, user=user, token=token)
+        reply = client_answer(
+            mechanism, data, round_no=round_no, initial=initial, user=user, token=token
+        )
         await client.send(f"CONT\t{REQUEST_ID}\t{_b64(reply)}", _shown_cont(reply, token))
     raise AuthTestError("too many challenges from the server", client.transcript)
 

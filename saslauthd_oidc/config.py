@@ -9,13 +9,15 @@ the secret files it names.
 
 from __future__ import annotations
 
+import difflib
+import errno
 import ipaddress
 import os
 import re
 import stat
 import tomllib
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -37,12 +39,23 @@ TENANT_PLACEHOLDER = "{tenantid}"
 
 
 class ConfigError(Exception):
-    """A configuration problem; ``key`` is the dotted path of the offending setting."""
+    """A configuration problem; ``key`` is the dotted path of the offending setting.
+
+    ``str()`` is ``"<key>: <message>"``, followed, once known, by where it is:
+    ``(rule "webmail", /etc/saslauthd-oidc/saslauthd-oidc.toml line 23)``.
+    """
 
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"{key}: {message}" if key else message)
         self.key = key
         self.message = message
+        self.label: str | None = None  # the rule or provider by its name: 'rule "webmail"'
+        self.location: str | None = None  # "<file> line <n>"
+
+    def __str__(self) -> str:
+        text = f"{self.key}: {self.message}" if self.key else self.message
+        where = ", ".join(w for w in (self.label, self.location) if w)
+        return f"{text} ({where})" if where else text
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,14 +103,18 @@ class HttpConfig:
     stalwart_issuer: str | None = None  # the issuer URL of the Stalwart userinfo facade
     # Reverse proxies whose X-Forwarded-Host / X-Forwarded-Proto are believed:
     # addresses or networks, and "unix" for the Unix-socket listener. None by default.
-    trusted_proxies: tuple[IPv4Network | IPv6Network, ...] = ()
-    trust_unix_proxies: bool = False
+    trusted_proxies: tuple[IPv4Network | IPv6Network | Literal["unix"], ...] = ()
     # Denial-of-service bounds of the HTTP listener (saslauthd_oidc.limits).
     max_connections: int | None = None  # None: 256, within the descriptor budget
     read_timeout: float = 10.0  # seconds for a request's body to arrive once its head has
     write_timeout: float = 10.0  # seconds for a client to take each answer
     keepalive_timeout: float = 15.0  # seconds an idle keep-alive connection is kept
     max_requests_per_connection: int = 100  # then "Connection: close"
+
+    @property
+    def trust_unix_proxies(self) -> bool:
+        """Callers on the Unix-socket listener are trusted proxies (``"unix"``)."""
+        return "unix" in self.trusted_proxies
 
     @property
     def stalwart_path(self) -> str | None:
@@ -274,12 +291,182 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     if st is not None and st.st_mode & stat.S_IWOTH:
         raise ConfigError("", f"{p} is world-writable; refusing to use it (chmod o-w)")
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError("", f"{p}: not UTF-8 text") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("", f"{p}: TOML syntax error: {exc}") from None
-    return parse_config(data, source=str(p))
+        raise _syntax_error(p, text, exc) from None
+    lines = KeyLines(text)
+    _octal_literal_modes(data, lines)
+    try:
+        return parse_config(data, source=str(p))
+    except ConfigError as exc:
+        line = lines.find(exc.key)
+        if line is not None:
+            exc.location = f"{p} line {line}"
+        raise
+
+
+# --------------------------------------------------------------------------- where a key is
+
+_TABLE_RE = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+_KEY_RE = re.compile(
+    r"^\s*((?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*=(.*)$"
+)
+_INDEXED_RE = re.compile(r"^(.*)\[(\d+)\]$")
+
+
+def _dotted(name: str) -> list[str]:
+    return [
+        part.strip().strip("\"'")
+        for part in re.split(r"\.(?=(?:[^\"']|\"[^\"]*\"|'[^']*')*$)", name)
+    ]
+
+
+def _open_brackets(value: str) -> int:
+    """How many ``[``/``{`` a value line leaves open (outside strings and comments)."""
+    depth, quote = 0, ""
+    for ch in value:
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "#":
+            break
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+    return depth
+
+
+class KeyLines:
+    """Where each key of a TOML text is: ``rule[1].audiences`` -> line 23.
+
+    tomllib gives no positions, so this is a light scan of the source: table
+    headers (``[server]``, ``[[rule]]``, ``[rule.claims]``) and ``key =``
+    lines, skipping what is inside multi-line strings and arrays. It only
+    locates; the values come from tomllib.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.lines: dict[str, int] = {}
+        self.values: dict[str, str] = {}
+        counts: dict[str, int] = {}
+        table: list[str] = []
+        depth = 0
+        in_string = ""
+        for number, line in enumerate(text.splitlines(), 1):
+            if in_string:
+                if line.count(in_string) % 2:
+                    in_string = ""
+                continue
+            if depth > 0:
+                depth += _open_brackets(line)
+                continue
+            header = _TABLE_RE.match(line)
+            if header:
+                parts = _dotted(header.group(2))
+                if header.group(1) == "[[":
+                    name = ".".join(parts)
+                    counts[name] = counts.get(name, -1) + 1
+                    table = [*parts[:-1], f"{parts[-1]}[{counts[name]}]"]
+                else:
+                    # [rule.claims] after [[rule]] belongs to the last rule.
+                    table = [
+                        f"{part}[{counts[part]}]" if i == 0 and part in counts else part
+                        for i, part in enumerate(parts)
+                    ]
+                self.lines.setdefault(".".join(table), number)
+                continue
+            assignment = _KEY_RE.match(line)
+            if not assignment:
+                continue
+            key = ".".join([*table, *_dotted(assignment.group(1))])
+            value = assignment.group(2).strip()
+            self.lines.setdefault(key, number)
+            self.values.setdefault(key, value)
+            for quote in ('"""', "'''"):
+                if value.count(quote) % 2:
+                    in_string = quote
+            if not in_string:
+                depth = max(_open_brackets(value), 0)
+
+    def find(self, key: str) -> int | None:
+        """The line of ``key``, else of the nearest enclosing table or key that is there."""
+        parts = key.split(".")
+        while parts:
+            line = self.lines.get(".".join(parts))
+            if line is not None:
+                return line
+            parts.pop()
+        return None
+
+
+_MODE_KEYS = ("auth_socket_mode", "saslauthd_socket_mode", "http_socket_mode")
+
+
+def _octal_literal_modes(data: dict[str, Any], lines: KeyLines) -> None:
+    """``auth_socket_mode = 0o660`` means what it says: pass it on as the string "0660"."""
+    server = data.get("server")
+    if not isinstance(server, dict):
+        return
+    for name in _MODE_KEYS:
+        value = server.get(name)
+        literal = lines.values.get(f"server.{name}", "").split("#")[0].strip().lower()
+        if isinstance(value, int) and literal.startswith("0o"):
+            server[name] = f"0{value:o}"
+
+
+_TOML_POSITION_RE = re.compile(r"\(at line (\d+), column \d+\)")
+
+
+_BARE_WORD_RE = re.compile(r"[A-Za-z_][\w.@:/+-]*")
+
+
+def _bare_word_hint(assignment: re.Match[str] | None) -> str:
+    """``audiences = [mail]``: TOML strings need quotes."""
+    if assignment is None:
+        return ""
+    value = assignment.group(2).split("#")[0].strip()
+    items = [v.strip() for v in value.strip("[]").split(",")] if value.startswith("[") else [value]
+    bare = [v for v in items if _BARE_WORD_RE.fullmatch(v) and v not in ("true", "false")]
+    if not bare:
+        return ""
+    name = assignment.group(1).strip()
+    quoted = ", ".join(f'"{v}"' if v in bare else v for v in items if v)
+    fixed = f"[{quoted}]" if value.startswith("[") else quoted
+    return f"; TOML strings need quotes: {name} = {fixed}"
+
+
+def _syntax_error(path: Path, text: str, exc: tomllib.TOMLDecodeError) -> ConfigError:
+    """A TOML syntax error, with what to write instead where we can tell."""
+    position = _TOML_POSITION_RE.search(str(exc))
+    number = int(position.group(1)) if position else None
+    lines = text.splitlines()
+    line = lines[number - 1] if number and number <= len(lines) else ""
+    assignment = _KEY_RE.match(line)
+    if assignment and re.fullmatch(r"0[0-7]{3,4}\s*(#.*)?", assignment.group(2).strip()):
+        name = assignment.group(1).strip()
+        digits = assignment.group(2).strip().split("#")[0].strip()
+        keys = KeyLines(text)
+        key = next((k for k, n in keys.lines.items() if n == number), name)
+        error = ConfigError(
+            key,
+            f"{digits} is not a TOML number (no leading zeros): write the mode as a "
+            f'string, {name} = "{digits}", or in TOML\'s octal notation, '
+            f"{name} = 0o{digits.lstrip('0')}",
+        )
+    else:
+        error = ConfigError("", f"TOML syntax error: {exc}{_bare_word_hint(assignment)}")
+    if number:
+        error.location = f"{path} line {number}"
+    else:
+        error.message = f"{path}: {error.message}"
+    return error
 
 
 T = TypeVar("T")
@@ -347,12 +534,21 @@ class _Section:
             raise ConfigError(self._k(name), f"must be at least {minimum}")
         return v
 
-    def texts(self, name: str, default: Sequence[str] = ()) -> tuple[str, ...]:
+    def texts(
+        self, name: str, default: Sequence[str] = (), *, single: bool = False
+    ) -> tuple[str, ...]:
+        """A list of non-empty strings; a lone string only where ``single`` allows it."""
         v = self._get(name)
         if v is None:
             return tuple(default)
-        if isinstance(v, str):
+        if isinstance(v, str) and single:
             v = [v]
+        if isinstance(v, str):
+            # "openid email" would silently be one scope, "a, b" one host.
+            raise ConfigError(
+                self._k(name),
+                f"expected a list of non-empty strings, not a string: {name} = {_toml_list(v)}",
+            )
         if not isinstance(v, list) or not all(isinstance(i, str) and i for i in v):
             raise ConfigError(self._k(name), "expected a list of non-empty strings")
         return tuple(v)
@@ -366,12 +562,43 @@ class _Section:
     def reject_unknown(self) -> None:
         unknown = sorted(set(self.data) - self.seen)
         if unknown:
-            raise ConfigError(self._k(unknown[0]), "unknown setting (misspelt?)")
+            name = unknown[0]
+            raise ConfigError(self._k(name), unknown_message(name, self.data[name], self.seen))
+
+
+def _toml_list(value: str) -> str:
+    items = value.replace(",", " ").split() or [value]
+    return "[" + ", ".join(f'"{item}"' for item in items) + "]"
+
+
+def suggest(name: str, known: Iterable[str]) -> str | None:
+    """The known name ``name`` is most likely a misspelling of (difflib), if any."""
+    matches = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def unknown_message(name: str, value: Any, known: Iterable[str]) -> str:
+    """What to say about an unknown key: a section or a setting, and the likely intended one."""
+    guess = suggest(name, known)
+    if isinstance(value, dict):
+        text = f"unknown section [{name}] (misspelt?)"
+        return text + (f"; did you mean [{guess}]?" if guess else "")
+    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        text = f"unknown section [[{name}]] (misspelt?)"
+        return text + (f"; did you mean [[{guess}]]?" if guess else "")
+    text = "unknown setting (misspelt?)"
+    return text + (f'; did you mean "{guess}"?' if guess else "")
 
 
 def _parse_mode(key: str, v: Any) -> int:
     if isinstance(v, str) and re.fullmatch(r"0?[0-7]{3,4}", v):
         return int(v, 8)
+    if isinstance(v, int) and not isinstance(v, bool):
+        raise ConfigError(
+            key,
+            f'expected an octal string such as "0660": {v} is read as a decimal number '
+            f'(write "0{v}" or 0o{v})',
+        )
     raise ConfigError(key, 'expected an octal string such as "0660"')
 
 
@@ -432,7 +659,7 @@ def _parse_server(data: Any) -> ServerConfig:
         if saslauthd_mode_raw is None
         else _parse_mode("server.saslauthd_socket_mode", saslauthd_mode_raw),
         saslauthd_socket_group=s.text("saslauthd_socket_group", None),
-        http_listen=tuple(_parse_listen(a) for a in s.texts("http_listen")),
+        http_listen=tuple(_parse_listen(a) for a in s.texts("http_listen", single=True)),
         http_socket=s.text("http_socket", None) or None,
         http_socket_mode=0o660
         if http_mode_raw is None
@@ -495,11 +722,10 @@ def _parse_http(data: Any, server: ServerConfig) -> HttpConfig:
                 "http.stalwart_issuer",
                 "needs a path of its own, e.g. http://127.0.0.1:8480/stalwart",
             )
-    proxies: list[IPv4Network | IPv6Network] = []
-    trust_unix = False
+    proxies: list[IPv4Network | IPv6Network | Literal["unix"]] = []
     for entry in s.texts("trusted_proxies"):
         if entry == "unix":
-            trust_unix = True
+            proxies.append("unix")
             continue
         try:
             proxies.append(ipaddress.ip_network(entry, strict=False))
@@ -516,7 +742,6 @@ def _parse_http(data: Any, server: ServerConfig) -> HttpConfig:
         metrics=s.flag("metrics", d.metrics),
         stalwart_issuer=stalwart_issuer or None,
         trusted_proxies=tuple(proxies),
-        trust_unix_proxies=trust_unix,
         max_connections=_optional_whole(s, "max_connections"),
         read_timeout=s.number("read_timeout", d.read_timeout, minimum=0.1),
         write_timeout=s.number("write_timeout", d.write_timeout, minimum=0.1),
@@ -590,7 +815,14 @@ def _parse_provider(index: int, data: Any) -> ProviderConfig:
                     f"{alg} is a shared-secret algorithm; it needs hmac_secret_file",
                 )
         elif alg not in ASYMMETRIC_ALGORITHMS:
-            raise ConfigError(f"{key}.algorithms", f"unsupported algorithm {alg!r}")
+            guess = suggest(alg, ASYMMETRIC_ALGORITHMS | SYMMETRIC_ALGORITHMS)
+            raise ConfigError(
+                f"{key}.algorithms",
+                f"unsupported algorithm {alg!r}"
+                + (f" (did you mean {guess!r}?)" if guess else "")
+                + f"; supported: {', '.join(sorted(ASYMMETRIC_ALGORITHMS))}, "
+                f"and {', '.join(sorted(SYMMETRIC_ALGORITHMS))} with hmac_secret_file",
+            )
     if not algorithms:
         raise ConfigError(f"{key}.algorithms", "at least one algorithm is needed")
     introspection_endpoint = s.text("introspection_endpoint", None)
@@ -672,7 +904,9 @@ def _parse_rule(index: int, data: Any, provider_names: set[str]) -> RuleConfig:
     provider = s.required_str("provider")
     if provider not in provider_names:
         known = ", ".join(sorted(provider_names)) or "none defined"
-        raise ConfigError(f"{key}.provider", f"no [[provider]] named {provider!r} ({known})")
+        guess = suggest(provider, provider_names)
+        hint = f"; did you mean {guess!r}?" if guess else ""
+        raise ConfigError(f"{key}.provider", f"no [[provider]] named {provider!r} ({known}){hint}")
     ports_raw = s._get("ports")
     ports: tuple[int, ...] = ()
     if ports_raw is not None:
@@ -776,7 +1010,45 @@ def _parse_rule(index: int, data: Any, provider_names: set[str]) -> RuleConfig:
     return cfg
 
 
+SECTIONS = ("server", "cache", "logging", "http", "provider", "rule")
+
+
+def _known_sections() -> set[str]:
+    """The top-level tables: SECTIONS and every section-valued field of Config."""
+    names = {f.name for f in fields(Config)} - {"source", "providers", "rules"}
+    return names | set(SECTIONS)
+
+
+_ENTRY_RE = re.compile(r"^(rule|provider)\[(\d+)\]")
+
+
 def parse_config(data: Mapping[str, Any], *, source: str = "<memory>") -> Config:
+    """Validate ``data`` (a parsed TOML document) into a :class:`Config`; ConfigError names the key.
+
+    An error inside a ``[[rule]]`` or ``[[provider]]`` also names the entry by its
+    ``name``; a misspelt section is reported as itself, before any error that
+    its absence caused (``[htttp]`` is not "http.auth missing").
+    """
+    try:
+        return _parse_config(data, source=source)
+    except ConfigError as exc:
+        known = _known_sections()
+        misspelt = [k for k in data if k not in known and suggest(k, known) and k != exc.key]
+        if misspelt:
+            name = misspelt[0]
+            raise ConfigError(name, unknown_message(name, data[name], known)) from None
+        entry = _ENTRY_RE.match(exc.key)
+        if entry and exc.label is None:
+            items = data.get(entry.group(1))
+            index = int(entry.group(2))
+            item = items[index] if isinstance(items, list) and index < len(items) else None
+            label = item.get("name") if isinstance(item, dict) else None
+            if isinstance(label, str) and label:
+                exc.label = f'{entry.group(1)} "{label}"'
+        raise
+
+
+def _parse_config(data: Mapping[str, Any], *, source: str) -> Config:
     top = _Section("", dict(data))
     server = _parse_server(top._get("server") or {})
     cache = _parse_cache(top._get("cache") or {})
@@ -812,16 +1084,81 @@ def parse_config(data: Mapping[str, Any], *, source: str = "<memory>") -> Config
     )
 
 
+# Claims that OpenID Connect (Core §5.1), JWT access tokens (RFC 9068, RFC 7662)
+# and the IdPs the README covers (Kanidm, Authentik, Keycloak, Entra ID, Google)
+# put in tokens or userinfo answers. A username template naming something close
+# to one of these, but not it, is probably a typo ({emial}).
+KNOWN_CLAIMS = frozenset(
+    {
+        # OIDC Core standard claims
+        "sub", "name", "given_name", "family_name", "middle_name", "nickname",
+        "preferred_username", "profile", "picture", "website", "email",
+        "email_verified", "gender", "birthdate", "zoneinfo", "locale", "phone_number",
+        "phone_number_verified", "updated_at",
+        # JWT / access tokens / introspection
+        "iss", "aud", "azp", "client_id", "scope", "jti", "username", "groups", "roles",
+        # Entra ID, Google, Kanidm, Authentik, Keycloak
+        "oid", "tid", "upn", "unique_name", "hd", "spn", "uid", "uuid", "mail", "ak_username",
+        "entitlements",
+    }
+)  # fmt: skip
+
+
+def claim_warnings(cfg: Config) -> list[str]:
+    """Username templates naming a claim no IdP is known to send (a typo, like {emial}?)."""
+    warnings: list[str] = []
+    for i, rule in enumerate(cfg.rules):
+        for body in _PLACEHOLDER_RE.findall(rule.username):
+            claim = body.split("|")[0].strip()
+            if claim in KNOWN_CLAIMS:
+                continue
+            guess = suggest(claim, KNOWN_CLAIMS)
+            head = (
+                f"rule[{i}] ({rule.name}).username: {{{claim}}} is not a claim OpenID "
+                "Connect or the usual IdPs send"
+            )
+            if guess:
+                warnings.append(
+                    f"{head}; did you mean {{{guess}}}? (explain shows a token's claims)"
+                )
+            else:
+                warnings.append(
+                    f"{head}: make sure your IdP adds it to its tokens or userinfo "
+                    "(explain shows a token's claims)"
+                )
+    return warnings
+
+
 def read_secret_file(key: str, path: str) -> str:
     """Read a secret (client secret, HMAC key) from a file that others cannot write."""
     p = Path(path)
     try:
         st = p.stat()
-        text = p.read_text("utf-8").strip()
     except OSError as exc:
         raise ConfigError(key, f"cannot read {p}: {exc.strerror}") from None
     if st.st_mode & (stat.S_IWOTH | stat.S_IROTH):
-        raise ConfigError(key, f"{p} is readable or writable by others; chmod 0600 it")
+        raise ConfigError(
+            key,
+            f"{p} is readable or writable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
+            f"{SECRET_FILE_ADVICE.format(path=p)}",
+        )
+    try:
+        text = p.read_text("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"{p} is not UTF-8 text") from None
+    except OSError as exc:
+        advice = ""
+        if exc.errno == errno.EACCES:
+            advice = f" for this user (uid {os.geteuid()}): {SECRET_FILE_ADVICE.format(path=p)}"
+        raise ConfigError(key, f"cannot read {p}: {exc.strerror}{advice}") from None
     if not text:
         raise ConfigError(key, f"{p} is empty")
     return text
+
+
+# The README's install layout: root owns the file, the daemon's group reads it.
+DAEMON_USER = "saslauthd-oidc"
+SECRET_FILE_ADVICE = (
+    "the daemon's user must read it and nobody else: chown root:saslauthd-oidc {path} "
+    "&& chmod 0640 {path} (the daemon's group; the README's install layout)"
+)

@@ -46,6 +46,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 import trio
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
@@ -60,6 +61,11 @@ INTROSPECTION_PATH = "/introspect"
 USERINFO_PATH = "/userinfo"
 #: Profile claims userinfo may return; the rest of a token's claims stay in the token.
 PROFILE_CLAIMS = ("sub", "email", "email_verified", "preferred_username", "name")
+
+DISCOVERY_SUFFIX = "/.well-known/openid-configuration"
+#: Issuer shapes of the IdPs whose issuers are per client or per application.
+KANIDM_PREFIX = "/oauth2/openid/"
+AUTHENTIK_PREFIX = "/application/o/"
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
@@ -100,8 +106,18 @@ def generate_key(alg: str) -> PrivateKey:
 class DevIssuer:
     """An in-process OpenID issuer for development and tests (see module docstring)."""
 
-    def __init__(self, *, algorithms: Iterable[str] = ("ES256",), issuer_path: str = "/") -> None:
+    def __init__(
+        self,
+        *,
+        algorithms: Iterable[str] = ("ES256",),
+        issuer_path: str = "/",
+        any_issuer_path: bool = False,
+    ) -> None:
         self.algorithms = tuple(algorithms)
+        # Discovery at <prefix>/.well-known/openid-configuration for ANY prefix, the
+        # issuer being url + prefix (with a trailing "/" in Authentik's shape,
+        # /application/o/<slug>/): per-client issuers as Kanidm and Authentik have them.
+        self.any_issuer_path = any_issuer_path
         self.issuer_path = issuer_path if issuer_path.endswith("/") else issuer_path + "/"
         if not self.issuer_path.startswith("/"):
             self.issuer_path = "/" + self.issuer_path
@@ -172,8 +188,9 @@ class DevIssuer:
             keys = list(self._keys.values())
         return {"keys": [k.public_jwk() for k in keys]}
 
-    def discovery_document(self) -> dict[str, Any]:
-        issuer, url = self._require_issuer(), self._require_url()
+    def discovery_document(self, issuer: str | None = None) -> dict[str, Any]:
+        url = self._require_url()
+        issuer = issuer or self._require_issuer()
         return {
             "issuer": issuer,
             "jwks_uri": url + JWKS_PATH,
@@ -335,6 +352,8 @@ class DevIssuer:
             return _json(self.fail_status, {"error": "injected failure"})
         if path == self.issuer_path + ".well-known/openid-configuration" and method == "GET":
             return self._metadata(_json(200, self.discovery_document()))
+        if self.any_issuer_path and path.endswith(DISCOVERY_SUFFIX) and method == "GET":
+            return self._metadata(_json(200, self.discovery_document(self._issuer_at(path))))
         if path == JWKS_PATH and method == "GET":
             if self.jwks_override is not None:
                 return 200, [(b"content-type", b"application/json")], self.jwks_override
@@ -359,6 +378,37 @@ class DevIssuer:
                 )
             return _json(200, answer)
         return _json(404, {"error": "not_found"})
+
+    def _issuer_at(self, discovery_path: str) -> str:
+        prefix = discovery_path[: -len(DISCOVERY_SUFFIX)]
+        if prefix.startswith(AUTHENTIK_PREFIX):
+            prefix += "/"
+        return self._require_url() + prefix
+
+    # ----------------------------------------------------------------- state
+
+    def export_state(self) -> dict[str, Any]:
+        """The issuer URL and private keys, for :func:`mint_offline` in another process."""
+        with self._lock:
+            keys = list(self._keys.values())
+            current = dict(self._current)
+        return {
+            "url": self._require_url(),
+            "issuer": self._require_issuer(),
+            "current": current,
+            "keys": [
+                {
+                    "kid": k.kid,
+                    "alg": k.alg,
+                    "pem": k.private_key.private_bytes(
+                        serialization.Encoding.PEM,
+                        serialization.PrivateFormat.PKCS8,
+                        serialization.NoEncryption(),
+                    ).decode("ascii"),
+                }
+                for k in keys
+            ],
+        }
 
     def _metadata(
         self, answer: tuple[int, list[tuple[bytes, bytes]], bytes]
@@ -493,6 +543,44 @@ class DevIssuerThread:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.issuer.serve, self._host, self._port)
             self._started.set()
+
+
+def issuer_for(base: str, spec: str | None) -> str:
+    """An issuer URL of the dev issuer at ``base``, from ``kanidm:CLIENT``, ``authentik:SLUG``,
+    a path (``/oauth2/openid/webmail``) or a full URL (taken as it is; None: the root issuer)."""
+    if not spec:
+        return base
+    kind, sep, name = spec.partition(":")
+    if sep and kind == "kanidm" and name:
+        return f"{base}{KANIDM_PREFIX}{name}"
+    if sep and kind == "authentik" and name:
+        return f"{base}{AUTHENTIK_PREFIX}{name}/"
+    if spec.startswith("/"):
+        return base + (
+            spec + "/" if spec.startswith(AUTHENTIK_PREFIX) and not spec.endswith("/") else spec
+        )
+    return spec
+
+
+def mint_offline(
+    state: dict[str, Any],
+    claims: dict[str, Any],
+    *,
+    alg: str = "ES256",
+    typ: str | None = "at+jwt",
+) -> str:
+    """A token signed with the current ``alg`` key of an exported dev issuer state."""
+    kid = state.get("current", {}).get(alg)
+    entry = next((k for k in state.get("keys", []) if k.get("kid") == kid), None)
+    if entry is None:
+        have = ", ".join(sorted(state.get("current", {}))) or "none"
+        raise KeyError(f"the dev issuer has no {alg} key (it has: {have})")
+    key = serialization.load_pem_private_key(entry["pem"].encode("ascii"), password=None)
+    assert isinstance(
+        key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+    )
+    header = {"alg": alg, "typ": typ, "kid": kid}
+    return _encode(claims, key, alg, {k: v for k, v in header.items() if v is not None})
 
 
 def _json(

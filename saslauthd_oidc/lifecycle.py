@@ -12,11 +12,17 @@
   ones and waits (bounded) for those in flight.
 * :class:`DrainableListener` wraps a listening socket so that accepting can
   stop while the connections already accepted carry on.
+* :class:`ReloadReport` / :class:`ReloadReporter`: the daemon's answer to a
+  reload, one JSON line in ``$RUNTIME_DIRECTORY/reload`` (systemd's
+  ``RuntimeDirectory=``), which ``saslauthd-oidc reload`` waits for so that
+  ``systemctl reload`` fails when the new configuration was refused.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
@@ -211,3 +217,82 @@ class DrainableListener(trio.abc.Listener[StreamT], Generic[StreamT]):
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+# --------------------------------------------------------------------------- reload reports
+
+RELOAD_REPORT_FILE = "reload"
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadReport:
+    """One answer: ``generation`` counts reloads since start (0: the start itself)."""
+
+    generation: int
+    ok: bool
+    key: str | None = None  # the config key a refused reload failed on
+    message: str = ""
+
+    def render(self) -> str:
+        return json.dumps(
+            {"generation": self.generation, "ok": self.ok, "key": self.key, "message": self.message}
+        )
+
+    @classmethod
+    def parse(cls, text: str) -> ReloadReport | None:
+        """The report in ``text``, or None when it is not one (absent, half-written...)."""
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return None
+        if not isinstance(data, dict):
+            return None
+        generation, ok = data.get("generation"), data.get("ok")
+        key, message = data.get("key"), data.get("message", "")
+        if (
+            not isinstance(generation, int)
+            or isinstance(generation, bool)
+            or not isinstance(ok, bool)
+            or not (key is None or isinstance(key, str))
+            or not isinstance(message, str)
+        ):
+            return None
+        return cls(generation=generation, ok=ok, key=key, message=message)
+
+
+def read_reload_report(directory: str) -> ReloadReport | None:
+    try:
+        with open(os.path.join(directory, RELOAD_REPORT_FILE), encoding="utf-8") as f:
+            return ReloadReport.parse(f.read())
+    except OSError:
+        return None
+
+
+class ReloadReporter:
+    """Writes the daemon's reload answers into ``directory`` (None: nowhere)."""
+
+    def __init__(self, directory: str | None) -> None:
+        self.directory = directory or None
+        self.generation = 0
+
+    def _write(self, report: ReloadReport) -> bool:
+        if self.directory is None:
+            return False
+        path = os.path.join(self.directory, RELOAD_REPORT_FILE)
+        partial = f"{path}.{os.getpid()}.new"
+        try:
+            with open(partial, "w", encoding="utf-8") as f:
+                f.write(report.render() + "\n")
+            os.replace(partial, path)  # readers see the old answer or the new one
+        except OSError:
+            return False
+        return True
+
+    def started(self) -> bool:
+        return self._write(ReloadReport(generation=0, ok=True, message="started"))
+
+    def report(self, ok: bool, key: str | None = None, message: str = "") -> ReloadReport:
+        self.generation += 1
+        answer = ReloadReport(generation=self.generation, ok=ok, key=key, message=message)
+        self._write(answer)
+        return answer

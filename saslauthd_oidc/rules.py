@@ -61,26 +61,37 @@ def context_mismatch(rule: RuleConfig, request: AuthRequest) -> Mismatch | None:
     if rule.mechanisms and request.mechanism.value not in rule.mechanisms:
         return Mismatch(Reason.NO_RULE_FOR_CONTEXT, f"mechanism {request.mechanism} not in rule")
     if rule.services and (ctx.service or "") not in rule.services:
-        return Mismatch(Reason.NO_RULE_FOR_CONTEXT, f"service {ctx.service!r} not in rule")
+        shown = f"service {ctx.service!r} not in rule" if ctx.service else "no service given"
+        return Mismatch(Reason.NO_RULE_FOR_CONTEXT, f"{shown} (services: {_listed(rule.services)})")
     if rule.hosts:
         host = request_host(request)
         if host not in rule.hosts:
-            return Mismatch(Reason.HOST_MISMATCH, f"host {host!r} not in rule")
+            shown = f"host {host!r} not in rule" if host else "no host given (host=, TLS SNI)"
+            return Mismatch(Reason.HOST_MISMATCH, f"{shown} (hosts: {_listed(rule.hosts)})")
     if rule.ports:
         port = request_port(request)
         if port not in rule.ports:
-            return Mismatch(Reason.HOST_MISMATCH, f"port {port!r} not in rule")
+            shown = f"port {port} not in rule" if port else "no port given"
+            return Mismatch(Reason.HOST_MISMATCH, f"{shown} (ports: {_listed(rule.ports)})")
     if rule.require_secured and not ctx.secured:
         return Mismatch(Reason.NO_RULE_FOR_CONTEXT, "connection is not secured (TLS)")
     if rule.remote_networks and not _in_networks(ctx.remote_ip, rule.remote_networks):
-        return Mismatch(Reason.NO_RULE_FOR_CONTEXT, f"remote address {ctx.remote_ip!r} not in rule")
+        shown = (
+            f"remote address {ctx.remote_ip} not in rule"
+            if ctx.remote_ip
+            else "no remote address given"
+        )
+        return Mismatch(Reason.NO_RULE_FOR_CONTEXT, f"{shown} (remote_networks)")
     # A request that names no user (Dovecot's passdb oauth2, Stalwart, OAUTHBEARER
     # without a=) logs in the account we answer: its domain is checked instead
     # (account_domain_mismatch), once the token has named the account.
     if rule.domains and request.credentials.authzid:
         domain = request.credentials.user_domain
         if domain not in rule.domains:
-            return Mismatch(Reason.NO_RULE_FOR_CONTEXT, f"user domain {domain!r} not in rule")
+            shown = f"user domain {domain!r} not in rule" if domain else "no user@domain given"
+            return Mismatch(
+                Reason.NO_RULE_FOR_CONTEXT, f"{shown} (domains: {_listed(rule.domains)})"
+            )
     return None
 
 
@@ -97,6 +108,10 @@ def account_domain_mismatch(
         Reason.NO_RULE_FOR_CONTEXT,
         f"no user named, and the account {account!r} is not in the rule's domains",
     )
+
+
+def _listed(values: Sequence[object]) -> str:
+    return ", ".join(repr(v) if isinstance(v, str) else str(v) for v in values)
 
 
 def _in_networks(address: str | None, networks: Sequence[IPv4Network | IPv6Network]) -> bool:
@@ -148,10 +163,15 @@ def claim_mismatch(rule: RuleConfig, claims: Mapping[str, Any]) -> Mismatch | No
         if not isinstance(azp, str) or azp not in trusted:
             return Mismatch(
                 Reason.UNTRUSTED_AUTHORIZED_PARTY,
-                f"token has {len(audiences)} audiences and azp {azp!r} is not trusted by the rule",
+                f"token has {len(audiences)} audiences and "
+                + (f"azp {azp!r} is not trusted by the rule" if azp is not None else "no azp"),
             )
     if rule.authorized_parties and party not in rule.authorized_parties:
-        return Mismatch(Reason.UNTRUSTED_AUTHORIZED_PARTY, f"azp/client_id {party!r} not in rule")
+        shown = f"azp/client_id {party!r} not in rule" if party else "token has no azp or client_id"
+        return Mismatch(
+            Reason.UNTRUSTED_AUTHORIZED_PARTY,
+            f"{shown} (authorized_parties: {_listed(rule.authorized_parties)})",
+        )
     if rule.required_scopes:
         scopes = token_scopes(claims) or set()
         missing = [s for s in rule.required_scopes if s not in scopes]
@@ -242,6 +262,9 @@ def config_warnings(cfg: Config) -> list[str]:
     warnings.extend(_opaque_token_warnings(cfg))
     warnings.extend(discovery_warnings(cfg))
     warnings.extend(unreachable_condition_warnings(cfg))
+    from saslauthd_oidc.config import claim_warnings  # noqa: PLC0415 (config imports no rules)
+
+    warnings.extend(claim_warnings(cfg))
     return warnings
 
 

@@ -19,7 +19,9 @@ nothing. :func:`watchdog_interval` reads ``WATCHDOG_USEC``/``WATCHDOG_PID``.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 import time
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
@@ -187,3 +189,30 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+HTTP_SOCKET_UNIT = "saslauthd-oidc-http.socket"
+
+
+def unit_enabled(unit: str) -> bool:
+    """Whether systemd starts ``unit`` (``systemctl is-enabled`` or ``is-active``).
+
+    False without systemctl or when it cannot tell: only for warnings and
+    checks that would otherwise miss what the unit will pass.
+    """
+    systemctl = shutil.which("systemctl")
+    if systemctl is None:
+        return False
+    for verb in ("is-enabled", "is-active"):
+        try:
+            result = subprocess.run(
+                [systemctl, verb, "--quiet", unit],
+                capture_output=True,
+                timeout=5,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        if result.returncode == 0:
+            return True
+    return False

@@ -271,11 +271,12 @@ def _describe(status: int) -> str:
     return f"exit {os.waitstatus_to_exitcode(status)}"
 
 
-def serve_workers(config: Config, *, worker_main: WorkerMain = _default_worker_main) -> int:
-    """Bind the auth socket, run ``config.server.workers`` workers on it, clean up after."""
-    path = config.server.auth_socket
-    if not path:
-        raise ConfigError("server.workers", "more than one worker needs server.auth_socket")
+def worker_problem(config: Config) -> ConfigError | None:
+    """Why ``server.workers > 1`` cannot run with this config (check-config asks too)."""
+    if config.server.workers <= 1:
+        return None
+    if not config.server.auth_socket:
+        return ConfigError("server.workers", "more than one worker needs server.auth_socket")
     others = [
         key
         for key, value in (
@@ -288,10 +289,20 @@ def serve_workers(config: Config, *, worker_main: WorkerMain = _default_worker_m
     if others:
         # Each worker would bind these itself and all but one would fail:
         # until they are bound here and inherited like the auth socket, refuse.
-        raise ConfigError(
+        return ConfigError(
             "server.workers",
             f"more than one worker shares only auth_socket so far, not {', '.join(others)}",
         )
+    return None
+
+
+def serve_workers(config: Config, *, worker_main: WorkerMain = _default_worker_main) -> int:
+    """Bind the auth socket, run ``config.server.workers`` workers on it, clean up after."""
+    problem = worker_problem(config)
+    if problem is not None:
+        raise problem
+    path = config.server.auth_socket
+    assert path is not None
     listener = open_unix_socket(
         path, config.server.auth_socket_mode, config.server.auth_socket_group
     )

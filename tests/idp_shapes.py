@@ -11,9 +11,16 @@ defaults that the real IdP does not send are dropped (``None``):
   answers the account's SPN (``preferred_username``) and e-mail, as Kanidm's
   does; ``kanidm(..., enriched=True)`` puts ``preferred_username`` in the
   token itself (a token as it looks after enrichment).
-* Authentik: shared (global) issuer, RS256, no typ header, ``aud`` = ``azp`` =
+* Authentik: RS256, header typ ``JWT`` (PyJWT's default: Authentik's
+  ``OAuth2Provider.encode`` passes only ``kid``), the ID token's claims plus
+  ``azp`` and ``uid`` (``IDToken.to_access_token``): ``aud`` = ``azp`` =
   client_id, no ``scope``, no ``client_id``, ``email`` and
-  ``preferred_username`` present.
+  ``preferred_username`` present (``include_claims_in_id_token``, the
+  default). The issuer is per application by default, or shared ("global").
+* Entra ID (v2.0 access token for your own API): RS256, header typ ``JWT``,
+  ``aud`` = the API's application ID, ``azp`` = the client's, ``scp``
+  (space-separated), ``tid``, ``oid``, ``preferred_username``, ``ver``
+  ``2.0``; no ``scope``, no ``email`` (an optional claim).
 * Keycloak: RS256, header typ ``JWT`` and claim ``typ: Bearer``, ``aud``
   ``"account"`` (or a list), ``azp`` = the client, ``scope`` string, ``email``,
   ``email_verified``, ``preferred_username``, no ``client_id``.
@@ -95,7 +102,38 @@ def authentik(
         "client_id": None,
         **(extra or {}),
     }
-    return issuer.mint(claims, alg="RS256", typ=None)
+    return issuer.mint(claims, alg="RS256", typ="JWT")
+
+
+def entra(
+    issuer: DevIssuer,
+    api: str,
+    client: str,
+    *,
+    upn: str = ALICE,
+    scp: str = "Mail.Send",
+    tenant: str = "72f988bf-86f1-41af-91ab-2d7cd011db47",
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    claims: dict[str, Any] = {
+        "sub": uuid.uuid4().hex,
+        "aud": api,
+        "azp": client,
+        "azpacr": "0",
+        "scp": scp,
+        "tid": tenant,
+        "oid": str(uuid.uuid4()),
+        "preferred_username": upn,
+        "name": "Alice",
+        "ver": "2.0",
+        "uti": uuid.uuid4().hex[:22],
+        "rh": "0.A" + uuid.uuid4().hex,
+        "email": None,
+        "scope": None,
+        "client_id": None,
+        **(extra or {}),
+    }
+    return issuer.mint(claims, alg="RS256", typ="JWT")
 
 
 def keycloak(

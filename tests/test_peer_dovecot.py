@@ -9,6 +9,8 @@ issuer on loopback (DevIssuer). Clients: Python's imaplib and curl.
 
 from __future__ import annotations
 
+import base64
+import imaplib
 import json
 import urllib.request
 from collections.abc import Iterator
@@ -207,3 +209,35 @@ def test_no_token_in_any_log(stack: tuple[Daemon, DovecotInstance], issuer: DevI
     for log in (daemon.log(), dc.log()):
         assert signature not in log
         assert CALLER_SECRET not in log
+
+
+def xoauth2_b64_len(token: str) -> int:
+    return len(base64.b64encode(f"user={USER}\x01auth=Bearer {token}\x01\x01".encode()))
+
+
+def test_long_tokens_through_dovecot(
+    stack: tuple[Daemon, DovecotInstance], issuer: DevIssuer
+) -> None:
+    """Dovecot 2.3's imap-login takes a SASL response of up to 8192 bytes of base64.
+
+    A 3.9 KB token logs in after "+" (imaplib) and on the AUTHENTICATE line
+    (curl --sasl-ir); one whose response is longer than 8192 bytes is cut off
+    by Dovecot itself ("Authentication response too large",
+    LOGIN_MAX_AUTH_BUF_SIZE, not a setting) before our endpoint is asked.
+    """
+    daemon, dc = stack
+    groups = [f"group-{i:05d}-mail-users" for i in range(100)]
+    token = issuer.mint(email=USER, audience="mail", claims={"groups": groups})
+    assert len(token) > 3500 and xoauth2_b64_len(token) < 8192
+    typ, text = imap_authenticate(dc.host, dc.port, "XOAUTH2", USER, token)
+    assert typ == "OK", (typ, text, dc.log()[-2000:])
+    require_peer("curl", curl_available())
+    status, verbose = curl_imap_auth(dc.host, dc.port, USER, token, "OAUTHBEARER")
+    assert status == 0, verbose[-1500:]
+    assert "AUTHENTICATE OAUTHBEARER " in verbose  # the initial response on the command line
+    too_long = issuer.mint(email=USER, audience="mail", claims={"groups": groups * 3})
+    assert xoauth2_b64_len(too_long) > 8192
+    with pytest.raises((OSError, imaplib.IMAP4.abort)):
+        imap_authenticate(dc.host, dc.port, "XOAUTH2", USER, too_long)
+    dc.wait_for_log(r"Disconnected: Authentication response too large")
+    assert daemon.events_for(too_long, timeout=0.5) == []

@@ -7,6 +7,7 @@ For mail clients that cannot do OAUTHBEARER/XOAUTH2. Opt-in with
 from __future__ import annotations
 
 import base64
+import tomllib
 from collections.abc import Iterator
 
 import pytest
@@ -14,12 +15,14 @@ import pytest
 from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
 from tests.peers.daemon import README_MAIN_CF, Daemon
 from tests.peers.postfix import PostfixInstance, make_shared_tmpdir, smtp_auth, smtp_ehlo
+from tests.recipes import recipe
 from tests.test_peer_postfix import write_config
 
 pytestmark = pytest.mark.peer
 
 USER = "alice@example.org"
-ALL = ["OAUTHBEARER", "XOAUTH2", "PLAIN", "LOGIN"]
+#: The README's opt-in line (taken from README.md).
+ALL: list[str] = tomllib.loads(recipe("plain-login.toml"))["server"]["mechanisms"]
 
 
 @pytest.fixture(scope="module")

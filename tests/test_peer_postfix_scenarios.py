@@ -20,7 +20,7 @@ import pytest
 
 from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
 from tests.idp_shapes import kanidm, keycloak, localize_example
-from tests.peers.daemon import Daemon
+from tests.peers.daemon import README_MAIN_CF, Daemon
 from tests.peers.postfix import PostfixInstance, make_shared_tmpdir, smtp_auth
 
 pytestmark = pytest.mark.peer
@@ -29,12 +29,8 @@ EXAMPLE = (
     Path(__file__).resolve().parent.parent / "etc" / "examples" / "kanidm-several-clients.toml"
 )
 
-# The README's Postfix recipe (smtpd_sasl_path is set by PostfixInstance).
-MAIN_CF = {
-    "smtpd_sasl_auth_enable": "yes",
-    "smtpd_sasl_type": "dovecot",
-    "smtpd_sasl_security_options": "noanonymous",
-}
+# The README's Postfix recipe, from README.md (smtpd_sasl_path is this test's socket).
+MAIN_CF = README_MAIN_CF
 
 
 Issuers = dict[str, DevIssuer]

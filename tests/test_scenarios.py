@@ -44,8 +44,12 @@ Issuers = dict[str, DevIssuer]
 
 def test_examples_are_all_tested() -> None:
     assert sorted(p.name for p in EXAMPLES.glob("*.toml")) == [
+        "authentik-per-application.toml",  # these four: tests/test_examples_idps.py
         "authentik-shared-issuer.toml",
+        "entra-id.toml",
+        "google.toml",
         "kanidm-several-clients.toml",
+        "keycloak.toml",
     ]
 
 

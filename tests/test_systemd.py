@@ -7,10 +7,19 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+import trio
 
+from saslauthd_oidc.authtest import run_auth_test
 from saslauthd_oidc.config import ConfigError, parse_config
-from saslauthd_oidc.daemon import adopt_passed_socket, run_daemon, sort_passed_fds
+from saslauthd_oidc.daemon import (
+    adopt_passed_socket,
+    http_problems,
+    run_daemon,
+    sort_passed_fds,
+)
+from saslauthd_oidc.devissuer import DevIssuer
 from saslauthd_oidc.systemd import (
     ActivationError,
     Notifier,
@@ -183,13 +192,47 @@ def test_adopt_passed_socket_checks_family_type_and_listening(tmp_path: Path) ->
     os.close(r)
 
 
-async def test_passed_http_socket_needs_caller_authentication() -> None:
+async def test_passed_http_socket_without_caller_credentials_spares_the_auth_socket(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The shipped [http] defaults with saslauthd-oidc-http.socket enabled: not fatal.
+
+    serve keeps the auth socket (Postfix) working; the http socket answers,
+    but refuses every /introspect caller, until http.auth is configured.
+    """
+    issuer = DevIssuer()
+    await nursery.start(issuer.serve)
+    assert issuer.issuer
     config = parse_config(
         {
-            "server": {"auth_socket": ""},
-            "provider": [{"name": "p", "issuer": "https://idp.example"}],
-            "rule": [{"provider": "p"}],
+            "server": {"auth_socket": str(tmp_path / "auth")},
+            "provider": [{"name": "p", "issuer": issuer.issuer, "allow_http": True}],
+            "rule": [{"name": "r", "provider": "p", "audiences": ["mail"]}],
         }
     )
-    with pytest.raises(ConfigError, match=r"^http\.auth: systemd passes an http socket"):
-        await run_daemon(config, passed_fds={"http": [99]}, handle_signals=False)
+    problems = http_problems(config, http_passed=True)
+    assert [p.key for p in problems] == ["http.auth"]
+    assert http_problems(config, http_passed=False) == []
+    http = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    http.bind(("127.0.0.1", 0))
+    http.listen()
+    port = http.getsockname()[1]
+    await nursery.start(
+        lambda task_status: run_daemon(
+            config,
+            task_status=task_status,
+            handle_signals=False,
+            passed_fds={"http": [http.detach()]},
+        )
+    )
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+        reply = await client.post(
+            "/introspect",
+            content=f"token={issuer.mint()}",
+            headers={"content-type": "application/x-www-form-urlencoded"},
+        )
+        assert reply.status_code == 401
+        assert (await client.get("/healthz")).status_code == 200
+    result = await run_auth_test(str(tmp_path / "auth"), issuer.mint(), user="alice@example.org")
+    assert result.outcome.value == "ok"
+    nursery.cancel_scope.cancel()

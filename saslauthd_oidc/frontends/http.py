@@ -443,7 +443,7 @@ def from_trusted_proxy(scope: Scope, cfg: HttpConfig) -> bool:
         address = ipaddress.ip_address(str(client[0]))
     except ValueError:
         return False
-    return any(address in network for network in cfg.trusted_proxies)
+    return any(address in network for network in cfg.trusted_proxies if network != "unix")
 
 
 def resource_request(scope: Scope, path: str, cfg: HttpConfig) -> ResourceRequest | None:

@@ -176,6 +176,7 @@ class DovecotServerConnection:
         self.client_version: tuple[int, int] | None = None
         self.client_pid: int | None = None
         self.closed = False
+        self.last_failure: Verdict | None = None
 
     # ----------------------------------------------------------------- output
 
@@ -221,6 +222,7 @@ class DovecotServerConnection:
         self._out.append(("\t".join(fields) + "\n").encode("utf-8"))
 
     def _fail(self, request_id: int, verdict: Verdict, text: str | None = None) -> None:
+        self.last_failure = verdict  # for explain: what a FAIL it just wrote stands for
         self._emit("FAIL", str(request_id), *fail_fields(verdict, text))
 
     def _error(self, request_id: int | None, message: str) -> None:

@@ -446,8 +446,11 @@ def check_header(
     if token_types:
         wanted = {_normalize_typ(t) for t in token_types}
         if typ is None or _normalize_typ(typ) not in wanted:
-            shown_typ = typ[:32] if typ is not None else None
-            return TokenRejected(Reason.WRONG_TOKEN_TYPE, f"typ {shown_typ!r} not accepted")
+            shown_typ = f"typ {typ[:32]!r}" if typ is not None else "no typ header"
+            wants = ", ".join(sorted(token_types))
+            return TokenRejected(
+                Reason.WRONG_TOKEN_TYPE, f"{shown_typ} not accepted (token_types: {wants})"
+            )
     kid = header.get("kid")
     if kid is not None and not isinstance(kid, str):
         return TokenRejected(Reason.MALFORMED_TOKEN, "kid header is not a string")
@@ -508,8 +511,8 @@ def verify_jwt(
     kid = header.get("kid")
     key = keys.lookup(kid, alg)
     if key is None:
-        shown = kid[:40] if isinstance(kid, str) else None
-        return TokenRejected(Reason.UNKNOWN_KEY, f"no {alg} key for kid {shown!r}")
+        shown = f"kid {kid[:40]!r}" if isinstance(kid, str) else "a token without kid"
+        return TokenRejected(Reason.UNKNOWN_KEY, f"no {alg} key for {shown}")
     if unverified.token != token:
         # Claims must come from the very token whose signature is checked.
         reparsed = peek(token)

@@ -20,8 +20,11 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from tests.recipes import main_cf_settings, recipe, substitute
+
 __all__ = [
     "CYRUS_MAIN_CF",
+    "README_MUX",
     "TESTSASLAUTHD",
     "cyrus_plugins_available",
     "cyrus_postfix_files",
@@ -66,9 +69,12 @@ def run_testsaslauthd(
     return res.returncode, res.stdout + res.stderr
 
 
-def smtpd_conf(socket_path: Path | str, mechs: str = "PLAIN LOGIN") -> str:
-    """The libsasl application config ``smtpd.conf`` that sends passwords to our socket."""
-    return f"pwcheck_method: saslauthd\nsaslauthd_path: {socket_path}\nmech_list: {mechs}\n"
+README_MUX = "/run/saslauthd-oidc/mux"
+
+
+def smtpd_conf(socket_path: Path | str) -> str:
+    """The README's libsasl ``smtpd.conf`` (taken from README.md), pointed at our socket."""
+    return substitute(recipe("cyrus-smtpd.conf"), {README_MUX: str(socket_path)})
 
 
 def cyrus_postfix_files(socket_path: Path | str) -> dict[str, str]:
@@ -76,10 +82,9 @@ def cyrus_postfix_files(socket_path: Path | str) -> dict[str, str]:
     return {"sasl/smtpd.conf": smtpd_conf(socket_path)}
 
 
-#: ``PostfixInstance(extra_main_cf=...)`` for Cyrus SASL (the README recipe).
+#: ``PostfixInstance(extra_main_cf=...)`` for Cyrus SASL: the README recipe, plus
+#: ``smtpd_sasl_security_options = noanonymous`` (Postfix's default).
 CYRUS_MAIN_CF = {
-    "smtpd_sasl_auth_enable": "yes",
-    "smtpd_sasl_type": "cyrus",
-    "smtpd_sasl_path": "smtpd",
+    **main_cf_settings(recipe("cyrus-postfix-main.cf")),
     "smtpd_sasl_security_options": "noanonymous",
 }

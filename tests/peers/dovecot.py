@@ -11,8 +11,10 @@ Usage::
 What the instance is
     ``dovecot -F -c <tmp>/dovecot.conf`` as a child in its own session, with
     its own ``base_dir``/``state_dir``, a log file (``log_path``, nothing goes
-    to syslog), IMAP only, on ``127.0.0.1:<free port>``, no TLS. Its passdb is
-    the README's Dovecot recipe: ``driver = oauth2`` with
+    to syslog), IMAP only, on ``127.0.0.1:<free port>``, no TLS. Its
+    ``auth_mechanisms``, passdb and userdb are the README's ``dovecot.conf``
+    recipe and its oauth2 file the ``dovecot-oauth2.conf.ext`` recipe, both
+    taken from README.md (:mod:`tests.recipes`), today: ``driver = oauth2`` with
     ``introspection_mode = post``, ``username_attribute = username``,
     ``active_attribute = active``, ``active_value = true``,
     ``force_introspection = yes``, ``send_auth_headers = yes``, an empty
@@ -41,6 +43,7 @@ from pathlib import Path
 
 from tests.peers.postfix import free_tcp_port
 from tests.peers.process import PortTaken, stop_process_group, tail, wait_for_banner, wait_for_match
+from tests.recipes import RecipeError, recipe, substitute
 
 DOVECOT = os.environ.get("SASLAUTHD_OIDC_DOVECOT", "/usr/sbin/dovecot")
 _STARTUP_TIMEOUT = 30.0
@@ -82,7 +85,6 @@ listen = 127.0.0.1
 protocols = imap
 ssl = no
 disable_plaintext_auth = no
-auth_mechanisms = oauthbearer xoauth2
 auth_verbose = yes
 auth_failure_delay = 0
 first_valid_uid = 1
@@ -91,16 +93,7 @@ default_login_user = dovenull
 default_internal_user = dovecot
 shutdown_clients = yes
 
-passdb {{
-  driver = oauth2
-  mechanisms = oauthbearer xoauth2
-  args = {d}/dovecot-oauth2.conf.ext
-}}
-userdb {{
-  driver = static
-  args = uid=nobody gid=nogroup home={d}/home/%u
-}}
-
+{recipe}
 service imap-login {{
   inet_listener imap {{
     address = 127.0.0.1
@@ -115,18 +108,34 @@ service imap {{
 }}
 """
 
-_OAUTH2_CONF = """\
-# The README's Dovecot recipe (dovecot-oauth2.conf.ext)
-tokeninfo_url =
-introspection_url = {url}
-introspection_mode = post
-username_attribute = username
-active_attribute = active
-active_value = true
-force_introspection = yes
-send_auth_headers = yes
-timeout_msecs = 5000
-"""
+
+def recipe_conf(d: Path) -> str:
+    """The README's ``dovecot.conf`` recipe, for an instance in ``d``.
+
+    Two edits, each checked by :func:`tests.recipes.substitute`: the oauth2
+    args file is the instance's, and the static userdb's ``vmail`` user and
+    ``/var/vmail`` become ``nobody`` and a directory under ``d``.
+    """
+    text = substitute(
+        recipe("dovecot.conf"),
+        {
+            "/etc/dovecot/dovecot-oauth2.conf.ext": f"{d}/dovecot-oauth2.conf.ext",
+            "uid=vmail gid=vmail home=/var/vmail/%u": f"uid=nobody gid=nogroup home={d}/home/%u",
+        },
+    )
+    return text
+
+
+def recipe_oauth2_conf(url: str) -> str:
+    """The README's ``dovecot-oauth2.conf.ext`` with this test's ``introspection_url``."""
+    lines = recipe("dovecot-oauth2.conf.ext").splitlines()
+    keyed = [n for n, ln in enumerate(lines) if ln.split("=")[0].strip() == "introspection_url"]
+    if len(keyed) != 1:
+        raise RecipeError(
+            f"the dovecot-oauth2.conf.ext recipe has {len(keyed)} introspection_url lines"
+        )
+    lines[keyed[0]] = f"introspection_url = {url}"
+    return "# The README's Dovecot recipe (dovecot-oauth2.conf.ext)\n" + "\n".join(lines) + "\n"
 
 
 class DovecotInstance:
@@ -171,9 +180,9 @@ class DovecotInstance:
         (d / "home").mkdir(mode=0o755)
         os.chown(d / "home", nobody.pw_uid, nobody.pw_gid)
         self.port = free_tcp_port(self.host)
-        (d / "dovecot.conf").write_text(_CONF.format(d=d, port=self.port))
+        (d / "dovecot.conf").write_text(_CONF.format(d=d, port=self.port, recipe=recipe_conf(d)))
         oauth2 = d / "dovecot-oauth2.conf.ext"
-        oauth2.write_text(_OAUTH2_CONF.format(url=self.introspection_url))
+        oauth2.write_text(recipe_oauth2_conf(self.introspection_url))
         oauth2.chmod(0o600)  # it holds the caller's credentials
         self._out = d / "dovecot-F.out"
         with open(self._out, "wb") as out:

@@ -45,6 +45,7 @@ from types import TracebackType
 
 from tests.peers.postfix import free_tcp_port
 from tests.peers.process import PortTaken, stop_process_group, wait_for_banner, wait_for_match
+from tests.recipes import recipe, substitute
 
 __all__ = ["EXIM_ROOT", "EXIM_USER", "EximInstance", "exim_available", "exim_binary"]
 
@@ -52,19 +53,19 @@ EXIM_ROOT = Path(os.environ.get("SASLAUTHD_OIDC_EXIM_ROOT", "/opt/saslauthd-oidc
 EXIM_USER = "Debian-exim"
 _STARTUP_TIMEOUT = 30.0
 
-#: The authenticator blocks of the README's Exim recipe; ``{socket}`` is filled in.
-README_AUTHENTICATORS = """\
-oauthbearer:
-  driver = dovecot
-  public_name = OAUTHBEARER
-  server_socket = {socket}
-  server_set_id = $auth1
-xoauth2:
-  driver = dovecot
-  public_name = XOAUTH2
-  server_socket = {socket}
-  server_set_id = $auth1
-"""
+README_SOCKET = "/run/saslauthd-oidc/auth"
+_TLS_ONLY = "  server_advertise_condition = ${if def:tls_in_cipher}\n"
+
+
+def recipe_authenticators(auth_socket: str, *, tls_only: bool = True) -> str:
+    """The README's Exim authenticators (taken from README.md), pointed at ``auth_socket``.
+
+    ``tls_only=False`` drops their ``server_advertise_condition`` lines, for
+    the plaintext instances that test the protocol (:class:`EximInstance`);
+    :class:`DebianExim` runs the recipe whole, with TLS.
+    """
+    text = substitute(recipe("exim-authenticators"), {README_SOCKET: auth_socket})
+    return text if tls_only else substitute(text, {_TLS_ONLY: ""})
 
 
 def exim_binary() -> Path:
@@ -158,7 +159,7 @@ discard:
 begin transports
 
 begin authenticators
-{README_AUTHENTICATORS.format(socket=self.auth_socket)}{self._extra_authenticators()}"""
+{recipe_authenticators(self.auth_socket, tls_only=False)}{self._extra_authenticators()}"""
 
     def _extra_authenticators(self) -> str:
         return "".join(
@@ -261,3 +262,114 @@ begin authenticators
             return (self.directory / name).read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+
+# --------------------------------------------------------------------------- Debian's config
+
+
+#: The debconf answers of a Debian Exim that delivers locally and relays for
+#: authenticated clients, with the split configuration (what
+#: ``dpkg-reconfigure exim4-config`` writes to update-exim4.conf.conf).
+_UPDATE_EXIM4_CONF_CONF = """\
+dc_eximconfig_configtype='internet'
+dc_other_hostnames='mx.test.example'
+dc_local_interfaces='127.0.0.1'
+dc_readhost=''
+dc_relay_domains=''
+dc_minimaldns='false'
+dc_relay_nets=''
+dc_smarthost=''
+CFILEMODE='644'
+dc_use_split_config='true'
+dc_hide_mailname=''
+dc_mailname_in_oh='true'
+dc_localdelivery='mail_spool'
+"""
+
+
+class DebianExim(EximInstance):
+    """Exim built from Debian's own ``conf.d`` by Debian's ``update-exim4.conf``.
+
+    The instance copies the unpacked ``/etc/exim4`` (exim4-config) into its
+    directory, answers debconf with the split configuration, adds the files
+    an administrator adds — ``conf.d/auth/35_saslauthd-oidc`` (``auth_file``)
+    and ``conf.d/main/000_localmacros`` (``localmacros``) — and a certificate
+    ``exim.crt``/``exim.key`` (``cert``, ``key``) readable by group
+    ``Debian-exim``, then runs ``update-exim4.conf -d <its etc/exim4> -o
+    <its exim4.conf>`` and starts Exim on the result. The only lines the
+    instance adds of its own are macros Debian's files provide for it
+    (``CONFDIR``, ``SPOOLDIR``, ``MAIN_HARDCODE_PRIMARY_HOSTNAME``),
+    ``log_file_path`` and ``pid_file_path``, so that nothing outside its
+    directory is used.
+    """
+
+    def __init__(
+        self,
+        auth_file: str,
+        localmacros: str,
+        cert: Path,
+        key: Path,
+        *,
+        split: bool = True,
+        startup_timeout: float = _STARTUP_TIMEOUT,
+    ) -> None:
+        super().__init__(auth_socket="", startup_timeout=startup_timeout)
+        self.split = split
+        self.auth_file = auth_file
+        self.localmacros = localmacros
+        self.cert = cert
+        self.key = key
+        self.update_output = ""
+
+    @property
+    def confdir(self) -> Path:
+        assert self.directory is not None
+        return self.directory / "etc" / "exim4"
+
+    def config(self) -> str:
+        d = self.directory
+        assert d is not None
+        confdir = self.confdir
+        shutil.copytree(EXIM_ROOT / "etc" / "exim4", confdir)
+        answers = _UPDATE_EXIM4_CONF_CONF
+        macros = (
+            f"CONFDIR = {confdir}\nSPOOLDIR = {d}/spool\n"
+            "MAIN_HARDCODE_PRIMARY_HOSTNAME = mx.test.example\n"
+            f"{self.localmacros}log_file_path = {d}/log/%slog\npid_file_path = {d}/exim.pid\n"
+        )
+        if self.split:
+            (confdir / "conf.d" / "auth" / "35_saslauthd-oidc").write_text(self.auth_file)
+            (confdir / "conf.d" / "main" / "000_localmacros").write_text(macros)
+        else:
+            # One file: the block after "begin authenticators" in the template.
+            # Debian's update-exim4.conf looks for exim4.conf.localmacros under
+            # /etc/exim4 only, whatever -d says, so the macros open the template.
+            answers = answers.replace("dc_use_split_config='true'", "dc_use_split_config='false'")
+            template = confdir / "exim4.conf.template"
+            text = template.read_text()
+            marker = "\nbegin authenticators\n"
+            assert text.count(marker) == 1, "Debian's template changed"
+            text = text.replace(marker, marker + "\n" + self.auth_file)
+            template.write_text(macros + text)
+        (confdir / "update-exim4.conf.conf").write_text(answers)
+        exim_gid = pwd.getpwnam(EXIM_USER).pw_gid
+        for src, name, mode in ((self.cert, "exim.crt", 0o644), (self.key, "exim.key", 0o640)):
+            shutil.copyfile(src, confdir / name)
+            os.chown(confdir / name, 0, exim_gid)
+            os.chmod(confdir / name, mode)
+        out = d / "exim4.conf"
+        update = str(EXIM_ROOT / "usr/sbin/update-exim4.conf")
+        res = subprocess.run(
+            ["/bin/sh", update, "-d", str(confdir), "-o", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+        self.update_output = res.stdout + res.stderr
+        if res.returncode != 0:
+            raise RuntimeError(
+                f"update-exim4.conf failed ({res.returncode}):\n{self.update_output}"
+            )
+        return out.read_text()

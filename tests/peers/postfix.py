@@ -22,6 +22,25 @@ What the instance is
     process group and removes the directory; an ``atexit`` hook does the same if
     the instance is never exited.  Requires root (``postfix_available()``).
 
+Debian's stock master.cf (``stock_master_cf=True``)
+    Debian's Postfix package installs ``/usr/share/postfix/master.cf.dist`` as
+    ``/etc/postfix/master.cf``: ``smtp inet n - y - - smtpd``, i.e. smtpd (and
+    most other services) chrooted into ``queue_directory``.  With
+    ``stock_master_cf=True`` the instance runs that file byte for byte
+    (:func:`stock_master_cf`): smtpd sees only the queue directory, and a
+    relative ``smtpd_sasl_path`` (``private/saslauthd-oidc``) is resolved
+    inside it.  Before starting, the instance runs Debian's own
+    ``/usr/lib/postfix/configure-instance.sh`` (``postfix@.service``'s
+    ``ExecStartPre``) with ``MAIL_CONFIG`` pointing at it, which copies
+    ``etc/services``, ``etc/resolv.conf``, ``etc/hosts``, the NSS libraries
+    and so on into the chroot.  The stock ``smtp`` service listens on port
+    25, which the file does not let us change: master runs in a network
+    namespace of its own (:mod:`tests.peers.netns`), where 127.0.0.1:25 is
+    always free, and ``host``/``port`` are a loopback forwarder to it, so
+    clients connect as usual and meet no system MTA.  The auth socket is a
+    path, which network namespaces do not separate.  ``before_start`` starts
+    the auth server once the queue directory exists.
+
 Socket permissions
     smtpd runs as the ``postfix`` user and connects to the auth socket with
     those privileges.  The caller must therefore create the socket with mode
@@ -53,10 +72,13 @@ Logging
 
 Line length
     ``line_length_limit`` is left at its default of 2048 bytes.  Postfix 3.7
-    truncates (and still forwards) an ``AUTH <mech> <initial-response>`` line
-    longer than that, so tokens larger than roughly 1.5 KB must be sent
-    through the ``334`` continuation (``smtp_auth(..., initial_response=None,
-    continuation=...)``) instead of as an initial response.
+    cuts an ``AUTH <mech> <initial-response>`` line longer than that and
+    answers ``535 5.7.8 Error: authentication failed: Invalid base64 data in
+    initial response`` itself, without asking the auth server, so tokens
+    larger than roughly 1.5 KB must be sent through the ``334`` continuation
+    (``smtp_auth(..., initial_response=None, continuation=...)``) unless the
+    test raises ``line_length_limit`` (the README's long-token lines,
+    ``tests/test_peer_postfix_debian.py``).
 """
 
 from __future__ import annotations
@@ -76,14 +98,16 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
+from tests.peers.netns import NETNS_PREFIX, Forwarder, netns_available, wait_for_netns
 from tests.peers.process import tail, wait_for_match
 
 __all__ = [
     "POSTFIX",
+    "STOCK_MASTER_CF",
     "PostfixInstance",
     "curl_available",
     "curl_smtp_auth",
@@ -100,6 +124,12 @@ POSTFIX = os.environ.get("SASLAUTHD_OIDC_POSTFIX", "/usr/sbin/postfix")
 
 _STARTUP_TIMEOUT = 30.0
 _STOP_TIMEOUT = 15.0
+
+#: Where Debian's postfix package keeps the master.cf it installs (then copied
+#: to /etc/postfix/master.cf, which an administrator may have edited).
+STOCK_MASTER_CF = (Path("/usr/share/postfix/master.cf.dist"), Path("/etc/postfix/master.cf"))
+#: Debian's chroot preparation (postfix@.service's ExecStartPre).
+CONFIGURE_INSTANCE = Path("/usr/lib/postfix/configure-instance.sh")
 
 
 # --------------------------------------------------------------------------- probes
@@ -144,6 +174,35 @@ def postfix_available() -> str | None:
     if not os.access(os.path.join(daemon_dir, "master"), os.X_OK):
         return f"{daemon_dir}/master not found"
     return None
+
+
+def stock_master_cf() -> str:
+    """The text of Debian's stock ``master.cf`` (the package's copy first)."""
+    for path in STOCK_MASTER_CF:
+        if path.is_file():
+            return path.read_text()
+    raise FileNotFoundError(" or ".join(map(str, STOCK_MASTER_CF)))
+
+
+def stock_postfix_available() -> str | None:
+    """``None`` if a private Postfix with Debian's stock master.cf can run here."""
+    reason = postfix_available()
+    if reason is not None:
+        return reason
+    if not any(p.is_file() for p in STOCK_MASTER_CF):
+        return f"{' or '.join(map(str, STOCK_MASTER_CF))} not found (Debian's postfix package)"
+    if not CONFIGURE_INSTANCE.is_file():
+        return f"{CONFIGURE_INSTANCE} not found (Debian's postfix package)"
+    return netns_available()
+
+
+def master_cf_row(master_cf: str, service: str, kind: str) -> list[str]:
+    """The columns of the ``service kind ...`` line of a master.cf (``AssertionError`` if none)."""
+    for line in master_cf.splitlines():
+        cols = line.split()
+        if len(cols) >= 8 and not line[0].isspace() and cols[0] == service and cols[1] == kind:
+            return cols
+    raise AssertionError(f"master.cf has no {service} {kind} line")
 
 
 def curl_available() -> str | None:
@@ -218,6 +277,10 @@ class PostfixInstance:
     ``sasl_path`` is an absolute socket path (or ``unix:/path``, ``inet:h:p``).
     ``extra_main_cf`` overrides/extends the generated ``main.cf`` (e.g.
     ``{"smtpd_sasl_security_options": "noanonymous, noplaintext"}``).
+    ``stock_master_cf`` runs Debian's master.cf unchanged (module docstring).
+    ``before_start(instance)`` runs once the queue directory is ready and
+    before Postfix starts: start the auth server there when its socket lives
+    in the queue directory (``private/...``).
     ``extra_files`` maps paths relative to the config directory to file
     contents written before Postfix starts (Debian's Postfix reads Cyrus SASL's
     ``smtpd.conf`` from ``<config_directory>/sasl/``, whatever
@@ -236,13 +299,17 @@ class PostfixInstance:
         sasl_type: str = "dovecot",
         extra_main_cf: Mapping[str, str] | None = None,
         extra_files: Mapping[str, str] | None = None,
+        stock_master_cf: bool = False,
+        before_start: Callable[[PostfixInstance], None] | None = None,
         startup_timeout: float = _STARTUP_TIMEOUT,
     ) -> None:
-        if sasl_type == "dovecot" and not sasl_path.startswith("inet:"):
+        if sasl_type == "dovecot" and not sasl_path.startswith("inet:") and not stock_master_cf:
             bare = sasl_path.removeprefix("unix:")
             if not os.path.isabs(bare):
                 # A relative path would be resolved against queue_directory.
                 raise ValueError(f"smtpd_sasl_path must be absolute, got {sasl_path!r}")
+        self.stock_master_cf = stock_master_cf
+        self.before_start = before_start
         self.sasl_path = sasl_path
         self.sasl_type = sasl_type
         self.extra_main_cf = dict(extra_main_cf or {})
@@ -252,6 +319,8 @@ class PostfixInstance:
         self.directory: Path | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._out: Path | None = None
+        self._netns: int | None = None
+        self._forwarder: Forwarder | None = None
 
     # -- paths ---------------------------------------------------------------
 
@@ -259,6 +328,12 @@ class PostfixInstance:
     def config_directory(self) -> Path:
         assert self.directory is not None, "PostfixInstance not started"
         return self.directory / "etc"
+
+    @property
+    def queue_directory(self) -> Path:
+        """``queue_directory`` (the chroot of chrooted services)."""
+        assert self.directory is not None, "PostfixInstance not started"
+        return self.directory / "spool"
 
     @property
     def maillog_path(self) -> Path:
@@ -322,9 +397,12 @@ class PostfixInstance:
             target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
             target.write_text(content)
             target.chmod(0o644)
-        (self.config_directory / "master.cf").write_text(
-            _MASTER_CF.format(listen=f"{self.host}:{self.port}")
-        )
+        if self.stock_master_cf:
+            (self.config_directory / "master.cf").write_text(stock_master_cf())
+        else:
+            (self.config_directory / "master.cf").write_text(
+                _MASTER_CF.format(listen=f"{self.host}:{self.port}")
+            )
 
     def _postfix(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -394,7 +472,9 @@ class PostfixInstance:
         (d / "data").mkdir(mode=0o700)
         pw = pwd.getpwnam("postfix")
         os.chown(d / "data", pw.pw_uid, pw.pw_gid)
-        self.port = free_tcp_port(self.host)
+        # The stock "smtp inet" service is port 25, inside a namespace of its own;
+        # self.port becomes the forwarder's once master runs.
+        self.port = 25 if self.stock_master_cf else free_tcp_port(self.host)
         self._write_config()
 
         res = self._postfix("check")
@@ -403,14 +483,43 @@ class PostfixInstance:
                 f"postfix check failed ({res.returncode}):\n{res.stdout}{res.stderr}\n"
                 f"maillog:\n{tail(self.maillog())}"
             )
+        if self.stock_master_cf:
+            self._configure_chroot()
+        if self.before_start is not None:
+            # The queue directory exists now (``postfix check`` made private/
+            # and public/): the place for an auth socket inside the chroot.
+            self.before_start(self)
         self._out = d / "start-fg.out"
+        prefix = NETNS_PREFIX if self.stock_master_cf else []
         with open(self._out, "wb") as out:
             self._proc = subprocess.Popen(
-                [POSTFIX, "-c", str(self.config_directory), "start-fg"],
+                [*prefix, POSTFIX, "-c", str(self.config_directory), "start-fg"],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+            )
+        if self.stock_master_cf:
+            self._netns = wait_for_netns(self._proc.pid)
+            self._forwarder = Forwarder(self._netns, ("127.0.0.1", 25))
+            self.port = self._forwarder.port
+
+    def _configure_chroot(self) -> None:
+        """Debian's ``configure-instance.sh``, pointed at this instance by ``MAIL_CONFIG``."""
+        env = {**os.environ, "MAIL_CONFIG": str(self.config_directory)}
+        res = subprocess.run(
+            ["/bin/sh", str(CONFIGURE_INSTANCE), "-"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+        if res.returncode != 0 or not (self.queue_directory / "etc" / "services").is_file():
+            raise RuntimeError(
+                f"{CONFIGURE_INSTANCE} failed ({res.returncode}) or did not fill the chroot "
+                f"{self.queue_directory}:\n{res.stdout}{res.stderr}"
             )
 
     def _diagnostics(self) -> str:
@@ -488,6 +597,12 @@ class PostfixInstance:
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
         finally:
+            if self._forwarder is not None:
+                self._forwarder.close()
+                self._forwarder = None
+            if self._netns is not None:
+                os.close(self._netns)
+                self._netns = None
             if self.directory is not None:
                 shutil.rmtree(self.directory, ignore_errors=True)
                 self.directory = None
