@@ -51,6 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", action="store_true")
     p.add_argument("--out", type=Path, default=Path("profile.raw"))
     p.add_argument("--log-level", default="warning")
+    p.add_argument(
+        "--gil",
+        action="store_true",
+        help="only samples holding the GIL: leaves out time blocked in syscalls (closer to CPU)",
+    )
     args = p.parse_args(argv)
     workdir = Path(tempfile.mkdtemp(prefix="saslo-prof-", dir="/tmp"))
     issuer = DevIssuer(algorithms=("RS256", "ES256", "EdDSA"))
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             run_load(str(sock), suffixes[:1], connections=1, requests=5, server_pid=pid)
             spy = subprocess.Popen(
                 [
-                    "py-spy",
+                    str(Path(sys.executable).with_name("py-spy")),
                     "record",
                     "--pid",
                     str(pid),
@@ -86,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                     "--rate",
                     "500",
                     "--nonblocking",
+                    *(["--gil"] if args.gil else []),
                 ],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,

@@ -61,7 +61,7 @@ from saslauthd_oidc.outcome import Outcome, Reason, Verdict
 from saslauthd_oidc.providers import ProviderRegistry
 from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.request import AuthRequest, Mechanism, token_fingerprint
-from saslauthd_oidc.rules import config_warnings, ordered
+from saslauthd_oidc.rules import config_warnings, ordered, token_policy
 from saslauthd_oidc.systemd import (
     HTTP_SOCKET_UNIT,
     ActivationError,
@@ -226,6 +226,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     print(f"{config.source}: ok")
     print(f"  providers: {', '.join(p.name for p in config.providers) or '(none)'}")
     print(f"  rules (in evaluation order): {', '.join(_rule_order(config))}")
+    for line in token_policy(config):
+        print(f"  {line}")
     for note in check.notes:
         print(f"note: {note}")
     warnings = config_warnings(config) + check.warnings

@@ -17,7 +17,7 @@ import re
 import stat
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from ipaddress import IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -36,6 +36,8 @@ RULE_MECHANISMS = (*KNOWN_MECHANISMS, "BEARER")
 USERNAME_FILTERS = ("localpart", "domain", "lower")
 INTROSPECTION_AUTH_METHODS = ("client_secret_basic", "client_secret_post")
 TENANT_PLACEHOLDER = "{tenantid}"
+# Default seconds an introspection answer for a JWT is trusted (force_introspection).
+FORCE_INTROSPECTION_TTL = 30.0
 
 
 class ConfigError(Exception):
@@ -157,6 +159,10 @@ class ProviderConfig:
     jwks_refresh: float = 3600.0
     jwks_min_refresh: float = 60.0
     jwks_cooldown: float = 30.0  # an unknown kid refetches at most once per this many seconds
+    # After a failed key fetch the next one may come this soon, doubling with
+    # every further failure up to jwks_cooldown (an IdP back from an outage is
+    # used again within seconds, not after a whole cooldown).
+    jwks_retry: float = 1.0
     # A shared HMAC secret (only for providers that cannot sign asymmetrically).
     hmac_secret_file: str | None = None
     # RFC 7662 introspection of opaque (and JWE) tokens; the endpoint may come
@@ -177,6 +183,23 @@ class ProviderConfig:
     # endpoints) may point to besides the issuer's and the discovery URL's own
     # (Google publishes its keys on www.googleapis.com).
     endpoint_hosts: tuple[str, ...] = ()
+    # Tokens that are not plain bearer access tokens: ID tokens are refused
+    # unless this says they may log in.
+    accept_id_tokens: bool = False
+    # Dovecot's force_introspection: JWTs are introspected too (after their
+    # signature holds), so that a token revoked at the IdP stops working
+    # within introspection_cache_ttl. Needs client_id.
+    force_introspection: bool = False
+    # Seconds an introspection answer is trusted (cached). None: 30 with
+    # force_introspection, else [cache] ttl.
+    introspection_cache_ttl: float | None = None
+
+    @property
+    def effective_introspection_ttl(self) -> float | None:
+        """How long an introspection answer may be cached; None = the cache's own ttl."""
+        if self.introspection_cache_ttl is not None:
+            return self.introspection_cache_ttl
+        return FORCE_INTROSPECTION_TTL if self.force_introspection else None
 
     @property
     def effective_discovery_url(self) -> str:
@@ -252,6 +275,31 @@ class RuleConfig:
     resource_paths: tuple[str, ...] = ()
     referers: tuple[str, ...] = ()
     scopes_supported: tuple[str, ...] = ()
+    # A rule that checks neither audiences nor authorized_parties must say so.
+    check_audience: bool = True
+    # The username may use an e-mail the IdP does not vouch for (nOAuth).
+    trust_unverified_email: bool = False
+    # Not a setting: the account domains other issuers' rules claim (their
+    # trusted_account_domains), which this rule may not produce accounts in
+    # unless it names domains of its own. Filled in by parse_config.
+    foreign_domains: tuple[str, ...] = field(default=(), metadata={"derived": True})
+
+    @property
+    def template_domain(self) -> str | None:
+        """The literal domain the username template ends in ("{name}@example.org"), if any."""
+        _, at, tail = self.username.rpartition("@")
+        if not at or not tail or "{" in tail or "}" in tail:
+            return None
+        domain = tail.lower()
+        return self.domain_map.get(domain, domain)
+
+    @property
+    def trusted_account_domains(self) -> tuple[str, ...]:
+        """The domains this rule may produce accounts in: ``account_domains``, else
+        ``domains``, else the literal domain of its ``username`` template."""
+        if self.account_domains or self.domains:
+            return self.account_domains or self.domains
+        return (self.template_domain,) if self.template_domain else ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -868,6 +916,7 @@ def _parse_provider(index: int, data: Any) -> ProviderConfig:
         jwks_refresh=s.number("jwks_refresh", 3600.0, minimum=10.0),
         jwks_min_refresh=s.number("jwks_min_refresh", 60.0, minimum=0.0),
         jwks_cooldown=s.number("jwks_cooldown", 30.0, minimum=0.0),
+        jwks_retry=s.number("jwks_retry", 1.0, minimum=0.1),
         hmac_secret_file=hmac_secret_file,
         introspection_endpoint=introspection_endpoint,
         client_id=client_id,
@@ -880,7 +929,20 @@ def _parse_provider(index: int, data: Any) -> ProviderConfig:
         userinfo_endpoint=userinfo_endpoint,
         allowed_tenants=allowed_tenants,
         endpoint_hosts=tuple(h.lower() for h in s.texts("endpoint_hosts")),
+        accept_id_tokens=s.flag("accept_id_tokens", False),
+        force_introspection=s.flag("force_introspection", False),
+        introspection_cache_ttl=_optional_number(s, "introspection_cache_ttl"),
     )
+    if cfg.force_introspection and not cfg.introspects:
+        raise ConfigError(
+            f"{key}.force_introspection",
+            "introspecting JWTs needs client_id and client_secret_file",
+        )
+    if cfg.introspection_cache_ttl is not None and not cfg.introspects:
+        raise ConfigError(
+            f"{key}.introspection_cache_ttl",
+            "this provider does not introspect (no client_id)",
+        )
     if cfg.userinfo_validation and cfg.introspects:
         raise ConfigError(
             f"{key}.userinfo_validation",
@@ -895,7 +957,19 @@ def _parse_provider(index: int, data: Any) -> ProviderConfig:
     return cfg
 
 
-def _parse_rule(index: int, data: Any, provider_names: set[str]) -> RuleConfig:
+def _optional_number(s: _Section, name: str) -> float | None:
+    if s.data.get(name) is None:
+        s.seen.add(name)
+        return None
+    return s.number(name, 0.0)
+
+
+def _parse_rule(
+    index: int,
+    data: Any,
+    provider_names: set[str],
+    userinfo_only: frozenset[str] = frozenset(),
+) -> RuleConfig:
     key = f"rule[{index}]"
     s = _Section(key, data)
     name = s.text("name", f"rule{index}")
@@ -1005,9 +1079,55 @@ def _parse_rule(index: int, data: Any, provider_names: set[str]) -> RuleConfig:
         resource_paths=tuple(p.rstrip("/") or "/" for p in resource_paths),
         referers=referers,
         scopes_supported=s.texts("scopes_supported"),
+        check_audience=s.flag("check_audience", True),
+        trust_unverified_email=s.flag("trust_unverified_email", False),
     )
     s.reject_unknown()
+    if cfg.check_audience and not (cfg.audiences or cfg.authorized_parties):
+        if provider in userinfo_only:
+            raise ConfigError(
+                f"{key}.audiences",
+                f"checks neither audiences nor authorized_parties; provider {provider!r} "
+                "checks opaque tokens by userinfo, whose answers name no audience: give the "
+                "provider client_id and client_secret_file (introspection), or say "
+                "check_audience = false to accept any of its tokens",
+            )
+        raise ConfigError(
+            f"{key}.audiences",
+            "checks neither audiences nor authorized_parties, so a token provider "
+            f"{provider!r} issued to any other application would log in here; "
+            "set audiences (the aud of your mail clients' tokens) or authorized_parties "
+            "(their azp/client_id), or check_audience = false to accept that",
+        )
+    if not cfg.check_audience and (cfg.audiences or cfg.authorized_parties):
+        raise ConfigError(
+            f"{key}.check_audience",
+            "check_audience = false contradicts the rule's audiences / "
+            "authorized_parties; remove one or the other",
+        )
     return cfg
+
+
+def _with_foreign_domains(
+    rules: tuple[RuleConfig, ...], providers: tuple[ProviderConfig, ...]
+) -> tuple[RuleConfig, ...]:
+    """Each rule with the account domains that rules of *other issuers* claim.
+
+    A domain is claimed by a rule's ``account_domains``, else its ``domains``,
+    else the literal domain its username template ends in. A rule that claims
+    none may not produce accounts in a domain another issuer's rule claims:
+    another IdP's tokens never mint accounts in a domain an IdP is trusted for.
+    """
+    issuer = {p.name: p.issuer for p in providers}
+    claims: dict[str, set[str]] = {}
+    for r in rules:
+        claims.setdefault(issuer[r.provider], set()).update(r.trusted_account_domains)
+    out = []
+    for r in rules:
+        own = issuer[r.provider]
+        foreign = sorted({d for iss, ds in claims.items() if iss != own for d in ds})
+        out.append(replace(r, foreign_domains=tuple(foreign)) if foreign else r)
+    return tuple(out)
 
 
 SECTIONS = ("server", "cache", "logging", "http", "provider", "rule")
@@ -1065,13 +1185,15 @@ def _parse_config(data: Mapping[str, Any], *, source: str) -> Config:
     rules_raw = top._get("rule") or []
     if not isinstance(rules_raw, list):
         raise ConfigError("rule", "expected [[rule]] tables")
-    rules = tuple(_parse_rule(i, r, set(names)) for i, r in enumerate(rules_raw))
+    userinfo_only = frozenset(p.name for p in providers if p.userinfo_validation)
+    rules = tuple(_parse_rule(i, r, set(names), userinfo_only) for i, r in enumerate(rules_raw))
     rule_names = [r.name for r in rules]
     for i, n in enumerate(rule_names):
         if n in rule_names[:i]:
             raise ConfigError(f"rule[{i}].name", f"duplicate rule name {n!r}")
     if not rules:
         raise ConfigError("rule", "at least one [[rule]] is needed")
+    rules = _with_foreign_domains(rules, providers)
     top.reject_unknown()
     return Config(
         server=server,

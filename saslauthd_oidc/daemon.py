@@ -30,7 +30,6 @@ from typing import Any, Protocol
 import httpx
 import structlog
 import trio
-import trio.testing
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -803,7 +802,7 @@ class _Runtime:
         ]
         for problem in self.problems:
             log.error("config", error=problem)
-        engine = Engine(plan.config, registry, cache=self.cache)
+        engine = Engine(plan.config, registry, cache=self.cache, observe=self.metrics.observe)
         dropped = self.cache.drop_providers(plan.removed_providers + plan.changed_providers)
         if plan.logging_changed:
             configure_logging(plan.config.logging)
@@ -856,6 +855,10 @@ class _Runtime:
         if left:
             log.warning("stopping_with_requests_in_flight", count=left)
         # Let the frontends write the verdicts they just received.
+        # (imported here: trio.testing pulls in pytest when it is installed, megabytes
+        # of RSS for a helper only the shutdown path uses)
+        import trio.testing  # noqa: PLC0415
+
         with trio.move_on_after(1.0):
             await trio.testing.wait_all_tasks_blocked(0.01)
         self.nursery.cancel_scope.cancel()
@@ -910,11 +913,12 @@ async def run_daemon(
     try:
         async with make_http_client() as client:
             registry = ProviderRegistry(config, client)
-            engine = Engine(config, registry)
-            metrics = Metrics(registry, engine.cache)
+            cache = VerificationCache(config.cache)
+            metrics = Metrics(registry, cache)
+            engine = Engine(config, registry, cache=cache, observe=metrics.observe)
             metrics.registry.register(ConnectionCollector(tables, nofile))
             current = Current(engine)
-            authenticate = metrics.instrument(current.authenticate)
+            authenticate = current.authenticate
             readiness = Readiness(registry, config.http.readyz_grace)
 
             def make_http_app(cfg: Config, auth: CallerAuth) -> HttpFrontend:
@@ -965,14 +969,13 @@ async def run_daemon(
                         partial(
                             serve_dovecot_listener,
                             listeners.auth,
-                            authenticate,
+                            current,
                             mechanisms=mechanisms,
                             tempfail_disconnect=config.server.tempfail == "disconnect",
                             request_timeout=deadline,
                             max_connections=caps.auth,
                             table=tables["auth"],
                             line_timeout=config.server.line_timeout,
-                            authenticate_now=metrics.instrument_now(current.authenticate_now),
                         )
                     )
                     log.info("listening", socket=_name(listeners.auth), protocol="dovecot")

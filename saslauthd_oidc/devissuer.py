@@ -18,8 +18,9 @@ IdP) and by the test-suite as a real HTTP provider on loopback.
 Opaque tokens: :meth:`DevIssuer.mint_opaque` issues a random token whose
 claims only the issuer knows; ``/introspect`` (RFC 7662, client_secret_basic
 or client_secret_post against :attr:`DevIssuer.clients`) and ``/userinfo``
-(Bearer) answer for them. ``/userinfo`` also answers for the JWTs
-:meth:`DevIssuer.mint` issued, with the profile in :attr:`DevIssuer.profiles`.
+(Bearer) answer for them. ``/userinfo`` and ``/introspect`` also answer for
+the JWTs :meth:`DevIssuer.mint` issued (userinfo with the profile in
+:attr:`DevIssuer.profiles`); :meth:`DevIssuer.revoke` makes either inactive.
 
 Fault knobs for tests: ``fail_status``, ``delay``, ``jwks_override``,
 ``redirect``, ``metadata_cache_control``. ``requests`` counts requests per
@@ -297,6 +298,8 @@ class DevIssuer:
     def _introspection_answer(self, token: str) -> dict[str, Any]:
         with self._lock:
             record = self._opaque.get(token)
+            if record is None and token in self._minted:  # a JWT it signed, until revoked
+                record = {"active": True, **self._minted[token]}
         if record is None or record.get("exp", math.inf) < time.time():
             return {"active": False}
         return dict(record)

@@ -12,10 +12,19 @@ as a last resort, call userinfo), until one accepts it. When a rule's username
 needs claims the token lacks and its provider has ``userinfo = true``, the
 userinfo answer fills them in (cached like verifications).
 
-:meth:`Engine.authenticate_now` runs the very same decision synchronously
-when it needs no I/O (a cached verification, or a JWT whose provider's keys
-are fresh), so that frontends can answer without spawning a task; it gives
-up (None) at the first verification that would have to wait.
+The decision is one synchronous step, :meth:`Engine.step`: it returns a
+:class:`~saslauthd_oidc.outcome.Verdict`, or a :class:`Verification` — the one
+piece of I/O it needs first (a provider verifying the token, or a userinfo
+call). The caller performs it (:meth:`Engine.perform`, through the cache's
+single-flight) and runs the step again with the answer. Whatever can be
+answered without I/O is answered inside the step: a cached answer (a repeated
+token is not even parsed again: its cache entry remembers its issuer), or a
+provider's synchronous ``verify_now`` (a JWT whose keys are loaded and fresh).
+
+Frontends use :meth:`Engine.start` (the step, logged and counted when it
+decides: no task, no timer) and :meth:`Engine.finish` (the I/O, under
+``server.request_timeout`` and one catch-all, then logged and counted);
+:meth:`Engine.authenticate` is the two together.
 """
 
 from __future__ import annotations
@@ -23,7 +32,8 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
@@ -33,13 +43,19 @@ from saslauthd_oidc.config import Config, RuleConfig
 from saslauthd_oidc.identity import (
     IdentityError,
     check_authzid,
-    render_username,
-    rewrite_domain,
+    map_account,
     template_claims,
 )
 from saslauthd_oidc.outcome import DiscoveryHint, Outcome, Reason, RuleTrace, Verdict
 from saslauthd_oidc.providers.answers import merge_userinfo
-from saslauthd_oidc.providers.cache import VerificationCache, Verifier
+from saslauthd_oidc.providers.cache import (
+    OPAQUE,
+    CompactClaims,
+    Lookup,
+    VerificationCache,
+    key_suffix,
+    token_digest,
+)
 from saslauthd_oidc.providers.jwt import (
     TokenRejected,
     UnverifiedToken,
@@ -79,34 +95,94 @@ _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _UNNEGOTIATED_FRONTENDS = frozenset({"saslauthd"})
 
 
-class _WouldBlock(Exception):
-    """The synchronous path (:meth:`Engine.authenticate_now`) needs I/O to go on."""
+Result = VerifiedClaims | TokenRejected
+
+#: What every frontend calls: one request in, one verdict out.
+Authenticator = Callable[[AuthRequest], Awaitable[Verdict]]
+
+#: Told about every verdict the engine reaches, with its latency (the metrics).
+Observer = Callable[[AuthRequest, Verdict, float], None]
 
 
 class TokenVerifier(Protocol):
-    """What the engine needs of a provider (``providers.oidc.OidcProvider``)."""
+    """What the engine needs of a provider (``providers.oidc.OidcProvider``).
 
-    async def verify(
-        self, token: str, unverified: UnverifiedToken | None
-    ) -> VerifiedClaims | TokenRejected: ...
+    ``verify_now`` is the same verification without I/O, or None when it
+    would have to fetch something (keys not loaded or stale, an unknown
+    ``kid``, an opaque token); the engine then asks for ``verify``.
+    """
 
-    async def userinfo(self, token: str) -> VerifiedClaims | TokenRejected: ...
+    def verify_now(self, token: str, unverified: UnverifiedToken | None) -> Result | None: ...
 
+    async def verify(self, token: str, unverified: UnverifiedToken | None) -> Result: ...
 
-class _UserinfoLookup:
-    """A provider's userinfo call shaped as a verifier, so the cache can hold its answers."""
-
-    def __init__(self, provider: TokenVerifier) -> None:
-        self._provider = provider
-
-    async def verify(
-        self, token: str, unverified: UnverifiedToken | None
-    ) -> VerifiedClaims | TokenRejected:
-        return await self._provider.userinfo(token)
+    async def userinfo(self, token: str) -> Result: ...
 
 
 class ProviderLookup(Protocol):
     def get(self, name: str) -> TokenVerifier: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """The I/O a decision waits for: ask ``provider`` (``lookup``: verify or userinfo)."""
+
+    provider: str
+    lookup: Lookup
+    key: bytes  # the cache key: what the answer is filed under
+    token: str = ""
+    unverified: UnverifiedToken | None = None
+    iss: Any = OPAQUE  # remembered with the answer (see providers.cache.Entry.iss)
+
+
+@dataclass(slots=True)
+class Pending:
+    """An authentication that needs I/O: hand it to :meth:`Engine.finish`."""
+
+    request: AuthRequest
+    need: Verification
+    started: float
+    digest: bytes
+    answers: dict[bytes, Result]
+    #: The engine that started it (a reload may have put another in service
+    #: since): it finishes there. None: never to be answered (stopping).
+    engine: Engine | None = None
+
+
+def unanswered(request: AuthRequest) -> Pending:
+    """A Pending that no engine will answer (a request that arrives while stopping)."""
+    return Pending(request, Verification("", Lookup.TOKEN, b""), 0.0, b"", {})
+
+
+class _Unparsed:
+    """The token is known from the cache and was not parsed again (parse when needed)."""
+
+
+_UNPARSED = _Unparsed()
+
+
+@dataclass(slots=True)
+class _Decision:
+    """One run of :meth:`Engine.step`: what every part of it reads."""
+
+    request: AuthRequest
+    token: str
+    digest: bytes
+    known: dict[bytes, Result]  # answers at hand, by cache key
+    trace: list[RuleTrace]
+
+
+_NO_HIT: Any = object()
+
+
+class Authenticates(Protocol):
+    """The engine as frontends see it (the Engine, or ``lifecycle.Current`` in front of it)."""
+
+    def start(self, request: AuthRequest) -> Verdict | Pending: ...
+
+    async def finish(self, pending: Pending) -> Verdict: ...
+
+    async def authenticate(self, request: AuthRequest) -> Verdict: ...
 
 
 class Engine:
@@ -117,81 +193,115 @@ class Engine:
         *,
         clock: Callable[[], float] = time.monotonic,
         cache: VerificationCache | None = None,
+        observe: Observer | None = None,
     ) -> None:
         self.config = config
         self.providers = providers
         self.cache = cache if cache is not None else VerificationCache(config.cache)
         self._clock = clock
+        self._observe = observe
+        self._timeout = config.server.request_timeout
+        self._max_token_bytes = config.server.max_token_bytes
         self._rules = ordered(config.rules)
         self._mechanisms = frozenset(config.server.mechanisms)
         self._providers = {p.name: p for p in config.providers}
+        # Cache keys are the token's digest + these (providers.cache.cache_key).
+        self._token_suffix = {p.name: key_suffix(p.name, Lookup.TOKEN) for p in config.providers}
+        self._userinfo_suffix = {
+            p.name: key_suffix(p.name, Lookup.USERINFO) for p in config.providers
+        }
         self._hints = {
             id(rule): discovery_hint(rule, self._providers[rule.provider]) for rule in self._rules
         }
 
+    # ------------------------------------------------------------ frontends' API
+
+    def start(self, request: AuthRequest) -> Verdict | Pending:
+        """The verdict when it needs no I/O (logged and counted), else a :class:`Pending`."""
+        started = self._clock()
+        digest = token_digest(request.credentials.token)
+        try:
+            step = self.step(request, digest)
+        except Exception:
+            verdict = self._crashed(request)
+        else:
+            if isinstance(step, Verification):
+                return Pending(request, step, started, digest, {}, self)
+            verdict = step
+        self._done(request, verdict, started, digest)
+        return verdict
+
+    async def finish(self, pending: Pending) -> Verdict:
+        """Perform what ``pending`` waits for and decide, within ``server.request_timeout``.
+
+        The deadline and the catch-all are here, once for every frontend, so
+        that a timed-out or crashed authentication is logged and counted like
+        any other.
+        """
+        request = pending.request
+        verdict = Verdict(reason=Reason.TIMEOUT, detail="request_timeout exceeded")
+        try:
+            with trio.move_on_after(self._timeout):
+                verdict = await self._resolve(
+                    request, pending.digest, pending.need, pending.answers
+                )
+        except Exception:
+            verdict = self._crashed(request)
+        self._done(request, verdict, pending.started, pending.digest)
+        return verdict
+
     async def authenticate(self, request: AuthRequest) -> Verdict:
-        """Decide within ``server.request_timeout`` and log the one line for it.
-
-        The deadline is enforced here, not only in the frontends, so that a
-        timed-out authentication is logged and counted like any other.
-        """
-        started = self._clock()
-        try:
-            verdict = Verdict(reason=Reason.TIMEOUT, detail="request_timeout exceeded")
-            with trio.move_on_after(self.config.server.request_timeout):
-                verdict = await self.evaluate(request)
-        except Exception:
-            log.exception("engine error", token=request.credentials.fingerprint)
-            verdict = Verdict(reason=Reason.INTERNAL_ERROR, detail="unexpected engine error")
-        self._log(request, verdict, self._clock() - started)
-        return verdict
-
-    def authenticate_now(self, request: AuthRequest) -> Verdict | None:
-        """:meth:`authenticate` without I/O, or None when the verdict needs I/O.
-
-        Covers cached verifications and JWTs whose provider's keys are loaded
-        and fresh: the same decision as :meth:`authenticate` (it runs the same
-        code, with verifications that never suspend), logged the same way. A
-        frontend answers these inline and spawns a task only for the rest.
-        """
-        started = self._clock()
-        coro = self._evaluate(request, now=True)
-        try:
-            coro.send(None)
-        except StopIteration as stop:
-            verdict: Verdict = stop.value
-        except _WouldBlock:
-            return None
-        except Exception:
-            log.exception("engine error", token=request.credentials.fingerprint)
-            verdict = Verdict(reason=Reason.INTERNAL_ERROR, detail="unexpected engine error")
-        else:  # pragma: no cover - nothing on the synchronous path suspends
-            coro.close()
-            return None
-        self._log(request, verdict, self._clock() - started)
-        return verdict
+        """:meth:`start`, then :meth:`finish` when it needs I/O."""
+        step = self.start(request)
+        if isinstance(step, Pending):
+            return await self.finish(step)
+        return step
 
     async def evaluate(self, request: AuthRequest) -> Verdict:
-        """Decide without logging: ``explain`` calls this directly."""
-        return await self._evaluate(request, now=False)
+        """Decide without logging, counting or a deadline: ``explain`` calls this directly."""
+        digest = token_digest(request.credentials.token)
+        answers: dict[bytes, Result] = {}
+        step = self.step(request, digest, answers)
+        if isinstance(step, Verification):
+            return await self._resolve(request, digest, step, answers)
+        return step
 
-    async def _verify(
+    # ---------------------------------------------------------------- the step
+
+    async def perform(self, need: Verification) -> Result:
+        """The I/O a step asked for, through the cache (single-flight, stored)."""
+        provider = self.providers.get(need.provider)
+        if need.lookup is Lookup.USERINFO:
+            return await self.cache.fetch(
+                need.key, need.provider, lambda: provider.userinfo(need.token), OPAQUE
+            )
+        return await self.cache.fetch(
+            need.key, need.provider, lambda: provider.verify(need.token, need.unverified), need.iss
+        )
+
+    async def _resolve(
+        self, request: AuthRequest, digest: bytes, need: Verification, answers: dict[bytes, Result]
+    ) -> Verdict:
+        while True:
+            answers[need.key] = await self.perform(need)
+            step = self.step(request, digest, answers)
+            if not isinstance(step, Verification):
+                return step
+            need = step
+
+    def step(
         self,
-        cache_key: str,
-        verifier: Verifier,
-        token: str,
-        unverified: UnverifiedToken | None,
-        *,
-        now: bool,
-    ) -> VerifiedClaims | TokenRejected:
-        if not now:
-            return await self.cache.verify(cache_key, verifier, token, unverified)
-        result = self.cache.verify_now(cache_key, verifier, token, unverified)
-        if result is None:
-            raise _WouldBlock
-        return result
+        request: AuthRequest,
+        digest: bytes,
+        answers: Mapping[bytes, Result] | None = None,
+    ) -> Verdict | Verification:
+        """Decide with what is known without I/O, or name the one verification still needed.
 
-    async def _evaluate(self, request: AuthRequest, *, now: bool) -> Verdict:
+        ``digest`` is :func:`~saslauthd_oidc.providers.cache.token_digest` of
+        the request's token; ``answers`` are what earlier :meth:`perform`
+        calls returned, by their :attr:`Verification.key`. Pure but for the
+        cache (read, and filled with answers got without I/O).
+        """
         if (
             request.mechanism.is_sasl
             and request.context.frontend not in _UNNEGOTIATED_FRONTENDS
@@ -221,75 +331,133 @@ class Engine:
             return Verdict(reason=reason, detail=detail, hint=hint, trace=tuple(trace))
 
         token = request.credentials.token
-        unverified = peek(token, max_bytes=self.config.server.max_token_bytes)
-        if isinstance(unverified, TokenRejected):
-            opaque = [r for r in candidates if self._providers[r.provider].validates_opaque]
-            if (
-                unverified.reason is Reason.TOKEN_TOO_LARGE
-                or not opaque
-                or looks_like_jws(token)
-                or not _B64TOKEN.fullmatch(token)
-            ):
-                if not opaque and unverified.reason is Reason.MALFORMED_TOKEN:
-                    detail = f"{unverified.detail}; no rule's provider introspects opaque tokens"
-                    return refuse(unverified.reason, detail)
-                return refuse(unverified.reason, unverified.detail)
-            for rule in candidates:
-                if rule not in opaque:
-                    trace.append(
-                        RuleTrace(
-                            rule.name,
-                            False,
-                            Reason.MALFORMED_TOKEN,
-                            "not a JWT, and its provider cannot introspect",
-                        )
-                    )
-            return await self._select(request, opaque, None, hint, trace, now=now)
-
-        iss = unverified.claims.get("iss")
-        by_issuer = [r for r in candidates if self._providers[r.provider].accepts_issuer(iss)]
-        # Which IdP a refused client is told about, not a trust decision: a rule that
-        # fits the context AND has the token's issuer is the better guess; a fallback
-        # rule is named only when nothing but fallback rules fits the context.
-        only_fallbacks = candidates[0].fallback
-        same_issuer = [r for r in by_issuer if only_fallbacks or not r.fallback]
-        if same_issuer:
-            hint = self._hints[id(same_issuer[0])]
+        d = _Decision(request, token, digest, dict(answers) if answers else {}, trace)
+        iss = self._cached_issuer(candidates, d)
+        unverified: UnverifiedToken | _Unparsed
+        if iss is _NO_HIT:
+            peeked = peek(token, max_bytes=self._max_token_bytes)
+            if isinstance(peeked, TokenRejected):
+                return self._opaque(d, candidates, peeked, hint)
+            unverified = peeked
+            iss = peeked.claims.get("iss")
+        else:
+            unverified = _UNPARSED  # a repeated JWS: its issuer is all we need of it
+        by_issuer: list[RuleConfig] = []
         for rule in candidates:
-            if rule not in by_issuer:
+            if self._providers[rule.provider].accepts_issuer(iss):
+                by_issuer.append(rule)
+            else:
                 trace.append(
                     RuleTrace(
                         rule.name, False, Reason.UNKNOWN_ISSUER, "token iss is not its issuer"
                     )
                 )
+        # Which IdP a refused client is told about, not a trust decision: a rule that
+        # fits the context AND has the token's issuer is the better guess; a fallback
+        # rule is named only when nothing but fallback rules fits the context.
+        only_fallbacks = candidates[0].fallback
+        for rule in by_issuer:
+            if only_fallbacks or not rule.fallback:
+                hint = self._hints[id(rule)]
+                break
         if not by_issuer:
             return refuse(Reason.UNKNOWN_ISSUER, "no rule's provider has the token's issuer")
-        return await self._select(request, by_issuer, unverified, hint, trace, now=now)
+        return self._select(d, by_issuer, unverified, iss, hint)
 
-    async def _select(
+    def _cached_issuer(self, candidates: list[RuleConfig], d: _Decision) -> Any:
+        """The ``iss`` a cache entry of a candidate's provider remembers, else ``_NO_HIT``."""
+        if not self.cache.enabled:
+            return _NO_HIT
+        for rule in candidates:
+            key = d.digest + self._token_suffix[rule.provider]
+            if key in d.known:
+                continue
+            entry = self.cache.lookup(key)
+            if entry is not None:
+                d.known[key] = entry.result
+                return _NO_HIT if entry.iss is OPAQUE else entry.iss
+        return _NO_HIT
+
+    def _opaque(
         self,
-        request: AuthRequest,
-        rules: list[RuleConfig],
-        unverified: UnverifiedToken | None,
+        d: _Decision,
+        candidates: list[RuleConfig],
+        unverified: TokenRejected,
         hint: DiscoveryHint,
-        trace: list[RuleTrace],
-        *,
-        now: bool = False,
-    ) -> Verdict:
+    ) -> Verdict | Verification:
+        """A token that is not a JWS: the providers that introspect, in rule order."""
+        token = d.token
+        opaque = [r for r in candidates if self._providers[r.provider].validates_opaque]
+        if (
+            unverified.reason is Reason.TOKEN_TOO_LARGE
+            or not opaque
+            or looks_like_jws(token)
+            or not _B64TOKEN.fullmatch(token)
+        ):
+            detail = unverified.detail
+            if not opaque and unverified.reason is Reason.MALFORMED_TOKEN:
+                detail = f"{unverified.detail}; no rule's provider introspects opaque tokens"
+            return Verdict(reason=unverified.reason, detail=detail, hint=hint, trace=tuple(d.trace))
+        for rule in candidates:
+            if not self._providers[rule.provider].validates_opaque:
+                d.trace.append(
+                    RuleTrace(
+                        rule.name,
+                        False,
+                        Reason.MALFORMED_TOKEN,
+                        "not a JWT, and its provider cannot introspect",
+                    )
+                )
+        return self._select(d, opaque, None, OPAQUE, hint)
+
+    def _answer(
+        self,
+        d: _Decision,
+        provider: str,
+        lookup: Lookup,
+        unverified: UnverifiedToken | _Unparsed | None,
+        iss: Any,
+    ) -> Result | Verification:
+        """What ``provider`` says, when it is known without I/O; else the Verification to do."""
+        suffixes = self._token_suffix if lookup is Lookup.TOKEN else self._userinfo_suffix
+        key = d.digest + suffixes[provider]
+        answer = d.known.get(key)
+        if answer is not None:
+            return answer
+        entry = self.cache.lookup(key)
+        if entry is not None:
+            return entry.result
+        if isinstance(unverified, _Unparsed):  # the cache knew it, but not this provider's answer
+            unverified = self._reparse(d.token)
+        need = Verification(provider, lookup, key, d.token, unverified, iss)
+        if lookup is Lookup.USERINFO or self.cache.in_flight(key):
+            return need  # userinfo is always a call; a flight under way is waited for
+        result = self.providers.get(provider).verify_now(d.token, unverified)
+        if result is None:
+            return need
+        self.cache.store(key, provider, result, iss)
+        return result
+
+    def _select(
+        self,
+        d: _Decision,
+        rules: list[RuleConfig],
+        unverified: UnverifiedToken | _Unparsed | None,
+        iss: Any,
+        hint: DiscoveryHint,
+    ) -> Verdict | Verification:
         """Verify with each rule's provider (once per provider); the first rule that holds wins."""
-        results: dict[str, VerifiedClaims | TokenRejected] = {}
+        trace = d.trace
+        results: dict[str, Result] = {}
         refusal: tuple[Reason, str] | None = None
         temporary: tuple[Reason, str] | None = None
         for rule in rules:
-            if rule.provider not in results:
-                results[rule.provider] = await self._verify(
-                    rule.provider,
-                    self.providers.get(rule.provider),
-                    request.credentials.token,
-                    unverified,
-                    now=now,
-                )
-            result = results[rule.provider]
+            result = results.get(rule.provider)
+            if result is None:
+                answer = self._answer(d, rule.provider, Lookup.TOKEN, unverified, iss)
+                if isinstance(answer, Verification):
+                    return answer
+                results[rule.provider] = result = answer
             if isinstance(result, TokenRejected):
                 trace.append(RuleTrace(rule.name, False, result.reason, result.detail))
                 if result.reason.outcome is Outcome.TEMPFAIL:
@@ -303,7 +471,7 @@ class Engine:
                 if refusal is None or _DEPTH.get(mismatch.reason, 0) > _DEPTH.get(refusal[0], 0):
                     refusal = (mismatch.reason, mismatch.detail)
                 continue
-            verdict = await self._conclude(request, rule, result.claims, hint, trace, now=now)
+            verdict = self._conclude(d, rule, result.claims, hint)
             if verdict is not None:
                 return verdict
             if refusal is None:  # the account is outside the rule's domains: next rule
@@ -314,36 +482,32 @@ class Engine:
             reason=verdict_reason[0], detail=verdict_reason[1], hint=hint, trace=tuple(trace)
         )
 
-    async def _enrich(
-        self, request: AuthRequest, rule: RuleConfig, claims: Mapping[str, Any], *, now: bool
-    ) -> Mapping[str, Any] | TokenRejected:
+    def _reparse(self, token: str) -> UnverifiedToken | None:
+        """Parse a token the cache knew after all (another provider has no answer yet)."""
+        peeked = peek(token, max_bytes=self._max_token_bytes)
+        # It parsed when its entry was made, and parsing is deterministic.
+        return peeked if isinstance(peeked, UnverifiedToken) else None
+
+    def _enrich(
+        self, d: _Decision, rule: RuleConfig, claims: Mapping[str, Any]
+    ) -> Mapping[str, Any] | TokenRejected | Verification:
         """Claims plus userinfo's, when the username needs claims the token lacks."""
         if not self._providers[rule.provider].userinfo:
             return claims
         if all(name in claims for name in template_claims(rule.username)):
             return claims
-        answer = await self._verify(
-            rule.provider + "\x00userinfo",
-            _UserinfoLookup(self.providers.get(rule.provider)),
-            request.credentials.token,
-            None,
-            now=now,
-        )
+        answer = self._answer(d, rule.provider, Lookup.USERINFO, None, OPAQUE)
+        if isinstance(answer, Verification):
+            return answer
         if isinstance(answer, TokenRejected):
             return TokenRejected(answer.reason, f"userinfo enrichment: {answer.detail}")
         return merge_userinfo(claims, answer.claims)
 
-    async def _conclude(
-        self,
-        request: AuthRequest,
-        rule: RuleConfig,
-        claims: Mapping[str, Any],
-        hint: DiscoveryHint,
-        trace: list[RuleTrace],
-        *,
-        now: bool,
-    ) -> Verdict | None:
+    def _conclude(
+        self, d: _Decision, rule: RuleConfig, claims: Mapping[str, Any], hint: DiscoveryHint
+    ) -> Verdict | Verification | None:
         """The rule's account, or its refusal; None: not this rule after all (try the next)."""
+        request, trace = d.request, d.trace
 
         def refuse(reason: Reason, detail: str) -> Verdict:
             trace.append(RuleTrace(rule.name, False, reason, detail))
@@ -356,13 +520,18 @@ class Engine:
                 trace=tuple(trace),
             )
 
-        enriched = await self._enrich(request, rule, claims, now=now)
+        enriched = self._enrich(d, rule, claims)
+        if isinstance(enriched, Verification):
+            return enriched
         if isinstance(enriched, TokenRejected):
             return refuse(enriched.reason, enriched.detail)
         claims = enriched
-        account = render_username(rule.username, claims, normalize=rule.normalize)
-        if isinstance(account, str) and (rule.domain_map or rule.account_domains):
-            account = rewrite_domain(account, rule.domain_map, rule.account_domains)
+        account = map_account(
+            rule,
+            self._providers[rule.provider],
+            claims,
+            named_user=bool(request.credentials.authzid),
+        )
         problem: IdentityError | None = account if isinstance(account, IdentityError) else None
         if problem is None and rule.authzid == "match":
             assert isinstance(account, str)
@@ -381,30 +550,45 @@ class Engine:
             rule=rule.name,
             provider=rule.provider,
             trace=tuple(trace),
-            claims=dict(claims),
+            claims=claims.as_dict() if isinstance(claims, CompactClaims) else dict(claims),
         )
 
-    def _log(self, request: AuthRequest, verdict: Verdict, latency: float) -> None:
-        tempfail = verdict.outcome is Outcome.TEMPFAIL
+    # ------------------------------------------------------------- the verdict
+
+    def _crashed(self, request: AuthRequest) -> Verdict:
+        log.exception("engine error", token=request.credentials.fingerprint)
+        return Verdict(reason=Reason.INTERNAL_ERROR, detail="unexpected engine error")
+
+    def _done(self, request: AuthRequest, verdict: Verdict, started: float, digest: bytes) -> None:
+        """The one place a verdict is counted and logged."""
+        latency = self._clock() - started
+        if self._observe is not None:
+            self._observe(request, verdict, latency)
+        self._log(request, verdict, latency, digest)
+
+    def _log(self, request: AuthRequest, verdict: Verdict, latency: float, digest: bytes) -> None:
+        """The one line per authentication: built only when its level is on, in one call."""
+        outcome = verdict.reason.outcome
+        tempfail = outcome is Outcome.TEMPFAIL
         enabled = getattr(log, "is_enabled_for", None)
         if enabled is not None and not enabled(logging.WARNING if tempfail else logging.INFO):
             return  # filtered out: do not even build the fields
         ctx = request.context
-        fields: dict[str, Any] = {
-            "mech": request.mechanism.value,
-            "frontend": ctx.frontend,
-            "service": ctx.service,
-            "remote": ctx.remote_ip,
-            "user": request.credentials.authzid,
-            "rule": verdict.rule,
-            "outcome": verdict.outcome.value,
-            "reason": verdict.reason.value,
-            "latency_ms": round(latency * 1000, 2),
-            "token": request.credentials.fingerprint,
-        }
-        if verdict.ok:
-            log.info("authentication", account=verdict.account, **fields)
-        elif verdict.outcome is Outcome.TEMPFAIL:
-            log.warning("authentication", detail=verdict.detail, **fields)
+        if outcome is Outcome.OK:
+            emit, what, value = log.info, "account", verdict.account
         else:
-            log.info("authentication", detail=verdict.detail, **fields)
+            emit, what, value = (log.warning if tempfail else log.info), "detail", verdict.detail
+        emit(
+            "authentication",
+            **{what: value},
+            mech=request.mechanism.value,
+            frontend=ctx.frontend,
+            service=ctx.service,
+            remote=ctx.remote_ip,
+            user=request.credentials.authzid,
+            rule=verdict.rule,
+            outcome=outcome.value,
+            reason=verdict.reason.value,
+            latency_ms=round(latency * 1000, 2),
+            token=digest.hex()[:12],  # token_fingerprint(), from the digest at hand
+        )

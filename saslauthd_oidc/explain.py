@@ -40,7 +40,7 @@ from saslauthd_oidc.authtest import (
 from saslauthd_oidc.config import Config, ProviderConfig, suggest
 from saslauthd_oidc.frontends.http import CallerAuth, HttpFrontend
 from saslauthd_oidc.outcome import Outcome, Reason, RuleTrace, Verdict
-from saslauthd_oidc.protocol.dovecot import DovecotServerConnection, decode_base64
+from saslauthd_oidc.protocol.dovecot import DovecotServerConnection, NeedVerdict, decode_base64
 from saslauthd_oidc.protocol.saslauthd import (
     Rejected,
     Request,
@@ -210,7 +210,7 @@ async def _dovecot_socket(
             f"{mechanism} is not in server.mechanisms ({', '.join(config.server.mechanisms)}): "
             "the socket does not offer it"
         )
-    needs = conn.receive_data("".join(f"{c}\n" for c in client).encode())
+    needs = _verdicts_asked(conn.receive_data("".join(f"{c}\n" for c in client).encode()))
     for round_no in range(_MAX_ROUNDS):
         replies = _lines(conn.data_to_send())
         out.wire += [_show_server(r, token) for r in replies]
@@ -235,7 +235,7 @@ async def _dovecot_socket(
         )
         reply = f"CONT\t{_REQUEST_ID}\t{binascii.b2a_base64(answer, newline=False).decode()}"
         out.wire.append(f"C: CONT\t{_REQUEST_ID}\t<{show_sasl(answer, token)}>")
-        needs = conn.receive_data((reply + "\n").encode())
+        needs = _verdicts_asked(conn.receive_data((reply + "\n").encode()))
     if not needs:
         out.verdict = Verdict(
             reason=Reason.MALFORMED_REQUEST, detail="no verdict asked for after several rounds"
@@ -261,6 +261,11 @@ async def _dovecot_socket(
         encoded = binascii.b2a_base64(answer, newline=False).decode()
         conn.receive_data(f"CONT\t{_REQUEST_ID}\t{encoded}\n".encode())
     return out
+
+
+def _verdicts_asked(events: Sequence[object]) -> list[NeedVerdict]:
+    """The requests the frontend hands the engine (protocol errors are its own FAIL lines)."""
+    return [e for e in events if isinstance(e, NeedVerdict)]
 
 
 def _dovecot_params(login: LoginInput) -> list[tuple[str, str | None]]:

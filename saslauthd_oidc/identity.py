@@ -6,6 +6,11 @@ a placeholder may carry filters: ``{preferred_username|localpart}@example.org``
 is normalised (Unicode NFKC, lower case) unless the rule says otherwise, and
 must be a single printable word: the Dovecot protocol is TAB/LF framed and
 Postfix never unescapes replies. Pure functions, no I/O.
+
+:func:`map_account` is the whole mapping for one rule: the template, the
+e-mail trust policy (an ``email`` the IdP does not vouch for names no
+account, see :func:`email_problem`), ``domain_map``, and the account-domain
+policy (:func:`check_account_domain`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from saslauthd_oidc.config import USERNAME_FILTERS
+from saslauthd_oidc.config import USERNAME_FILTERS, ProviderConfig, RuleConfig
 from saslauthd_oidc.outcome import Reason
 
 MAX_ACCOUNT_LENGTH = 255
@@ -75,9 +80,118 @@ def render_username(
             Reason.IDENTITY_UNMAPPABLE,
             f"claim {missing[0]!r} is missing or not a string in the verified token",
         )
-    if "email" in template_claims(template) and claims.get("email_verified") is False:
-        return IdentityError(Reason.IDENTITY_UNMAPPABLE, "email_verified is false")
     return validate_account(rendered, normalize=normalize)
+
+
+def email_problem(
+    claims: Mapping[str, Any], *, multi_tenant: bool, trust_unverified: bool
+) -> IdentityError | None:
+    """Why the token's ``email`` may not name an account (nOAuth), or None.
+
+    * ``email_verified`` present and not the JSON ``true`` (``false``,
+      ``"true"``, ``1``…): the IdP says, or cannot say, that the address is
+      the user's.
+    * A multi-tenant issuer (Entra ``{tenantid}``): each tenant's admin sets
+      ``email`` freely, so it proves nothing unless Entra itself says the
+      domain's owner verified it (the optional ``xms_edov`` claim) or
+      ``email_verified`` is true.
+
+    ``trust_unverified`` (the rule's ``trust_unverified_email``) is the
+    administrator's explicit choice to use it all the same.
+    """
+    if trust_unverified:
+        return None
+    verified = claims.get("email_verified")
+    if "email_verified" in claims and verified is not True:
+        return IdentityError(
+            Reason.UNVERIFIED_EMAIL,
+            f"email_verified is {verified!r}, not true: the e-mail names no account "
+            "(trust_unverified_email = true to use it anyway)",
+        )
+    if multi_tenant and verified is not True and claims.get("xms_edov") is not True:
+        return IdentityError(
+            Reason.UNVERIFIED_EMAIL,
+            "a multi-tenant issuer's email is set by each tenant's admin and is not "
+            "verified (no email_verified or xms_edov true): map preferred_username or oid "
+            "instead, or set trust_unverified_email = true",
+        )
+    return None
+
+
+def check_account_domain(
+    account: str, rule: RuleConfig, *, named_user: bool = True
+) -> IdentityError | None:
+    """The account must be in a domain the rule is trusted for.
+
+    * ``account_domains`` set: the account's domain must be one of them (an
+      account without a domain is refused).
+    * else ``domains`` (or the literal domain of the username template): an
+      account with a domain must be in one of them.
+    * else: the account may not be in a domain another issuer's rule claims
+      (``rule.foreign_domains``).
+
+    For a request that names no user (``named_user`` false: Dovecot's
+    ``/introspect``, Stalwart) an account outside ``domains`` is not refused
+    here: such a rule simply does not apply (rules.account_domain_mismatch),
+    and the next rule is tried.
+    """
+    _, at, domain = account.rpartition("@")
+    domain = domain.lower()  # normalize = false keeps the account's case, not the domain's
+    if rule.account_domains:
+        if not at or domain not in rule.account_domains:
+            return IdentityError(
+                Reason.UNTRUSTED_ACCOUNT_DOMAIN,
+                f"account {account!r} is not in the rule's account_domains",
+            )
+        return None
+    if not at:
+        return None
+    trusted = rule.trusted_account_domains
+    if trusted:
+        if domain in trusted or (rule.domains and not named_user):
+            return None
+        return IdentityError(
+            Reason.UNTRUSTED_ACCOUNT_DOMAIN,
+            f"account {account!r} is not in the rule's domains "
+            "(set account_domains to allow others)",
+        )
+    if domain in rule.foreign_domains:
+        return IdentityError(
+            Reason.UNTRUSTED_ACCOUNT_DOMAIN,
+            f"account {account!r} is in a domain another provider's rule is trusted for "
+            "(list it in this rule's account_domains to allow it)",
+        )
+    return None
+
+
+def map_account(
+    rule: RuleConfig,
+    provider: ProviderConfig,
+    claims: Mapping[str, Any],
+    *,
+    named_user: bool = True,
+) -> str | IdentityError:
+    """The account ``rule`` maps these verified claims to, or why there is none.
+
+    ``named_user``: the request names the user (authzid, XOAUTH2 user=, login).
+    """
+    account = render_username(rule.username, claims, normalize=rule.normalize)
+    if isinstance(account, IdentityError):
+        return account
+    if "email" in template_claims(rule.username):
+        problem = email_problem(
+            claims,
+            multi_tenant=provider.multi_tenant,
+            trust_unverified=rule.trust_unverified_email,
+        )
+        if problem is not None:
+            return problem
+    if rule.domain_map:
+        account = rewrite_domain(account, rule.domain_map, ())
+        if isinstance(account, IdentityError):  # pragma: no cover - no allow-list given
+            return account
+    refused = check_account_domain(account, rule, named_user=named_user)
+    return refused if refused is not None else account
 
 
 def rewrite_domain(

@@ -30,18 +30,13 @@ from typing import Any, Generic, Protocol, TypeVar
 import trio
 
 from saslauthd_oidc.config import Config
+from saslauthd_oidc.engine import Authenticates, Pending, unanswered
 from saslauthd_oidc.outcome import Verdict
 from saslauthd_oidc.request import AuthRequest
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
-
-
-class Authenticates(Protocol):
-    """Anything with ``async authenticate(request) -> Verdict`` (the Engine)."""
-
-    async def authenticate(self, request: AuthRequest) -> Verdict: ...
 
 
 AsgiApp = Callable[[Scope, Receive, Send], Awaitable[None]]
@@ -111,10 +106,6 @@ class Current:
         """Later requests go to ``engine``; those in flight finish where they started."""
         self.engine = engine
         self.http_app = http_app
-        # Looked up once here, not on every request: test engines may lack it.
-        self._engine_now: Callable[[AuthRequest], Verdict | None] | None = getattr(
-            engine, "authenticate_now", None
-        )
 
     async def authenticate(self, request: AuthRequest) -> Verdict:
         if self.draining:
@@ -133,11 +124,27 @@ class Current:
             if self.in_flight == 0:
                 self._idle.set()
 
-    def authenticate_now(self, request: AuthRequest) -> Verdict | None:
-        """The engine's no-I/O verdict, or None (then :meth:`authenticate` is used)."""
+    def start(self, request: AuthRequest) -> Verdict | Pending:
+        """The engine's :meth:`~saslauthd_oidc.engine.Engine.start` (nothing while draining)."""
         if self.draining:
-            return None
-        return self._engine_now(request) if self._engine_now is not None else None
+            return unanswered(request)
+        return self.engine.start(request)
+
+    async def finish(self, pending: Pending) -> Verdict:
+        """Finish ``pending`` on the engine it started on, counted as in flight."""
+        engine = pending.engine
+        if engine is None:  # arrived while draining: never answered (see authenticate)
+            await trio.sleep_forever()
+        assert engine is not None
+        self.in_flight += 1
+        if self.in_flight == 1:
+            self._idle = trio.Event()
+        try:
+            return await engine.finish(pending)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI entry point that delegates to the HTTP app in service."""

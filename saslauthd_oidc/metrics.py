@@ -1,29 +1,35 @@
 """Prometheus metrics: one registry per daemon, filled in one place.
 
-:meth:`Metrics.instrument` wraps the engine's ``authenticate`` for every
-frontend, so counting happens once, outside the engine. Provider requests
-(discovery, keys, introspection, userinfo)
-and cache hits are read at scrape time from the counters the providers and
-the verification cache already keep. Labels are bounded by construction:
-outcome and reason are closed enums, rule names come from the config,
-mechanism is an enum, frontend a fixed set of names. Never a user or a token.
+The engine calls :meth:`Metrics.observe` with every verdict it reaches (the
+same place that writes the log line), for every frontend. On that hot path
+it only adds to plain integers in a dict keyed by the label values: no
+``labels()`` lookup, no lock, no histogram object; the Prometheus families
+are built from those integers at scrape time. Provider requests (discovery,
+keys, introspection, userinfo) and cache hits are read at scrape time from the
+counters the providers and the verification cache already keep. Labels are
+bounded by construction: outcome and reason are closed enums, rule names come
+from the config, mechanism is an enum, frontend a fixed set of names. Never a
+user or a token.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from saslauthd_oidc.outcome import Verdict
-from saslauthd_oidc.request import AuthRequest
-
-Authenticator = Callable[[AuthRequest], Awaitable[Verdict]]
+from saslauthd_oidc.outcome import Reason, Verdict
+from saslauthd_oidc.request import AuthRequest, Mechanism
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -49,32 +55,28 @@ class CacheStats(Protocol):
     def __len__(self) -> int: ...
 
 
+class _Latency:
+    """One frontend's latency histogram as plain numbers (Prometheus ``le`` buckets)."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+
 class Metrics:
     """The daemon's metrics; ``render()`` gives the text exposition for ``GET /metrics``."""
 
     def __init__(
-        self,
-        providers: Iterable[ProviderStats] = (),
-        cache: CacheStats | None = None,
-        *,
-        clock: Callable[[], float] = time.perf_counter,
+        self, providers: Iterable[ProviderStats] = (), cache: CacheStats | None = None
     ) -> None:
         self.registry = CollectorRegistry()
-        self._clock = clock
-        self.authentications = Counter(
-            "saslauthd_oidc_authentications",
-            "Authentications by outcome, reason, rule, mechanism and frontend",
-            ["outcome", "reason", "rule", "mechanism", "frontend"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "saslauthd_oidc_authentication_duration_seconds",
-            "Time from request to verdict, provider round trips included",
-            ["frontend"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+        #: (reason, rule, mechanism, frontend) -> authentications; the outcome follows the reason.
+        self._auths: dict[tuple[Reason, str | None, Mechanism, str], int] = {}
+        self._latency: dict[str, _Latency] = {}
         self._state = _StateCollector(list(providers), cache)
+        self.registry.register(_AuthCollector(self))
         self.registry.register(self._state)
 
     def track_providers(self, providers: Iterable[ProviderStats]) -> None:
@@ -82,43 +84,51 @@ class Metrics:
         self._state.providers = list(providers)
 
     def observe(self, request: AuthRequest, verdict: Verdict, seconds: float) -> None:
+        """Count one verdict and its latency (the engine's observer)."""
         frontend = request.context.frontend
-        self.authentications.labels(
-            outcome=verdict.outcome.value,
-            reason=verdict.reason.value,
-            rule=verdict.rule or "",
-            mechanism=request.mechanism.value,
-            frontend=frontend,
-        ).inc()
-        self.latency.labels(frontend=frontend).observe(seconds)
-
-    def instrument(self, authenticate: Authenticator) -> Authenticator:
-        """``authenticate`` that also counts and times every verdict."""
-
-        async def instrumented(request: AuthRequest) -> Verdict:
-            started = self._clock()
-            verdict = await authenticate(request)
-            self.observe(request, verdict, self._clock() - started)
-            return verdict
-
-        return instrumented
-
-    def instrument_now(
-        self, authenticate_now: Callable[[AuthRequest], Verdict | None]
-    ) -> Callable[[AuthRequest], Verdict | None]:
-        """The no-I/O fast path, counted and timed like :meth:`instrument` when it decides."""
-
-        def instrumented(request: AuthRequest) -> Verdict | None:
-            started = self._clock()
-            verdict = authenticate_now(request)
-            if verdict is not None:
-                self.observe(request, verdict, self._clock() - started)
-            return verdict
-
-        return instrumented
+        key = (verdict.reason, verdict.rule, request.mechanism, frontend)
+        auths = self._auths
+        auths[key] = auths.get(key, 0) + 1
+        latency = self._latency.get(frontend)
+        if latency is None:
+            latency = self._latency[frontend] = _Latency()
+        latency.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        latency.total += seconds
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _AuthCollector(Collector):
+    """The authentication counters and latency histograms, built at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        auths = CounterMetricFamily(
+            "saslauthd_oidc_authentications",
+            "Authentications by outcome, reason, rule, mechanism and frontend",
+            labels=["outcome", "reason", "rule", "mechanism", "frontend"],
+        )
+        for (reason, rule, mechanism, frontend), count in list(self._metrics._auths.items()):
+            auths.add_metric(
+                [reason.outcome.value, reason.value, rule or "", mechanism.value, frontend], count
+            )
+        yield auths
+        latency = HistogramMetricFamily(
+            "saslauthd_oidc_authentication_duration_seconds",
+            "Time from request to verdict, provider round trips included",
+            labels=["frontend"],
+        )
+        bounds = [str(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+        for frontend, hist in list(self._metrics._latency.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip(bounds, hist.counts, strict=True):
+                cumulative += count
+                buckets.append((bound, float(cumulative)))
+            latency.add_metric([frontend], buckets, hist.total)
+        yield latency
 
 
 class _StateCollector(Collector):

@@ -47,6 +47,10 @@ class Reason(enum.StrEnum):
     ISSUED_IN_FUTURE = "issued_in_future"
     BAD_CLAIM = "bad_claim"
     TOKEN_INACTIVE = "token_inactive"
+    # An ID token (nonce, at_hash/c_hash/s_hash, Keycloak typ "ID") is not an access token.
+    ID_TOKEN = "id_token"
+    # A sender-constrained token (cnf: DPoP jkt, mTLS x5t#S256): SASL carries no proof.
+    SENDER_CONSTRAINED = "sender_constrained"
 
     # The token was valid but no rule accepts it for this request.
     NO_RULE_FOR_CONTEXT = "no_rule_for_context"
@@ -60,11 +64,21 @@ class Reason(enum.StrEnum):
     IDENTITY_UNMAPPABLE = "identity_unmappable"
     INVALID_ACCOUNT = "invalid_account"
     AUTHZID_MISMATCH = "authzid_mismatch"
+    # The account's domain is not one the rule is trusted for (account_domains,
+    # domains, or a domain another provider's rule claims).
+    UNTRUSTED_ACCOUNT_DOMAIN = "untrusted_account_domain"
+    # The username needs an e-mail the IdP does not vouch for (email_verified is
+    # not true; a multi-tenant issuer's email), and the rule does not trust it.
+    UNVERIFIED_EMAIL = "unverified_email"
 
     # Nobody's fault but ours or the provider's: try again later.
     PROVIDER_UNAVAILABLE = "provider_unavailable"
     TIMEOUT = "timeout"
     INTERNAL_ERROR = "internal_error"
+    OVERLOADED = "overloaded"  # too many requests in flight on one connection
+    # The token names a key the provider's last key set lacks, and a refetch is
+    # due but not yet allowed (jwks_cooldown): maybe a key rotation, retry soon.
+    KEY_REFRESH_PENDING = "key_refresh_pending"
 
     @property
     def outcome(self) -> Outcome:
@@ -75,7 +89,15 @@ class Reason(enum.StrEnum):
         return Outcome.FAIL
 
 
-_TEMPORARY = frozenset({Reason.PROVIDER_UNAVAILABLE, Reason.TIMEOUT, Reason.INTERNAL_ERROR})
+_TEMPORARY = frozenset(
+    {
+        Reason.PROVIDER_UNAVAILABLE,
+        Reason.TIMEOUT,
+        Reason.INTERNAL_ERROR,
+        Reason.OVERLOADED,
+        Reason.KEY_REFRESH_PENDING,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)

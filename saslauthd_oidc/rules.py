@@ -25,6 +25,7 @@ from ipaddress import IPv4Network, IPv6Network
 from typing import TYPE_CHECKING, Any
 
 from saslauthd_oidc.discovery import discovery_warnings
+from saslauthd_oidc.identity import template_claims as _template_claims
 from saslauthd_oidc.outcome import DiscoveryHint, Reason
 from saslauthd_oidc.request import AuthRequest, unreachable_condition_warnings
 
@@ -256,9 +257,13 @@ def config_warnings(cfg: Config) -> list[str]:
     for i, r in enumerate(cfg.rules):
         if not r.audiences and not r.authorized_parties:
             warnings.append(
-                f"rule[{i}] ({r.name}) checks no audience: any token of provider "
-                f"{r.provider!r}, for any client, is accepted"
+                f"rule[{i}] ({r.name}) checks no audience (check_audience = false): any "
+                f"token of provider {r.provider!r}, issued to any application, is accepted; "
+                "set audiences or authorized_parties instead"
             )
+    warnings.extend(_account_domain_warnings(cfg))
+    warnings.extend(_email_warnings(cfg))
+    warnings.extend(_token_kind_warnings(cfg))
     warnings.extend(_opaque_token_warnings(cfg))
     warnings.extend(discovery_warnings(cfg))
     warnings.extend(unreachable_condition_warnings(cfg))
@@ -266,6 +271,114 @@ def config_warnings(cfg: Config) -> list[str]:
 
     warnings.extend(claim_warnings(cfg))
     return warnings
+
+
+def _account_domain_warnings(cfg: Config) -> list[str]:
+    """Rules whose accounts may land in domains another IdP is trusted for."""
+    warnings: list[str] = []
+    issuer = {p.name: p.issuer for p in cfg.providers}
+    if len(set(issuer[r.provider] for r in cfg.rules)) < 2:
+        return warnings  # one IdP: it is trusted for every account anyway
+    for i, r in enumerate(cfg.rules):
+        if not r.trusted_account_domains:
+            refused = ", ".join(r.foreign_domains) or "none yet"
+            warnings.append(
+                f"rule[{i}] ({r.name}) names no domains or account_domains: provider "
+                f"{r.provider!r} may produce accounts in any domain that no other provider's "
+                f"rule claims (refused: {refused}); set account_domains to the domains it "
+                "serves"
+            )
+    reported: set[tuple[str, str, str]] = set()
+    for i, a in enumerate(cfg.rules):
+        for b in cfg.rules[i + 1 :]:
+            if _origin(issuer[a.provider]) == _origin(issuer[b.provider]):
+                continue  # one IdP with per-client issuers (Kanidm, Authentik)
+            shared = sorted(set(a.trusted_account_domains) & set(b.trusted_account_domains))
+            for domain in shared:
+                oa, ob = _origin(issuer[a.provider]), _origin(issuer[b.provider])
+                key = (min(oa, ob), max(oa, ob), domain)
+                if key in reported:
+                    continue
+                reported.add(key)
+                warnings.append(
+                    f"rules {a.name!r} ({a.provider}) and {b.name!r} ({b.provider}) both "
+                    f"produce accounts in {domain}: either IdP can log in as any user there; "
+                    "keep each domain to one provider unless both really manage its users"
+                )
+    return warnings
+
+
+def _origin(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0].lower()}"
+
+
+def _email_warnings(cfg: Config) -> list[str]:
+    """nOAuth: e-mail addresses that the IdP does not vouch for."""
+    warnings: list[str] = []
+    for i, r in enumerate(cfg.rules):
+        p = cfg.provider(r.provider)
+        uses_email = "email" in _template_claims(r.username)
+        if uses_email and r.trust_unverified_email:
+            who = "any allowed tenant's admin" if p.multi_tenant else "the IdP's users or admins"
+            warnings.append(
+                f"rule[{i}] ({r.name}) trusts unverified e-mail (trust_unverified_email): "
+                f"an address {who} can set names the account; map a claim the IdP "
+                "guarantees (sub, oid, preferred_username) instead"
+            )
+        elif uses_email and p.multi_tenant:
+            warnings.append(
+                f"rule[{i}] ({r.name}) maps {{email}} of the multi-tenant issuer of provider "
+                f"{p.name!r}: each tenant's admin sets email freely, so tokens without "
+                "email_verified or xms_edov true are refused (unverified_email); use username = "
+                '"{preferred_username}" (a UPN in a domain the tenant verified) with '
+                'account_domains, or "{oid}@example.org"'
+            )
+        if p.multi_tenant and "*" in p.allowed_tenants and not r.trusted_account_domains:
+            warnings.append(
+                f"rule[{i}] ({r.name}): provider {p.name!r} accepts every tenant "
+                '(allowed_tenants = ["*"]) and the rule names no account_domains: any '
+                "organisation's users log in; list the tenants, or set account_domains"
+            )
+    return warnings
+
+
+def _token_kind_warnings(cfg: Config) -> list[str]:
+    warnings: list[str] = []
+    used = {r.provider for r in cfg.rules}
+    for i, p in enumerate(cfg.providers):
+        if p.accept_id_tokens and p.name in used:
+            warnings.append(
+                f"provider[{i}] ({p.name}) accepts ID tokens (accept_id_tokens): a token the "
+                "IdP gave any client to identify the user to that client logs in here too; "
+                "keep it only for an IdP whose access tokens look like ID tokens (Dex), "
+                "with audiences naming only your mail clients"
+            )
+    return warnings
+
+
+def token_policy(cfg: Config) -> list[str]:
+    """Per provider, in words: which tokens count as access tokens and how long a
+    revoked one keeps working (``check-config`` prints these)."""
+    lines: list[str] = []
+    for p in cfg.providers:
+        kinds = f"JWT typ must be {' or '.join(p.token_types)}" if p.token_types else "any JWT typ"
+        if p.accept_id_tokens:
+            kinds += "; ID tokens accepted (accept_id_tokens)"
+        else:
+            kinds += "; ID tokens (nonce, at_hash, c_hash, s_hash, typ ID, no client) refused"
+        kinds += "; cnf-bound (DPoP, mTLS) refused"
+        if p.force_introspection:
+            ttl = p.effective_introspection_ttl
+            revoked = f"a revoked JWT works for up to {ttl:g}s (force_introspection)"
+        else:
+            revoked = "a revoked JWT works until its exp"
+        if p.introspects:
+            ttl = p.effective_introspection_ttl
+            shown = f"{ttl:g}s" if ttl is not None else f"{cfg.cache.ttl:g}s ([cache] ttl)"
+            revoked += f", a revoked opaque token for up to {shown}"
+        lines.append(f"provider {p.name}: {kinds}; {revoked}")
+    return lines
 
 
 def _opaque_token_warnings(cfg: Config) -> list[str]:

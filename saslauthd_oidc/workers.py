@@ -125,13 +125,13 @@ class _CountedStream(trio.abc.Stream):
         self.send_all = inner.send_all  # type: ignore[method-assign]
         self.receive_some = inner.receive_some  # type: ignore[method-assign]
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._inner.send_all(data)
-
     @property
     def socket(self) -> trio.socket.SocketType:
-        """The connection's socket (the accept loop reads the peer's uid from it)."""
+        """The connection's socket (the Dovecot frontend reads and writes it directly)."""
         return self._inner.socket
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self._inner.send_all(data)
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._inner.wait_send_all_might_not_block()

@@ -136,6 +136,8 @@ def claims(**overrides: Any) -> dict[str, Any]:
         "iat": NOW,
         "nbf": NOW,
         "jti": "j1",
+        "client_id": "webmail",  # RFC 9068 §2.2: an access token names its client
+        "scope": "openid email",
         "email": "alice@example.org",
     }
     base.update(overrides)

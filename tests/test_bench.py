@@ -49,13 +49,14 @@ def _result(rate: float, cpu: float, p99: float = 1.0) -> LoadResult:
     )
 
 
-def test_render_prints_the_table_and_ratios() -> None:
+def test_render_prints_the_table_and_the_targets() -> None:
     rows = [
         Row("unique RS256, 8 conns", "dovecot", [_result(1000, 60)] * 3),
         Row("unique RS256, 8 conns", "ours w=1", [_result(500, 120)] * 3),
         Row("unique RS256, 8 conns", "ours w=2", [_result(900, 125)] * 3),
         Row("repeated token, 8 conns", "dovecot", [_result(1000, 60)] * 3),
-        Row("repeated token, 8 conns", "ours w=1", [_result(3500, 40)] * 3),
+        Row("repeated token, 8 conns", "ours w=1", [_result(3500, 45)] * 3),
+        Row("repeated token, 64 conns", "dovecot", [_result(1000, 60, p99=5.0)] * 3),
         Row("repeated token, 64 conns", "ours w=1", [_result(3500, 40, p99=4.0)] * 3),
     ]
     memory = {
@@ -66,16 +67,20 @@ def test_render_prints_the_table_and_ratios() -> None:
         "rss_cache_filled_mib": 49.5,
         "fill_failures": 0,
     }
-    text = render(rows, {"openssl": {"rsa2048": 50000.0}, "memory": memory, "machine": {}})
+    log_cost = {"warning_us": 40.0, "info_us": 70.0, "paired_us": 30.0}
+    extra = {"openssl": {"rsa2048": 50000.0}, "memory": memory, "log_cost": log_cost}
+    text = render(rows, {**extra, "machine": {}})
     assert text.startswith("| scenario | server | auths/s |")
     assert "| unique RS256, 8 conns | ours w=1 | 500 |" in text
-    assert "unique RS256 CPU/auth ours/dovecot (target <= 1): 2.00 MISSED" in text
-    assert "repeated token throughput ours/dovecot (target >= 3): 3.50 MET" in text
-    assert "p99 ms, repeated token, 64 conns, ours w=1 (target < 5): 4.00 MET" in text
-    assert (
-        "workers=2 / workers=1 throughput, unique RS256, 8 conns (target >= 1.7): 1.80 MET" in text
+    assert "repeated token, 8 conns: server CPU/auth ours/dovecot (target <= 1.0): 0.75 MET" in text
+    assert "unique RS256, 8 conns: server CPU/auth ours/dovecot (target <= 2.0): 2.00 MET" in text
+    assert "p99 repeated token, 64 conns, ours w=1 / dovecot's 5.00 ms (target <= 1): 0.80 MET" in (
+        text
     )
-    assert "RSS MiB" in text
+    assert "(target >= 0.85): 0.90 MET" in text  # 900/s / (2 x 500/s)
+    assert "RSS, 5 idle conns + 10 cached (target <= 80): 50.00 MiB MET" in text
+    assert "extra CPU per auth, repeated token (target <= 25): 30.00 µs MISSED" in text
+    assert "overhead above one openssl signature check, RS256: 100 µs" in text
 
 
 def test_render_survives_a_run_too_short_to_read_cpu_ticks() -> None:
@@ -84,5 +89,27 @@ def test_render_survives_a_run_too_short_to_read_cpu_ticks() -> None:
         Row("unique RS256, 8 conns", "ours w=1", [_result(500, 0.0)]),
     ]
     text = render(rows, {"openssl": {"rsa2048": 50000.0}, "machine": {}})
-    assert "unique RS256 throughput ours/dovecot (target >= 1): 0.50 MISSED" in text
+    assert "| unique RS256, 8 conns | dovecot | 1000 |" in text
     assert "CPU/auth ours/dovecot" not in text
+
+
+def test_compare_renders_both_ratios() -> None:
+    from bench.compare import SCENARIOS, Side
+    from bench.compare import render as render_compare
+
+    base, head = Side("base", "/x"), Side("head", None)
+    base.runs["repeated8"] = [_result(1000, 100), _result(1000, 120)]
+    head.runs["repeated8"] = [_result(2000, 50), _result(2000, 66)]
+    text = render_compare(["repeated8"], base, head)
+    label = SCENARIOS["repeated8"][0]
+    # medians 110 vs 58 (0.53); paired 0.50 and 0.55 -> 0.525
+    assert f"| {label} | 110 | 58 | 0.53 | 0.53 |" in text
+    assert "failed" not in text
+
+
+def test_compare_exports_a_revision(tmp_path: Path) -> None:
+    from bench.compare import export, resolve
+
+    commit = resolve("HEAD")
+    out = export(commit, tmp_path / "rev")
+    assert (out / "saslauthd_oidc" / "engine.py").is_file()

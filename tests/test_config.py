@@ -128,7 +128,7 @@ def test_check_config_ok_prints_warnings(
     path = tmp_path / "c.toml"
     path.write_text(
         '[[provider]]\nname = "idp"\nissuer = "https://idp.example.org"\n'
-        '[[rule]]\nname = "any"\nprovider = "idp"\n'
+        '[[rule]]\nname = "any"\nprovider = "idp"\ncheck_audience = false\n'
         '[[rule]]\nname = "web"\nprovider = "idp"\naudiences = ["web"]\n'
     )
     assert main(["check-config", "--config", str(path)]) == 0

@@ -24,6 +24,8 @@ PROVIDERS = [
 
 
 def config(*rules: dict[str, Any]) -> Any:
+    # discovery ignores the audience; each rule is a login rule too and must name one
+    rules = tuple({"audiences": ["mail"], **r} for r in rules)
     return parse_config({"provider": PROVIDERS, "rule": list(rules)})
 
 

@@ -37,6 +37,9 @@ class FakeVerifier:
         self.verdicts = verdicts
         self.calls = 0
 
+    def verify_now(self, tok: str, unverified: UnverifiedToken | None) -> None:
+        return None  # always needs its (async) verify: the engine's I/O step
+
     async def verify(self, tok: str, unverified: UnverifiedToken) -> VerifiedClaims | TokenRejected:
         self.calls += 1
         if unverified.claims.get("iss") != self.issuer:
@@ -263,7 +266,7 @@ async def test_domain_map_applies_before_the_authzid_check() -> None:
     assert (v.outcome, v.account) == (Outcome.OK, "carol@example.org")
     tok = token(iss=A, aud="web", preferred_username="mallory@elsewhere.org")
     v = await engine.authenticate(request(tok, user=None))
-    assert v.reason is Reason.INVALID_ACCOUNT
+    assert v.reason is Reason.UNTRUSTED_ACCOUNT_DOMAIN
 
 
 async def test_hint_prefers_the_context_rule_with_the_tokens_issuer() -> None:

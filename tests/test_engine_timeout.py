@@ -20,6 +20,9 @@ from tests.test_engine import A, token
 
 
 class HangingVerifier:
+    def verify_now(self, tok: str, unverified: UnverifiedToken | None) -> None:
+        return None
+
     async def verify(
         self, tok: str, unverified: UnverifiedToken | None
     ) -> VerifiedClaims | TokenRejected:
@@ -35,13 +38,15 @@ class Lookup:
         return HangingVerifier()
 
 
-def engine() -> Engine:
+def engine(metrics: Metrics | None = None) -> Engine:
     config: dict[str, Any] = {
         "server": {"request_timeout": 0.5},
         "provider": [{"name": "a", "issuer": A}],
         "rule": [{"name": "web", "provider": "a", "audiences": ["web"]}],
     }
-    return Engine(parse_config(config), Lookup())
+    return Engine(
+        parse_config(config), Lookup(), observe=metrics.observe if metrics is not None else None
+    )
 
 
 async def test_slow_provider_is_a_logged_timeout(autojump_clock: trio.abc.Clock) -> None:
@@ -57,12 +62,11 @@ async def test_slow_provider_is_a_logged_timeout(autojump_clock: trio.abc.Clock)
 
 
 async def test_timeout_is_counted_in_metrics(autojump_clock: trio.abc.Clock) -> None:
-    eng = engine()
     metrics = Metrics()
-    authenticate = metrics.instrument(eng.authenticate)
+    eng = engine(metrics)
     tok = token(iss=A, aud="web", email="alice@example.org", exp=2e9)
     with capture_logs(), trio.fail_after(5):
-        await authenticate(AuthRequest(Mechanism.OAUTHBEARER, Credentials(tok)))
+        await eng.authenticate(AuthRequest(Mechanism.OAUTHBEARER, Credentials(tok)))
     body, _ = metrics.render()
     samples = [
         s
@@ -75,21 +79,31 @@ async def test_timeout_is_counted_in_metrics(autojump_clock: trio.abc.Clock) -> 
     ]
 
 
-def test_inline_verdicts_are_counted_and_deferred_ones_are_not() -> None:
-    """The Dovecot frontend's no-I/O fast path goes through Metrics.instrument_now."""
+async def test_inline_verdicts_are_counted_and_deferred_ones_when_finished(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """The engine counts a verdict where it reaches it: in start, or in finish."""
+    from saslauthd_oidc.engine import Pending
     from saslauthd_oidc.outcome import Verdict
 
     metrics = Metrics()
-    answers: list[Verdict | None] = [Verdict(reason=Reason.OK, account="a@b"), None]
-    inline = metrics.instrument_now(lambda request: answers.pop(0))
-    request = AuthRequest(Mechanism.XOAUTH2, Credentials("t"))
-    assert inline(request) is not None
-    assert inline(request) is None
-    body, _ = metrics.render()
-    samples = [
-        (s.labels["reason"], s.value)
-        for family in text_string_to_metric_families(body.decode())
-        for s in family.samples
-        if s.name == "saslauthd_oidc_authentications_total"
-    ]
-    assert samples == [("ok", 1.0)]
+    eng = engine(metrics)
+    bad = AuthRequest(Mechanism.XOAUTH2, Credentials("not a token"))
+    assert isinstance(eng.start(bad), Verdict)  # decided inline: counted now
+    tok = token(iss=A, aud="web", email="alice@example.org", exp=2e9)
+    pending = eng.start(AuthRequest(Mechanism.XOAUTH2, Credentials(tok)))
+    assert isinstance(pending, Pending)  # needs the (hanging) provider: not counted yet
+
+    def counts() -> list[tuple[str, float]]:
+        body, _ = metrics.render()
+        return [
+            (s.labels["reason"], s.value)
+            for family in text_string_to_metric_families(body.decode())
+            for s in family.samples
+            if s.name == "saslauthd_oidc_authentications_total"
+        ]
+
+    assert counts() == [("malformed_token", 1.0)]
+    with capture_logs():
+        await eng.finish(pending)
+    assert sorted(counts()) == [("malformed_token", 1.0), ("timeout", 1.0)]

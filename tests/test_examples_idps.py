@@ -143,7 +143,7 @@ AUTHENTIK_CASES = [
         "id-token",
         lambda i: authentik(i["webmail"], "webmail-client-id", extra={"azp": None, "uid": None}),
         None,
-        "untrusted_authorized_party",
+        "id_token",
         challenge=challenge("webmail"),
     ),
 ]
@@ -203,8 +203,8 @@ KEYCLOAK_CASES = [
             extra={"typ": "ID", "scope": None, "azp": "thunderbird"},
         ),
         None,
-        "insufficient_scope",
-        challenge=challenge("keycloak", "email", "insufficient_scope"),
+        "id_token",
+        challenge=challenge("keycloak", "email"),
     ),
 ]
 

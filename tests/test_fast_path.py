@@ -1,14 +1,21 @@
-"""The no-I/O fast path: Engine.authenticate_now, cache and provider verify_now, inline replies.
+"""The fast path: Engine.start/finish, the cache in front of parsing, inline replies.
 
-The fast path must decide exactly as the async path does, and give up (None)
-whenever an answer needs I/O: opaque tokens, keys not loaded or stale, an
-unknown kid (which may refetch), userinfo enrichment not cached yet, a
-verification already in flight.
+Two kinds of tests. Equivalence: the synchronous step decides exactly as the
+full (I/O) path does, and asks for I/O (a Pending) whenever an answer needs
+it: opaque tokens, keys not loaded or stale, an unknown kid (which may
+refetch), userinfo enrichment not cached yet, a verification already in
+flight. Structure: counts of what the hot path does per request — no task
+spawned, no cancel scope entered, one recv and one send on a ready socket,
+no token parsing (base64/JSON) for a cached token, no ``labels()`` lookup —
+so that a change that puts work back on it fails here (timing is for bench/).
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+import socket
+import sys
 import unicodedata
 from typing import Any
 
@@ -16,12 +23,13 @@ import pytest
 import trio
 import trio.testing
 
-from saslauthd_oidc.config import CacheConfig, ProviderConfig, parse_config
+from saslauthd_oidc.config import ProviderConfig, parse_config
 from saslauthd_oidc.devissuer import DevIssuer
-from saslauthd_oidc.engine import Engine
+from saslauthd_oidc.engine import Engine, Pending
+from saslauthd_oidc.metrics import Metrics
 from saslauthd_oidc.outcome import Outcome, Reason, Verdict
 from saslauthd_oidc.providers import OidcProvider, TokenRejected, VerifiedClaims, peek
-from saslauthd_oidc.providers.cache import VerificationCache
+from saslauthd_oidc.providers.cache import Lookup, VerificationCache, cache_key, token_digest
 from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.providers.jwt import UnverifiedToken
 from saslauthd_oidc.request import AuthRequest
@@ -86,18 +94,18 @@ async def test_fast_path_decides_as_the_async_path(index: int) -> None:
     slow, _ = _engine(FakeVerifier)
     fast, _ = _engine(SyncVerifier)
     expected = await slow.authenticate(req)
-    now = fast.authenticate_now(req)
-    assert now is not None  # every verifier answers synchronously here
+    now = fast.start(req)
+    assert isinstance(now, Verdict)  # every verifier answers synchronously here
     assert _summary(now) == _summary(expected)
 
 
 async def test_fast_path_uses_and_fills_the_cache() -> None:
     engine, lookup = _engine(SyncVerifier)
     req = REQUESTS[0]
-    first = engine.authenticate_now(req)
-    assert first is not None and first.ok
-    second = engine.authenticate_now(req)
-    assert second is not None and second.account == first.account
+    first = engine.start(req)
+    assert isinstance(first, Verdict) and first.ok
+    second = engine.start(req)
+    assert isinstance(second, Verdict) and second.account == first.account
     verifier = lookup.verifiers["a"]
     assert isinstance(verifier, SyncVerifier)
     assert verifier.now_calls == 1
@@ -108,16 +116,17 @@ async def test_fast_path_uses_and_fills_the_cache() -> None:
 
 
 async def test_fast_path_gives_up_when_the_verifier_needs_io() -> None:
-    engine, _ = _engine(FakeVerifier)  # no verify_now at all
-    assert engine.authenticate_now(REQUESTS[0]) is None
-    assert (await engine.authenticate(REQUESTS[0])).ok  # now cached
-    cached = engine.authenticate_now(REQUESTS[0])
-    assert cached is not None and cached.ok
+    engine, _ = _engine(FakeVerifier)  # verify_now always says "needs I/O"
+    pending = engine.start(REQUESTS[0])
+    assert isinstance(pending, Pending) and pending.need.lookup is Lookup.TOKEN
+    assert (await engine.finish(pending)).ok  # now cached
+    cached = engine.start(REQUESTS[0])
+    assert isinstance(cached, Verdict) and cached.ok
     engine2, lookup2 = _engine(SyncVerifier)
     blocking = lookup2.verifiers["a"]
     assert isinstance(blocking, SyncVerifier)
     blocking.blocking = True
-    assert engine2.authenticate_now(REQUESTS[0]) is None
+    assert isinstance(engine2.start(REQUESTS[0]), Pending)
     assert len(engine2.cache) == 0
 
 
@@ -127,9 +136,9 @@ async def test_fast_path_engine_error_is_internal_error() -> None:
     def broken(*_: Any) -> None:
         raise RuntimeError("bug")
 
-    lookup.verifiers["a"].verify_now = broken  # type: ignore[attr-defined]
-    verdict = engine.authenticate_now(REQUESTS[0])
-    assert verdict is not None and verdict.reason is Reason.INTERNAL_ERROR
+    lookup.verifiers["a"].verify_now = broken  # type: ignore[method-assign]
+    verdict = engine.start(REQUESTS[0])
+    assert isinstance(verdict, Verdict) and verdict.reason is Reason.INTERNAL_ERROR
 
 
 USERINFO_CONFIG = {
@@ -147,11 +156,12 @@ async def test_fast_path_waits_for_uncached_userinfo_then_uses_it() -> None:
     lookup = FakeLookup(a=UserinfoVerifier(A, {}))
     engine = Engine(parse_config(USERINFO_CONFIG), lookup)
     req = request(token(iss=A, aud="web", sub="s"), user=None)
-    assert engine.authenticate_now(req) is None  # userinfo not cached: needs I/O
-    slow = await engine.authenticate(req)
+    pending = engine.start(req)  # userinfo not cached: needs I/O
+    assert isinstance(pending, Pending) and pending.need.lookup is Lookup.USERINFO
+    slow = await engine.finish(pending)
     assert slow.account == "eve@example.org"
-    fast = engine.authenticate_now(req)
-    assert fast is not None and fast.account == "eve@example.org"
+    fast = engine.start(req)
+    assert isinstance(fast, Verdict) and fast.account == "eve@example.org"
 
 
 # --------------------------------------------------------------------------- cache
@@ -162,29 +172,30 @@ class _Never:
         await trio.sleep_forever()
 
 
-async def test_cache_verify_now_leaves_a_flight_alone() -> None:
-    cache = VerificationCache(CacheConfig())
-    sync = SyncVerifier(A, {})
-    tok = token(iss=A)
-    unverified = peek(tok)
-    assert isinstance(unverified, UnverifiedToken)
+async def test_a_flight_under_way_is_waited_for_not_redone() -> None:
+    engine, lookup = _engine(SyncVerifier)
+    req = REQUESTS[0]
+    key = cache_key("a", Lookup.TOKEN, token_digest(req.credentials.token))
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(cache.verify, "a", _Never(), tok, unverified)
+        nursery.start_soon(engine.cache.verify, "a", _Never(), req.credentials.token, None)
         await trio.testing.wait_all_tasks_blocked()
-        assert cache.verify_now("a", sync, tok, unverified) is None
-        assert sync.now_calls == 0
+        assert engine.cache.in_flight(key)
+        pending = engine.start(req)
+        assert isinstance(pending, Pending) and pending.need.key == key
+        assert lookup.verifiers["a"].now_calls == 0  # type: ignore[attr-defined]
         nursery.cancel_scope.cancel()
-    result = cache.verify_now("a", sync, tok, unverified)
-    assert isinstance(result, VerifiedClaims)
+    assert isinstance(engine.start(req), Verdict)
 
 
-async def test_cache_verify_now_without_cache() -> None:
-    cache = VerificationCache(CacheConfig(max_entries=0))
-    tok = token(iss=A)
-    unverified = peek(tok)
-    assert isinstance(unverified, UnverifiedToken)
-    assert isinstance(cache.verify_now("a", SyncVerifier(A, {}), tok, unverified), VerifiedClaims)
-    assert cache.verify_now("a", FakeVerifier(A, {}), tok, unverified) is None
+async def test_without_a_cache_every_request_is_verified() -> None:
+    lookup = FakeLookup(a=SyncVerifier(A, REJECTIONS), b=SyncVerifier(B, REJECTIONS))
+    cfg = parse_config({**CONFIG, "cache": {"max_entries": 0}})
+    engine = Engine(cfg, lookup)
+    for _ in range(3):
+        verdict = engine.start(REQUESTS[0])
+        assert isinstance(verdict, Verdict) and verdict.ok
+    assert lookup.verifiers["a"].now_calls == 3  # type: ignore[attr-defined]
+    assert len(engine.cache) == 0
 
 
 # --------------------------------------------------------------------------- provider
@@ -234,12 +245,13 @@ async def test_provider_verify_now(issuer: DevIssuer) -> None:
 
 
 class InlineStub:
-    """An authenticate_now stand-in: 'now-*' tokens are answered inline."""
+    """An engine stand-in with start/finish: 'now-*' tokens are answered inline."""
 
-    def __init__(self) -> None:
+    def __init__(self, stub: Stub) -> None:
         self.calls = 0
+        self._stub = stub
 
-    def __call__(self, req: AuthRequest) -> Verdict | None:
+    def start(self, req: AuthRequest) -> Verdict | AuthRequest:
         self.calls += 1
         tok = req.credentials.token
         if tok.startswith("now-"):
@@ -248,12 +260,13 @@ class InlineStub:
             return Verdict(reason=Reason.PROVIDER_UNAVAILABLE)
         if tok == "now:boom":
             raise RuntimeError("engine bug")
-        return None
+        return req  # a "Pending": finish() asks the stub
+
+    async def finish(self, pending: AuthRequest) -> Verdict:
+        return await self._stub(pending)
 
 
-async def _serve(
-    nursery: trio.Nursery, path: str, stub: Stub, inline: InlineStub, **kw: Any
-) -> None:
+async def _serve(nursery: trio.Nursery, path: str, inline: InlineStub, **kw: Any) -> None:
     from saslauthd_oidc.frontends.dovecot import serve_dovecot_listener
 
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
@@ -261,19 +274,15 @@ async def _serve(
     sock.listen(16)
     await nursery.start(
         functools.partial(
-            serve_dovecot_listener,
-            trio.SocketListener(sock),
-            stub,
-            mechanisms=MECHS,
-            authenticate_now=inline,
-            **kw,
+            serve_dovecot_listener, trio.SocketListener(sock), inline, mechanisms=MECHS, **kw
         )
     )
 
 
 async def test_inline_answers_need_no_task(nursery: trio.Nursery, socket_path: str) -> None:  # noqa: F811
-    stub, inline = Stub(), InlineStub()
-    await _serve(nursery, socket_path, stub, inline)
+    stub = Stub()
+    inline = InlineStub(stub)
+    await _serve(nursery, socket_path, inline)
     client = await Client.connect(socket_path)
     await client.handshake()
     assert await client.authenticate(1, "now-alice") == "OK\t1\tuser=alice"
@@ -287,8 +296,8 @@ async def test_inline_answers_need_no_task(nursery: trio.Nursery, socket_path: s
 
 
 async def test_inline_tempfail_disconnects(nursery: trio.Nursery, socket_path: str) -> None:  # noqa: F811
-    stub, inline = Stub(), InlineStub()
-    await _serve(nursery, socket_path, stub, inline, tempfail_disconnect=True)
+    stub = Stub()
+    await _serve(nursery, socket_path, InlineStub(stub), tempfail_disconnect=True)
     client = await Client.connect(socket_path)
     await client.handshake()
     assert await client.authenticate(1, "now-alice") == "OK\t1\tuser=alice"
@@ -302,8 +311,7 @@ async def test_pipelined_inline_requests_all_answered(
 ) -> None:
     from tests.test_frontend_dovecot import auth_line
 
-    stub, inline = Stub(), InlineStub()
-    await _serve(nursery, socket_path, stub, inline)
+    await _serve(nursery, socket_path, InlineStub(Stub()))
     client = await Client.connect(socket_path)
     await client.handshake()
     await client.send(
@@ -335,15 +343,16 @@ async def test_real_engine_fast_path_with_devissuer(issuer: DevIssuer) -> None:
 
         engine = Engine(cfg, Lookup())
         req = request(issuer.mint(alg="ES256"))
-        assert engine.authenticate_now(req) is None  # keys not loaded yet
-        slow = await engine.authenticate(req)
+        pending = engine.start(req)  # keys not loaded yet
+        assert isinstance(pending, Pending)
+        slow = await engine.finish(pending)
         assert slow.ok
         engine.cache.clear()
-        fast = engine.authenticate_now(req)
-        assert fast is not None and _summary(fast) == _summary(slow)
+        fast = engine.start(req)
+        assert isinstance(fast, Verdict) and _summary(fast) == _summary(slow)
         forged = request(issuer.mint(alg="ES256", claims={"iss": "https://evil.example"}))
-        refused = engine.authenticate_now(forged)
-        assert refused is not None and refused.reason is Reason.UNKNOWN_ISSUER
+        refused = engine.start(forged)
+        assert isinstance(refused, Verdict) and refused.reason is Reason.UNKNOWN_ISSUER
 
 
 # --------------------------------------------------------------------------- cheap checks
@@ -385,21 +394,27 @@ def test_filtered_authentication_log_is_skipped_and_warning_kept() -> None:
     configure_logging(LoggingConfig(level="warning", format="json"), stream=out)
     try:
         engine, _ = _engine(SyncVerifier)
-        assert engine.authenticate_now(REQUESTS[0]) is not None  # OK: info, filtered out
+        assert isinstance(engine.start(REQUESTS[0]), Verdict)  # OK: info, filtered out
         assert out.getvalue() == ""
-        assert engine.authenticate_now(REQUESTS[4]) is not None  # tempfail: warning
+        assert isinstance(engine.start(REQUESTS[4]), Verdict)  # tempfail: warning
         assert '"event": "authentication"' in out.getvalue()
         assert '"level": "warning"' in out.getvalue()
     finally:
         configure_logging(LoggingConfig(level="info", format="json"))
 
 
-def test_cache_key_separates_provider_from_token() -> None:
-    from saslauthd_oidc.providers.cache import _key
-
-    assert _key("a", "bc") != _key("ab", "c")
-    assert _key("a\x00userinfo", "t") != _key("a", "t")
-    assert len(_key("a", "t")) == 32
+def test_cache_key_separates_provider_kind_and_token() -> None:
+    digest = token_digest("t")
+    keys = {
+        cache_key("a", Lookup.TOKEN, digest),
+        cache_key("a", Lookup.USERINFO, digest),
+        cache_key("ab", Lookup.TOKEN, digest),
+        cache_key("a", Lookup.TOKEN, token_digest("u")),
+    }
+    assert len(keys) == 4
+    assert len(digest) == 32
+    secret = "eyJsecret-token-material"
+    assert secret.encode() not in cache_key("a", Lookup.TOKEN, token_digest(secret))
 
 
 def test_peeked_claim_names_and_short_values_are_shared() -> None:
@@ -420,3 +435,318 @@ def test_memoised_ip_parsing_agrees() -> None:
         assert _parse_ip(value) == expected
         assert _parse_ip(value) == expected  # memoised the second time
     assert _parse_ip("0:0::1") == "::1"
+
+
+# --------------------------------------------------------------------------- structure
+#
+# What the hot path does per request, counted. These fail when a change puts
+# work back on it (a task, a timer, a parse, a labels() lookup, an extra
+# syscall); how long it takes is measured by bench/, never here.
+
+
+class _CountingSocket(socket.socket):
+    """The stdlib socket the Dovecot reader wraps its descriptor in, counting syscalls."""
+
+    recvs = 0
+    sends = 0
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        _CountingSocket.recvs += 1
+        return super().recv(bufsize, flags)
+
+    def send(self, data: Any, flags: int = 0) -> int:
+        _CountingSocket.sends += 1
+        return super().send(data, flags)
+
+
+class _TaskCounter(trio.abc.Instrument):
+    def __init__(self) -> None:
+        self.spawned = 0
+        self.steps: collections.Counter[str] = collections.Counter()
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        self.spawned += 1
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps[task.name] += 1
+
+
+class _Calls:
+    """Wraps a callable and counts its calls."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.count = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.count += 1
+        return self.fn(*args, **kwargs)
+
+
+def _count_timers(monkeypatch: pytest.MonkeyPatch) -> list[_Calls]:
+    calls = []
+    for name in ("CancelScope", "move_on_after", "move_on_at", "fail_after", "fail_at"):
+        wrapper = _Calls(getattr(trio, name))
+        monkeypatch.setattr(trio, name, wrapper)
+        calls.append(wrapper)
+    return calls
+
+
+def _count_labels(monkeypatch: pytest.MonkeyPatch) -> _Calls:
+    from prometheus_client.metrics import MetricWrapperBase
+
+    labels = _Calls(MetricWrapperBase.labels)
+    monkeypatch.setattr(MetricWrapperBase, "labels", labels)
+    return labels
+
+
+def _auth_counts(metrics: Metrics) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body, _ = metrics.render()
+    return {
+        s.labels["reason"]: s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+        if s.name == "saslauthd_oidc_authentications_total"
+    }
+
+
+async def test_hot_path_per_request_on_a_ready_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cached token over a real socket: 1 wake-up, 1 recv, 1 send, no task, no timer, no parse."""
+    from saslauthd_oidc.frontends import dovecot
+    from tests.test_frontend_dovecot import auth_line
+
+    monkeypatch.setattr(dovecot, "_RawSocket", _CountingSocket)
+    metrics = Metrics()
+    lookup = FakeLookup(a=SyncVerifier(A, REJECTIONS), b=SyncVerifier(B, REJECTIONS))
+    engine = Engine(parse_config(CONFIG), lookup, observe=metrics.observe)
+    tok = token(iss=A, aud="web", email="alice@example.org")
+    left, right = trio.socket.socketpair()
+    server, client = trio.SocketStream(left), trio.SocketStream(right)
+    requests = 5
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            functools.partial(
+                dovecot.handle_dovecot_stream, server, engine, mechanisms=MECHS, spid=1, cuid=1
+            ),
+            name="session",
+        )
+        reader = Client(client)
+        await reader.handshake()
+        await reader.send(auth_line(1, tok))  # verified (verify_now) and cached
+        assert await reader.line() == "OK\t1\tuser=alice@example.org"
+        await trio.testing.wait_all_tasks_blocked()
+
+        counter = _TaskCounter()
+        timers = _count_timers(monkeypatch)
+        parses = _Calls(peek)
+        monkeypatch.setattr("saslauthd_oidc.engine.peek", parses)
+        labels = _count_labels(monkeypatch)
+        _CountingSocket.recvs = _CountingSocket.sends = 0
+        trio.lowlevel.add_instrument(counter)
+        try:
+            for rid in range(2, 2 + requests):
+                await reader.send(auth_line(rid, tok))
+                assert await reader.line() == f"OK\t{rid}\tuser=alice@example.org"
+                await trio.testing.wait_all_tasks_blocked()
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        assert (_CountingSocket.recvs, _CountingSocket.sends) == (requests, requests)
+        assert counter.spawned == 0
+        assert counter.steps["session"] == requests  # woken once per request, by its data
+        assert [t.count for t in timers] == [0] * len(timers)
+        assert parses.count == 0  # the cache knew the token: no base64, no JSON
+        assert labels.count == 0
+        await client.aclose()
+    assert _auth_counts(metrics) == {"ok": requests + 1.0}
+
+
+async def test_cached_token_is_not_parsed_and_keeps_the_cache_semantics(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Positive and negative entries answer without peek; expiry and a reload bring it back."""
+    clock = FakeClock()
+    cfg = parse_config({**CONFIG, "cache": {"ttl": 60, "negative_ttl": 30}})
+    lookup = FakeLookup(a=SyncVerifier(A, REJECTIONS), b=SyncVerifier(B, REJECTIONS))
+    engine = Engine(cfg, lookup, cache=VerificationCache(cfg.cache, clock=clock))
+    parses = _Calls(peek)
+    monkeypatch.setattr("saslauthd_oidc.engine.peek", parses)
+    good, forged = REQUESTS[0], REQUESTS[3]  # OK; BAD_SIGNATURE (a stable refusal)
+
+    def decide(req: AuthRequest) -> tuple[Any, ...]:
+        verdict = engine.start(req)
+        assert isinstance(verdict, Verdict)
+        return _summary(verdict)
+
+    first_good, first_forged = decide(good), decide(forged)
+    assert parses.count == 2
+    assert (decide(good), decide(forged)) == (first_good, first_forged)
+    assert parses.count == 2  # both from the cache, neither parsed
+    clock.advance(31)  # the negative entry is gone, the positive one lives
+    assert (decide(good), decide(forged)) == (first_good, first_forged)
+    assert parses.count == 3
+    engine.cache.drop_providers(["a"])  # a reload that changed provider a
+    assert decide(good) == first_good
+    assert parses.count == 4
+
+
+async def test_repeated_token_parsed_only_for_a_provider_without_an_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Per-provider entries: one provider's entry gives the issuer, the other still verifies."""
+    cfg = parse_config(
+        {
+            "provider": [{"name": "a1", "issuer": A}, {"name": "a2", "issuer": A}],
+            "rule": [
+                {"name": "other", "provider": "a1", "audiences": ["other"]},
+                {"name": "web", "provider": "a2", "audiences": ["web"]},
+            ],
+        }
+    )
+    lookup = FakeLookup(a1=SyncVerifier(A, {}), a2=SyncVerifier(A, {}))
+    engine = Engine(cfg, lookup)
+    req = request(token(iss=A, aud="web", email="alice@example.org"))
+    first = engine.start(req)
+    assert isinstance(first, Verdict) and first.rule == "web"
+    parses = _Calls(peek)
+    monkeypatch.setattr("saslauthd_oidc.engine.peek", parses)
+    engine.cache.drop_providers(["a2"])
+    again = engine.start(req)
+    assert isinstance(again, Verdict) and _summary(again) == _summary(first)
+    assert parses.count == 1  # parsed for a2's verification only
+    assert lookup.verifiers["a1"].now_calls == 1  # type: ignore[attr-defined]
+    assert lookup.verifiers["a2"].now_calls == 2  # type: ignore[attr-defined]
+
+
+def test_metrics_observe_needs_no_labels_lookup(monkeypatch: pytest.MonkeyPatch) -> None:
+    labels = _count_labels(monkeypatch)
+    metrics = Metrics()
+    ok = Verdict(reason=Reason.OK, account="a@b", rule="web")
+    for _ in range(3):
+        metrics.observe(REQUESTS[0], ok, 0.002)
+    metrics.observe(REQUESTS[0], Verdict(reason=Reason.EXPIRED), 7.0)
+    assert labels.count == 0
+    assert _auth_counts(metrics) == {"ok": 3.0, "expired": 1.0}
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body, _ = metrics.render()
+    buckets = {
+        s.labels["le"]: s.value
+        for family in text_string_to_metric_families(body.decode())
+        for s in family.samples
+        if s.name == "saslauthd_oidc_authentication_duration_seconds_bucket"
+    }
+    assert (buckets["0.001"], buckets["0.0025"], buckets["5.0"], buckets["+Inf"]) == (0, 3, 3, 4)
+
+
+def test_json_log_line_is_what_the_standard_processors_render(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """observability's one-step JSON line == add_log_level, TimeStamper, format_exc_info,
+    redact_secrets and JSONRenderer one after the other (the timestamp aside)."""
+    import datetime
+    import json
+    import time
+
+    import structlog
+
+    from saslauthd_oidc.observability import _JsonLine, redact_secrets
+
+    def standard(method: str, event: dict[str, Any]) -> dict[str, Any]:
+        for proc in (
+            structlog.processors.add_log_level,
+            structlog.processors.format_exc_info,
+            redact_secrets,
+        ):
+            event = proc(None, method, event)  # type: ignore[assignment,arg-type]
+        return json.loads(structlog.processors.JSONRenderer()(None, method, event))  # type: ignore[arg-type]
+
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        exc = sys.exc_info()
+    jwt = token(iss=A, aud="web")
+    events = [
+        {"account": "alice@example.org", "latency_ms": 0.12, "remote": None, "event": "x"},
+        {"detail": f"Bearer {jwt}", "rule": "r", "event": "y", "odd": object.__new__(object)},
+        {"event": "engine error", "exc_info": exc, "token": jwt},
+    ]
+    line = _JsonLine()
+    for method in ("info", "warning", "exception"):
+        for event in events:
+            got = json.loads(line(None, method, dict(event)))
+            stamp = got.pop("timestamp")
+            want = standard(method, dict(event))
+            if "odd" in want:  # repr() of an object: its address differs
+                want["odd"] = got["odd"]
+            assert got == want
+            assert list(got) == list(want)
+            assert jwt not in json.dumps(got)
+            parsed = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+            assert abs(parsed.timestamp() - time.time()) < 5
+    monkeypatch.setattr(time, "time_ns", lambda: 1_700_000_000 * 10**9)  # a whole second
+    stamp = json.loads(_JsonLine()(None, "info", {"event": "z"}))["timestamp"]
+    whole = datetime.datetime.fromtimestamp(1_700_000_000, tz=datetime.UTC)
+    assert stamp == whole.isoformat().replace("+00:00", "Z")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        ["service=smtp", "nologin", "lip=127.0.0.1", "rip=::1", "secured", "resp=QUJD"],
+        [
+            "service=imap",
+            "resp=",
+        ],
+        ["service=smtp", "resp=QQ==", "rip=1.2.3.4"],  # a parameter after resp=
+        ["resp=QQ==", "service=smtp", "resp=Qg=="],  # resp= twice
+        ["service=smtp", "lport=587", "rport=99999", "local_name=mx", "resp=Qg=="],
+        ["protocol=SMTP", "rip=" + "1" * 600, "resp=Qg=="],  # too long to memoise
+        ["service=smtp", "nologin"],  # no resp= at all
+        [],
+    ],
+)
+def test_memoised_auth_params_agree(fields: list[str]) -> None:
+    from saslauthd_oidc.protocol.dovecot import _auth_params, _parse_auth_params
+
+    for _ in range(2):  # the second time from the memo
+        assert _auth_params(fields) == _parse_auth_params(fields)
+
+
+async def test_current_answers_inline_finishes_on_its_engine_and_holds_when_draining(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    from saslauthd_oidc.lifecycle import Current
+
+    old, _ = _engine(FakeVerifier)  # every token needs the (async) provider
+    new, _ = _engine(SyncVerifier)
+    current = Current(old)
+    pending = current.start(REQUESTS[0])
+    assert isinstance(pending, Pending) and pending.engine is old
+    current.swap(new)  # a reload: the pending request still finishes on the old engine
+    assert isinstance(current.start(REQUESTS[1]), Verdict)  # the new one answers inline
+    assert (await current.finish(pending)).ok
+    assert current.in_flight == 0
+    await current.drain(timeout=1)
+    held = current.start(REQUESTS[0])
+    assert isinstance(held, Pending) and held.engine is None
+    with trio.move_on_after(3600) as waited:
+        await current.finish(held)  # never answered while stopping
+    assert waited.cancelled_caught
+
+
+async def test_a_finish_that_raises_fails_that_request_only(
+    nursery: trio.Nursery,
+    socket_path: str,  # noqa: F811
+) -> None:
+    class Broken(InlineStub):
+        async def finish(self, pending: AuthRequest) -> Verdict:
+            raise RuntimeError("bug in finish")
+
+    await _serve(nursery, socket_path, Broken(Stub()))
+    client = await Client.connect(socket_path)
+    await client.handshake()
+    reply = await client.authenticate(1, "good-x")  # not inline: goes to finish
+    assert reply is not None and reply.startswith("FAIL\t1\tcode=temp_fail")
+    assert await client.authenticate(2, "now-alice") == "OK\t2\tuser=alice"

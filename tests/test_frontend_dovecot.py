@@ -304,16 +304,19 @@ async def test_max_connections(nursery: trio.Nursery, socket_path: str) -> None:
     await serve(nursery, socket_path, Stub(), max_connections=2)
     first = await Client.connect(socket_path)
     await first.handshake()
-    await trio.sleep(0.05)
     second = await Client.connect(socket_path)
     await second.handshake()
+    await trio.sleep(0.05)
+    # the older connection authenticates: the newer one is now the longest idle
+    assert await first.authenticate(1, "good-f") == "OK\t1\tuser=f"
+    await trio.sleep(0.05)
     # At the cap, a newcomer is served and the longest-idle connection of the
     # peer holding the most (here all three are ours) makes room for it.
     third = await Client.connect(socket_path)
     with trio.fail_after(3):
         assert (await third.handshake())[0] == "VERSION\t1\t2"
-        assert await first.line() is None  # closed by the server
-    assert await second.authenticate(1, "good-s") == "OK\t1\tuser=s"
+        assert await second.line() is None  # closed by the server
+    assert await first.authenticate(2, "good-f") == "OK\t2\tuser=f"
     assert await third.authenticate(1, "good-t") == "OK\t1\tuser=t"
 
 

@@ -40,6 +40,7 @@ def make_config(http: dict[str, Any] | None = None) -> Config:
             "rule": [
                 {
                     "name": "jmap",
+                    "audiences": ["mail"],
                     "provider": "authentik",
                     "hosts": ["mail.example.com"],
                     "resource_paths": ["/jmap"],
@@ -47,6 +48,7 @@ def make_config(http: dict[str, Any] | None = None) -> Config:
                 },
                 {
                     "name": "webmail",
+                    "audiences": ["mail"],
                     "provider": "kanidm",
                     "hosts": ["mail.example.com"],
                     "referers": ["https://webmail.example.com/"],
@@ -54,6 +56,7 @@ def make_config(http: dict[str, Any] | None = None) -> Config:
                 },
                 {
                     "name": "default",
+                    "audiences": ["mail"],
                     "provider": "kanidm",
                     "hosts": ["mail.example.com"],
                     "challenge_scope": "openid",
@@ -203,8 +206,14 @@ async def test_introspect_without_dovecot_headers_says_what_to_set() -> None:
             "http": {"auth": "open"},
             "provider": [{"name": "kanidm", "issuer": ISSUER}],
             "rule": [
-                {"name": "imap", "provider": "kanidm", "services": ["imap"]},
-                {"name": "smtp", "provider": "kanidm", "ports": [587], "mechanisms": ["XOAUTH2"]},
+                {"name": "imap", "provider": "kanidm", "services": ["imap"], "audiences": ["m"]},
+                {
+                    "name": "smtp",
+                    "provider": "kanidm",
+                    "ports": [587],
+                    "mechanisms": ["XOAUTH2"],
+                    "audiences": ["m"],
+                },
             ],
         }
     )

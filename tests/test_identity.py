@@ -41,7 +41,6 @@ def test_normalize_false_keeps_case() -> None:
         ({"email": ""}, Reason.IDENTITY_UNMAPPABLE),
         ({"email": ["a@x"]}, Reason.IDENTITY_UNMAPPABLE),
         ({"email": True}, Reason.IDENTITY_UNMAPPABLE),
-        ({"email": "a@x", "email_verified": False}, Reason.IDENTITY_UNMAPPABLE),
         ({"email": "v@x\tuser=admin"}, Reason.INVALID_ACCOUNT),
         ({"email": "v@x\nOK\t1"}, Reason.INVALID_ACCOUNT),
         ({"email": "a\x00b@x"}, Reason.INVALID_ACCOUNT),

@@ -36,7 +36,7 @@ async def test_introspections_in_flight_are_bounded_across_providers(
                 }
                 for i, iss in enumerate(issuers)
             ],
-            "rule": [{"name": "r", "provider": "p0"}],
+            "rule": [{"name": "r", "provider": "p0", "check_audience": False}],
         }
     )
     async with make_http_client() as client:

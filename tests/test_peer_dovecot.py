@@ -139,8 +139,13 @@ def test_imaplib_bad_token_is_refused(
     stack: tuple[Daemon, DovecotInstance], issuer: DevIssuer, mech: str
 ) -> None:
     daemon, dc = stack
-    forged = DevIssuer(algorithms=("ES256",))  # same claims, a key nobody published
-    token = forged.mint(claims={"iss": issuer.issuer}, email=USER, audience="mail")
+    # same claims, a key nobody published, under the issuer's own kid: a forgery,
+    # not a key rotation (a kid nobody knows yet would be a temporary failure
+    # while the JWKS refetch is in its cooldown)
+    forged = DevIssuer(algorithms=("ES256",))
+    token = forged.mint(
+        claims={"iss": issuer.issuer}, email=USER, audience="mail", header={"kid": issuer.kid()}
+    )
     typ, text = imap_authenticate(dc.host, dc.port, mech, USER, token)
     assert typ == "NO", (typ, text)
     assert "AUTHENTICATIONFAILED" in text

@@ -312,7 +312,15 @@ def test_userinfo_as_the_last_resort_for_opaque_tokens(oidc_provider_ready: None
                         "userinfo_validation": True,
                     }
                 ],
-                "rule": [{"name": "users", "provider": "op", "username": "{email}"}],
+                # userinfo proves no audience: the rule must say it checks none
+                "rule": [
+                    {
+                        "name": "users",
+                        "provider": "op",
+                        "username": "{email}",
+                        "check_audience": False,
+                    }
+                ],
             }
             path = workdir / "c.toml"
             path.write_bytes(tomli_w.dumps(config).encode())

@@ -213,27 +213,36 @@ async def test_unknown_kid_single_flight_refetch(
     assert issuer.requests[JWKS] == 2  # initial + exactly one refetch
     assert issuer.requests[DISCOVERY] == 1  # a kid miss does not rediscover
 
-    # A kid that does not exist: within the cooldown no fetch at all.
+    # A kid that does not exist, in tokens newer than the keys: within the cooldown
+    # no fetch at all, and a temporary refusal (it could be a key rotation).
     bogus = [issuer.mint(header={"kid": "nope"}) for _ in range(50)]
-    assert await _verify_many(p, bogus) == [Reason.UNKNOWN_KEY] * 50
+    assert await _verify_many(p, bogus) == [Reason.KEY_REFRESH_PENDING] * 50
     assert issuer.requests[JWKS] == 2
-    # After the cooldown: again exactly one fetch for all 50.
+    # After the cooldown: again exactly one fetch for all 50, which lacks the kid.
     clock.advance(31)
+    assert await _verify_many(p, bogus) == [Reason.UNKNOWN_KEY] * 50
+    assert issuer.requests[JWKS] == 3
+    # A fetch made for that kid did not find it: permanent, and no further fetch.
     assert await _verify_many(p, bogus) == [Reason.UNKNOWN_KEY] * 50
     assert issuer.requests[JWKS] == 3
 
 
-async def test_unknown_kid_within_cooldown_of_initial_load_not_refetched(
+async def test_key_rotated_in_right_after_the_routine_load_is_fetched_at_once(
     issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
+    """The cooldown bounds unknown-kid refetches; a routine load does not start it."""
     p = provider(issuer, client, clock)
     assert await p.refresh()
     kid = issuer.add_key("ES256")
-    assert reason(await verify(p, issuer.mint(kid=kid))) is Reason.UNKNOWN_KEY
-    assert issuer.requests[JWKS] == 1
-    clock.advance(30)
     assert reason(await verify(p, issuer.mint(kid=kid))) is Reason.OK
     assert issuer.requests[JWKS] == 2
+    # another new kid within that refetch's cooldown: a refetch is due, not allowed yet
+    later = issuer.add_key("ES256")
+    assert reason(await verify(p, issuer.mint(kid=later))) is Reason.KEY_REFRESH_PENDING
+    assert issuer.requests[JWKS] == 2
+    clock.advance(30)
+    assert reason(await verify(p, issuer.mint(kid=later))) is Reason.OK
+    assert issuer.requests[JWKS] == 3
 
 
 async def test_malformed_kid_never_triggers_fetch(
@@ -259,12 +268,17 @@ async def test_key_rotation_picked_up_after_cooldown(
     new_kid = issuer.rotate("ES256")
     new_token = issuer.mint()
     assert peek(new_token).header["kid"] == new_kid  # type: ignore[union-attr]
-    assert reason(await verify(p, new_token)) is Reason.UNKNOWN_KEY  # within cooldown
-    assert reason(await verify(p, old_token)) is Reason.OK  # cached old key
-    clock.advance(31)
+    # the new kid refetches at once (no unknown-kid refetch within the cooldown yet)
     assert reason(await verify(p, new_token)) is Reason.OK
-    assert reason(await verify(p, old_token)) is Reason.UNKNOWN_KEY  # rotated out
     assert issuer.requests[JWKS] == 2
+    # the old key is gone; the old token is about as new as the keys (within
+    # leeway): a refetch is due, within the cooldown: temporary
+    assert reason(await verify(p, old_token)) is Reason.KEY_REFRESH_PENDING
+    clock.advance(31)
+    assert reason(await verify(p, old_token)) is Reason.UNKNOWN_KEY  # rotated out
+    assert reason(await verify(p, old_token)) is Reason.UNKNOWN_KEY  # and stays so
+    assert reason(await verify(p, new_token)) is Reason.OK
+    assert issuer.requests[JWKS] == 3
 
 
 async def test_jku_in_token_is_never_fetched(
@@ -450,7 +464,9 @@ async def test_hmac_only_provider_needs_no_fetch(
     import jwt as pyjwt
 
     tok = pyjwt.encode(
-        {"iss": "https://hs.example", "exp": clock.now + 60, "sub": "a"}, "s" * 40, "HS256"
+        {"iss": "https://hs.example", "exp": clock.now + 60, "sub": "a", "client_id": "c"},
+        "s" * 40,
+        "HS256",
     )
     assert reason(await verify(p, tok)) is Reason.OK
     forged = pyjwt.encode(

@@ -12,7 +12,7 @@ from saslauthd_oidc.devissuer import JWKS_PATH, DevIssuer
 from saslauthd_oidc.lifecycle import Current, plan_reload
 from saslauthd_oidc.outcome import Reason, Verdict
 from saslauthd_oidc.providers import ProviderRegistry
-from saslauthd_oidc.providers.cache import VerificationCache
+from saslauthd_oidc.providers.cache import Lookup, VerificationCache, cache_key, token_digest
 from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.providers.jwt import TokenRejected, UnverifiedToken, VerifiedClaims, peek
 from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
@@ -25,7 +25,7 @@ def config(**changes: Any) -> dict[str, Any]:
             {"name": "a", "issuer": "https://a.example"},
             {"name": "b", "issuer": "https://b.example"},
         ],
-        "rule": [{"name": "r", "provider": "a"}],
+        "rule": [{"name": "r", "provider": "a", "audiences": ["mail"]}],
     }
     data.update(changes)
     return data
@@ -42,7 +42,10 @@ def test_plan_reload_names_what_needs_a_restart_and_keeps_it() -> None:
                 {"name": "a", "issuer": "https://a.example", "leeway": 5},
                 {"name": "c", "issuer": "https://c.example"},
             ],
-            rule=[{"name": "r", "provider": "a"}, {"name": "s", "provider": "c"}],
+            rule=[
+                {"name": "r", "provider": "a", "audiences": ["mail"]},
+                {"name": "s", "provider": "c", "audiences": ["mail"]},
+            ],
         )
     )
     plan = plan_reload(old, new)
@@ -80,8 +83,10 @@ class _Answer:
 async def test_cache_drops_only_the_named_providers_entries() -> None:
     cache = VerificationCache(CacheConfig(), clock=lambda: 1000.0)
     ok = _Answer(VerifiedClaims({"sub": "x"}, {}, expires_at=2000.0))
-    for provider in ("a", "a\x00userinfo", "b", "ab"):
+    for provider in ("a", "b", "ab"):
         await cache.verify(provider, ok, "tok", None)
+    userinfo = cache_key("a", Lookup.USERINFO, token_digest("tok"))  # goes with its provider
+    await cache.fetch(userinfo, "a", lambda: ok.verify("tok", None))
     assert len(cache) == 4
     assert cache.drop_providers(["a"]) == 2
     assert len(cache) == 2

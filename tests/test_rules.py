@@ -22,6 +22,8 @@ PROVIDERS = [{"name": "idp", "issuer": "https://idp.example.org"}]
 
 
 def rule(**kw: Any) -> Any:
+    if not {"audiences", "authorized_parties", "check_audience"} & set(kw):
+        kw["check_audience"] = False
     cfg = parse_config({"provider": PROVIDERS, "rule": [{"provider": "idp", **kw}]})
     return cfg.rules[0]
 
@@ -154,10 +156,16 @@ def test_discovery_hint_prefers_rule_setting() -> None:
         {
             "provider": PROVIDERS,
             "rule": [
-                {"name": "a", "provider": "idp", "required_scopes": ["mail", "email"]},
+                {
+                    "name": "a",
+                    "provider": "idp",
+                    "audiences": ["m"],
+                    "required_scopes": ["mail", "email"],
+                },
                 {
                     "name": "b",
                     "provider": "idp",
+                    "audiences": ["m"],
                     "discovery_hint": "https://h.example/x",
                     "challenge_scope": "s",
                 },

@@ -89,6 +89,10 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         """The inner stream's socket (hypercorn reads addresses from it)."""
         return self.inner.socket  # type: ignore[attr-defined]
 
+    def mark_active(self) -> None:
+        """Activity seen by a reader that bypasses this stream (the Dovecot raw-socket loop)."""
+        self.last_active = trio.current_time()
+
     def abort(self) -> None:
         """The peer is gone (or evicted): stop every operation and the connection's task."""
         if self.gone:

@@ -48,6 +48,7 @@ from saslauthd_oidc.discovery import (
     resource_path,
     select_rule,
 )
+from saslauthd_oidc.engine import Authenticator
 from saslauthd_oidc.frontends.accept import ConnectionTable, serve_connections
 from saslauthd_oidc.metrics import Metrics
 from saslauthd_oidc.outcome import Outcome, Reason, Verdict
@@ -64,7 +65,6 @@ __all__ = [
 
 log = structlog.get_logger("saslauthd_oidc.http")
 
-Authenticator = Callable[[AuthRequest], Awaitable[Verdict]]
 
 MAX_BODY_BYTES = 65536
 FRONTEND = "http"

@@ -11,11 +11,10 @@ and closes only its own connection. All wire decisions are made by
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 import structlog
 import trio
 
+from saslauthd_oidc.engine import Authenticator
 from saslauthd_oidc.frontends.accept import ConnectionTable, serve_connections
 from saslauthd_oidc.outcome import Reason, Verdict
 from saslauthd_oidc.protocol.saslauthd import (
@@ -29,7 +28,6 @@ from saslauthd_oidc.request import AuthRequest
 
 __all__ = ["handle_saslauthd_stream", "serve_saslauthd_listener"]
 
-Authenticator = Callable[[AuthRequest], Awaitable[Verdict]]
 
 log = structlog.get_logger("saslauthd_oidc.saslauthd")
 

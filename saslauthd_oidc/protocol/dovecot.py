@@ -4,8 +4,10 @@ This module owns the wire format spoken on the auth socket: tab-escaping,
 line framing (with a hard line cap), the handshake, parsing of the client's
 VERSION/CPID/AUTH/CONT/CANCEL lines, and the OK/CONT/FAIL replies. It drives
 one :class:`~saslauthd_oidc.sasl.SaslExchange` per request id and asks its
-caller for a verdict through :class:`NeedVerdict` events. Like h11, it does
-no I/O, reads no clock and imports no trio: bytes in, events and bytes out.
+caller for a verdict through :class:`NeedVerdict` events; client mistakes worth
+logging come out of the same stream as :class:`ProtocolError` events. Like
+h11, it does no I/O, reads no clock and imports no trio: bytes in, events and
+bytes out.
 
 The mapping from a failed :class:`~saslauthd_oidc.outcome.Verdict` to FAIL
 fields lives in exactly one place, :func:`fail_fields`.
@@ -35,6 +37,7 @@ from saslauthd_oidc.sasl import (
 __all__ = [
     "PROTOCOL_VERSION",
     "DovecotServerConnection",
+    "Event",
     "NeedVerdict",
     "ProtocolError",
     "decode_base64",
@@ -123,6 +126,10 @@ class ProtocolError:
     message: str
 
 
+#: What :meth:`DovecotServerConnection.receive_data` returns a list of.
+Event = NeedVerdict | ProtocolError
+
+
 class _State(enum.Enum):
     WAIT_CLIENT = "wait_client"  # we sent CONT; the client's CONT is due
     WAIT_VERDICT = "wait_verdict"  # a NeedVerdict is out; conclude() is due
@@ -172,7 +179,8 @@ class DovecotServerConnection:
         self._discarding = False
         self._out: list[bytes] = []
         self._requests: dict[int, _Request] = {}
-        self._errors: list[ProtocolError] = []
+        # Where _error() puts what it reports: the event list being built.
+        self._sink: list[Event] = []
         self.client_version: tuple[int, int] | None = None
         self.client_pid: int | None = None
         self.closed = False
@@ -196,10 +204,6 @@ class DovecotServerConnection:
     def has_output(self) -> bool:
         """Whether :meth:`data_to_send` has anything."""
         return bool(self._out)
-
-    def take_protocol_errors(self) -> list[ProtocolError]:
-        errors, self._errors = self._errors, []
-        return errors
 
     @property
     def buffered_bytes(self) -> int:
@@ -226,7 +230,7 @@ class DovecotServerConnection:
         self._emit("FAIL", str(request_id), *fail_fields(verdict, text))
 
     def _error(self, request_id: int | None, message: str) -> None:
-        self._errors.append(ProtocolError(request_id, message))
+        self._sink.append(ProtocolError(request_id, message))
 
     def _reject(self, request_id: int, reason: Reason, message: str, text: str | None) -> None:
         self._error(request_id, message)
@@ -234,21 +238,27 @@ class DovecotServerConnection:
 
     # ------------------------------------------------------------------ input
 
-    def receive_data(self, data: bytes) -> list[NeedVerdict]:
-        """Feed bytes from the client; ``b""`` means EOF. Returns the verdicts now needed."""
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Feed bytes from the client; ``b""`` means EOF.
+
+        Returns, in order, the verdicts now needed (:class:`NeedVerdict`) and
+        the client's mistakes worth logging (:class:`ProtocolError`).
+        """
         if self.closed:
             return []
         if not data:
             self.closed = True
             return []
-        needs: list[NeedVerdict] = []
+        events: list[Event] = []
+        self._sink = events
         for line in self._split_lines(data):
             need = self._handle_line(line)
             if need is not None:
-                needs.append(need)
+                events.append(need)
             if self.closed:
                 break
-        return needs
+        self._sink = []
+        return events
 
     def _split_lines(self, data: bytes) -> list[bytes]:
         """Complete lines in ``data``; never holds more than ``max_line`` bytes back."""
@@ -356,13 +366,13 @@ class DovecotServerConnection:
             self._reject(request_id, Reason.MALFORMED_REQUEST, "duplicate request id", None)
             return None
         if len(self._requests) >= self._max_in_flight:
-            self._reject(request_id, Reason.INTERNAL_ERROR, "too many requests in flight", None)
+            self._reject(request_id, Reason.OVERLOADED, "too many requests in flight", None)
             return None
         mechanism = Mechanism.parse(fields[1]) if len(fields) > 1 else None
         if mechanism is None or mechanism not in self._mechanisms:
             self._reject(request_id, Reason.UNSUPPORTED_MECHANISM, "unsupported mechanism", None)
             return None
-        params = _parse_auth_params(fields[2:])
+        params = _auth_params(fields[2:])
         if params.malformed:
             self._reject(request_id, Reason.MALFORMED_REQUEST, "parameter after resp=", None)
             return None
@@ -425,15 +435,24 @@ class DovecotServerConnection:
 
     # ---------------------------------------------------------------- verdict
 
-    def conclude(self, request_id: int, verdict: Verdict) -> None:
-        """Hand over the engine's verdict; unknown or cancelled ids are ignored."""
+    def conclude(self, request_id: int, verdict: Verdict) -> ProtocolError | None:
+        """Hand over the engine's verdict; unknown or cancelled ids are ignored.
+
+        Returns the error to log when the verdict cannot be sent as it is (an
+        account name that is not valid Unicode: FAIL instead).
+        """
         entry = self._requests.get(request_id)
         if entry is None or entry.state is not _State.WAIT_VERDICT:
-            return
+            return None
         if entry.cancelled:
             del self._requests[request_id]
-            return
+            return None
+        events: list[Event] = []
+        self._sink = events
         self._apply(request_id, entry, entry.exchange.conclude(verdict))
+        self._sink = []
+        error = events[0] if events else None
+        return error if isinstance(error, ProtocolError) else None
 
     def _apply(self, request_id: int, entry: _Request, step: Step) -> NeedVerdict | None:
         if isinstance(step, Challenge):
@@ -484,6 +503,28 @@ def _parse_uint(field: str) -> int | None:
 def _parse_id(field: str) -> int | None:
     value = _parse_uint(field)
     return value if value else None
+
+
+# The parameters before resp= are the same on every AUTH of a client (service,
+# addresses, flags): parsed once (bounded memo), only resp= differs.
+_MEMO_PARAMS_MAX = 512
+
+
+def _auth_params(fields: Sequence[str]) -> _AuthParams:
+    """:func:`_parse_auth_params`, memoised on everything but the value of a final resp=."""
+    if fields and fields[-1].startswith("resp="):
+        key = tuple(fields[:-1])
+        if sum(map(len, key)) <= _MEMO_PARAMS_MAX:
+            base = _memo_params(key)
+            if base.malformed:
+                return base
+            return _AuthParams(base.context, fields[-1][5:], malformed=False)
+    return _parse_auth_params(fields)
+
+
+@functools.lru_cache(maxsize=256)
+def _memo_params(key: tuple[str, ...]) -> _AuthParams:
+    return _parse_auth_params([*key, "resp="])
 
 
 def _parse_auth_params(fields: Sequence[str]) -> _AuthParams:

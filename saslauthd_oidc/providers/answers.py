@@ -16,7 +16,12 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from saslauthd_oidc.outcome import Reason
-from saslauthd_oidc.providers.jwt import TokenRejected, VerifiedClaims, check_time_claims
+from saslauthd_oidc.providers.jwt import (
+    TokenRejected,
+    VerifiedClaims,
+    bearer_problem,
+    check_time_claims,
+)
 
 # Claims that decide *whether* a token is accepted. Userinfo enrichment may add
 # profile claims (email, preferred_username…) but never these.
@@ -43,6 +48,8 @@ DECISION_CLAIMS = frozenset(
 
 # Keycloak's "typ" and RFC 7662's token_type values that are not access tokens.
 _NOT_ACCESS_TOKEN = frozenset({"refresh", "refresh_token", "offline", "id", "id_token"})
+# RFC 9449 §8.2 (DPoP) and RFC 8705: token_type of a sender-constrained token.
+_SENDER_CONSTRAINED_TYPES = frozenset({"dpop"})
 
 
 def interpret_introspection(
@@ -71,6 +78,17 @@ def interpret_introspection(
             return TokenRejected(
                 Reason.WRONG_TOKEN_TYPE, f"introspection: {field} {kind[:32]!r} is no access token"
             )
+        if isinstance(kind, str) and kind.lower() in _SENDER_CONSTRAINED_TYPES:
+            return TokenRejected(
+                Reason.SENDER_CONSTRAINED,
+                f"introspection: {field} {kind[:32]!r}: SASL carries no proof of possession",
+            )
+    if claims.get("cnf") is not None:
+        # The ID-token markers do not apply: an introspection answer is about an
+        # access token; only the sender constraint (cnf) is looked at here.
+        refused = bearer_problem({"cnf": claims["cnf"]}, accept_id_tokens=True)
+        if refused is not None:
+            return TokenRejected(refused.reason, f"introspection: {refused.detail}")
     if "exp" in claims:
         expires = check_time_claims(claims, now=now, leeway=leeway)
         if isinstance(expires, TokenRejected):

@@ -14,7 +14,9 @@ No trio, no httpx, no clock of its own: :func:`verify_jwt` receives ``now``.
   ``jwk``/``x5c``), verifies the signature over the signing input with the
   key's PyJWT algorithm object (built once per JWKS), and then checks the
   claims :func:`peek` already parsed — exact ``iss``, ``sub``/``jti`` types and
-  the time claims — so a token's JSON is decoded once.
+  the time claims — so a token's JSON is decoded once — and finally that the
+  token is a plain bearer access token (:func:`bearer_problem`: no ``cnf``,
+  no ID-token-only claims).
 
 Results are values: :class:`VerifiedClaims` or :class:`TokenRejected`. No
 ``detail`` string ever contains the token.
@@ -491,6 +493,70 @@ def _check_registered_claims(claims: Mapping[str, Any], issuer: str) -> TokenRej
     return None
 
 
+# Claims that only ID tokens carry: the hashes binding an ID token to the access
+# token, code or state it came with (OIDC Core 3.1.3.6, 3.3.2.11; FAPI 1.0 s_hash)
+# and the client's nonce (OIDC Core 2). No access-token profile defines them
+# (RFC 9068 §2.2: access tokens may carry auth_time, acr, amr — not these), and
+# the access tokens of Keycloak (>= 24), Kanidm, Authentik, Entra ID and
+# oidc-provider do not carry them. auth_time is *not* a marker: RFC 9068
+# allows it, and Keycloak, Kanidm and Authentik access tokens carry it.
+ID_TOKEN_CLAIMS = ("at_hash", "c_hash", "s_hash", "nonce")
+# An access token names the client it was issued to (RFC 9068 §2.2 client_id,
+# REQUIRED; azp: Keycloak, Entra v2, Authentik, Auth0; cid: Okta; appid: Entra
+# v1) or the scopes it grants; an ID token names its client only in aud (OIDC
+# Core 2: azp is optional), and oidc-provider's ID tokens from the token
+# endpoint carry neither at_hash nor nonce. A JWT with none of these claims is
+# taken for an ID token. (Dex hands out ID-token-shaped access tokens: that
+# is what accept_id_tokens is for.)
+CLIENT_CLAIMS = ("client_id", "azp", "cid", "appid")
+SCOPE_CLAIMS = ("scope", "scp", "roles")
+# Keycloak names the kind of token in a "typ" claim: Bearer (access), ID,
+# Refresh, Offline, Logout. Older Keycloaks put the nonce in access tokens too,
+# so a "Bearer" typ claim outweighs a nonce.
+_KEYCLOAK_ACCESS = "bearer"
+_KEYCLOAK_ID = "id"
+_KEYCLOAK_OTHER = frozenset({"refresh", "offline", "logout"})
+
+
+def bearer_problem(claims: Mapping[str, Any], *, accept_id_tokens: bool) -> TokenRejected | None:
+    """Why verified ``claims`` are not those of a plain bearer access token, or None.
+
+    * ``cnf`` (RFC 7800; DPoP ``jkt`` RFC 9449 §6, mTLS ``x5t#S256`` RFC 8705
+      §3): the token is only valid with a proof of possession, which SASL
+      cannot carry; accepting it as a bearer token would make a stolen one
+      usable (RFC 9449 §7.2).
+    * An ID token (see :data:`ID_TOKEN_CLAIMS`, Keycloak ``typ: ID``, and no
+      client or scope claim at all, :data:`CLIENT_CLAIMS`), unless
+      ``accept_id_tokens``: it is issued *to* the client, not for a resource.
+    * Keycloak's refresh, offline and logout tokens: never.
+    """
+    cnf = claims.get("cnf")
+    if cnf is not None:
+        shown = sorted(str(k)[:16] for k in cnf)[:4] if isinstance(cnf, dict) else "?"
+        return TokenRejected(
+            Reason.SENDER_CONSTRAINED,
+            f"token is sender-constrained (cnf {shown}): SASL carries no proof of possession",
+        )
+    kind = claims.get("typ")
+    kind = kind.lower() if isinstance(kind, str) else None
+    if kind in _KEYCLOAK_OTHER:
+        return TokenRejected(Reason.WRONG_TOKEN_TYPE, f"typ claim {kind!r}: not an access token")
+    if kind == _KEYCLOAK_ACCESS or accept_id_tokens:
+        return None
+    markers = [name for name in ID_TOKEN_CLAIMS if name in claims]
+    if kind == _KEYCLOAK_ID:
+        markers.insert(0, "typ ID")
+    if not any(name in claims for name in (*CLIENT_CLAIMS, *SCOPE_CLAIMS)):
+        markers.append("no client_id, azp or scope: the client only in aud")
+    if markers:
+        return TokenRejected(
+            Reason.ID_TOKEN,
+            f"an ID token ({', '.join(markers)}), not an access token "
+            "(accept_id_tokens = true lets ID tokens log in)",
+        )
+    return None
+
+
 def verify_jwt(
     token: str,
     unverified: UnverifiedToken,
@@ -501,6 +567,7 @@ def verify_jwt(
     leeway: float,
     token_types: Collection[str],
     now: float,
+    accept_id_tokens: bool = False,
 ) -> VerifiedClaims | TokenRejected:
     """Verify a peeked token against one provider's keys and issuer (see module docstring)."""
     header = unverified.header
@@ -531,4 +598,7 @@ def verify_jwt(
     expires = check_time_claims(claims, now=now, leeway=leeway)
     if isinstance(expires, TokenRejected):
         return expires
+    refused = bearer_problem(claims, accept_id_tokens=accept_id_tokens)
+    if refused is not None:
+        return refused
     return VerifiedClaims(claims=claims, header=header, expires_at=expires)

@@ -6,10 +6,24 @@ when older than their lifetime (the answer's ``Cache-Control: max-age``,
 bounded by ``jwks_min_refresh`` and ``jwks_refresh``; ``jwks_refresh`` when the
 answer says nothing), and on an unknown ``kid`` refetches at most once per
 ``jwks_cooldown`` seconds — single-flight, so any number of concurrent
-verifications share one fetch. Fetch attempts, failed ones included, count
-toward the cooldown: an unreachable provider is asked at most once per
-cooldown. Signature checks run inline in the trio thread. The discovery
+verifications share one fetch. After a *failed* fetch the next attempt may
+come after ``jwks_retry`` seconds, doubling with each further failure up to
+``jwks_cooldown``, so that an IdP back from an outage is used again within
+seconds. Signature checks run inline in the trio thread. The discovery
 document is cached the same way.
+
+A key rotation is not a forgery: a token naming a kid the key set lacks is
+refused as ``unknown_key`` only when a key set fetched after the request
+came in, or after the token was issued (its unverified ``iat``, within
+``leeway``), lacks it too. While a refetch is due but the cooldown forbids
+it, the request waits for it when that fits in the request's deadline, and
+otherwise gets the temporary ``key_refresh_pending``; when the fetch fails,
+``provider_unavailable``.
+
+``force_introspection`` (Dovecot's name) introspects JWTs too, once their
+signature holds, so that a token revoked at the IdP stops logging in; such
+answers, and those for opaque tokens, are trusted for
+``introspection_cache_ttl`` at most.
 
 Tokens that are not a JWS (opaque strings, JWE) go to RFC 7662 introspection
 when ``client_id`` is configured, else to userinfo when ``userinfo_validation``
@@ -23,6 +37,7 @@ token (``jku``/``x5u`` are ignored by :mod:`.jwt`).
 
 from __future__ import annotations
 
+import enum
 import math
 import time
 from collections.abc import Callable
@@ -58,6 +73,18 @@ from saslauthd_oidc.providers.keypolicy import RefusalLog
 log = structlog.get_logger("saslauthd_oidc.providers")
 
 DEFAULT_FETCH_TIMEOUT = 4.0
+# A request that waits for a due key refetch keeps this much of its deadline.
+_WAIT_MARGIN = 0.5
+# Bound on the exponent of the failed-fetch backoff (jwks_retry * 2**n).
+_MAX_BACKOFF_STEPS = 16
+# Kids a refetch made for them did not find, remembered until the next key set.
+_MAX_MISSING_KIDS = 1024
+
+
+class _Refetch(enum.Enum):
+    FRESH = "fresh"  # keys newer than the caller's are in place
+    FAILED = "failed"  # a fetch was made (or waited for) and failed
+    TOO_SOON = "too_soon"  # no fetch allowed yet (cooldown / retry backoff)
 
 
 class _RefreshError(Exception):
@@ -100,6 +127,12 @@ class OidcProvider:
         self._discovery_lock = trio.Lock()
         self._client_secret = _client_secret(config, client_secret)
         self._last_attempt = -math.inf
+        self._last_kid_attempt = -math.inf  # the last fetch caused by an unknown kid
+        # Kids still unknown after a fetch made because of them: a well-behaved IdP
+        # publishes a key before signing with it, so these are no rotation.
+        self._missing_kids: set[str | None] = set()
+        self._failures = 0  # consecutive failed fetches (the retry backoff)
+        self._keys_asked_at = -math.inf  # when the fetch that gave the current keys began
         self._generation = 0
         self._last_ok = False
         self._lock = trio.Lock()
@@ -152,6 +185,10 @@ class OidcProvider:
         self._discovery = previous._discovery
         self._discovery_until = previous._discovery_until
         self._last_attempt = previous._last_attempt
+        self._last_kid_attempt = previous._last_kid_attempt
+        self._missing_kids = previous._missing_kids
+        self._failures = previous._failures
+        self._keys_asked_at = previous._keys_asked_at
         self._last_ok = previous._last_ok
         self.last_error = previous.last_error
         self.fetches = previous.fetches
@@ -177,13 +214,97 @@ class OidcProvider:
             why = self.last_error or "no keys loaded yet"
             return TokenRejected(Reason.PROVIDER_UNAVAILABLE, f"provider {self.name}: {why}")
         result = self._verify_with(token, unverified, keys)
-        if self._should_refetch(result, unverified) and await self._refetch(
-            rediscover=False, min_interval=self.config.jwks_cooldown, seen=seen
+        if isinstance(result, TokenRejected) and self._should_refetch(result, unverified):
+            result = await self._after_unknown_key(token, unverified, result, seen)
+        if isinstance(result, VerifiedClaims) and self.config.force_introspection:
+            result = await self._confirm_active(token, result)
+        return result
+
+    async def _after_unknown_key(
+        self, token: str, unverified: UnverifiedToken, unknown: TokenRejected, seen: int
+    ) -> VerifiedClaims | TokenRejected:
+        """An unknown kid: refetch, wait for a due refetch, or say why not (see module doc)."""
+        cooldown = self.config.jwks_cooldown
+        kid = unverified.header.get("kid")
+        if kid in self._missing_kids and self._clock() < self._next_fetch_at(
+            cooldown, kid_miss=True
         ):
+            return unknown  # a fetch made for this very kid did not find it, lately
+        outcome = await self._refetch(
+            rediscover=False, min_interval=cooldown, seen=seen, kid_miss=True
+        )
+        if outcome is _Refetch.TOO_SOON and self._refetch_due(unverified):
+            wait = self._next_fetch_at(cooldown, kid_miss=True) - self._clock()
+            if self._can_wait(wait):
+                await trio.sleep(wait)
+                outcome = await self._refetch(
+                    rediscover=False, min_interval=cooldown, seen=self._generation, kid_miss=True
+                )
+            if outcome is _Refetch.TOO_SOON:
+                return TokenRejected(
+                    Reason.KEY_REFRESH_PENDING,
+                    f"provider {self.name}: {unknown.detail}, and the keys were fetched "
+                    f"before the token was issued; refetching within {cooldown:g}s "
+                    "(jwks_cooldown): maybe a key rotation, retry",
+                )
+        if outcome is _Refetch.FAILED:
+            return TokenRejected(
+                Reason.PROVIDER_UNAVAILABLE,
+                f"provider {self.name}: {unknown.detail}, and refetching the keys failed: "
+                f"{self.last_error}",
+            )
+        if outcome is _Refetch.FRESH:
             keys = self._keyset()
             if keys is not None:
                 result = self._verify_with(token, unverified, keys)
-        return result
+                if (
+                    isinstance(result, TokenRejected)
+                    and result.reason is Reason.UNKNOWN_KEY
+                    and len(self._missing_kids) < _MAX_MISSING_KIDS
+                ):
+                    self._missing_kids.add(kid)
+                return result
+        return unknown
+
+    def _can_wait(self, wait: float) -> bool:
+        """Whether a request may sleep ``wait`` seconds for a fetch and still have
+        time for it within its deadline (and never longer than one fetch may take)."""
+        remaining = trio.current_effective_deadline() - trio.current_time()
+        return 0 < wait <= min(self._fetch_timeout, remaining - _WAIT_MARGIN)
+
+    def _refetch_due(self, unverified: UnverifiedToken) -> bool:
+        """Whether the token may be newer than our keys (by its *unverified* iat).
+
+        Only chooses between a temporary and a permanent refusal, never to accept.
+        A token issued (within ``leeway``) after the fetch that gave our keys
+        began may use a key published since: a refetch is due.
+        """
+        iat = unverified.claims.get("iat")
+        if isinstance(iat, bool) or not isinstance(iat, int | float) or not math.isfinite(iat):
+            return True
+        return iat > self._keys_asked_at - self.config.leeway
+
+    async def _confirm_active(
+        self, token: str, verified: VerifiedClaims
+    ) -> VerifiedClaims | TokenRejected:
+        """force_introspection: a JWT whose signature holds must still be active at the IdP.
+
+        The decision uses the JWT's own (signed) claims; the answer only says
+        whether the token is still active, and must be about the same subject.
+        """
+        answer = await self.introspect(token)
+        if isinstance(answer, TokenRejected):
+            return answer
+        sub, answered = verified.claims.get("sub"), answer.claims.get("sub")
+        if answered is not None and sub is not None and answered != sub:
+            return TokenRejected(
+                Reason.BAD_CLAIM, "introspection: sub differs from the token's sub"
+            )
+        return VerifiedClaims(
+            claims=verified.claims,
+            header=verified.header,
+            expires_at=min(verified.expires_at, answer.expires_at),
+        )
 
     def verify_now(
         self, token: str, unverified: UnverifiedToken | None
@@ -193,7 +314,7 @@ class OidcProvider:
         Answers for a JWT when the key set is loaded and fresh, unless the key
         is unknown (which may refetch the JWKS); opaque tokens always need I/O.
         """
-        if unverified is None:
+        if unverified is None or self.config.force_introspection:
             return None
         if self.needs_jwks and (
             self._jwks is None or self._clock() - self._loaded_at >= self._jwks_lifetime
@@ -227,6 +348,7 @@ class OidcProvider:
             leeway=self.config.leeway,
             token_types=self.config.token_types,
             now=self._clock(),
+            accept_id_tokens=self.config.accept_id_tokens,
         )
         if tenant is not None and isinstance(result, VerifiedClaims):
             tid = result.claims.get("tid")
@@ -261,13 +383,19 @@ class OidcProvider:
         if isinstance(answer, TokenRejected):
             return answer
         assert answer.doc is not None
-        return interpret_introspection(
+        now = self._clock()
+        result = interpret_introspection(
             answer.doc,
             issuer=self.config.issuer,
             accepts_issuer=self.config.accepts_issuer,
-            now=self._clock(),
+            now=now,
             leeway=self.config.leeway,
         )
+        ttl = self.config.effective_introspection_ttl
+        if ttl is not None and isinstance(result, VerifiedClaims):
+            # Revocation latency: the answer is trusted this long at most.
+            result = VerifiedClaims(result.claims, result.header, min(result.expires_at, now + ttl))
+        return result
 
     async def userinfo(self, token: str) -> VerifiedClaims | TokenRejected:
         """The userinfo answer for ``token`` (HTTP 401: the token is not valid there)."""
@@ -396,14 +524,27 @@ class OidcProvider:
             return False
         kid, alg = unverified.header.get("kid"), unverified.header.get("alg")
         kid_ok = kid is None or (isinstance(kid, str) and 0 < len(kid) <= MAX_KID_LENGTH)
+        if kid is None and self._jwks is not None:
+            # No kid and several keys fit: ambiguous, whatever a refetch brings.
+            fitting = sum(1 for _, a in self._jwks.keys if a == alg)
+            kid_ok = fitting == 0
         return kid_ok and alg in self._asymmetric
 
     async def _ensure_fresh(self) -> None:
         stale = self._clock() - self._loaded_at >= self._jwks_lifetime
         if self._jwks is None or stale:
-            await self._refetch(
-                rediscover=True, min_interval=self.config.jwks_cooldown, seen=self._generation
+            cooldown = self.config.jwks_cooldown
+            outcome = await self._refetch(
+                rediscover=True, min_interval=cooldown, seen=self._generation
             )
+            if outcome is _Refetch.TOO_SOON and self._jwks is None:
+                # No keys at all (an outage at start): the next retry may be close.
+                wait = self._next_fetch_at(cooldown) - self._clock()
+                if self._can_wait(wait):
+                    await trio.sleep(wait)
+                    await self._refetch(
+                        rediscover=True, min_interval=cooldown, seen=self._generation
+                    )
 
     # ----------------------------------------------------------------- refresh
 
@@ -415,21 +556,47 @@ class OidcProvider:
         if not self.needs_jwks:
             return True
         self._discovery_until = -math.inf  # an explicit refresh rereads discovery too
-        return await self._refetch(rediscover=True, min_interval=0.0, seen=self._generation)
+        outcome = await self._refetch(rediscover=True, min_interval=0.0, seen=self._generation)
+        return outcome is _Refetch.FRESH
 
-    async def _refetch(self, *, rediscover: bool, min_interval: float, seen: int) -> bool:
-        """Single-flight fetch; True when keys newer than generation ``seen`` are in place."""
+    def _next_fetch_at(self, min_interval: float, *, kid_miss: bool = False) -> float:
+        """When the next fetch may start.
+
+        After failed fetches: ``jwks_retry`` after the last attempt, doubling
+        with each failure, never later than ``min_interval``. Otherwise
+        ``min_interval`` after the last attempt of the same kind: routine loads
+        (missing or stale keys) and unknown-kid refetches keep separate clocks,
+        so a key rotated in just after a routine load is fetched at once, and
+        unknown kids still cause at most one fetch per ``jwks_cooldown``.
+        """
+        if self._failures:
+            steps = min(self._failures - 1, _MAX_BACKOFF_STEPS)
+            backoff: float = self.config.jwks_retry * 2.0**steps
+            return self._last_attempt + min(min_interval, backoff)
+        return (self._last_kid_attempt if kid_miss else self._last_attempt) + min_interval
+
+    async def _refetch(
+        self, *, rediscover: bool, min_interval: float, seen: int, kid_miss: bool = False
+    ) -> _Refetch:
+        """Single-flight fetch of the keys, unless generation ``seen`` is already stale."""
         async with self._lock:
             if self._generation != seen:  # someone fetched while we waited
-                return self._last_ok
+                return _Refetch.FRESH if self._last_ok else _Refetch.FAILED
             now = self._clock()
-            if now - self._last_attempt < min_interval:
-                return False
+            if now < self._next_fetch_at(min_interval, kid_miss=kid_miss):
+                return _Refetch.TOO_SOON
             self._last_attempt = now
+            if kid_miss:
+                self._last_kid_attempt = now
             ok = await self._fetch(rediscover=rediscover)
             self._generation += 1
             self._last_ok = ok
-            return ok
+            if ok:
+                self._failures = 0
+                self._keys_asked_at = now
+            else:
+                self._failures += 1
+            return _Refetch.FRESH if ok else _Refetch.FAILED
 
     async def _fetch(self, *, rediscover: bool) -> bool:
         self.fetches += 1
@@ -441,6 +608,7 @@ class OidcProvider:
         except _RefreshError as exc:
             return self._failed(exc)
         self._jwks = keys
+        self._missing_kids = set()
         self._loaded_at = self._clock()
         self._jwks_lifetime = self._bounded_lifetime(lifetime)
         self.last_error = None
