@@ -22,6 +22,7 @@ import trio
 
 from saslauthd_oidc import __version__
 from saslauthd_oidc.authtest import AuthTestError, run_auth_test
+from saslauthd_oidc.autoconfig import discover_report
 from saslauthd_oidc.config import (
     Config,
     ConfigError,
@@ -257,6 +258,61 @@ async def _check_online(config: Config) -> int:
                     status = EXIT_TEMPFAIL
         await registry.aclose()
     return status
+
+
+# --------------------------------------------------------------------------- discover
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    """What autoconfig, PACC, RFC 9728 and the RFC 7628 challenge say for an address."""
+    config = _load(args)
+    report = discover_report(config, args.address, args.client)
+    if report["domain"] is None:
+        raise UsageError(f"{args.address!r} is not an e-mail address")
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_discover(report)
+    return EXIT_OK if report["agree"] else EXIT_REFUSED
+
+
+def _print_discover(report: Mapping[str, Any]) -> None:
+    client = report["client"] or "any client"
+    print(f"{report['address']}: domain {report['domain']} ({client})")
+    if not report["configured"]:
+        print("  no [[domain]] for it: every document answers 404")
+        return
+    for e in report["endpoints"]:
+        if e["protocol"] == "jmap":
+            print(f"  jmap {e['url']}")
+        else:
+            print(f"  {e['protocol']} {e['host']}:{e['port']} {e['socket_type']}")
+        if e["issuer"] is None:
+            print("    no rule: no issuer (left out of autoconfig and PACC)")
+            continue
+        scopes = " ".join(e["scopes"]) or "(none)"
+        print(f"    rule {e['rule']}: issuer {e['issuer']}, scopes {scopes}")
+        if e["protocol"] == "jmap":
+            print(f"    RFC 9728 {e['resource_metadata']}: authorization_servers [{e['issuer']}]")
+            print(f"    401 from the JMAP server: WWW-Authenticate: {e['www_authenticate']}")
+            print(f"    login rule: {e['login_rule'] or 'NONE of this issuer'}")
+        else:
+            c = e["challenge"]
+            print(
+                f"    RFC 7628 challenge: openid-configuration {c['openid-configuration']}, "
+                f"scope {c['scope'] or '(none)'}"
+            )
+    for name in ("autoconfig", "pacc"):
+        doc = report[name]
+        if doc is None:
+            print(f"  {name}: 404 (no endpoint it can name has a rule)")
+            continue
+        where = ", ".join(doc["urls"]) if name == "autoconfig" else doc["url"]
+        print(f"  {name} {where}: issuer {doc['issuer'] or 'LEFT OUT (endpoints disagree)'}")
+        if name == "pacc":
+            print(f"    DNS: {doc['dns_txt']}")
+    verdict = "all documents agree" if report["agree"] else "DISAGREE or name no issuer"
+    print(f"  {verdict}")
 
 
 # --------------------------------------------------------------------------- explain
@@ -618,6 +674,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="one JSON object for scripts")
     p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser(
+        "discover", help="show what autoconfig, PACC, RFC 9728 and RFC 7628 tell a client"
+    )
+    _add_config(p)
+    p.add_argument("address", help="the e-mail address a client starts from")
+    p.add_argument("--client", metavar="CLIENT_ID", help="the OAuth client (aud/azp) to assume")
+    p.add_argument("--json", action="store_true", help="one JSON object for scripts")
+    p.set_defaults(func=cmd_discover)
 
     p = sub.add_parser("auth-test", help="authenticate once through a running daemon's socket")
     p.add_argument("--socket", required=True, help="the daemon's auth socket (Dovecot protocol)")

@@ -302,6 +302,49 @@ class RuleConfig:
         return (self.template_domain,) if self.template_domain else ()
 
 
+# Mail endpoints a [[domain]] publishes (autoconfig, PACC): protocol -> (rule service,
+# {port: TLS mode} of its registered ports, the port used when none is given).
+ENDPOINT_PROTOCOLS: Mapping[str, tuple[str, Mapping[int, str], int]] = {
+    "imap": ("imap", {993: "tls", 143: "starttls"}, 993),
+    "submission": ("smtp", {465: "tls", 587: "starttls"}, 465),
+    "pop3": ("pop3", {995: "tls", 110: "starttls"}, 995),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointConfig:
+    """One mail endpoint of a [[domain]]: where clients connect, and how."""
+
+    protocol: str  # "imap" | "submission" | "pop3" | "jmap"
+    host: str  # lower case, IDNA A-labels
+    port: int
+    tls: Literal["tls", "starttls"]  # jmap: always "tls" (https)
+    service: str  # the service name the mail server passes (rules' services)
+    url: str | None = None  # jmap: the session URL
+    path: str = "/"  # jmap: the URL's path (RFC 9728 resource path)
+
+
+@dataclass(frozen=True, slots=True)
+class DomainConfig:
+    """A mail domain whose autoconfig and PACC documents the HTTP listener serves."""
+
+    name: str
+    imap: EndpointConfig | None = None
+    submission: EndpointConfig | None = None
+    pop3: EndpointConfig | None = None
+    jmap: EndpointConfig | None = None
+    submission_service: str = "smtp"
+    client: str | None = None
+    display_name: str | None = None
+    short_name: str | None = None
+    max_age: int = 3600
+
+    @property
+    def endpoints(self) -> tuple[EndpointConfig, ...]:
+        found = (self.imap, self.submission, self.pop3, self.jmap)
+        return tuple(e for e in found if e is not None)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -310,6 +353,7 @@ class Config:
     http: HttpConfig = field(default_factory=HttpConfig)
     providers: tuple[ProviderConfig, ...] = ()
     rules: tuple[RuleConfig, ...] = ()
+    domains: tuple[DomainConfig, ...] = ()
     source: str = "<built-in>"
 
     def provider(self, name: str) -> ProviderConfig:
@@ -1130,16 +1174,16 @@ def _with_foreign_domains(
     return tuple(out)
 
 
-SECTIONS = ("server", "cache", "logging", "http", "provider", "rule")
+SECTIONS = ("server", "cache", "logging", "http", "provider", "rule", "domain")
 
 
 def _known_sections() -> set[str]:
     """The top-level tables: SECTIONS and every section-valued field of Config."""
-    names = {f.name for f in fields(Config)} - {"source", "providers", "rules"}
+    names = {f.name for f in fields(Config)} - {"source", "providers", "rules", "domains"}
     return names | set(SECTIONS)
 
 
-_ENTRY_RE = re.compile(r"^(rule|provider)\[(\d+)\]")
+_ENTRY_RE = re.compile(r"^(rule|provider|domain)\[(\d+)\]")
 
 
 def parse_config(data: Mapping[str, Any], *, source: str = "<memory>") -> Config:
@@ -1194,6 +1238,7 @@ def _parse_config(data: Mapping[str, Any], *, source: str) -> Config:
     if not rules:
         raise ConfigError("rule", "at least one [[rule]] is needed")
     rules = _with_foreign_domains(rules, providers)
+    domains = _parse_domains(top._get("domain"))
     top.reject_unknown()
     return Config(
         server=server,
@@ -1202,7 +1247,154 @@ def _parse_config(data: Mapping[str, Any], *, source: str) -> Config:
         http=http,
         providers=providers,
         rules=rules,
+        domains=domains,
         source=source,
+    )
+
+
+# --------------------------------------------------------------------------- [[domain]]
+
+_DOMAIN_NAME_RE = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z0-9-]{2,63}$"
+)
+_DISPLAY_MAX = 60
+
+
+def _parse_domains(raw: Any) -> tuple[DomainConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError("domain", "expected [[domain]] tables")
+    domains = tuple(_parse_domain(i, d) for i, d in enumerate(raw))
+    names = [d.name for d in domains]
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            raise ConfigError(f"domain[{i}].name", f"duplicate domain {n!r}")
+    return domains
+
+
+def _parse_domain(index: int, data: Any) -> DomainConfig:
+    key = f"domain[{index}]"
+    s = _Section(key, data)
+    name = _a_label_host(f"{key}.name", s.required_str("name").lstrip("@"))
+    if not _DOMAIN_NAME_RE.match(name):
+        raise ConfigError(f"{key}.name", f"{name!r}: expected a mail domain such as example.org")
+    submission_service = s.text("submission_service", "smtp").lower()
+    if not _NAME_RE.match(submission_service):
+        raise ConfigError(f"{key}.submission_service", "expected a service name such as smtp")
+    endpoints: dict[str, EndpointConfig | None] = {}
+    for protocol in ENDPOINT_PROTOCOLS:
+        value = s.text(protocol, None)
+        endpoints[protocol] = (
+            None if value is None else _parse_endpoint(f"{key}.{protocol}", protocol, value)
+        )
+    if endpoints["submission"] is not None and submission_service != "smtp":
+        endpoints["submission"] = _replace_service(endpoints["submission"], submission_service)
+    jmap_url = s.text("jmap", None)
+    jmap = None if jmap_url is None else _parse_jmap(f"{key}.jmap", jmap_url)
+    if not any(endpoints.values()) and jmap is None:
+        raise ConfigError(
+            f"{key}", f"domain {name!r} declares no endpoint: set imap, submission, pop3 or jmap"
+        )
+    texts: dict[str, str | None] = {}
+    for field_name, limit in (("display_name", _DISPLAY_MAX), ("short_name", 20)):
+        value = s.text(field_name, None)
+        if value is not None and (
+            not value.strip() or len(value) > limit or not value.isprintable()
+        ):
+            raise ConfigError(
+                f"{key}.{field_name}", f"expected printable text of 1 to {limit} characters"
+            )
+        texts[field_name] = value
+    client = s.text("client", None)
+    if client is not None and (not client or not client.isprintable()):
+        raise ConfigError(f"{key}.client", "expected the OAuth client_id the documents are for")
+    max_age = s.whole("max_age", 3600, minimum=0)
+    if max_age > 86400 * 7:
+        raise ConfigError(f"{key}.max_age", "at most 604800 seconds (a week)")
+    s.reject_unknown()
+    return DomainConfig(
+        name=name,
+        imap=endpoints["imap"],
+        submission=endpoints["submission"],
+        pop3=endpoints["pop3"],
+        jmap=jmap,
+        submission_service=submission_service,
+        client=client,
+        display_name=texts["display_name"],
+        short_name=texts["short_name"],
+        max_age=max_age,
+    )
+
+
+def _replace_service(endpoint: EndpointConfig, service: str) -> EndpointConfig:
+    return EndpointConfig(
+        protocol=endpoint.protocol,
+        host=endpoint.host,
+        port=endpoint.port,
+        tls=endpoint.tls,
+        service=service,
+    )
+
+
+def _parse_endpoint(key: str, protocol: str, value: str) -> EndpointConfig:
+    """``"host[:port][/tls|/starttls]"``; the TLS mode follows from a registered port."""
+    service, registered, default_port = ENDPOINT_PROTOCOLS[protocol]
+    example = f'{protocol} = "{protocol}.example.org:{default_port}"'
+    address, slash, mode = value.partition("/")
+    host_text, colon, port_text = address.rpartition(":")
+    if not colon:
+        host_text, port_text = address, ""
+    host = _a_label_host(key, host_text)
+    if not _DOMAIN_NAME_RE.match(host):
+        raise ConfigError(key, f"{value!r}: expected host[:port], e.g. {example}")
+    if port_text:
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ConfigError(key, f"{value!r}: {port_text!r} is not a port number")
+        port = int(port_text)
+    else:
+        port = default_port
+    if slash:
+        if mode not in ("tls", "starttls"):
+            raise ConfigError(key, f"{value!r}: expected /tls or /starttls after the port")
+        tls = mode
+    elif port in registered:
+        tls = registered[port]
+    else:
+        raise ConfigError(
+            key,
+            f"{value!r}: port {port} is not {protocol}'s registered port; "
+            f'say how clients secure it: "{host}:{port}/tls" or "{host}:{port}/starttls"',
+        )
+    return EndpointConfig(
+        protocol=protocol,
+        host=host,
+        port=port,
+        tls=tls,  # type: ignore[arg-type]
+        service=service,
+    )
+
+
+def _parse_jmap(key: str, url: str) -> EndpointConfig:
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ConfigError(key, f"{url!r} is not a URL") from None
+    if parts.scheme != "https" or not parts.hostname or "@" in parts.netloc:
+        raise ConfigError(key, f"{url!r}: expected the https:// URL of the JMAP session resource")
+    if parts.query or parts.fragment:
+        raise ConfigError(key, f"{url!r}: no query or fragment in the session URL")
+    host = _a_label_host(key, parts.hostname)
+    path = parts.path.rstrip("/") or "/"
+    return EndpointConfig(
+        protocol="jmap",
+        host=host,
+        port=port or 443,
+        tls="tls",
+        service="jmap",
+        url=url,
+        path=path,
     )
 
 

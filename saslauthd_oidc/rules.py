@@ -270,6 +270,9 @@ def config_warnings(cfg: Config) -> list[str]:
     from saslauthd_oidc.config import claim_warnings  # noqa: PLC0415 (config imports no rules)
 
     warnings.extend(claim_warnings(cfg))
+    from saslauthd_oidc.autoconfig import autoconfig_warnings  # noqa: PLC0415 (it imports rules)
+
+    warnings.extend(autoconfig_warnings(cfg))
     return warnings
 
 

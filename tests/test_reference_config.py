@@ -10,6 +10,7 @@ import pytest
 
 from saslauthd_oidc.config import (
     CacheConfig,
+    DomainConfig,
     HttpConfig,
     LoggingConfig,
     ProviderConfig,
@@ -26,6 +27,7 @@ SECTIONS = {
     "logging": LoggingConfig,
     "provider": ProviderConfig,
     "rule": RuleConfig,
+    "domain": DomainConfig,
 }
 
 

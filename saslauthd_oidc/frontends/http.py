@@ -10,6 +10,9 @@ Routes (README "HTTP endpoints"):
   contracts, when ``http.stalwart_issuer`` is set.
 * ``GET /.well-known/oauth-protected-resource[/path]`` — RFC 9728 metadata
   from the rule selected by Host, path and Referer (:mod:`..discovery`).
+* ``GET /.well-known/autoconfig/mail/config-v1.1.xml``, ``/mail/config-v1.1.xml``
+  and ``/.well-known/user-agent-configuration.json`` — Mail Autoconfig and
+  PACC for the ``[[domain]]`` the Host or ``emailaddress`` names (:mod:`..autoconfig`).
 * ``GET /metrics``, ``/healthz``, ``/readyz``.
 
 HTTP itself is hypercorn's business; this module only sees ASGI scopes. Every
@@ -40,6 +43,14 @@ from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
 from saslauthd_oidc.asgi import Receive, Scope, Send, acknowledge_lifespan
+from saslauthd_oidc.autoconfig import (
+    AUTOCONFIG_PATHS,
+    PACC_PATH,
+    autoconfig_xml,
+    domain_for,
+    email_domain,
+    pacc_json,
+)
 from saslauthd_oidc.config import Config, ConfigError, HttpConfig, read_secret_file
 from saslauthd_oidc.discovery import (
     ResourceRequest,
@@ -52,7 +63,13 @@ from saslauthd_oidc.engine import Authenticator
 from saslauthd_oidc.frontends.accept import ConnectionTable, serve_connections
 from saslauthd_oidc.metrics import Metrics
 from saslauthd_oidc.outcome import Outcome, Reason, Verdict
-from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
+from saslauthd_oidc.request import (
+    AuthRequest,
+    Credentials,
+    Mechanism,
+    RequestContext,
+    token_fingerprint,
+)
 
 __all__ = [
     "CallerAuth",
@@ -96,6 +113,9 @@ _NOT_FOUND = json_reply(404, {"error": "not_found"})
 _BAD_METHOD = json_reply(405, {"error": "method_not_allowed"})
 _UNAVAILABLE = json_reply(503, {"error": "temporarily_unavailable"})
 _BAD_HOST = json_reply(400, {"error": "invalid_request", "error_description": "bad Host"})
+_BAD_ADDRESS = json_reply(
+    400, {"error": "invalid_request", "error_description": "bad emailaddress"}
+)
 
 
 def _introspection_claims(verdict: Verdict) -> dict[str, Any]:
@@ -296,6 +316,7 @@ class HttpFrontend:
         self._timeout = request_timeout or config.server.request_timeout
         self._providers = {p.name: p for p in config.providers}
         self._stalwart = config.http.stalwart_path
+        self._documents: dict[tuple[bool, str], bytes | None] = {}  # (PACC?, domain)
         # Rules that need Dovecot's send_auth_headers; said once if Dovecot sends none.
         self._header_rules = [
             r.name
@@ -314,9 +335,10 @@ class HttpFrontend:
             reply = await self._route(scope, receive)
         except _BodyTooLarge:
             reply = json_reply(413, {"error": "request_too_large"})
+        cacheable = any(key == b"cache-control" for key, _ in reply.headers)
         headers = [
             (b"content-type", reply.content_type),
-            (b"cache-control", b"no-store"),
+            *(() if cacheable else ((b"cache-control", b"no-store"),)),
             *reply.headers,
         ]
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
@@ -335,6 +357,8 @@ class HttpFrontend:
         resource = resource_path(path)
         if resource is not None:
             return self._protected_resource(scope, resource) if method == "GET" else _BAD_METHOD
+        if path in AUTOCONFIG_PATHS or path == PACC_PATH:
+            return self._autoconfig(scope, path) if method == "GET" else _BAD_METHOD
         if method != "GET":
             return _BAD_METHOD if path in ("/metrics", "/healthz", "/readyz") else _NOT_FOUND
         if path == "/healthz":
@@ -419,6 +443,52 @@ class HttpFrontend:
             return _NOT_FOUND
         doc = protected_resource_metadata(rule, self._providers[rule.provider], request)
         return json_reply(200, doc)
+
+    def _autoconfig(self, scope: Scope, path: str) -> Reply:
+        """Autoconfig or PACC from configuration; the request only picks the domain."""
+        request = resource_request(scope, path, self._config.http)
+        if request is None:
+            return _BAD_HOST
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        addresses = query.get("emailaddress", [])
+        if len(addresses) > 1:
+            return _BAD_ADDRESS
+        address = addresses[0] if addresses else None
+        if address is not None and email_domain(address) is None:
+            return _BAD_ADDRESS
+        pacc = path == PACC_PATH
+        domain = domain_for(self._config, request.hostname, None if pacc else address)
+        # The address itself is never logged: its domain and a fingerprint only.
+        asked = {"address": token_fingerprint(address)} if address is not None else {}
+        if domain is None:
+            log.info(
+                "autoconfig_unknown_domain",
+                document="pacc" if pacc else "autoconfig",
+                host=request.hostname,
+                domain=email_domain(address) if address else None,
+                **asked,
+            )
+            return _NOT_FOUND
+        key = (pacc, domain.name)
+        if key not in self._documents:
+            build = pacc_json if pacc else autoconfig_xml
+            self._documents[key] = build(self._config, domain)
+        body = self._documents[key]
+        log.info(
+            "autoconfig",
+            document="pacc" if pacc else "autoconfig",
+            domain=domain.name,
+            found=body is not None,
+            **asked,
+        )
+        if body is None:
+            return _NOT_FOUND
+        return Reply(
+            200,
+            body,
+            ((b"cache-control", f"public, max-age={domain.max_age}".encode()),),
+            content_type=b"application/json" if pacc else b"application/xml; charset=utf-8",
+        )
 
 
 def _header_values(scope: Scope, name: bytes, *, split: bool = True) -> list[str]:
