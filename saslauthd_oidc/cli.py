@@ -56,6 +56,7 @@ from saslauthd_oidc.explain import (
 )
 from saslauthd_oidc.frontends.http import load_caller_auth
 from saslauthd_oidc.lifecycle import read_reload_report
+from saslauthd_oidc.limits import current_nofile_limit, limit_warnings
 from saslauthd_oidc.observability import configure_logging
 from saslauthd_oidc.outcome import Outcome, Reason, Verdict
 from saslauthd_oidc.providers import ProviderRegistry
@@ -231,6 +232,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for note in check.notes:
         print(f"note: {note}")
     warnings = config_warnings(config) + check.warnings
+    warnings += limit_warnings(config, *current_nofile_limit())
     for w in warnings:
         print(f"warning: {w}")
     if not args.online:

@@ -21,7 +21,7 @@ import pwd
 import signal
 import socket
 import stat
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -30,6 +30,8 @@ from typing import Any, Protocol
 import httpx
 import structlog
 import trio
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from saslauthd_oidc.config import (
     DAEMON_USER,
@@ -41,15 +43,18 @@ from saslauthd_oidc.config import (
     read_secret_file,
 )
 from saslauthd_oidc.engine import Engine
+from saslauthd_oidc.frontends.accept import ConnectionTable
 from saslauthd_oidc.frontends.dovecot import serve_dovecot_listener
 from saslauthd_oidc.frontends.http import (
     CallerAuth,
     HttpFrontend,
+    HttpLimits,
     load_caller_auth,
     serve_http,
 )
 from saslauthd_oidc.frontends.saslauthd import serve_saslauthd_listener
 from saslauthd_oidc.lifecycle import Current, DrainableListener, ReloadReporter, plan_reload
+from saslauthd_oidc.limits import Caps, budget_for, caps_for, raise_nofile_limit
 from saslauthd_oidc.metrics import Metrics
 from saslauthd_oidc.observability import configure_logging
 from saslauthd_oidc.providers import ProviderRegistry
@@ -895,6 +900,15 @@ async def run_daemon(
     if config.server.http_listen or config.server.http_socket or http_passed:
         caller_auth = load_caller_auth(config.http)
     listeners = open_listeners(config, passed_fds, auth=auth_listener)
+    caps, nofile = descriptor_caps(config, listeners)
+    # One cap (and its counts for /metrics) per listener; all HTTP sockets share one.
+    tables: dict[str, ConnectionTable] = {}
+    if listeners.auth is not None:
+        tables["auth"] = ConnectionTable(_name(listeners.auth), caps.auth)
+    if listeners.saslauthd is not None:
+        tables["saslauthd"] = ConnectionTable(_name(listeners.saslauthd), caps.saslauthd)
+    if listeners.http:
+        tables["http"] = ConnectionTable("http", caps.http)
     deadline = config.server.request_timeout + FRONTEND_DEADLINE_MARGIN
     try:
         async with make_http_client() as client:
@@ -902,6 +916,7 @@ async def run_daemon(
             cache = VerificationCache(config.cache)
             metrics = Metrics(registry, cache)
             engine = Engine(config, registry, cache=cache, observe=metrics.observe)
+            metrics.registry.register(ConnectionCollector(tables, nofile))
             current = Current(engine)
             authenticate = current.authenticate
             readiness = Readiness(registry, config.http.readyz_grace)
@@ -944,6 +959,8 @@ async def run_daemon(
                             listeners.http,
                             shutdown_trigger=runtime.stop_http.wait,
                             graceful_timeout=deadline,
+                            limits=HttpLimits.from_config(config, caps.http),
+                            table=tables["http"],
                         )
                     )
                     log.info("listening", http=binds)
@@ -956,7 +973,8 @@ async def run_daemon(
                             mechanisms=mechanisms,
                             tempfail_disconnect=config.server.tempfail == "disconnect",
                             request_timeout=deadline,
-                            max_connections=config.server.max_connections,
+                            max_connections=caps.auth,
+                            table=tables["auth"],
                             line_timeout=config.server.line_timeout,
                         )
                     )
@@ -968,7 +986,8 @@ async def run_daemon(
                             listeners.saslauthd,
                             authenticate,
                             request_timeout=deadline,
-                            max_connections=config.server.max_connections,
+                            max_connections=caps.saslauthd,
+                            table=tables["saslauthd"],
                             max_password_bytes=config.server.max_token_bytes,
                         )
                     )
@@ -992,6 +1011,80 @@ async def run_daemon(
         listeners.close()
         notifier.close()
     log.info("stopped")
+
+
+def descriptor_caps(config: Config, listeners: Listeners) -> tuple[Caps, int]:
+    """Raise RLIMIT_NOFILE where allowed; the caps its budget allows (logged), and the limit."""
+    before, limit, error = raise_nofile_limit()
+    if error is not None:
+        log.warning(
+            "nofile_limit",
+            soft=before,
+            error=error,
+            detail="could not raise the descriptor limit; set LimitNOFILE= in the unit",
+        )
+    http = bool(listeners.http)
+    budget = budget_for(
+        config,
+        limit,
+        auth=listeners.auth is not None,
+        saslauthd=listeners.saslauthd is not None,
+        http=http,
+    )
+    caps = caps_for(config, budget)
+    for key, configured, used in caps.lowered:
+        log.warning(
+            "connection_cap_lowered",
+            key=key,
+            configured=configured,
+            used=used,
+            nofile=limit,
+            detail="the descriptor limit cannot hold this many; raise LimitNOFILE=",
+        )
+    log.info(
+        "descriptor_budget",
+        raised_from=before if limit != before else None,
+        **budget.describe(),
+        max_connections_auth=caps.auth,
+        max_connections_saslauthd=caps.saslauthd or None,
+        max_connections_http=caps.http if http else None,
+    )
+    return caps, limit
+
+
+class ConnectionCollector(Collector):
+    """``/metrics``: connections held, their caps and evictions per listener; the fd limit."""
+
+    def __init__(self, tables: Mapping[str, ConnectionTable], nofile: int) -> None:
+        self._tables = dict(tables)
+        self._nofile = nofile
+
+    def collect(self) -> Iterator[Metric]:
+        held = GaugeMetricFamily(
+            "saslauthd_oidc_connections", "Connections held, by listener", labels=["listener"]
+        )
+        cap = GaugeMetricFamily(
+            "saslauthd_oidc_connections_max",
+            "Connection cap in force (within the descriptor budget), by listener",
+            labels=["listener"],
+        )
+        evicted = CounterMetricFamily(
+            "saslauthd_oidc_connections_evicted",
+            "Connections closed to make room at the cap (longest idle of the busiest peer)",
+            labels=["listener"],
+        )
+        for name, table in self._tables.items():
+            held.add_metric([name], len(table))
+            cap.add_metric([name], table.max_connections)
+            evicted.add_metric([name], table.evicted)
+        yield held
+        yield cap
+        yield evicted
+        yield GaugeMetricFamily(
+            "saslauthd_oidc_descriptor_limit",
+            "RLIMIT_NOFILE in force (after raising it toward the hard limit)",
+            value=self._nofile,
+        )
 
 
 async def _handle_signals(runtime: _Runtime) -> None:

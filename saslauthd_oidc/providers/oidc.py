@@ -68,6 +68,7 @@ from saslauthd_oidc.providers.jwt import (
     VerifiedClaims,
     verify_jwt,
 )
+from saslauthd_oidc.providers.keypolicy import RefusalLog
 
 log = structlog.get_logger("saslauthd_oidc.providers")
 
@@ -117,6 +118,7 @@ class OidcProvider:
         self._asymmetric = frozenset(config.algorithms) & ASYMMETRIC_ALGORITHMS
         self._hmac = _hmac_keys(config, hmac_secret)
         self._jwks: KeySet | None = None
+        self._refused = RefusalLog()  # keys refused in a JWKS, each logged once
         self._jwks_uri: str | None = config.jwks_uri
         self._loaded_at = -math.inf
         self._jwks_lifetime = config.jwks_refresh
@@ -176,6 +178,7 @@ class OidcProvider:
         if previous.config != self.config:
             raise ValueError(f"provider {self.name}: configuration changed; keys not adopted")
         self._jwks = previous._jwks
+        self._refused = previous._refused
         self._jwks_uri = previous._jwks_uri
         self._loaded_at = previous._loaded_at
         self._jwks_lifetime = previous._jwks_lifetime
@@ -609,6 +612,8 @@ class OidcProvider:
         self._loaded_at = self._clock()
         self._jwks_lifetime = self._bounded_lifetime(lifetime)
         self.last_error = None
+        for refused in self._refused.new(keys.skipped):
+            log.warning("jwks key refused", provider=self.name, key=refused)
         log.info(
             "jwks loaded",
             provider=self.name,
