@@ -75,7 +75,9 @@ class ServerConfig:
     request_timeout: float = 5.0
     tempfail: Literal["fail", "disconnect"] = "fail"
     workers: int = 1
-    max_connections: int = 4096
+    # Connections at once on the auth socket (and on the saslauthd socket);
+    # None: 4096, within the file-descriptor budget (saslauthd_oidc.service.limits).
+    max_connections: int | None = None
     max_token_bytes: int = 16384
     # Seconds a Dovecot-protocol client may take to send one line (and its
     # first line after connecting), or to read our replies; idle connections
@@ -103,6 +105,12 @@ class HttpConfig:
     # Reverse proxies whose X-Forwarded-Host / X-Forwarded-Proto are believed:
     # addresses or networks, and "unix" for the Unix-socket listener. None by default.
     trusted_proxies: tuple[IPv4Network | IPv6Network | Literal["unix"], ...] = ()
+    # Denial-of-service bounds of the HTTP listener (saslauthd_oidc.service.limits).
+    max_connections: int | None = None  # None: 256, within the descriptor budget
+    read_timeout: float = 10.0  # seconds for a request's body to arrive once its head has
+    write_timeout: float = 10.0  # seconds for a client to take each answer
+    keepalive_timeout: float = 15.0  # seconds an idle keep-alive connection is kept
+    max_requests_per_connection: int = 100  # then "Connection: close"
 
     @property
     def trust_unix_proxies(self) -> bool:
@@ -733,7 +741,7 @@ def _parse_server(data: Any) -> ServerConfig:
         request_timeout=s.number("request_timeout", d.request_timeout, minimum=0.1),
         tempfail=s.choice("tempfail", d.tempfail, ("fail", "disconnect")),  # type: ignore[arg-type]
         workers=s.whole("workers", d.workers, minimum=1),
-        max_connections=s.whole("max_connections", d.max_connections, minimum=1),
+        max_connections=_optional_whole(s, "max_connections"),
         max_token_bytes=s.whole("max_token_bytes", d.max_token_bytes, minimum=256),
         line_timeout=s.number("line_timeout", d.line_timeout, minimum=0.1),
     )
@@ -746,6 +754,11 @@ def _parse_server(data: Any) -> ServerConfig:
         )
     s.reject_unknown()
     return cfg
+
+
+def _optional_whole(s: _Section, name: str) -> int | None:
+    """A whole number of at least 1, or None when unset."""
+    return None if s._get(name) is None else s.whole(name, 1, minimum=1)
 
 
 def _parse_listen(address: str) -> tuple[str, int]:
@@ -801,6 +814,13 @@ def _parse_http(data: Any, server: ServerConfig) -> HttpConfig:
         metrics=s.flag("metrics", d.metrics),
         stalwart_issuer=stalwart_issuer or None,
         trusted_proxies=tuple(proxies),
+        max_connections=_optional_whole(s, "max_connections"),
+        read_timeout=s.number("read_timeout", d.read_timeout, minimum=0.1),
+        write_timeout=s.number("write_timeout", d.write_timeout, minimum=0.1),
+        keepalive_timeout=s.number("keepalive_timeout", d.keepalive_timeout, minimum=0.1),
+        max_requests_per_connection=s.whole(
+            "max_requests_per_connection", d.max_requests_per_connection, minimum=1
+        ),
     )
     s.reject_unknown()
     enabled = bool(server.http_listen or server.http_socket)

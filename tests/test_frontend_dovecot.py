@@ -304,16 +304,21 @@ async def test_incompatible_version_hangs_up(nursery: trio.Nursery, socket_path:
 async def test_max_connections(nursery: trio.Nursery, socket_path: str) -> None:
     await serve(nursery, socket_path, Stub(), max_connections=2)
     first = await Client.connect(socket_path)
-    second = await Client.connect(socket_path)
     await first.handshake()
+    second = await Client.connect(socket_path)
     await second.handshake()
-    third = await Client.connect(socket_path)  # the kernel backlog accepts it
-    with trio.move_on_after(0.3) as waited:
-        await third.line()
-    assert waited.cancelled_caught  # but the server does not serve it yet
-    await first.stream.aclose()
+    await trio.sleep(0.05)
+    # the older connection authenticates: the newer one is now the longest idle
+    assert await first.authenticate(1, "good-f") == "OK\t1\tuser=f"
+    await trio.sleep(0.05)
+    # At the cap, a newcomer is served and the longest-idle connection of the
+    # peer holding the most (here all three are ours) makes room for it.
+    third = await Client.connect(socket_path)
     with trio.fail_after(3):
         assert (await third.handshake())[0] == "VERSION\t1\t2"
+        assert await second.line() is None  # closed by the server
+    assert await first.authenticate(2, "good-f") == "OK\t2\tuser=f"
+    assert await third.authenticate(1, "good-t") == "OK\t1\tuser=t"
 
 
 async def test_handle_stream_directly() -> None:

@@ -11,6 +11,7 @@ import pytest
 from saslauthd_oidc.config import (
     CacheConfig,
     DomainConfig,
+    HttpConfig,
     LoggingConfig,
     ProviderConfig,
     RuleConfig,
@@ -22,6 +23,7 @@ REFERENCE = Path(__file__).resolve().parent.parent / "etc" / "saslauthd-oidc.tom
 SECTIONS = {
     "server": ServerConfig,
     "cache": CacheConfig,
+    "http": HttpConfig,
     "logging": LoggingConfig,
     "provider": ProviderConfig,
     "rule": RuleConfig,

@@ -39,7 +39,7 @@ import trio
 from saslauthd_oidc.core.engine import Authenticates, Authenticator
 from saslauthd_oidc.core.outcome import Outcome, Reason, Verdict
 from saslauthd_oidc.core.request import AuthRequest, Mechanism
-from saslauthd_oidc.frontends.accept import serve_connections
+from saslauthd_oidc.frontends.accept import ConnectionTable, serve_connections
 from saslauthd_oidc.protocol.dovecot import DovecotServerConnection, NeedVerdict, ProtocolError
 
 __all__ = [
@@ -110,6 +110,7 @@ async def serve_dovecot_listener(
     tempfail_disconnect: bool = False,
     request_timeout: float = 5.0,
     max_connections: int = 4096,
+    table: ConnectionTable | None = None,  # the cap and its counts, shared with /metrics
     line_timeout: float = 30.0,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -135,7 +136,11 @@ async def serve_dovecot_listener(
         )
 
     await serve_connections(
-        listener, serve_one, max_connections=max_connections, task_status=task_status
+        listener,
+        serve_one,
+        max_connections=max_connections,
+        table=table,
+        task_status=task_status,
     )
 
 
@@ -246,6 +251,9 @@ class _Session:
         self._read_deadline = math.inf
         self._send_deadline = math.inf
         self._hung_up = False  # we ended the connection on purpose (not a timeout)
+        # The accept loop's record of activity (frontends/accept.py GuardedStream):
+        # the raw-socket path bypasses the stream, so complete lines are reported.
+        self._mark_active = getattr(stream, "mark_active", None)
 
     # ------------------------------------------------------------------ deadline
 
@@ -306,6 +314,8 @@ class _Session:
                     self._hang_up()
                     return
             if b"\n" in data:
+                if self._mark_active is not None:
+                    self._mark_active()
                 if connection.partial_line:
                     line_started = trio.current_time()
                     self._set_deadline(read=line_started + self._line_timeout)

@@ -24,16 +24,19 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 import structlog
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.config import Sockets
-from hypercorn.trio.run import worker_serve
-from hypercorn.utils import wrap_app
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
+from hypercorn.utils import repr_socket_addr, wrap_app
 
 from saslauthd_oidc.config import Config, HttpConfig
 from saslauthd_oidc.core.autoconfig import (
@@ -60,11 +63,12 @@ from saslauthd_oidc.core.resource_metadata import (
     resource_path,
     select_rule,
 )
+from saslauthd_oidc.frontends.accept import ConnectionTable, serve_connections
 from saslauthd_oidc.frontends.asgi import Receive, Scope, Send, acknowledge_lifespan
 from saslauthd_oidc.frontends.http_callers import CallerAuth
 from saslauthd_oidc.frontends.http_replies import Reply, Surface, json_reply, verdict_reply
 
-__all__ = ["HttpFrontend", "serve_http"]
+__all__ = ["HttpFrontend", "HttpLimits", "serve_http"]
 
 log = structlog.get_logger("saslauthd_oidc.http")
 
@@ -429,6 +433,122 @@ def stalwart_discovery(issuer: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- serving
 
+#: Request target (path and query) bytes at most: the RFC 9728 path is
+#: reflected into the answer, and nothing we serve has a longer one (414).
+MAX_TARGET_BYTES = 2048
+#: Bytes of one header value at most, Authorization aside (431).
+MAX_HEADER_VALUE_BYTES = 4096
+#: Streams one HTTP/2 connection may have open at once.
+H2_MAX_STREAMS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """The HTTP listener's bounds (``[http]``, within the descriptor budget)."""
+
+    max_connections: int = 256
+    read_timeout: float = 10.0  # a request's body, once its head has arrived (408)
+    write_timeout: float = 10.0  # each answer's bytes taken by the client
+    keepalive_timeout: float = 15.0  # an idle connection between requests
+    max_requests_per_connection: int = 100
+    max_token_bytes: int = 16384  # an Authorization header may carry one
+
+    @classmethod
+    def from_config(cls, config: Config, max_connections: int) -> HttpLimits:
+        http = config.http
+        return cls(
+            max_connections=max_connections,
+            read_timeout=http.read_timeout,
+            write_timeout=http.write_timeout,
+            keepalive_timeout=http.keepalive_timeout,
+            max_requests_per_connection=http.max_requests_per_connection,
+            max_token_bytes=config.server.max_token_bytes,
+        )
+
+    @property
+    def max_head_bytes(self) -> int:
+        """Request line and headers together (h11's incomplete-event bound)."""
+        return self.max_token_bytes + 8192
+
+
+class _RequestTimeout(Exception):
+    pass
+
+
+def _plain(status: int, text: bytes) -> Reply:
+    return Reply(status, text, ((b"connection", b"close"),), b"text/plain; charset=utf-8")
+
+
+def _oversized(scope: Scope, limits: HttpLimits) -> Reply | None:
+    target = len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+    if target > MAX_TARGET_BYTES:
+        return _plain(414, b"request target too long\n")
+    for name, value in scope["headers"]:
+        bound = limits.max_token_bytes + 64 if name == b"authorization" else MAX_HEADER_VALUE_BYTES
+        if len(value) > bound:
+            return _plain(431, b"request header too large\n")
+    return None
+
+
+def bounded_app(
+    app: Callable[[Scope, Receive, Send], Awaitable[None]], limits: HttpLimits
+) -> Callable[[Scope, Receive, Send], Awaitable[None]]:
+    """``app`` behind the request bounds: target and header sizes, body arrival time."""
+
+    async def guarded(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        refusal = _oversized(scope, limits)
+        if refusal is not None:
+            await _send_reply(send, refusal)
+            return
+        deadline = trio.current_time() + limits.read_timeout
+        started = False
+
+        async def bounded_receive() -> MutableMapping[str, Any]:
+            with trio.move_on_at(deadline):
+                return await receive()
+            raise _RequestTimeout
+
+        async def tracking_send(message: MutableMapping[str, Any]) -> None:
+            nonlocal started
+            started = True
+            await send(message)
+
+        try:
+            await app(scope, bounded_receive, tracking_send)
+        except _RequestTimeout:
+            if not started:
+                await _send_reply(send, _plain(408, b"request not complete within read_timeout\n"))
+
+    return guarded
+
+
+async def _send_reply(send: Send, reply: Reply) -> None:
+    headers = [(b"content-type", reply.content_type), (b"cache-control", b"no-store")]
+    headers.extend(reply.headers)
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": reply.body})
+
+
+def hypercorn_config(limits: HttpLimits, graceful_timeout: float) -> HypercornConfig:
+    config = HypercornConfig()
+    config.accesslog = None  # paths only, but keep one log line per authentication
+    config.errorlog = None
+    config.graceful_timeout = graceful_timeout
+    config.include_server_header = False
+    config.h11_max_incomplete_size = limits.max_head_bytes
+    config.h2_max_concurrent_streams = H2_MAX_STREAMS
+    config.h2_max_header_list_size = limits.max_head_bytes
+    # A backstop per receive (the idle timer below closes idle connections,
+    # the ASGI guard bounds a body): a client silent this long is dropped.
+    config.read_timeout = max(limits.read_timeout, limits.keepalive_timeout)  # type: ignore[assignment]
+    config.keep_alive_timeout = limits.keepalive_timeout
+    config.keep_alive_max_requests = limits.max_requests_per_connection
+    config.max_app_queue_size = 4
+    return config
+
 
 async def serve_http(
     app: Callable[[Scope, Receive, Send], Awaitable[None]],
@@ -436,24 +556,53 @@ async def serve_http(
     *,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     graceful_timeout: float = 1.0,
+    limits: HttpLimits | None = None,
+    table: ConnectionTable | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``app`` on already bound and listening sockets until cancelled.
 
-    When ``shutdown_trigger`` returns, hypercorn stops accepting and lets open
-    requests finish (``graceful_timeout``).
+    hypercorn speaks HTTP (its trio ``TCPServer``, one per connection); the
+    connections are accepted by our own loop (:mod:`.accept`), so that the
+    listener holds at most ``limits.max_connections`` of them (one cap for
+    all HTTP sockets; at the cap the longest-idle one of the busiest peer is
+    closed), a client that does not take an answer within
+    ``write_timeout`` is dropped, and a client that left stops costing work
+    (its pipelined requests included). When ``shutdown_trigger`` returns,
+    accepting stops, idle keep-alive connections close, and open requests
+    get ``graceful_timeout`` to finish.
     """
-    config = HypercornConfig()
-    config.accesslog = None  # paths only, but keep one log line per authentication
-    config.errorlog = None
-    config.graceful_timeout = graceful_timeout
-    config.include_server_header = False
-    config.h11_max_incomplete_size = 32 * 1024
-    asgi: Any = app
-    await worker_serve(
-        wrap_app(asgi, config.wsgi_max_body_size, "asgi"),
-        config,
-        sockets=Sockets([], list(sockets), []),
-        shutdown_trigger=shutdown_trigger,
-        task_status=task_status,
-    )
+    limits = limits or HttpLimits()
+    config = hypercorn_config(limits, graceful_timeout)
+    context = WorkerContext(None)
+    asgi: Any = bounded_app(app, limits)
+    wrapped = wrap_app(asgi, config.wsgi_max_body_size, "asgi")
+    table = table or ConnectionTable("http", limits.max_connections)
+    listeners = [trio.SocketListener(trio.socket.from_stdlib_socket(s)) for s in sockets]
+    binds = [f"http://{repr_socket_addr(s.family, s.getsockname())}" for s in sockets]
+
+    async def serve_one(stream: trio.abc.Stream) -> None:
+        await TCPServer(wrapped, config, context, ConnectionState({}), stream)  # type: ignore[arg-type]
+
+    async with trio.open_nursery() as nursery:
+        for listener in listeners:
+            await nursery.start(
+                partial(
+                    serve_connections,
+                    listener,
+                    serve_one,
+                    table=table,
+                    write_timeout=limits.write_timeout,
+                )
+            )
+        task_status.started(binds)
+        if shutdown_trigger is None:
+            await trio.sleep_forever()
+        await shutdown_trigger()
+        table.stop_accepting()
+        for s in sockets:
+            s.close()  # a new connection is refused, not left waiting in the backlog
+        await context.terminated.set()
+        with trio.move_on_after(graceful_timeout):
+            await table.wait_empty()
+        nursery.cancel_scope.cancel()

@@ -17,7 +17,7 @@ import trio
 from saslauthd_oidc.core.engine import Authenticator
 from saslauthd_oidc.core.outcome import Reason, Verdict
 from saslauthd_oidc.core.request import AuthRequest
-from saslauthd_oidc.frontends.accept import serve_connections
+from saslauthd_oidc.frontends.accept import ConnectionTable, serve_connections
 from saslauthd_oidc.protocol.saslauthd import (
     NeedData,
     Rejected,
@@ -41,6 +41,7 @@ async def serve_saslauthd_listener(
     *,
     request_timeout: float = 5.0,
     max_connections: int = 4096,
+    table: ConnectionTable | None = None,  # the cap and its counts, shared with /metrics
     max_password_bytes: int = 16384,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -55,7 +56,11 @@ async def serve_saslauthd_listener(
         )
 
     await serve_connections(
-        listener, serve_one, max_connections=max_connections, task_status=task_status
+        listener,
+        serve_one,
+        max_connections=max_connections,
+        table=table,
+        task_status=task_status,
     )
 
 

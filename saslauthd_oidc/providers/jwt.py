@@ -39,6 +39,7 @@ from cryptography.exceptions import InvalidSignature
 from jwt import exceptions as jwt_exc
 
 from saslauthd_oidc.core.outcome import Reason, Refusal
+from saslauthd_oidc.providers.keypolicy import hmac_secret_refusal, jwk_refusal
 
 MAX_TOKEN_BYTES = 16384
 MAX_HEADER_BYTES = 4096
@@ -274,7 +275,7 @@ def _skip_reason(jwk: Any, allowed: Collection[str]) -> str | None:
         return f"alg {str(alg)[:16]!r} not allowed for this provider"
     if not algorithms_for_jwk(jwk, allowed):
         return "no allowed algorithm fits this key"
-    return None
+    return jwk_refusal(jwk)  # size bounds (providers/keypolicy.py)
 
 
 def _public_jwk(jwk: Mapping[str, Any]) -> dict[str, Any]:
@@ -342,8 +343,8 @@ class KeySet:
         raw = secret.encode("utf-8") if isinstance(secret, str) else secret
         algs = [a for a in HMAC_ALGORITHMS if a in algorithms]
         for alg in algs:
-            if len(raw) < HMAC_MIN_SECRET_BYTES[alg]:
-                raise ValueError(f"HMAC secret shorter than {HMAC_MIN_SECRET_BYTES[alg]} bytes")
+            if (refusal := hmac_secret_refusal(raw, alg)) is not None:
+                raise ValueError(refusal)
         k = base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
         keys: dict[tuple[str | None, str], pyjwt.PyJWK] = {
             (None, a): pyjwt.PyJWK({"kty": "oct", "k": k}, algorithm=a) for a in algs

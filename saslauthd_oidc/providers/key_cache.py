@@ -19,6 +19,7 @@ from typing import Any
 import trio
 
 from saslauthd_oidc.providers.jwt import KeySet
+from saslauthd_oidc.providers.keypolicy import RefusalLog
 
 
 @dataclass(eq=False, slots=True)
@@ -42,5 +43,7 @@ class KeyCache:
     keys_asked_at: float = -math.inf  # when the fetch that gave the current keys began
     generation: int = 0  # counts fetches, so a waiter sees that someone fetched
     last_ok: bool = False
+    #: Keys refused in a JWKS (key policy), each logged once, not at every fetch.
+    refused: RefusalLog = field(default_factory=RefusalLog)
     fetch_lock: trio.Lock = field(default_factory=trio.Lock)
     discovery_lock: trio.Lock = field(default_factory=trio.Lock)

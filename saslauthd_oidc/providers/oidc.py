@@ -579,6 +579,8 @@ class OidcProvider:
         self._keys.loaded_at = self._clock()
         self._keys.jwks_lifetime = self._bounded_lifetime(lifetime)
         self.last_error = None
+        for refused in self._keys.refused.new(keys.skipped):
+            log.warning("jwks key refused", provider=self.name, key=refused)
         log.info(
             "jwks loaded",
             provider=self.name,

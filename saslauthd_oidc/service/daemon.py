@@ -14,7 +14,7 @@ step (READY, RELOADING, STOPPING, STATUS, WATCHDOG) when it listens.
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -22,23 +22,23 @@ from pathlib import Path
 import httpx
 import structlog
 import trio
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
-from saslauthd_oidc.config import (
-    Config,
-    ConfigError,
-    load_config,
-)
+from saslauthd_oidc.config import Config, ConfigError, load_config
 from saslauthd_oidc.core.engine import Engine
 from saslauthd_oidc.core.request import Mechanism
 from saslauthd_oidc.core.rules import config_warnings
+from saslauthd_oidc.frontends.accept import ConnectionTable
 from saslauthd_oidc.frontends.dovecot import serve_dovecot_listener
-from saslauthd_oidc.frontends.http import HttpFrontend, serve_http
+from saslauthd_oidc.frontends.http import HttpFrontend, HttpLimits, serve_http
 from saslauthd_oidc.frontends.http_callers import CallerAuth, load_caller_auth
 from saslauthd_oidc.frontends.saslauthd import serve_saslauthd_listener
 from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.providers.registry import ProviderRegistry
 from saslauthd_oidc.providers.verification_cache import VerificationCache
 from saslauthd_oidc.service.lifecycle import Current, ReloadReporter, plan_reload
+from saslauthd_oidc.service.limits import Caps, budget_for, caps_for, raise_nofile_limit
 from saslauthd_oidc.service.listeners import (
     InheritedListener,
     Listeners,
@@ -238,6 +238,15 @@ async def run_daemon(
     if config.server.http_listen or config.server.http_socket or http_passed:
         caller_auth = load_caller_auth(config.http)
     listeners = open_listeners(config, passed_fds, auth=auth_listener)
+    caps, nofile = descriptor_caps(config, listeners)
+    # One cap (and its counts for /metrics) per listener; all HTTP sockets share one.
+    tables: dict[str, ConnectionTable] = {}
+    if listeners.auth is not None:
+        tables["auth"] = ConnectionTable(_name(listeners.auth), caps.auth)
+    if listeners.saslauthd is not None:
+        tables["saslauthd"] = ConnectionTable(_name(listeners.saslauthd), caps.saslauthd)
+    if listeners.http:
+        tables["http"] = ConnectionTable("http", caps.http)
     deadline = config.server.request_timeout + FRONTEND_DEADLINE_MARGIN
     try:
         async with make_http_client() as client:
@@ -245,6 +254,7 @@ async def run_daemon(
             cache = VerificationCache(config.cache)
             metrics = Metrics(registry, cache)
             engine = Engine(config, registry, cache=cache, observe=metrics.observe)
+            metrics.registry.register(ConnectionCollector(tables, nofile))
             current = Current(engine)
             authenticate = current.authenticate
             readiness = Readiness(registry, config.http.readyz_grace)
@@ -287,6 +297,8 @@ async def run_daemon(
                             listeners.http,
                             shutdown_trigger=runtime.stop_http.wait,
                             graceful_timeout=deadline,
+                            limits=HttpLimits.from_config(config, caps.http),
+                            table=tables["http"],
                         )
                     )
                     log.info("listening", http=binds)
@@ -299,7 +311,8 @@ async def run_daemon(
                             mechanisms=mechanisms,
                             tempfail_disconnect=config.server.tempfail == "disconnect",
                             request_timeout=deadline,
-                            max_connections=config.server.max_connections,
+                            max_connections=caps.auth,
+                            table=tables["auth"],
                             line_timeout=config.server.line_timeout,
                         )
                     )
@@ -311,7 +324,8 @@ async def run_daemon(
                             listeners.saslauthd,
                             authenticate,
                             request_timeout=deadline,
-                            max_connections=config.server.max_connections,
+                            max_connections=caps.saslauthd,
+                            table=tables["saslauthd"],
                             max_password_bytes=config.server.max_token_bytes,
                         )
                     )
@@ -335,6 +349,80 @@ async def run_daemon(
         listeners.close()
         notifier.close()
     log.info("stopped")
+
+
+def descriptor_caps(config: Config, listeners: Listeners) -> tuple[Caps, int]:
+    """Raise RLIMIT_NOFILE where allowed; the caps its budget allows (logged), and the limit."""
+    before, limit, error = raise_nofile_limit()
+    if error is not None:
+        log.warning(
+            "nofile_limit",
+            soft=before,
+            error=error,
+            detail="could not raise the descriptor limit; set LimitNOFILE= in the unit",
+        )
+    http = bool(listeners.http)
+    budget = budget_for(
+        config,
+        limit,
+        auth=listeners.auth is not None,
+        saslauthd=listeners.saslauthd is not None,
+        http=http,
+    )
+    caps = caps_for(config, budget)
+    for key, configured, used in caps.lowered:
+        log.warning(
+            "connection_cap_lowered",
+            key=key,
+            configured=configured,
+            used=used,
+            nofile=limit,
+            detail="the descriptor limit cannot hold this many; raise LimitNOFILE=",
+        )
+    log.info(
+        "descriptor_budget",
+        raised_from=before if limit != before else None,
+        **budget.describe(),
+        max_connections_auth=caps.auth,
+        max_connections_saslauthd=caps.saslauthd or None,
+        max_connections_http=caps.http if http else None,
+    )
+    return caps, limit
+
+
+class ConnectionCollector(Collector):
+    """``/metrics``: connections held, their caps and evictions per listener; the fd limit."""
+
+    def __init__(self, tables: Mapping[str, ConnectionTable], nofile: int) -> None:
+        self._tables = dict(tables)
+        self._nofile = nofile
+
+    def collect(self) -> Iterator[Metric]:
+        held = GaugeMetricFamily(
+            "saslauthd_oidc_connections", "Connections held, by listener", labels=["listener"]
+        )
+        cap = GaugeMetricFamily(
+            "saslauthd_oidc_connections_max",
+            "Connection cap in force (within the descriptor budget), by listener",
+            labels=["listener"],
+        )
+        evicted = CounterMetricFamily(
+            "saslauthd_oidc_connections_evicted",
+            "Connections closed to make room at the cap (longest idle of the busiest peer)",
+            labels=["listener"],
+        )
+        for name, table in self._tables.items():
+            held.add_metric([name], len(table))
+            cap.add_metric([name], table.max_connections)
+            evicted.add_metric([name], table.evicted)
+        yield held
+        yield cap
+        yield evicted
+        yield GaugeMetricFamily(
+            "saslauthd_oidc_descriptor_limit",
+            "RLIMIT_NOFILE in force (after raising it toward the hard limit)",
+            value=self._nofile,
+        )
 
 
 async def _handle_signals(runtime: _Runtime) -> None:

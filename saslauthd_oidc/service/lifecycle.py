@@ -52,6 +52,18 @@ class ReloadPlan:
     logging_changed: bool
 
 
+_HTTP_LIMIT_KEYS = frozenset(
+    f"http.{name}"
+    for name in (
+        "max_connections",
+        "read_timeout",
+        "write_timeout",
+        "keepalive_timeout",
+        "max_requests_per_connection",
+    )
+)
+
+
 def _changed_fields(section: str, old: object, new: object) -> list[str]:
     return [
         f"{section}.{f.name}"
@@ -64,6 +76,8 @@ def plan_reload(old: Config, new: Config) -> ReloadPlan:
     """How ``new`` replaces ``old`` in a running daemon."""
     restart = _changed_fields("server", old.server, new.server)
     restart += _changed_fields("cache", old.cache, new.cache)
+    # The HTTP listener's bounds are set when it starts (frontends/http.py serve_http).
+    restart += [k for k in _changed_fields("http", old.http, new.http) if k in _HTTP_LIMIT_KEYS]
     old_providers = {p.name: p for p in old.providers}
     new_providers = {p.name: p for p in new.providers}
     return ReloadPlan(

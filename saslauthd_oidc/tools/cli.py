@@ -39,6 +39,7 @@ from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.providers.registry import ProviderRegistry
 from saslauthd_oidc.service.daemon import run_daemon
 from saslauthd_oidc.service.lifecycle import read_reload_report
+from saslauthd_oidc.service.limits import current_nofile_limit, limit_warnings
 from saslauthd_oidc.service.listeners import PASSED_NAMES, sort_passed_fds
 from saslauthd_oidc.service.logs import configure_logging
 from saslauthd_oidc.service.preflight import preflight
@@ -233,6 +234,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for note in check.notes:
         print(f"note: {note}")
     warnings = config_warnings(config) + check.warnings
+    warnings += limit_warnings(config, *current_nofile_limit())
     for w in warnings:
         print(f"warning: {w}")
     if not args.online:

@@ -119,6 +119,16 @@ def _set_version(src: Path, version: str) -> None:
     changelog.write_text(head.replace(f"({checkout_version()})", f"({version})") + "\n" + rest)
 
 
+STALE_BUILD_AGE = 24 * 3600.0
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except OSError:
+        return False
+
+
 def build_debs(log: Path) -> Debs:
     """Both packages, from the cache when the inputs are unchanged (two builds at once)."""
     version = checkout_version()
@@ -163,8 +173,10 @@ def build_debs(log: Path) -> Debs:
     with contextlib.suppress(OSError):  # another run published the same inputs first
         staged.rename(out)
     shutil.rmtree(work, ignore_errors=True)
-    for stale in CACHE.glob("deb-*"):  # builds of inputs that are gone
-        if stale != out and ".build-" not in stale.name:
+    # Builds of inputs that are gone, once a day old: another checkout on this
+    # machine (a parallel worktree) may be using a newer one right now.
+    for stale in CACHE.glob("deb-*"):
+        if stale != out and ".build-" not in stale.name and _older_than(stale, STALE_BUILD_AGE):
             shutil.rmtree(stale, ignore_errors=True)
     return debs
 
