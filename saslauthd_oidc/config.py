@@ -2,9 +2,10 @@
 
 ``load_config(path)`` / ``parse_config(dict)`` return a :class:`Config` or raise
 :class:`ConfigError`, whose message starts with the dotted key that is wrong
-(``rule[2].audiences: expected a list of strings``). ``Config.warnings`` lists
-what is legal but probably not meant. No I/O other than reading the file and
-the secret files it names.
+(``rule[2].audiences: expected a list of strings``). What is legal but probably
+not meant is listed by :func:`saslauthd_oidc.core.rules.config_warnings` (and
+:func:`claim_warnings` here), which ``check-config`` prints. No I/O other than
+reading the file; the secret files it names are read by :mod:`.secret_files`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The two scenarios of DESIGN.md §1, end to end over the daemon's real socket.
+"""Two deployments end to end over the daemon's real socket: Kanidm with several clients
+(scenario 1) and Authentik with a shared issuer and two mail domains (scenario 2).
 
 Configs are the files in etc/examples/, pointed at loopback DevIssuers (URLs
 swapped, ``allow_http`` added; rules untouched). Tokens have the shapes real

@@ -1,6 +1,6 @@
 """The ``saslauthd-oidc`` command: serve, check-config, explain, auth-test, dev.
 
-Exit codes (DESIGN.md §5): 0 ok, 1 authentication refused, 2 usage or config
+Exit codes (README "Command line"): 0 ok, 1 authentication refused, 2 usage or config
 error, 3 temporary failure.
 """
 
