@@ -21,6 +21,7 @@ from saslauthd_oidc.config import parse_config
 from saslauthd_oidc.service.daemon import run_daemon
 from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.peers.dovecot_client import LineClient
+from tests.support import oauthbearer
 from tests.test_sasl import OAUTHBEARER_REJECT, XOAUTH2_REJECT
 
 USER = "alice@example.org"
@@ -70,12 +71,8 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def ob(token: str, user: str = USER) -> bytes:
-    return f"n,a={user},\x01auth=Bearer {token}\x01\x01".encode()
-
-
 async def expect_ok(client: LineClient, rid: int, token: str) -> None:
-    await client.send(f"AUTH\t{rid}\tOAUTHBEARER\tservice=smtp\tresp={b64(ob(token))}")
+    await client.send(f"AUTH\t{rid}\tOAUTHBEARER\tservice=smtp\tresp={b64(oauthbearer(token))}")
     assert await client.line() == f"OK\t{rid}\tuser={USER}"
 
 
@@ -117,7 +114,7 @@ async def test_every_malformed_sasl_payload_fails_only_its_request(
 async def test_malformed_protocol_lines_keep_the_connection(daemon: tuple[str, DevIssuer]) -> None:
     sock, issuer = daemon
     client = await connect(sock)
-    good = b64(ob(issuer.mint(email=USER)))
+    good = b64(oauthbearer(issuer.mint(email=USER)))
     await client.send("AUTH\t1\tFOO\tservice=smtp")
     assert await client.line() == "FAIL\t1\treason=Unsupported mechanism"
     await client.send(f"AUTH\t2\tOAUTHBEARER\tservice=smtp\tresp={good}\tsecured")
@@ -198,7 +195,7 @@ async def test_attack_tokens_refused_with_reason_and_connection_survives(
         "A" * 11000,  # fits the 16384-byte line; not a JWS
     ]
     for rid, token in enumerate(tokens, start=1):
-        challenge = await expect_refusal(client, rid, "OAUTHBEARER", ob(token))
+        challenge = await expect_refusal(client, rid, "OAUTHBEARER", oauthbearer(token))
         assert challenge is not None and challenge["status"] == "invalid_token", (rid, challenge)
     await expect_ok(client, len(tokens) + 1, issuer.mint(email=USER))
 

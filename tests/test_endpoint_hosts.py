@@ -6,24 +6,15 @@ needs ``endpoint_hosts``. A refused URL is never contacted.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import httpx
 import pytest
 import trio
 
 from saslauthd_oidc.config import ProviderConfig
 from saslauthd_oidc.core.outcome import Reason, Refusal
-from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.providers.jwt import VerifiedClaims, peek
 from saslauthd_oidc.providers.oidc import OidcProvider
 from saslauthd_oidc.tools.devissuer import DevIssuer
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with make_http_client(timeout=2.0) as c:
-        yield c
 
 
 async def issuers(nursery: trio.Nursery) -> tuple[DevIssuer, DevIssuer]:

@@ -38,9 +38,9 @@ from saslauthd_oidc.providers.verification_cache import (
 )
 from saslauthd_oidc.service.metrics import Metrics
 from saslauthd_oidc.tools.devissuer import DevIssuer
-from tests.providers_helpers import FakeClock
+from tests.support import FakeClock
 from tests.test_engine import CONFIG, A, B, FakeLookup, FakeVerifier, request, token
-from tests.test_frontend_dovecot import MECHS, Client, Stub, socket_path  # noqa: F401
+from tests.test_frontend_dovecot import MECHS, Client, Stub
 
 
 class SyncVerifier(FakeVerifier):
@@ -288,7 +288,7 @@ async def _serve(nursery: trio.Nursery, path: str, inline: InlineStub, **kw: Any
     )
 
 
-async def test_inline_answers_need_no_task(nursery: trio.Nursery, socket_path: str) -> None:  # noqa: F811
+async def test_inline_answers_need_no_task(nursery: trio.Nursery, socket_path: str) -> None:
     stub = Stub()
     inline = InlineStub(stub)
     await _serve(nursery, socket_path, inline)
@@ -304,7 +304,7 @@ async def test_inline_answers_need_no_task(nursery: trio.Nursery, socket_path: s
     assert inline.calls == 4
 
 
-async def test_inline_tempfail_disconnects(nursery: trio.Nursery, socket_path: str) -> None:  # noqa: F811
+async def test_inline_tempfail_disconnects(nursery: trio.Nursery, socket_path: str) -> None:
     stub = Stub()
     await _serve(nursery, socket_path, InlineStub(stub), tempfail_disconnect=True)
     client = await Client.connect(socket_path)
@@ -316,7 +316,7 @@ async def test_inline_tempfail_disconnects(nursery: trio.Nursery, socket_path: s
 
 async def test_pipelined_inline_requests_all_answered(
     nursery: trio.Nursery,
-    socket_path: str,  # noqa: F811
+    socket_path: str,
 ) -> None:
     from tests.test_frontend_dovecot import auth_line
 
@@ -749,7 +749,7 @@ async def test_current_answers_inline_finishes_on_its_engine_and_holds_when_drai
 
 async def test_a_finish_that_raises_fails_that_request_only(
     nursery: trio.Nursery,
-    socket_path: str,  # noqa: F811
+    socket_path: str,
 ) -> None:
     class Broken(InlineStub):
         async def finish(self, pending: Pending) -> Verdict:

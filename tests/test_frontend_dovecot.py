@@ -6,13 +6,8 @@ import base64
 import functools
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 import trio.testing
 
@@ -99,14 +94,6 @@ class Client:
             await self.send(f"CONT\t{rid}\tAQ==")
             reply = await self.line()
         return reply
-
-
-@pytest.fixture
-def socket_path() -> Iterator[str]:
-    # AF_UNIX paths are limited to ~108 bytes; pytest's tmp_path can be longer.
-    directory = tempfile.mkdtemp(prefix="dv", dir="/tmp")
-    yield str(Path(directory) / "auth")
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 async def serve(nursery: trio.Nursery, path: str, authenticate: Stub, **kw: Any) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import os
-from collections.abc import AsyncIterator, Iterator, MutableMapping
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -17,11 +17,10 @@ from structlog.testing import capture_logs
 
 from saslauthd_oidc.config import ProviderConfig
 from saslauthd_oidc.core.outcome import Outcome, Reason, Refusal
-from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.providers.jwt import VerifiedClaims, peek
 from saslauthd_oidc.providers.oidc import OidcProvider
 from saslauthd_oidc.tools.devissuer import DevIssuer
-from tests.providers_helpers import FakeClock
+from tests.support import FakeClock
 
 DISCOVERY = "/.well-known/openid-configuration"
 JWKS = "/jwks.json"
@@ -38,17 +37,6 @@ async def issuer(nursery: trio.Nursery) -> DevIssuer:
     iss = DevIssuer(algorithms=("ES256",))
     await nursery.start(iss.serve)
     return iss
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with make_http_client(timeout=2.0) as c:
-        yield c
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from saslauthd_oidc.providers.jwt import (
     peek,
     verify_jwt,
 )
-from tests.providers_helpers import (
+from tests.support import (
     ALL_ASYM,
     ISS,
     NOW,

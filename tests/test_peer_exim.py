@@ -52,7 +52,7 @@ from tests.peers.postfix import (
     smtp_auth,
     smtp_ehlo,
 )
-from tests.test_peer_postfix import oauthbearer, write_config, xoauth2
+from tests.support import oauthbearer, write_config, xoauth2
 
 pytestmark = pytest.mark.peer
 

@@ -31,7 +31,7 @@ from tests.peers.exim import README_SOCKET, DebianExim, exim_available
 from tests.peers.postfix import curl_available, make_shared_tmpdir
 from tests.peers.tls import client_context, self_signed_cert
 from tests.recipes import recipe, substitute
-from tests.test_peer_postfix import oauthbearer, write_config, xoauth2
+from tests.support import oauthbearer, write_config, xoauth2
 
 pytestmark = pytest.mark.peer
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -12,12 +11,12 @@ import trio
 
 from saslauthd_oidc.config import Config, ConfigError, ProviderConfig, RuleConfig
 from saslauthd_oidc.core.outcome import Reason, Refusal
-from saslauthd_oidc.providers.http import USER_AGENT, FetchError, fetch_json, make_http_client
+from saslauthd_oidc.providers.http import USER_AGENT, FetchError, fetch_json
 from saslauthd_oidc.providers.jwt import VerifiedClaims, peek
 from saslauthd_oidc.providers.oidc import OidcProvider
 from saslauthd_oidc.providers.registry import ProviderRegistry
 from saslauthd_oidc.tools.devissuer import DevIssuer
-from tests.providers_helpers import FakeClock, b64u, write_tls_files
+from tests.support import FakeClock, b64u, write_tls_files
 
 DISCOVERY = "/.well-known/openid-configuration"
 JWKS = "/jwks.json"
@@ -28,17 +27,6 @@ async def issuer(nursery: trio.Nursery) -> DevIssuer:
     iss = DevIssuer(algorithms=("ES256", "RS256"))
     await nursery.start(iss.serve)
     return iss
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with make_http_client(timeout=2.0) as c:
-        yield c
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 def provider(

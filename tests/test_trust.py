@@ -24,7 +24,7 @@ from saslauthd_oidc.providers.jwt import VerifiedClaims, bearer_problem, peek
 from saslauthd_oidc.providers.oidc import OidcProvider
 from saslauthd_oidc.tools.cli import main
 from saslauthd_oidc.tools.devissuer import DevIssuer
-from tests.providers_helpers import FakeClock
+from tests.support import FakeClock
 
 A = "https://a.example.org"
 B = "https://b.example.org"
