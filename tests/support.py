@@ -23,11 +23,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import get_default_algorithms
 
-from saslauthd_oidc.core.request import Mechanism
+from saslauthd_oidc.core.outcome import DiscoveryHint, Reason, Verdict
+from saslauthd_oidc.core.request import AuthRequest, Mechanism
 from saslauthd_oidc.providers.jwt import KeySet, UnverifiedToken, peek
 from saslauthd_oidc.tools import devissuer
 from saslauthd_oidc.tools.authtest import build_initial_response
@@ -371,3 +373,90 @@ audiences = ["mail"]
         stdin=subprocess.DEVNULL,
     )
     return proc, sock
+
+
+# --------------------------------------------------------------------------- Dovecot auth clients
+
+MECHS = [Mechanism.OAUTHBEARER, Mechanism.XOAUTH2]
+
+
+class Stub:
+    """An engine stand-in: the token says what to answer."""
+
+    def __init__(self) -> None:
+        self.seen: list[AuthRequest] = []
+        self.cancelled = 0
+        self.started = trio.Event()
+
+    async def __call__(self, request: AuthRequest) -> Verdict:
+        self.seen.append(request)
+        token = request.credentials.token
+        if token.startswith("good-"):
+            return Verdict(reason=Reason.OK, account=token.removeprefix("good-"))
+        if token == "temp":
+            return Verdict(reason=Reason.PROVIDER_UNAVAILABLE)
+        if token == "slow":
+            await trio.sleep(30)
+        if token == "boom":
+            raise RuntimeError("engine bug")
+        if token == "hang":
+            self.started.set()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.cancelled += 1
+        return Verdict(
+            reason=Reason.BAD_SIGNATURE,
+            hint=DiscoveryHint(openid_configuration="https://idp/.well-known/openid-configuration"),
+        )
+
+
+def ir(token: str, user: str = USER) -> str:
+    """An OAUTHBEARER initial response as an AUTH line's base64 resp=."""
+    return base64.b64encode(oauthbearer(token, user)).decode()
+
+
+def auth_line(rid: int, token: str) -> str:
+    """A Dovecot AUTH line for OAUTHBEARER with ``token`` (service smtp, no addresses)."""
+    return f"AUTH\t{rid}\tOAUTHBEARER\tservice=smtp\tnologin\tlip=\trip=\tresp={ir(token)}"
+
+
+class Client:
+    """A Dovecot auth-client over a Unix socket: handshake, AUTH, and the replies."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = b""
+
+    @classmethod
+    async def connect(cls, path: str) -> Client:
+        return cls(await trio.open_unix_socket(path))
+
+    async def send(self, *lines: str) -> None:
+        await self.stream.send_all("".join(line + "\n" for line in lines).encode())
+
+    async def line(self) -> str | None:
+        """The next line, or None at EOF."""
+        while b"\n" not in self.buffer:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                return None
+            self.buffer += data
+        raw, _, self.buffer = self.buffer.partition(b"\n")
+        return raw.decode()
+
+    async def handshake(self) -> list[str]:
+        lines = []
+        while (line := await self.line()) != "DONE":
+            assert line is not None
+            lines.append(line)
+        await self.send("VERSION\t1\t0", "CPID\t4711")
+        return lines
+
+    async def authenticate(self, rid: int, token: str) -> str | None:
+        await self.send(auth_line(rid, token))
+        reply = await self.line()
+        if reply is not None and reply.startswith(f"CONT\t{rid}\t"):
+            await self.send(f"CONT\t{rid}\tAQ==")
+            reply = await self.line()
+        return reply

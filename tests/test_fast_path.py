@@ -38,9 +38,8 @@ from saslauthd_oidc.providers.verification_cache import (
 )
 from saslauthd_oidc.service.metrics import Metrics
 from saslauthd_oidc.tools.devissuer import DevIssuer
-from tests.support import FakeClock
+from tests.support import MECHS, Client, FakeClock, Stub
 from tests.test_engine import CONFIG, A, B, FakeLookup, FakeVerifier, request, token
-from tests.test_frontend_dovecot import MECHS, Client, Stub
 
 
 class SyncVerifier(FakeVerifier):
@@ -318,7 +317,7 @@ async def test_pipelined_inline_requests_all_answered(
     nursery: trio.Nursery,
     socket_path: str,
 ) -> None:
-    from tests.test_frontend_dovecot import auth_line
+    from tests.support import auth_line
 
     await _serve(nursery, socket_path, InlineStub(Stub()))
     client = await Client.connect(socket_path)
@@ -524,7 +523,7 @@ def _auth_counts(metrics: Metrics) -> dict[str, float]:
 async def test_hot_path_per_request_on_a_ready_socket(monkeypatch: pytest.MonkeyPatch) -> None:
     """A cached token over a real socket: 1 wake-up, 1 recv, 1 send, no task, no timer, no parse."""
     from saslauthd_oidc.frontends import dovecot
-    from tests.test_frontend_dovecot import auth_line
+    from tests.support import auth_line
 
     monkeypatch.setattr(dovecot, "_RawSocket", _CountingSocket)
     metrics = Metrics()

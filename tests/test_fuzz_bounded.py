@@ -34,7 +34,7 @@ from saslauthd_oidc.frontends.dovecot import handle_dovecot_stream
 from saslauthd_oidc.protocol.dovecot import DovecotServerConnection, NeedVerdict
 from saslauthd_oidc.protocol.sasl import decode_oauthbearer, decode_plain, decode_xoauth2
 from saslauthd_oidc.protocol.saslauthd import NeedData, SaslauthdServerConnection
-from tests.test_frontend_dovecot import MECHS, Stub, auth_line
+from tests.support import MECHS, Stub, auth_line
 
 REPLY = re.compile(r"(OK|FAIL|CONT)\t\d+(\t[^\t\n]*)*")
 

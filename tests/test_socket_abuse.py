@@ -42,7 +42,7 @@ from saslauthd_oidc.service.daemon import run_daemon
 from saslauthd_oidc.service.logs import configure_logging
 from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
 from tests.peers.dovecot_client import LineClient
-from tests.test_frontend_dovecot import MECHS, Stub, auth_line
+from tests.support import MECHS, Stub, auth_line
 
 USER = "alice@example.org"
 
