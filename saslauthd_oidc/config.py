@@ -34,7 +34,11 @@ KNOWN_MECHANISMS = ("OAUTHBEARER", "XOAUTH2", "PLAIN", "LOGIN")
 # Rules may also name BEARER: a bare token over HTTP (introspection, userinfo).
 RULE_MECHANISMS = (*KNOWN_MECHANISMS, "BEARER")
 USERNAME_FILTERS = ("localpart", "domain", "lower")
-INTROSPECTION_AUTH_METHODS = ("client_secret_basic", "client_secret_post")
+IntrospectionAuth = Literal["client_secret_basic", "client_secret_post"]
+INTROSPECTION_AUTH_METHODS: tuple[IntrospectionAuth, ...] = (
+    "client_secret_basic",
+    "client_secret_post",
+)
 TENANT_PLACEHOLDER = "{tenantid}"
 # Default seconds an introspection answer for a JWT is trusted (force_introspection).
 FORCE_INTROSPECTION_TTL = 30.0
@@ -171,7 +175,7 @@ class ProviderConfig:
     introspection_endpoint: str | None = None
     client_id: str | None = None
     client_secret_file: str | None = None
-    introspection_auth: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    introspection_auth: IntrospectionAuth = "client_secret_basic"
     # Userinfo: enrichment of JWTs that lack the claims the username needs; and,
     # opted into separately, validation of last resort for opaque tokens.
     userinfo: bool = False
@@ -543,6 +547,7 @@ def _syntax_error(path: Path, text: str, exc: tomllib.TOMLDecodeError) -> Config
 
 
 T = TypeVar("T")
+C = TypeVar("C", bound=str)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
@@ -626,11 +631,13 @@ class _Section:
             raise ConfigError(self._k(name), "expected a list of non-empty strings")
         return tuple(v)
 
-    def choice(self, name: str, default: str, choices: Sequence[str]) -> str:
+    def choice(self, name: str, default: C, choices: Sequence[C]) -> C:
+        """One of ``choices`` (typed as narrowly as they are: a Literal stays one)."""
         v = self.text(name, default)
-        if v not in choices:
-            raise ConfigError(self._k(name), f"expected one of {', '.join(map(repr, choices))}")
-        return v
+        for choice in choices:
+            if v == choice:
+                return choice
+        raise ConfigError(self._k(name), f"expected one of {', '.join(map(repr, choices))}")
 
     def reject_unknown(self) -> None:
         unknown = sorted(set(self.data) - self.seen)
@@ -740,7 +747,7 @@ def _parse_server(data: Any) -> ServerConfig:
         http_socket_group=s.text("http_socket_group", None),
         mechanisms=mechanisms,
         request_timeout=s.number("request_timeout", d.request_timeout, minimum=0.1),
-        tempfail=s.choice("tempfail", d.tempfail, ("fail", "disconnect")),  # type: ignore[arg-type]
+        tempfail=s.choice("tempfail", d.tempfail, ("fail", "disconnect")),
         workers=s.whole("workers", d.workers, minimum=1),
         max_connections=_optional_whole(s, "max_connections"),
         max_token_bytes=s.whole("max_token_bytes", d.max_token_bytes, minimum=256),
@@ -808,7 +815,7 @@ def _parse_http(data: Any, server: ServerConfig) -> HttpConfig:
                 f'{entry!r} is not an address, a network or "unix"',
             ) from None
     cfg = HttpConfig(
-        auth=s.choice("auth", d.auth, ("required", "open")),  # type: ignore[arg-type]
+        auth=s.choice("auth", d.auth, ("required", "open")),
         users_file=s.text("users_file", None),
         secret_file=s.text("secret_file", None),
         readyz_grace=s.number("readyz_grace", d.readyz_grace),
@@ -857,7 +864,7 @@ def _parse_logging(data: Any) -> LoggingConfig:
     s = _Section("logging", data)
     cfg = LoggingConfig(
         level=s.choice("level", "info", ("debug", "info", "warning", "error")),
-        format=s.choice("format", "json", ("json", "console")),  # type: ignore[arg-type]
+        format=s.choice("format", "json", ("json", "console")),
     )
     s.reject_unknown()
     return cfg
@@ -946,7 +953,7 @@ def _parse_provider(index: int, data: Any) -> ProviderConfig:
         introspection_endpoint=introspection_endpoint,
         client_id=client_id,
         client_secret_file=client_secret_file,
-        introspection_auth=s.choice(  # type: ignore[arg-type]
+        introspection_auth=s.choice(
             "introspection_auth", "client_secret_basic", INTROSPECTION_AUTH_METHODS
         ),
         userinfo=s.flag("userinfo", False),
@@ -1097,7 +1104,7 @@ def _parse_rule(
         domain_map=domain_map,
         account_domains=tuple(d.lower().lstrip("@") for d in s.texts("account_domains")),
         normalize=s.flag("normalize", True),
-        authzid=s.choice("authzid", "match", ("match", "ignore")),  # type: ignore[arg-type]
+        authzid=s.choice("authzid", "match", ("match", "ignore")),
         fallback=s.flag("fallback", False),
         discovery_hint=discovery_hint,
         challenge_scope=_scope_list(f"{key}.challenge_scope", s.text("challenge_scope", None)),
