@@ -39,7 +39,7 @@ from pathlib import Path
 
 from bench import run_all
 from bench.loadgen import LoadResult, auth_suffix, run_load
-from saslauthd_oidc.devissuer import DevIssuer
+from saslauthd_oidc.tools.devissuer import DevIssuer
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from bench import run_all
 from bench.loadgen import auth_suffix, run_load
-from saslauthd_oidc.devissuer import DevIssuer
+from saslauthd_oidc.tools.devissuer import DevIssuer
 
 
 def summarize(raw: Path, top: int = 25) -> str:

@@ -3,7 +3,7 @@
 What it does (``bench/run-all`` calls it; ``--quick`` shrinks everything to a smoke test):
 
 1. Makes a work directory with one RS256, one ES256 and one EdDSA key (the
-   :class:`~saslauthd_oidc.devissuer.DevIssuer`'s), mints pools of unique
+   :class:`~saslauthd_oidc.tools.devissuer.DevIssuer`'s), mints pools of unique
    tokens (RFC 9068 claims, two hours valid), writes ``jwks.json`` and serves
    it with ``python -m http.server`` on loopback, and writes the public keys as
    PEM into a Dovecot ``fs:posix`` dict as ``<prefix>/default/<alg>/<kid>``
@@ -45,7 +45,7 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from bench.loadgen import LoadResult, auth_suffix, process_tree, rss_kib, run_load
-from saslauthd_oidc.devissuer import DevIssuer
+from saslauthd_oidc.tools.devissuer import DevIssuer
 
 ISSUER = "https://issuer.bench.invalid"
 USER = "alice@example.org"

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import trio
 
-from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
+from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
 
 USER = "alice@example.org"
 

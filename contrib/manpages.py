@@ -4,7 +4,7 @@
     python3 contrib/manpages.py --outdir DIR [--version V] [--date YYYY-MM-DD]
 
 saslauthd-oidc(8) is written from the argparse parser of
-``saslauthd_oidc.cli.build_parser`` (every subcommand and option, with its
+``saslauthd_oidc.tools.cli.build_parser`` (every subcommand and option, with its
 help text and default), saslauthd-oidc.toml(5) from the reference
 configuration ``etc/saslauthd-oidc.toml`` (every section and key, with the
 comments that describe it). Nothing about a command or a key is written here
@@ -23,7 +23,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from saslauthd_oidc import __version__, cli
+from saslauthd_oidc import __version__
+from saslauthd_oidc.tools import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "etc" / "saslauthd-oidc.toml"
@@ -139,7 +140,7 @@ def _default(opt: Option) -> str:
 
 def page8(parser: argparse.ArgumentParser, version: str, date: str) -> str:
     global_opts, cmds = commands(parser)
-    out = header("saslauthd-oidc", 8, version, date, "saslauthd_oidc/cli.py")
+    out = header("saslauthd-oidc", 8, version, date, "saslauthd_oidc/tools/cli.py")
     out += [".SH NAME", f"saslauthd\\-oidc \\- {esc(parser.description or '')}"]
     out += [".SH SYNOPSIS"]
     for opt in global_opts:

@@ -2,6 +2,6 @@
 
 import sys
 
-from saslauthd_oidc.cli import main
+from saslauthd_oidc.tools.cli import main
 
 sys.exit(main())

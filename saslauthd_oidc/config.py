@@ -2,15 +2,15 @@
 
 ``load_config(path)`` / ``parse_config(dict)`` return a :class:`Config` or raise
 :class:`ConfigError`, whose message starts with the dotted key that is wrong
-(``rule[2].audiences: expected a list of strings``). ``Config.warnings`` lists
-what is legal but probably not meant. No I/O other than reading the file and
-the secret files it names.
+(``rule[2].audiences: expected a list of strings``). What is legal but probably
+not meant is listed by :func:`saslauthd_oidc.core.rules.config_warnings` (and
+:func:`claim_warnings` here), which ``check-config`` prints. No I/O other than
+reading the file; the secret files it names are read by :mod:`.secret_files`.
 """
 
 from __future__ import annotations
 
 import difflib
-import errno
 import ipaddress
 import os
 import re
@@ -34,7 +34,11 @@ KNOWN_MECHANISMS = ("OAUTHBEARER", "XOAUTH2", "PLAIN", "LOGIN")
 # Rules may also name BEARER: a bare token over HTTP (introspection, userinfo).
 RULE_MECHANISMS = (*KNOWN_MECHANISMS, "BEARER")
 USERNAME_FILTERS = ("localpart", "domain", "lower")
-INTROSPECTION_AUTH_METHODS = ("client_secret_basic", "client_secret_post")
+IntrospectionAuth = Literal["client_secret_basic", "client_secret_post"]
+INTROSPECTION_AUTH_METHODS: tuple[IntrospectionAuth, ...] = (
+    "client_secret_basic",
+    "client_secret_post",
+)
 TENANT_PLACEHOLDER = "{tenantid}"
 # Default seconds an introspection answer for a JWT is trusted (force_introspection).
 FORCE_INTROSPECTION_TTL = 30.0
@@ -77,7 +81,7 @@ class ServerConfig:
     tempfail: Literal["fail", "disconnect"] = "fail"
     workers: int = 1
     # Connections at once on the auth socket (and on the saslauthd socket);
-    # None: 4096, within the file-descriptor budget (saslauthd_oidc.limits).
+    # None: 4096, within the file-descriptor budget (saslauthd_oidc.service.limits).
     max_connections: int | None = None
     max_token_bytes: int = 16384
     # Seconds a Dovecot-protocol client may take to send one line (and its
@@ -106,7 +110,7 @@ class HttpConfig:
     # Reverse proxies whose X-Forwarded-Host / X-Forwarded-Proto are believed:
     # addresses or networks, and "unix" for the Unix-socket listener. None by default.
     trusted_proxies: tuple[IPv4Network | IPv6Network | Literal["unix"], ...] = ()
-    # Denial-of-service bounds of the HTTP listener (saslauthd_oidc.limits).
+    # Denial-of-service bounds of the HTTP listener (saslauthd_oidc.service.limits).
     max_connections: int | None = None  # None: 256, within the descriptor budget
     read_timeout: float = 10.0  # seconds for a request's body to arrive once its head has
     write_timeout: float = 10.0  # seconds for a client to take each answer
@@ -132,7 +136,8 @@ class LoggingConfig:
     format: Literal["json", "console"] = "json"
 
 
-_TENANT_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
+#: One tenant label in a ``{tenantid}`` issuer (providers/issuers.py) and allowed_tenants.
+TENANT_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
 
 
 def _host(url: str) -> str:
@@ -170,7 +175,7 @@ class ProviderConfig:
     introspection_endpoint: str | None = None
     client_id: str | None = None
     client_secret_file: str | None = None
-    introspection_auth: Literal["client_secret_basic", "client_secret_post"] = "client_secret_basic"
+    introspection_auth: IntrospectionAuth = "client_secret_basic"
     # Userinfo: enrichment of JWTs that lack the claims the username needs; and,
     # opted into separately, validation of last resort for opaque tokens.
     userinfo: bool = False
@@ -221,31 +226,11 @@ class ProviderConfig:
         """Whether tokens that are not a JWS can be checked here at all."""
         return self.introspects or self.userinfo_validation
 
-    def tenant_of(self, iss: object) -> str | None:
-        """The tenant a multi-tenant issuer template gives ``iss``, if it fits and is allowed."""
-        if not self.multi_tenant or not isinstance(iss, str):
-            return None
-        head, _, tail = self.issuer.partition(TENANT_PLACEHOLDER)
-        if len(iss) <= len(head) + len(tail) or not (iss.startswith(head) and iss.endswith(tail)):
-            return None
-        tenant = iss[len(head) : len(iss) - len(tail)]
-        if not _TENANT_RE.fullmatch(tenant):
-            return None
-        if "*" in self.allowed_tenants or tenant.lower() in self.allowed_tenants:
-            return tenant
-        return None
-
     @property
     def metadata_hosts(self) -> frozenset[str]:
         """Hosts a discovered endpoint may be on: the issuer's, discovery's, endpoint_hosts."""
         hosts = {_host(self.issuer), _host(self.effective_discovery_url)}
         return frozenset(h for h in hosts | set(self.endpoint_hosts) if h)
-
-    def accepts_issuer(self, iss: object) -> bool:
-        """``iss`` is this provider's issuer (exactly, or through the tenant template)."""
-        if self.multi_tenant:
-            return self.tenant_of(iss) is not None
-        return iss == self.issuer
 
 
 @dataclass(frozen=True, slots=True)
@@ -562,6 +547,7 @@ def _syntax_error(path: Path, text: str, exc: tomllib.TOMLDecodeError) -> Config
 
 
 T = TypeVar("T")
+C = TypeVar("C", bound=str)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
@@ -645,11 +631,13 @@ class _Section:
             raise ConfigError(self._k(name), "expected a list of non-empty strings")
         return tuple(v)
 
-    def choice(self, name: str, default: str, choices: Sequence[str]) -> str:
+    def choice(self, name: str, default: C, choices: Sequence[C]) -> C:
+        """One of ``choices`` (typed as narrowly as they are: a Literal stays one)."""
         v = self.text(name, default)
-        if v not in choices:
-            raise ConfigError(self._k(name), f"expected one of {', '.join(map(repr, choices))}")
-        return v
+        for choice in choices:
+            if v == choice:
+                return choice
+        raise ConfigError(self._k(name), f"expected one of {', '.join(map(repr, choices))}")
 
     def reject_unknown(self) -> None:
         unknown = sorted(set(self.data) - self.seen)
@@ -759,7 +747,7 @@ def _parse_server(data: Any) -> ServerConfig:
         http_socket_group=s.text("http_socket_group", None),
         mechanisms=mechanisms,
         request_timeout=s.number("request_timeout", d.request_timeout, minimum=0.1),
-        tempfail=s.choice("tempfail", d.tempfail, ("fail", "disconnect")),  # type: ignore[arg-type]
+        tempfail=s.choice("tempfail", d.tempfail, ("fail", "disconnect")),
         workers=s.whole("workers", d.workers, minimum=1),
         max_connections=_optional_whole(s, "max_connections"),
         max_token_bytes=s.whole("max_token_bytes", d.max_token_bytes, minimum=256),
@@ -827,7 +815,7 @@ def _parse_http(data: Any, server: ServerConfig) -> HttpConfig:
                 f'{entry!r} is not an address, a network or "unix"',
             ) from None
     cfg = HttpConfig(
-        auth=s.choice("auth", d.auth, ("required", "open")),  # type: ignore[arg-type]
+        auth=s.choice("auth", d.auth, ("required", "open")),
         users_file=s.text("users_file", None),
         secret_file=s.text("secret_file", None),
         readyz_grace=s.number("readyz_grace", d.readyz_grace),
@@ -876,7 +864,7 @@ def _parse_logging(data: Any) -> LoggingConfig:
     s = _Section("logging", data)
     cfg = LoggingConfig(
         level=s.choice("level", "info", ("debug", "info", "warning", "error")),
-        format=s.choice("format", "json", ("json", "console")),  # type: ignore[arg-type]
+        format=s.choice("format", "json", ("json", "console")),
     )
     s.reject_unknown()
     return cfg
@@ -943,7 +931,7 @@ def _parse_provider(index: int, data: Any) -> ProviderConfig:
                 'an issuer with {tenantid} needs the tenants it accepts (["*"] for any)',
             )
         for t in allowed_tenants:
-            if t != "*" and not _TENANT_RE.fullmatch(t):
+            if t != "*" and not TENANT_RE.fullmatch(t):
                 raise ConfigError(f"{key}.allowed_tenants", f"{t!r} is not a tenant id")
     elif allowed_tenants:
         raise ConfigError(f"{key}.allowed_tenants", "only for an issuer containing {tenantid}")
@@ -965,7 +953,7 @@ def _parse_provider(index: int, data: Any) -> ProviderConfig:
         introspection_endpoint=introspection_endpoint,
         client_id=client_id,
         client_secret_file=client_secret_file,
-        introspection_auth=s.choice(  # type: ignore[arg-type]
+        introspection_auth=s.choice(
             "introspection_auth", "client_secret_basic", INTROSPECTION_AUTH_METHODS
         ),
         userinfo=s.flag("userinfo", False),
@@ -1116,7 +1104,7 @@ def _parse_rule(
         domain_map=domain_map,
         account_domains=tuple(d.lower().lstrip("@") for d in s.texts("account_domains")),
         normalize=s.flag("normalize", True),
-        authzid=s.choice("authzid", "match", ("match", "ignore")),  # type: ignore[arg-type]
+        authzid=s.choice("authzid", "match", ("match", "ignore")),
         fallback=s.flag("fallback", False),
         discovery_hint=discovery_hint,
         challenge_scope=_scope_list(f"{key}.challenge_scope", s.text("challenge_scope", None)),
@@ -1441,38 +1429,3 @@ def claim_warnings(cfg: Config) -> list[str]:
                     "(explain shows a token's claims)"
                 )
     return warnings
-
-
-def read_secret_file(key: str, path: str) -> str:
-    """Read a secret (client secret, HMAC key) from a file that others cannot write."""
-    p = Path(path)
-    try:
-        st = p.stat()
-    except OSError as exc:
-        raise ConfigError(key, f"cannot read {p}: {exc.strerror}") from None
-    if st.st_mode & (stat.S_IWOTH | stat.S_IROTH):
-        raise ConfigError(
-            key,
-            f"{p} is readable or writable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
-            f"{SECRET_FILE_ADVICE.format(path=p)}",
-        )
-    try:
-        text = p.read_text("utf-8").strip()
-    except UnicodeDecodeError:
-        raise ConfigError(key, f"{p} is not UTF-8 text") from None
-    except OSError as exc:
-        advice = ""
-        if exc.errno == errno.EACCES:
-            advice = f" for this user (uid {os.geteuid()}): {SECRET_FILE_ADVICE.format(path=p)}"
-        raise ConfigError(key, f"cannot read {p}: {exc.strerror}{advice}") from None
-    if not text:
-        raise ConfigError(key, f"{p} is empty")
-    return text
-
-
-# The README's install layout: root owns the file, the daemon's group reads it.
-DAEMON_USER = "saslauthd-oidc"
-SECRET_FILE_ADVICE = (
-    "the daemon's user must read it and nobody else: chown root:saslauthd-oidc {path} "
-    "&& chmod 0640 {path} (the daemon's group; the README's install layout)"
-)

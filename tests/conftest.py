@@ -1,16 +1,25 @@
-"""Shared test plumbing.  Keep this small: peer harnesses live in tests/peers/."""
+"""Shared fixtures (builders and fakes are in tests/support.py; peer harnesses in tests/peers/).
+
+A module that needs another ``issuer`` (a nursery-served one, other algorithms) defines its
+own fixture of that name, which takes precedence over the one here.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+import tempfile
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import structlog
 
+from saslauthd_oidc.providers.http import make_http_client
+from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
 from tests.peers.postfix import make_shared_tmpdir, postfix_available
+from tests.support import FakeClock
 
 REQUIRE_PEERS_ENV = "SASLAUTHD_OIDC_REQUIRE_PEERS"
 
@@ -55,3 +64,38 @@ def oidc_provider_ready() -> None:
     from tests.peers.oidc_provider import oidc_provider_available
 
     require_peer("oidc-provider", oidc_provider_available())
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    """The daemon's own outbound HTTP client (make_http_client), with a short timeout."""
+    async with make_http_client(timeout=2.0) as c:
+        yield c
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def issuer() -> Iterator[DevIssuer]:
+    """An ES256 development issuer served from a background thread."""
+    with DevIssuerThread(DevIssuer(algorithms=("ES256",))) as iss:
+        yield iss
+
+
+@pytest.fixture
+def socket_path() -> Iterator[str]:
+    """A fresh Unix socket path (AF_UNIX paths hold ~108 bytes; tmp_path can be longer)."""
+    directory = tempfile.mkdtemp(prefix="dv", dir="/tmp")
+    yield str(Path(directory) / "auth")
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A fresh short directory under /tmp (for sockets, configs and logs of a subprocess)."""
+    d = Path(tempfile.mkdtemp(prefix="wk", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

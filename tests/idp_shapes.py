@@ -37,7 +37,7 @@ from typing import Any
 
 import tomli_w
 
-from saslauthd_oidc.devissuer import DevIssuer
+from saslauthd_oidc.tools.devissuer import DevIssuer
 
 ALICE = "alice@example.org"
 BOB = "bob@example.net"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import pytest
@@ -10,14 +11,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from saslauthd_oidc.config import ProviderConfig
-from saslauthd_oidc.outcome import Reason
+from saslauthd_oidc.core.outcome import Reason, Refusal
 from saslauthd_oidc.providers.answers import (
     DECISION_CLAIMS,
     interpret_introspection,
     interpret_userinfo,
     merge_userinfo,
 )
-from saslauthd_oidc.providers.jwt import TokenRejected, VerifiedClaims
+from saslauthd_oidc.providers.issuers import accepts_issuer
+from saslauthd_oidc.providers.jwt import VerifiedClaims
 
 ISS = "https://idp.example.org/realms/mail"
 NOW = 1_800_000_000.0
@@ -28,7 +30,7 @@ def _exact(iss: object) -> bool:
     return iss == ISS
 
 
-def introspect(**doc: Any) -> VerifiedClaims | TokenRejected:
+def introspect(**doc: Any) -> VerifiedClaims | Refusal:
     answer: dict[str, Any] = {"active": True, "sub": "alice", "exp": NOW + 600}
     answer.update(doc)
     answer = {k: v for k, v in answer.items() if v is not None}
@@ -37,7 +39,7 @@ def introspect(**doc: Any) -> VerifiedClaims | TokenRejected:
     )
 
 
-def reason(result: VerifiedClaims | TokenRejected) -> Reason:
+def reason(result: VerifiedClaims | Refusal) -> Reason:
     return Reason.OK if isinstance(result, VerifiedClaims) else result.reason
 
 
@@ -163,7 +165,7 @@ def test_past_nbf_and_iat_without_exp_pass() -> None:
 # --------------------------------------------------------------------------- userinfo
 
 
-def userinfo(**doc: Any) -> VerifiedClaims | TokenRejected:
+def userinfo(**doc: Any) -> VerifiedClaims | Refusal:
     return interpret_userinfo(doc, issuer=ISS, accepts_issuer=_exact)
 
 
@@ -195,13 +197,13 @@ def test_userinfo_multi_tenant_issuer_through_config() -> None:
     ok = interpret_userinfo(
         {"sub": "a", "iss": "https://login.example/t1/v2.0"},
         issuer=cfg.issuer,
-        accepts_issuer=cfg.accepts_issuer,
+        accepts_issuer=partial(accepts_issuer, cfg),
     )
     assert reason(ok) is Reason.OK
     other = interpret_userinfo(
         {"sub": "a", "iss": "https://login.example/t2/v2.0"},
         issuer=cfg.issuer,
-        accepts_issuer=cfg.accepts_issuer,
+        accepts_issuer=partial(accepts_issuer, cfg),
     )
     assert reason(other) is Reason.WRONG_ISSUER
 
@@ -223,7 +225,7 @@ def test_merge_refuses_another_subject(sub: object) -> None:
     if sub is not None:
         answer["sub"] = sub
     merged = merge_userinfo(TOKEN, answer)
-    assert isinstance(merged, TokenRejected)
+    assert isinstance(merged, Refusal)
     assert merged.reason is Reason.BAD_CLAIM
 
 
@@ -296,4 +298,4 @@ def test_userinfo_never_changes_a_decision_claim(
 def test_userinfo_with_another_sub_is_always_refused(token: dict[str, Any], sub: str) -> None:
     token["sub"] = "alice"
     merged = merge_userinfo(token, {"sub": sub if sub != "alice" else "bob", "aud": "x"})
-    assert isinstance(merged, TokenRejected)
+    assert isinstance(merged, Refusal)

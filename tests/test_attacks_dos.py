@@ -46,7 +46,7 @@ from typing import Any
 
 import pytest
 
-from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
+from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
 
 USER = "alice@example.org"
 NOFILE = 1024  # the shipped unit's soft limit before LimitNOFILE= was set

@@ -40,10 +40,10 @@ from cryptography.x509.oid import NameOID
 from jwt.algorithms import get_default_algorithms
 
 from saslauthd_oidc.config import LoggingConfig, parse_config
-from saslauthd_oidc.daemon import run_daemon
-from saslauthd_oidc.devissuer import DevIssuer
-from saslauthd_oidc.observability import configure_logging
-from saslauthd_oidc.request import token_fingerprint
+from saslauthd_oidc.core.request import token_fingerprint
+from saslauthd_oidc.service.daemon import run_daemon
+from saslauthd_oidc.service.logs import configure_logging
+from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.peers.dovecot_client import LineClient
 
 USER = "alice@example.org"
@@ -84,10 +84,10 @@ def private_key(iss: DevIssuer, alg: str) -> Any:
 def sign(signing_input: str, alg: str, key: Any) -> bytes:
     """Sign with PyJWT's algorithm object (no key/alg consistency checks of its own)."""
     algo = get_default_algorithms()[alg]
-    return algo.sign(signing_input.encode(), key)  # type: ignore[arg-type]
+    return algo.sign(signing_input.encode(), key)
 
 
-def jws(header: dict[str, Any], claims: dict[str, Any] | str, alg: str, key: Any) -> str:
+def jws(header: dict[str, Any] | str, claims: dict[str, Any] | str, alg: str, key: Any) -> str:
     """A compact JWS over ``claims`` (a dict, or a raw JSON text) signed as ``alg`` with ``key``."""
     payload = b64u(claims.encode()) if isinstance(claims, str) else enc(claims)
     head = b64u(header.encode()) if isinstance(header, str) else enc(header)
@@ -191,7 +191,7 @@ class Stack:
             if e.get("event") == "authentication" and e.get("token") == fp
         ]
 
-    async def refused(self, token: str, *reasons: str, user: str = USER) -> None:
+    async def refused(self, token: str, *reasons: str, user: str | None = USER) -> None:
         """The token is refused over the socket, with one of ``reasons`` in the log."""
         reply = await self.auth(ob(token, user))
         assert reply.startswith(f"FAIL\t{self.rid}"), reply
@@ -366,6 +366,7 @@ async def _kid(s: Stack) -> None:
     jwks_before = s.a.requests["/jwks.json"]
     # (each new kid in a token newer than the keys could be a rotation: after the one
     # refetch per cooldown, a temporary refusal — never an OK)
+    kid: Any
     for kid in ("../../etc/passwd", "%2e%2e%2f", "' OR 1=1--", "k\u0000", "ES256", "*"):
         await s.refused(s.signed(claims, kid=kid), "unknown_key", "key_refresh_pending")
     for kid in (123, ["k"], {"k": 1}, True, "x" * 1000):
@@ -411,6 +412,7 @@ async def _embedded(s: Stack) -> None:
 
 @row("r06-crit-b64")
 async def _crit(s: Stack) -> None:
+    extra: dict[str, Any]
     for extra in ({"crit": ["exp"]}, {"crit": []}, {"b64": False}, {"crit": ["b64"], "b64": False}):
         await s.refused(s.signed(s.claims(), **extra), "malformed_token", "unsupported_algorithm")
 

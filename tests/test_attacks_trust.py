@@ -27,12 +27,12 @@ from typing import Any
 import pytest
 import trio
 
-from saslauthd_oidc.cli import main
 from saslauthd_oidc.config import LoggingConfig, parse_config
-from saslauthd_oidc.daemon import run_daemon
-from saslauthd_oidc.devissuer import DevIssuer
-from saslauthd_oidc.observability import configure_logging
-from saslauthd_oidc.request import token_fingerprint
+from saslauthd_oidc.core.request import token_fingerprint
+from saslauthd_oidc.service.daemon import run_daemon
+from saslauthd_oidc.service.logs import configure_logging
+from saslauthd_oidc.tools.cli import main
+from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.idp_shapes import authentik, keycloak
 from tests.peers.dovecot_client import LineClient
 

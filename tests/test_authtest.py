@@ -12,7 +12,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from saslauthd_oidc.authtest import (
+from saslauthd_oidc.core.outcome import DiscoveryHint, Outcome, Reason, Verdict
+from saslauthd_oidc.core.request import SASL_MECHANISMS, AuthRequest, Mechanism, token_fingerprint
+from saslauthd_oidc.frontends.dovecot import serve_dovecot_listener
+from saslauthd_oidc.tools.authtest import (
     AuthTestError,
     build_auth_line,
     build_initial_response,
@@ -20,9 +23,6 @@ from saslauthd_oidc.authtest import (
     run_auth_test,
     sasl_escape,
 )
-from saslauthd_oidc.frontends.dovecot import serve_dovecot_listener
-from saslauthd_oidc.outcome import DiscoveryHint, Outcome, Reason, Verdict
-from saslauthd_oidc.request import SASL_MECHANISMS, AuthRequest, Mechanism, token_fingerprint
 
 GOOD = "eyJhbGciOiJFUzI1NiJ9.GOOD-marker-token.c2ln"
 BAD = "eyJhbGciOiJFUzI1NiJ9.BAD-marker-token.c2ln"

@@ -22,8 +22,8 @@ import pytest
 import structlog
 import trio
 
-from saslauthd_oidc import cli
-from saslauthd_oidc.autoconfig import (
+from saslauthd_oidc.config import Config, ConfigError, parse_config
+from saslauthd_oidc.core.autoconfig import (
     PACC_PATH,
     autoconfig_warnings,
     autoconfig_xml,
@@ -31,13 +31,14 @@ from saslauthd_oidc.autoconfig import (
     pacc_json,
     pacc_txt_record,
 )
-from saslauthd_oidc.config import Config, ConfigError, parse_config
-from saslauthd_oidc.engine import Engine
-from saslauthd_oidc.frontends.http import CallerAuth, HttpFrontend
-from saslauthd_oidc.outcome import Reason, Verdict
-from saslauthd_oidc.providers.jwt import TokenRejected, UnverifiedToken, VerifiedClaims
-from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
-from saslauthd_oidc.rules import config_warnings
+from saslauthd_oidc.core.engine import Engine
+from saslauthd_oidc.core.outcome import Reason, Refusal, Verdict
+from saslauthd_oidc.core.request import AuthRequest, Credentials, Mechanism, RequestContext
+from saslauthd_oidc.core.rules import config_warnings
+from saslauthd_oidc.frontends.http import HttpFrontend
+from saslauthd_oidc.frontends.http_callers import CallerAuth
+from saslauthd_oidc.providers.jwt import UnverifiedToken, VerifiedClaims
+from saslauthd_oidc.tools import cli
 
 KANIDM_TB = "https://idm.example.org/oauth2/openid/thunderbird"
 KANIDM_WEB = "https://idm.example.org/oauth2/openid/webmail"
@@ -168,15 +169,15 @@ class IssuerVerifier:
     def verify_now(self, tok: str, unverified: UnverifiedToken | None) -> None:
         return None  # always the (async) verify: the engine's I/O step
 
-    async def verify(self, tok: str, unverified: UnverifiedToken) -> VerifiedClaims | TokenRejected:
+    async def verify(self, tok: str, unverified: UnverifiedToken) -> VerifiedClaims | Refusal:
         if unverified.claims.get("iss") != self.issuer:
-            return TokenRejected(Reason.WRONG_ISSUER, "iss")
+            return Refusal(Reason.WRONG_ISSUER, "iss")
         if unverified.claims.get("jti") == "expired":
-            return TokenRejected(Reason.EXPIRED, "exp")
+            return Refusal(Reason.EXPIRED, "exp")
         return VerifiedClaims(dict(unverified.claims), dict(unverified.header), 2e9)
 
-    async def userinfo(self, token: str) -> VerifiedClaims | TokenRejected:
-        return TokenRejected(Reason.USERINFO_FAILED, "none here")
+    async def userinfo(self, token: str) -> VerifiedClaims | Refusal:
+        return Refusal(Reason.PROVIDER_UNAVAILABLE, "none here")
 
 
 class Lookup:
@@ -668,7 +669,7 @@ def test_the_document_module_is_pure() -> None:
     import sys
 
     code = (
-        "import sys, saslauthd_oidc.autoconfig; "
+        "import sys, saslauthd_oidc.core.autoconfig; "
         "print(sorted(m for m in ('trio', 'httpx', 'hypercorn') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -7,14 +7,14 @@ from pathlib import Path
 
 from bench.loadgen import LoadResult, auth_suffix, run_load
 from bench.run_all import Row, render
-from saslauthd_oidc.devissuer import DevIssuer
-from tests.test_workers import _accepts, issuer, start, wait_for, workdir  # noqa: F401
+from saslauthd_oidc.tools.devissuer import DevIssuer
+from tests.support import accepts, start, wait_for
 
 
-def test_load_generator_against_the_daemon(issuer: DevIssuer, workdir: Path) -> None:  # noqa: F811
+def test_load_generator_against_the_daemon(issuer: DevIssuer, workdir: Path) -> None:
     proc, sock = start(workdir, issuer, 1)
     try:
-        wait_for(lambda: _accepts(sock))
+        wait_for(lambda: accepts(sock))
         suffixes = [auth_suffix(issuer.mint(), "alice@example.org") for _ in range(12)]
         result = run_load(str(sock), suffixes, connections=3, requests=12, server_pid=proc.pid)
         assert (result.requests, result.failures) == (12, 0)
@@ -112,4 +112,4 @@ def test_compare_exports_a_revision(tmp_path: Path) -> None:
 
     commit = resolve("HEAD")
     out = export(commit, tmp_path / "rev")
-    assert (out / "saslauthd_oidc" / "engine.py").is_file()
+    assert (out / "saslauthd_oidc" / "__main__.py").is_file()

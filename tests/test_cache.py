@@ -6,9 +6,9 @@ import trio
 import trio.testing
 
 from saslauthd_oidc.config import CacheConfig
-from saslauthd_oidc.outcome import Reason
-from saslauthd_oidc.providers.cache import VerificationCache
-from saslauthd_oidc.providers.jwt import TokenRejected, UnverifiedToken, VerifiedClaims
+from saslauthd_oidc.core.outcome import Reason, Refusal
+from saslauthd_oidc.providers.jwt import UnverifiedToken, VerifiedClaims
+from saslauthd_oidc.providers.verification_cache import VerificationCache
 
 UNVERIFIED = UnverifiedToken(header={}, claims={})
 
@@ -22,14 +22,14 @@ class Clock:
 
 
 class CountingVerifier:
-    def __init__(self, result: VerifiedClaims | TokenRejected, delay: float = 0.0) -> None:
+    def __init__(self, result: VerifiedClaims | Refusal, delay: float = 0.0) -> None:
         self.result = result
         self.delay = delay
         self.calls = 0
 
     async def verify(
-        self, token: str, unverified: UnverifiedToken
-    ) -> VerifiedClaims | TokenRejected:
+        self, token: str, unverified: UnverifiedToken | None
+    ) -> VerifiedClaims | Refusal:
         self.calls += 1
         await trio.sleep(self.delay)
         return self.result
@@ -90,11 +90,11 @@ async def test_only_stable_refusals_are_cached() -> None:
         (Reason.NOT_YET_VALID, False),  # time will
         (Reason.PROVIDER_UNAVAILABLE, False),  # temporary
     ]:
-        v = CountingVerifier(TokenRejected(reason, "x"))
+        v = CountingVerifier(Refusal(reason, "x"))
         await c.verify("p", v, str(reason), UNVERIFIED)
         await c.verify("p", v, str(reason), UNVERIFIED)
         assert v.calls == (1 if cached else 2), reason
-    v = CountingVerifier(TokenRejected(Reason.BAD_SIGNATURE, "x"))
+    v = CountingVerifier(Refusal(Reason.BAD_SIGNATURE, "x"))
     await c.verify("p", v, "bad", UNVERIFIED)
     clock.now += 31
     await c.verify("p", v, "bad", UNVERIFIED)
@@ -145,7 +145,7 @@ async def test_single_flight_100_concurrent_verifies_one_call() -> None:
 async def test_single_flight_shares_temporary_failure_without_caching_it() -> None:
     clock = Clock()
     c = cache(clock)
-    v = CountingVerifier(TokenRejected(Reason.PROVIDER_UNAVAILABLE, "down"), delay=0.05)
+    v = CountingVerifier(Refusal(Reason.PROVIDER_UNAVAILABLE, "down"), delay=0.05)
     async with trio.open_nursery() as n:
         for _ in range(10):
             n.start_soon(c.verify, "p", v, "t", UNVERIFIED)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from saslauthd_oidc.cli import main
-from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
+from saslauthd_oidc.tools.cli import main
+from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
 
 CLI = [sys.executable, "-m", "saslauthd_oidc"]
 

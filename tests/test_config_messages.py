@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from saslauthd_oidc.cli import main
 from saslauthd_oidc.config import KeyLines, load_config
+from saslauthd_oidc.tools.cli import main
 
 PROVIDER = '[[provider]]\nname = "idp"\nissuer = "https://idp.example.org"\n'
 

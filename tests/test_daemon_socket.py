@@ -18,9 +18,10 @@ import pytest
 import trio
 
 from saslauthd_oidc.config import parse_config
-from saslauthd_oidc.daemon import run_daemon
-from saslauthd_oidc.devissuer import DevIssuer
+from saslauthd_oidc.service.daemon import run_daemon
+from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.peers.dovecot_client import LineClient
+from tests.support import oauthbearer
 from tests.test_sasl import OAUTHBEARER_REJECT, XOAUTH2_REJECT
 
 USER = "alice@example.org"
@@ -70,12 +71,8 @@ def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def ob(token: str, user: str = USER) -> bytes:
-    return f"n,a={user},\x01auth=Bearer {token}\x01\x01".encode()
-
-
 async def expect_ok(client: LineClient, rid: int, token: str) -> None:
-    await client.send(f"AUTH\t{rid}\tOAUTHBEARER\tservice=smtp\tresp={b64(ob(token))}")
+    await client.send(f"AUTH\t{rid}\tOAUTHBEARER\tservice=smtp\tresp={b64(oauthbearer(token))}")
     assert await client.line() == f"OK\t{rid}\tuser={USER}"
 
 
@@ -105,6 +102,7 @@ async def test_every_malformed_sasl_payload_fails_only_its_request(
     cases = [("OAUTHBEARER", p.values[0]) for p in OAUTHBEARER_REJECT]
     cases += [("XOAUTH2", p.values[0]) for p in XOAUTH2_REJECT]
     for mech, payload in cases:
+        assert isinstance(payload, bytes)
         rid += 1
         challenge = await expect_refusal(client, rid, mech, payload)
         if challenge is not None:
@@ -116,7 +114,7 @@ async def test_every_malformed_sasl_payload_fails_only_its_request(
 async def test_malformed_protocol_lines_keep_the_connection(daemon: tuple[str, DevIssuer]) -> None:
     sock, issuer = daemon
     client = await connect(sock)
-    good = b64(ob(issuer.mint(email=USER)))
+    good = b64(oauthbearer(issuer.mint(email=USER)))
     await client.send("AUTH\t1\tFOO\tservice=smtp")
     assert await client.line() == "FAIL\t1\treason=Unsupported mechanism"
     await client.send(f"AUTH\t2\tOAUTHBEARER\tservice=smtp\tresp={good}\tsecured")
@@ -141,7 +139,9 @@ async def test_malformed_protocol_lines_keep_the_connection(daemon: tuple[str, D
 
 
 def _jws(header: dict[str, Any], claims: dict[str, Any], sig: bytes = b"") -> str:
-    enc = lambda o: base64.urlsafe_b64encode(json.dumps(o).encode()).rstrip(b"=").decode()  # noqa: E731
+    def enc(o: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(o).encode()).rstrip(b"=").decode()
+
     return f"{enc(header)}.{enc(claims)}.{base64.urlsafe_b64encode(sig).rstrip(b'=').decode()}"
 
 
@@ -187,7 +187,7 @@ async def test_attack_tokens_refused_with_reason_and_connection_survives(
         issuer.mint(email=USER, claims={"exp": None}),
         issuer.mint(email=USER, claims={"iat": now + 3600}),
         issuer.mint(email=USER, claims={"nbf": now + 3600}),
-        issuer.mint(email=USER, claims={"iss": issuer.issuer + "/"}),
+        issuer.mint(email=USER, claims={"iss": f"{issuer.issuer}/"}),
         issuer.mint(email=USER, audience="evil"),
         issuer.mint(email=USER, audience=["mail", "evil"]),
         issuer.mint(email="v@x\tuser=admin"),
@@ -195,7 +195,7 @@ async def test_attack_tokens_refused_with_reason_and_connection_survives(
         "A" * 11000,  # fits the 16384-byte line; not a JWS
     ]
     for rid, token in enumerate(tokens, start=1):
-        challenge = await expect_refusal(client, rid, "OAUTHBEARER", ob(token))
+        challenge = await expect_refusal(client, rid, "OAUTHBEARER", oauthbearer(token))
         assert challenge is not None and challenge["status"] == "invalid_token", (rid, challenge)
     await expect_ok(client, len(tokens) + 1, issuer.mint(email=USER))
 

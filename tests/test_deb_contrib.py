@@ -21,8 +21,8 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from saslauthd_oidc.config import parse_config
-from saslauthd_oidc.daemon import run_daemon
-from saslauthd_oidc.devissuer import DevIssuer
+from saslauthd_oidc.service.daemon import run_daemon
+from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.conftest import require_peer
 
 CONTRIB = Path(__file__).resolve().parents[1] / "contrib"

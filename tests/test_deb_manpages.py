@@ -19,7 +19,6 @@ from types import ModuleType
 
 import pytest
 
-from saslauthd_oidc import cli
 from saslauthd_oidc.config import (
     CacheConfig,
     HttpConfig,
@@ -28,6 +27,7 @@ from saslauthd_oidc.config import (
     RuleConfig,
     ServerConfig,
 )
+from saslauthd_oidc.tools import cli
 from tests.conftest import require_peer
 
 ROOT = Path(__file__).resolve().parents[1]

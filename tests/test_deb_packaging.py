@@ -50,8 +50,8 @@ def test_lock_pins_every_dependency_within_pyprojects_bounds_with_hashes() -> No
         assert name in locked, f"{req.name} is not in {LOCK.name}"
         version, _ = locked[name]
         assert req.specifier.contains(version, prereleases=True), f"{req}: locked {version}"
-    for name, (version, hashes) in locked.items():
-        assert hashes, f"{name}=={version} has no --hash in {LOCK.name}"
+    for locked_name, (version, hashes) in locked.items():
+        assert hashes, f"{locked_name}=={version} has no --hash in {LOCK.name}"
 
 
 def test_rules_build_with_debians_python_and_the_lock_only() -> None:

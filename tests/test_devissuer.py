@@ -9,15 +9,16 @@ import pytest
 import trio
 
 from saslauthd_oidc.config import ProviderConfig
-from saslauthd_oidc.devissuer import SUPPORTED_ALGORITHMS, DevIssuer, DevIssuerThread
-from saslauthd_oidc.outcome import Reason
-from saslauthd_oidc.providers import OidcProvider, TokenRejected, VerifiedClaims, peek
+from saslauthd_oidc.core.outcome import Reason, Refusal
 from saslauthd_oidc.providers.http import make_http_client
+from saslauthd_oidc.providers.jwt import VerifiedClaims, peek
+from saslauthd_oidc.providers.oidc import OidcProvider
+from saslauthd_oidc.tools.devissuer import SUPPORTED_ALGORITHMS, DevIssuer, DevIssuerThread
 
 
-async def _verify(p: OidcProvider, token: str) -> VerifiedClaims | TokenRejected:
+async def _verify(p: OidcProvider, token: str) -> VerifiedClaims | Refusal:
     u = peek(token)
-    assert not isinstance(u, TokenRejected)
+    assert not isinstance(u, Refusal)
     return await p.verify(token, u)
 
 
@@ -49,7 +50,7 @@ async def test_minted_tokens_verify_through_provider(nursery: trio.Nursery) -> N
         untyped = iss.mint(typ=None)
         assert "typ" not in peek(untyped).header  # type: ignore[union-attr]
         rejected = await _verify(p, untyped)
-        assert isinstance(rejected, TokenRejected)
+        assert isinstance(rejected, Refusal)
         assert rejected.reason is Reason.WRONG_TOKEN_TYPE
 
 
@@ -63,7 +64,7 @@ def test_mint_overrides_and_deletes_claims() -> None:
         header={"x-test": 1},
     )
     u = peek(tok)
-    assert not isinstance(u, TokenRejected)
+    assert not isinstance(u, Refusal)
     assert "email" not in u.claims
     assert u.claims["sub"] == "bob"
     assert u.claims["groups"] == ["mail"]
@@ -78,7 +79,7 @@ def test_mint_header_override_can_lie_about_alg() -> None:
     iss = DevIssuer()
     iss.issuer = "https://dev.example"
     u = peek(iss.mint(header={"alg": "RS256", "kid": None}))
-    assert not isinstance(u, TokenRejected)
+    assert not isinstance(u, Refusal)
     assert u.header["alg"] == "RS256"
     assert "kid" not in u.header
 
@@ -156,7 +157,7 @@ def test_thread_wrapper_serves_and_stops() -> None:
         r = httpx.get(iss.discovery_url, timeout=5)
         assert r.json()["issuer"] == iss.issuer
         token = iss.mint()
-        assert not isinstance(peek(token), TokenRejected)
+        assert not isinstance(peek(token), Refusal)
         jwks_uri = iss.jwks_uri
     with pytest.raises(httpx.ConnectError):
         httpx.get(jwks_uri, timeout=2)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from saslauthd_oidc import devmode
-from saslauthd_oidc.devmode import POSTFIX_DEV_SOCKET, dev_config, postfix_lines
+from saslauthd_oidc.tools import devmode
+from saslauthd_oidc.tools.devmode import POSTFIX_DEV_SOCKET, dev_config, postfix_lines
 
 
 def test_not_root_means_no_socket_in_postfix_queue(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from saslauthd_oidc.config import ConfigError, parse_config
-from saslauthd_oidc.discovery import (
+from saslauthd_oidc.core.resource_metadata import (
     ResourceRequest,
     discovery_warnings,
     parse_host,

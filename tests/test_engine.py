@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 
 from saslauthd_oidc.config import parse_config
-from saslauthd_oidc.engine import Engine
-from saslauthd_oidc.outcome import Outcome, Reason
-from saslauthd_oidc.providers.jwt import TokenRejected, UnverifiedToken, VerifiedClaims
-from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
+from saslauthd_oidc.core.engine import Engine
+from saslauthd_oidc.core.outcome import Outcome, Reason, Refusal
+from saslauthd_oidc.core.request import AuthRequest, Credentials, Mechanism, RequestContext
+from saslauthd_oidc.providers.jwt import UnverifiedToken, VerifiedClaims
 
 A = "https://a.example.org"
 B = "https://b.example.org"
@@ -32,22 +32,30 @@ def token(**claims: Any) -> str:
 
 
 class FakeVerifier:
-    def __init__(self, issuer: str, verdicts: dict[str, TokenRejected]) -> None:
+    def __init__(self, issuer: str, verdicts: dict[str, Refusal]) -> None:
         self.issuer = issuer
         self.verdicts = verdicts
         self.calls = 0
 
-    def verify_now(self, tok: str, unverified: UnverifiedToken | None) -> None:
+    def verify_now(
+        self, tok: str, unverified: UnverifiedToken | None
+    ) -> VerifiedClaims | Refusal | None:
         return None  # always needs its (async) verify: the engine's I/O step
 
-    async def verify(self, tok: str, unverified: UnverifiedToken) -> VerifiedClaims | TokenRejected:
+    async def verify(
+        self, tok: str, unverified: UnverifiedToken | None
+    ) -> VerifiedClaims | Refusal:
         self.calls += 1
+        assert unverified is not None  # these tests use JWTs only
         if unverified.claims.get("iss") != self.issuer:
-            return TokenRejected(Reason.WRONG_ISSUER, "iss")
+            return Refusal(Reason.WRONG_ISSUER, "iss")
         rejection = self.verdicts.get(str(unverified.claims.get("jti")))
         if rejection:
             return rejection
         return VerifiedClaims(dict(unverified.claims), dict(unverified.header), 2e9)
+
+    async def userinfo(self, tok: str) -> VerifiedClaims | Refusal:
+        return Refusal(Reason.PROVIDER_UNAVAILABLE, "no userinfo here")
 
 
 class FakeLookup:
@@ -89,7 +97,7 @@ CONFIG = {
 }
 
 
-def make_engine(**rejections: TokenRejected) -> tuple[Engine, FakeLookup]:
+def make_engine(**rejections: Refusal) -> tuple[Engine, FakeLookup]:
     lookup = FakeLookup(a=FakeVerifier(A, rejections), b=FakeVerifier(B, rejections))
     return Engine(parse_config(CONFIG), lookup), lookup
 
@@ -195,14 +203,14 @@ async def test_unknown_issuer() -> None:
 
 
 async def test_temporary_failure_wins_over_later_mismatches() -> None:
-    engine, _ = make_engine(j1=TokenRejected(Reason.PROVIDER_UNAVAILABLE, "jwks fetch failed"))
+    engine, _ = make_engine(j1=Refusal(Reason.PROVIDER_UNAVAILABLE, "jwks fetch failed"))
     v = await engine.authenticate(request(token(iss=A, aud="web", jti="j1")))
     assert v.outcome is Outcome.TEMPFAIL
     assert "a: jwks fetch failed" in v.detail
 
 
 async def test_signature_failure_is_reported() -> None:
-    engine, _ = make_engine(j2=TokenRejected(Reason.BAD_SIGNATURE, "signature"))
+    engine, _ = make_engine(j2=Refusal(Reason.BAD_SIGNATURE, "signature"))
     v = await engine.authenticate(request(token(iss=A, aud="web", jti="j2")))
     assert v.reason is Reason.BAD_SIGNATURE
     assert v.account is None
@@ -213,6 +221,19 @@ async def test_disabled_mechanism() -> None:
     engine = Engine(parse_config(cfg), FakeLookup())
     v = await engine.authenticate(request(token(iss=A), mech=Mechanism.PLAIN))
     assert v.reason is Reason.UNSUPPORTED_MECHANISM
+
+
+async def test_unnegotiated_request_is_not_held_to_the_offered_mechanisms() -> None:
+    """A request that negotiated no mechanism (the saslauthd socket's login + token as
+    password) is decided on its token, whatever server.mechanisms offers; the request
+    says so, not the name of the frontend it came from."""
+    cfg = {**CONFIG, "server": {"mechanisms": ["OAUTHBEARER"]}}
+    engine = Engine(parse_config(cfg), FakeLookup(a=FakeVerifier(A, {}), b=FakeVerifier(B, {})))
+    tok = token(iss=A, aud="web", email="alice@example.org")
+    plain = request(tok, mech=Mechanism.PLAIN)
+    unnegotiated = AuthRequest(plain.mechanism, plain.credentials, plain.context, negotiated=False)
+    assert (await engine.authenticate(unnegotiated)).outcome is Outcome.OK
+    assert (await engine.authenticate(plain)).reason is Reason.UNSUPPORTED_MECHANISM
 
 
 async def test_engine_error_is_internal_tempfail() -> None:
@@ -230,7 +251,7 @@ async def test_log_line_has_fingerprint_not_token(user: str | None) -> None:
     import io
 
     from saslauthd_oidc.config import LoggingConfig
-    from saslauthd_oidc.observability import configure_logging
+    from saslauthd_oidc.service.logs import configure_logging
 
     out = io.StringIO()
     configure_logging(LoggingConfig(level="info", format="json"), stream=out)

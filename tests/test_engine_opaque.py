@@ -4,7 +4,7 @@ the b64token gate, userinfo enrichment, and the verification cache's single-flig
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +13,13 @@ import pytest
 import trio
 
 from saslauthd_oidc.config import Config, parse_config
-from saslauthd_oidc.devissuer import DevIssuer
-from saslauthd_oidc.engine import Engine
-from saslauthd_oidc.outcome import Outcome, Reason, Verdict
-from saslauthd_oidc.providers import ProviderRegistry, make_http_client
-from saslauthd_oidc.providers.cache import VerificationCache
-from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
-from tests.providers_helpers import FakeClock, b64u
+from saslauthd_oidc.core.engine import Engine
+from saslauthd_oidc.core.outcome import Outcome, Reason, Verdict
+from saslauthd_oidc.core.request import AuthRequest, Credentials, Mechanism, RequestContext
+from saslauthd_oidc.providers.registry import ProviderRegistry
+from saslauthd_oidc.providers.verification_cache import VerificationCache
+from saslauthd_oidc.tools.devissuer import DevIssuer
+from tests.support import FakeClock, b64u
 
 INTROSPECT = "/introspect"
 USERINFO = "/userinfo"
@@ -43,17 +43,6 @@ async def idp_a(nursery: trio.Nursery) -> DevIssuer:
 @pytest.fixture
 async def idp_b(nursery: trio.Nursery) -> DevIssuer:
     return await _serve(nursery)
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with make_http_client(timeout=2.0) as c:
-        yield c
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from saslauthd_oidc.config import parse_config
-from saslauthd_oidc.engine import Engine
-from saslauthd_oidc.metrics import Metrics
-from saslauthd_oidc.outcome import Outcome, Reason
-from saslauthd_oidc.providers.jwt import TokenRejected, UnverifiedToken, VerifiedClaims
-from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, token_fingerprint
+from saslauthd_oidc.core.engine import Engine
+from saslauthd_oidc.core.outcome import Outcome, Reason, Refusal
+from saslauthd_oidc.core.request import AuthRequest, Credentials, Mechanism, token_fingerprint
+from saslauthd_oidc.providers.jwt import UnverifiedToken, VerifiedClaims
+from saslauthd_oidc.service.metrics import Metrics
 from tests.test_engine import A, token
 
 
@@ -25,11 +25,11 @@ class HangingVerifier:
 
     async def verify(
         self, tok: str, unverified: UnverifiedToken | None
-    ) -> VerifiedClaims | TokenRejected:
+    ) -> VerifiedClaims | Refusal:
         await trio.sleep(math.inf)
         raise AssertionError("unreachable")
 
-    async def userinfo(self, tok: str) -> VerifiedClaims | TokenRejected:
+    async def userinfo(self, tok: str) -> VerifiedClaims | Refusal:
         raise AssertionError("not used")
 
 
@@ -83,8 +83,8 @@ async def test_inline_verdicts_are_counted_and_deferred_ones_when_finished(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     """The engine counts a verdict where it reaches it: in start, or in finish."""
-    from saslauthd_oidc.engine import Pending
-    from saslauthd_oidc.outcome import Verdict
+    from saslauthd_oidc.core.engine import Pending
+    from saslauthd_oidc.core.outcome import Verdict
 
     metrics = Metrics()
     eng = engine(metrics)

@@ -19,10 +19,10 @@ import pytest
 import trio
 
 from saslauthd_oidc.config import LoggingConfig, load_config
-from saslauthd_oidc.daemon import run_daemon
-from saslauthd_oidc.devissuer import DevIssuer
-from saslauthd_oidc.observability import configure_logging
-from saslauthd_oidc.rules import config_warnings
+from saslauthd_oidc.core.rules import config_warnings
+from saslauthd_oidc.service.daemon import run_daemon
+from saslauthd_oidc.service.logs import configure_logging
+from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.idp_shapes import ALICE, authentik, entra, keycloak, localize_example
 from tests.test_scenarios import Case, Stack, run_case
 

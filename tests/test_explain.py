@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from saslauthd_oidc.cli import main
 from saslauthd_oidc.config import parse_config
-from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
-from saslauthd_oidc.explain import issuer_difference
-from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
-from saslauthd_oidc.rules import account_domain_mismatch, claim_mismatch, context_mismatch
+from saslauthd_oidc.core.request import AuthRequest, Credentials, Mechanism, RequestContext
+from saslauthd_oidc.core.rules import account_domain_mismatch, claim_mismatch, context_mismatch
+from saslauthd_oidc.tools.cli import main
+from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
+from saslauthd_oidc.tools.explain import issuer_difference
 
 KANIDM = "https://idm.example.org/oauth2/openid/webmail"
 

@@ -24,36 +24,40 @@ import trio
 import trio.testing
 
 from saslauthd_oidc.config import ProviderConfig, parse_config
-from saslauthd_oidc.devissuer import DevIssuer
-from saslauthd_oidc.engine import Engine, Pending
-from saslauthd_oidc.metrics import Metrics
-from saslauthd_oidc.outcome import Outcome, Reason, Verdict
-from saslauthd_oidc.providers import OidcProvider, TokenRejected, VerifiedClaims, peek
-from saslauthd_oidc.providers.cache import Lookup, VerificationCache, cache_key, token_digest
+from saslauthd_oidc.core.engine import Engine, Pending, unanswered
+from saslauthd_oidc.core.outcome import Outcome, Reason, Refusal, Verdict
+from saslauthd_oidc.core.request import AuthRequest
 from saslauthd_oidc.providers.http import make_http_client
-from saslauthd_oidc.providers.jwt import UnverifiedToken
-from saslauthd_oidc.request import AuthRequest
-from tests.providers_helpers import FakeClock
+from saslauthd_oidc.providers.jwt import UnverifiedToken, VerifiedClaims, peek
+from saslauthd_oidc.providers.oidc import OidcProvider
+from saslauthd_oidc.providers.verification_cache import (
+    Lookup,
+    VerificationCache,
+    cache_key,
+    token_digest,
+)
+from saslauthd_oidc.service.metrics import Metrics
+from saslauthd_oidc.tools.devissuer import DevIssuer
+from tests.support import MECHS, Client, FakeClock, Stub
 from tests.test_engine import CONFIG, A, B, FakeLookup, FakeVerifier, request, token
-from tests.test_frontend_dovecot import MECHS, Client, Stub, socket_path  # noqa: F401
 
 
 class SyncVerifier(FakeVerifier):
     """FakeVerifier that can also answer synchronously (as a provider with fresh keys)."""
 
-    def __init__(self, issuer: str, verdicts: dict[str, TokenRejected]) -> None:
+    def __init__(self, issuer: str, verdicts: dict[str, Refusal]) -> None:
         super().__init__(issuer, verdicts)
         self.now_calls = 0
         self.blocking = False
 
     def verify_now(
         self, tok: str, unverified: UnverifiedToken | None
-    ) -> VerifiedClaims | TokenRejected | None:
+    ) -> VerifiedClaims | Refusal | None:
         self.now_calls += 1
         if self.blocking or unverified is None:
             return None
         if unverified.claims.get("iss") != self.issuer:
-            return TokenRejected(Reason.WRONG_ISSUER, "iss")
+            return Refusal(Reason.WRONG_ISSUER, "iss")
         rejection = self.verdicts.get(str(unverified.claims.get("jti")))
         if rejection:
             return rejection
@@ -61,8 +65,8 @@ class SyncVerifier(FakeVerifier):
 
 
 REJECTIONS = {
-    "sig": TokenRejected(Reason.BAD_SIGNATURE, "sig"),
-    "down": TokenRejected(Reason.PROVIDER_UNAVAILABLE, "down"),
+    "sig": Refusal(Reason.BAD_SIGNATURE, "sig"),
+    "down": Refusal(Reason.PROVIDER_UNAVAILABLE, "down"),
 }
 
 REQUESTS = [
@@ -136,7 +140,7 @@ async def test_fast_path_engine_error_is_internal_error() -> None:
     def broken(*_: Any) -> None:
         raise RuntimeError("bug")
 
-    lookup.verifiers["a"].verify_now = broken  # type: ignore[method-assign]
+    lookup.verifiers["a"].verify_now = broken  # type: ignore[method-assign,assignment]
     verdict = engine.start(REQUESTS[0])
     assert isinstance(verdict, Verdict) and verdict.reason is Reason.INTERNAL_ERROR
 
@@ -148,7 +152,7 @@ USERINFO_CONFIG = {
 
 
 class UserinfoVerifier(SyncVerifier):
-    async def userinfo(self, tok: str) -> VerifiedClaims | TokenRejected:
+    async def userinfo(self, tok: str) -> VerifiedClaims | Refusal:
         return VerifiedClaims({"sub": "s", "email": "eve@example.org"}, {}, 2e9)
 
 
@@ -231,7 +235,7 @@ async def test_provider_verify_now(issuer: DevIssuer) -> None:
         bad_unverified = peek(bad)
         assert isinstance(bad_unverified, UnverifiedToken)
         refused = p.verify_now(bad, bad_unverified)
-        assert isinstance(refused, TokenRejected) and refused.reason is Reason.BAD_SIGNATURE
+        assert isinstance(refused, Refusal) and refused.reason is Reason.BAD_SIGNATURE
         new_kid = issuer.add_key("ES256")
         unknown = issuer.mint(kid=new_kid)
         unknown_unverified = peek(unknown)
@@ -251,7 +255,7 @@ class InlineStub:
         self.calls = 0
         self._stub = stub
 
-    def start(self, req: AuthRequest) -> Verdict | AuthRequest:
+    def start(self, req: AuthRequest) -> Verdict | Pending:
         self.calls += 1
         tok = req.credentials.token
         if tok.startswith("now-"):
@@ -260,10 +264,14 @@ class InlineStub:
             return Verdict(reason=Reason.PROVIDER_UNAVAILABLE)
         if tok == "now:boom":
             raise RuntimeError("engine bug")
-        return req  # a "Pending": finish() asks the stub
+        return unanswered(req)  # a Pending: finish() asks the stub
 
-    async def finish(self, pending: AuthRequest) -> Verdict:
-        return await self._stub(pending)
+    async def finish(self, pending: Pending) -> Verdict:
+        return await self._stub(pending.request)
+
+    async def authenticate(self, req: AuthRequest) -> Verdict:
+        verdict = self.start(req)
+        return verdict if isinstance(verdict, Verdict) else await self.finish(verdict)
 
 
 async def _serve(nursery: trio.Nursery, path: str, inline: InlineStub, **kw: Any) -> None:
@@ -279,7 +287,7 @@ async def _serve(nursery: trio.Nursery, path: str, inline: InlineStub, **kw: Any
     )
 
 
-async def test_inline_answers_need_no_task(nursery: trio.Nursery, socket_path: str) -> None:  # noqa: F811
+async def test_inline_answers_need_no_task(nursery: trio.Nursery, socket_path: str) -> None:
     stub = Stub()
     inline = InlineStub(stub)
     await _serve(nursery, socket_path, inline)
@@ -295,7 +303,7 @@ async def test_inline_answers_need_no_task(nursery: trio.Nursery, socket_path: s
     assert inline.calls == 4
 
 
-async def test_inline_tempfail_disconnects(nursery: trio.Nursery, socket_path: str) -> None:  # noqa: F811
+async def test_inline_tempfail_disconnects(nursery: trio.Nursery, socket_path: str) -> None:
     stub = Stub()
     await _serve(nursery, socket_path, InlineStub(stub), tempfail_disconnect=True)
     client = await Client.connect(socket_path)
@@ -307,9 +315,9 @@ async def test_inline_tempfail_disconnects(nursery: trio.Nursery, socket_path: s
 
 async def test_pipelined_inline_requests_all_answered(
     nursery: trio.Nursery,
-    socket_path: str,  # noqa: F811
+    socket_path: str,
 ) -> None:
-    from tests.test_frontend_dovecot import auth_line
+    from tests.support import auth_line
 
     await _serve(nursery, socket_path, InlineStub(Stub()))
     client = await Client.connect(socket_path)
@@ -362,7 +370,7 @@ async def test_real_engine_fast_path_with_devissuer(issuer: DevIssuer) -> None:
     "name", ["alice@example.org", "a b", "a\tb", "a\x7fb", "a\x00b", "Ünïcode", "a\u2028b", "~!"]
 )
 def test_ascii_fast_path_of_account_validation_agrees(name: str) -> None:
-    from saslauthd_oidc.identity import IdentityError, validate_account
+    from saslauthd_oidc.core.identity import validate_account
 
     result = validate_account(name, normalize=False)
     slow_ok = not any(
@@ -373,22 +381,22 @@ def test_ascii_fast_path_of_account_validation_agrees(name: str) -> None:
     )
     assert isinstance(result, str) is slow_ok
     if not slow_ok:
-        assert isinstance(result, IdentityError)
+        assert isinstance(result, Refusal)
 
 
 @pytest.mark.parametrize("text", ["alice", "a b", "a\x01b", "a\x7f", "é\x85", "ok é"])
 def test_ascii_fast_path_of_sasl_identity_agrees(text: str) -> None:
-    from saslauthd_oidc.sasl import SaslError, _identity, _is_control
+    from saslauthd_oidc.protocol.sasl import _identity, _is_control
 
     result = _identity(text.encode(), "authzid")
-    assert isinstance(result, SaslError) is any(_is_control(ch) for ch in text)
+    assert isinstance(result, Refusal) is any(_is_control(ch) for ch in text)
 
 
 def test_filtered_authentication_log_is_skipped_and_warning_kept() -> None:
     import io
 
     from saslauthd_oidc.config import LoggingConfig
-    from saslauthd_oidc.observability import configure_logging
+    from saslauthd_oidc.service.logs import configure_logging
 
     out = io.StringIO()
     configure_logging(LoggingConfig(level="warning", format="json"), stream=out)
@@ -515,7 +523,7 @@ def _auth_counts(metrics: Metrics) -> dict[str, float]:
 async def test_hot_path_per_request_on_a_ready_socket(monkeypatch: pytest.MonkeyPatch) -> None:
     """A cached token over a real socket: 1 wake-up, 1 recv, 1 send, no task, no timer, no parse."""
     from saslauthd_oidc.frontends import dovecot
-    from tests.test_frontend_dovecot import auth_line
+    from tests.support import auth_line
 
     monkeypatch.setattr(dovecot, "_RawSocket", _CountingSocket)
     metrics = Metrics()
@@ -541,7 +549,7 @@ async def test_hot_path_per_request_on_a_ready_socket(monkeypatch: pytest.Monkey
         counter = _TaskCounter()
         timers = _count_timers(monkeypatch)
         parses = _Calls(peek)
-        monkeypatch.setattr("saslauthd_oidc.engine.peek", parses)
+        monkeypatch.setattr("saslauthd_oidc.core.engine.peek", parses)
         labels = _count_labels(monkeypatch)
         _CountingSocket.recvs = _CountingSocket.sends = 0
         trio.lowlevel.add_instrument(counter)
@@ -571,7 +579,7 @@ async def test_cached_token_is_not_parsed_and_keeps_the_cache_semantics(
     lookup = FakeLookup(a=SyncVerifier(A, REJECTIONS), b=SyncVerifier(B, REJECTIONS))
     engine = Engine(cfg, lookup, cache=VerificationCache(cfg.cache, clock=clock))
     parses = _Calls(peek)
-    monkeypatch.setattr("saslauthd_oidc.engine.peek", parses)
+    monkeypatch.setattr("saslauthd_oidc.core.engine.peek", parses)
     good, forged = REQUESTS[0], REQUESTS[3]  # OK; BAD_SIGNATURE (a stable refusal)
 
     def decide(req: AuthRequest) -> tuple[Any, ...]:
@@ -610,7 +618,7 @@ async def test_repeated_token_parsed_only_for_a_provider_without_an_answer(
     first = engine.start(req)
     assert isinstance(first, Verdict) and first.rule == "web"
     parses = _Calls(peek)
-    monkeypatch.setattr("saslauthd_oidc.engine.peek", parses)
+    monkeypatch.setattr("saslauthd_oidc.core.engine.peek", parses)
     engine.cache.drop_providers(["a2"])
     again = engine.start(req)
     assert isinstance(again, Verdict) and _summary(again) == _summary(first)
@@ -651,7 +659,7 @@ def test_json_log_line_is_what_the_standard_processors_render(
 
     import structlog
 
-    from saslauthd_oidc.observability import _JsonLine, redact_secrets
+    from saslauthd_oidc.service.logs import _JsonLine, redact_secrets
 
     def standard(method: str, event: dict[str, Any]) -> dict[str, Any]:
         for proc in (
@@ -659,15 +667,17 @@ def test_json_log_line_is_what_the_standard_processors_render(
             structlog.processors.format_exc_info,
             redact_secrets,
         ):
-            event = proc(None, method, event)  # type: ignore[assignment,arg-type]
-        return json.loads(structlog.processors.JSONRenderer()(None, method, event))  # type: ignore[arg-type]
+            event = dict(proc(None, method, event))
+        rendered = structlog.processors.JSONRenderer()(None, method, event)
+        doc: dict[str, Any] = json.loads(rendered)
+        return doc
 
     try:
         raise ValueError("boom")
     except ValueError:
         exc = sys.exc_info()
     jwt = token(iss=A, aud="web")
-    events = [
+    events: list[dict[str, Any]] = [
         {"account": "alice@example.org", "latency_ms": 0.12, "remote": None, "event": "x"},
         {"detail": f"Bearer {jwt}", "rule": "r", "event": "y", "odd": object.__new__(object)},
         {"event": "engine error", "exc_info": exc, "token": jwt},
@@ -717,7 +727,7 @@ def test_memoised_auth_params_agree(fields: list[str]) -> None:
 async def test_current_answers_inline_finishes_on_its_engine_and_holds_when_draining(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    from saslauthd_oidc.lifecycle import Current
+    from saslauthd_oidc.service.lifecycle import Current
 
     old, _ = _engine(FakeVerifier)  # every token needs the (async) provider
     new, _ = _engine(SyncVerifier)
@@ -738,10 +748,10 @@ async def test_current_answers_inline_finishes_on_its_engine_and_holds_when_drai
 
 async def test_a_finish_that_raises_fails_that_request_only(
     nursery: trio.Nursery,
-    socket_path: str,  # noqa: F811
+    socket_path: str,
 ) -> None:
     class Broken(InlineStub):
-        async def finish(self, pending: AuthRequest) -> Verdict:
+        async def finish(self, pending: Pending) -> Verdict:
             raise RuntimeError("bug in finish")
 
     await _serve(nursery, socket_path, Broken(Stub()))

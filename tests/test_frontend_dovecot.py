@@ -6,109 +6,16 @@ import base64
 import functools
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
+from typing import Any
 
-import pytest
 import trio
 import trio.testing
 
 from saslauthd_oidc.frontends.dovecot import handle_dovecot_stream, serve_dovecot_listener
-from saslauthd_oidc.outcome import DiscoveryHint, Reason, Verdict
-from saslauthd_oidc.request import AuthRequest, Mechanism
-
-MECHS = [Mechanism.OAUTHBEARER, Mechanism.XOAUTH2]
+from tests.support import MECHS, Client, Stub, auth_line
 
 
-class Stub:
-    """An engine stand-in: the token says what to answer."""
-
-    def __init__(self) -> None:
-        self.seen: list[AuthRequest] = []
-        self.cancelled = 0
-        self.started = trio.Event()
-
-    async def __call__(self, request: AuthRequest) -> Verdict:
-        self.seen.append(request)
-        token = request.credentials.token
-        if token.startswith("good-"):
-            return Verdict(reason=Reason.OK, account=token.removeprefix("good-"))
-        if token == "temp":
-            return Verdict(reason=Reason.PROVIDER_UNAVAILABLE)
-        if token == "slow":
-            await trio.sleep(30)
-        if token == "boom":
-            raise RuntimeError("engine bug")
-        if token == "hang":
-            self.started.set()
-            try:
-                await trio.sleep_forever()
-            finally:
-                self.cancelled += 1
-        return Verdict(
-            reason=Reason.BAD_SIGNATURE,
-            hint=DiscoveryHint(openid_configuration="https://idp/.well-known/openid-configuration"),
-        )
-
-
-def ir(token: str, user: str = "alice@example.org") -> str:
-    return base64.b64encode(f"n,a={user},\x01auth=Bearer {token}\x01\x01".encode()).decode()
-
-
-def auth_line(rid: int, token: str) -> str:
-    return f"AUTH\t{rid}\tOAUTHBEARER\tservice=smtp\tnologin\tlip=\trip=\tresp={ir(token)}"
-
-
-class Client:
-    def __init__(self, stream: trio.SocketStream) -> None:
-        self.stream = stream
-        self.buffer = b""
-
-    @classmethod
-    async def connect(cls, path: str) -> Client:
-        return cls(await trio.open_unix_socket(path))
-
-    async def send(self, *lines: str) -> None:
-        await self.stream.send_all("".join(line + "\n" for line in lines).encode())
-
-    async def line(self) -> str | None:
-        """The next line, or None at EOF."""
-        while b"\n" not in self.buffer:
-            data = await self.stream.receive_some(65536)
-            if not data:
-                return None
-            self.buffer += data
-        raw, _, self.buffer = self.buffer.partition(b"\n")
-        return raw.decode()
-
-    async def handshake(self) -> list[str]:
-        lines = []
-        while (line := await self.line()) != "DONE":
-            assert line is not None
-            lines.append(line)
-        await self.send("VERSION\t1\t0", "CPID\t4711")
-        return lines
-
-    async def authenticate(self, rid: int, token: str) -> str | None:
-        await self.send(auth_line(rid, token))
-        reply = await self.line()
-        if reply is not None and reply.startswith(f"CONT\t{rid}\t"):
-            await self.send(f"CONT\t{rid}\tAQ==")
-            reply = await self.line()
-        return reply
-
-
-@pytest.fixture
-def socket_path() -> Iterator[str]:
-    # AF_UNIX paths are limited to ~108 bytes; pytest's tmp_path can be longer.
-    directory = tempfile.mkdtemp(prefix="dv", dir="/tmp")
-    yield str(Path(directory) / "auth")
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-async def serve(nursery: trio.Nursery, path: str, authenticate: Stub, **kw: object) -> None:
+async def serve(nursery: trio.Nursery, path: str, authenticate: Stub, **kw: Any) -> None:
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     await sock.bind(path)
     sock.listen(256)

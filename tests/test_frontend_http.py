@@ -19,9 +19,10 @@ import pytest
 from structlog.testing import capture_logs
 
 from saslauthd_oidc.config import Config, ConfigError, parse_config
-from saslauthd_oidc.frontends.http import CallerAuth, HttpFrontend, load_caller_auth
-from saslauthd_oidc.outcome import Reason, Verdict
-from saslauthd_oidc.request import AuthRequest, Mechanism
+from saslauthd_oidc.core.outcome import Reason, Verdict
+from saslauthd_oidc.core.request import AuthRequest, Mechanism
+from saslauthd_oidc.frontends.http import HttpFrontend
+from saslauthd_oidc.frontends.http_callers import CallerAuth, load_caller_auth
 
 TOKEN = "opaque-token-0123456789"
 ISSUER = "https://idm.example.org/oauth2/openid/mail"

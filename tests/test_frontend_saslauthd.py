@@ -18,11 +18,11 @@ import pytest
 import trio
 
 from saslauthd_oidc.config import ConfigError, parse_config
-from saslauthd_oidc.daemon import run_daemon
-from saslauthd_oidc.devissuer import DevIssuer
+from saslauthd_oidc.core.outcome import Reason, Verdict
+from saslauthd_oidc.core.request import AuthRequest, Mechanism
 from saslauthd_oidc.frontends.saslauthd import serve_saslauthd_listener
-from saslauthd_oidc.outcome import Reason, Verdict
-from saslauthd_oidc.request import AuthRequest, Mechanism
+from saslauthd_oidc.service.daemon import run_daemon
+from saslauthd_oidc.tools.devissuer import DevIssuer
 
 
 def counted(*fields: bytes | str) -> bytes:

@@ -28,13 +28,13 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from saslauthd_oidc.core.outcome import Reason, Verdict
+from saslauthd_oidc.core.request import Mechanism
 from saslauthd_oidc.frontends.dovecot import handle_dovecot_stream
-from saslauthd_oidc.outcome import Reason, Verdict
 from saslauthd_oidc.protocol.dovecot import DovecotServerConnection, NeedVerdict
+from saslauthd_oidc.protocol.sasl import decode_oauthbearer, decode_plain, decode_xoauth2
 from saslauthd_oidc.protocol.saslauthd import NeedData, SaslauthdServerConnection
-from saslauthd_oidc.request import Mechanism
-from saslauthd_oidc.sasl import decode_oauthbearer, decode_plain, decode_xoauth2
-from tests.test_frontend_dovecot import MECHS, Stub, auth_line
+from tests.support import MECHS, Stub, auth_line
 
 REPLY = re.compile(r"(OK|FAIL|CONT)\t\d+(\t[^\t\n]*)*")
 

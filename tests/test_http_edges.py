@@ -24,10 +24,10 @@ import httpx
 import pytest
 import trio
 
-import saslauthd_oidc.frontends.http as http_frontend
+import saslauthd_oidc.frontends.http_callers as http_callers
 from saslauthd_oidc.config import parse_config
-from saslauthd_oidc.daemon import run_daemon
-from saslauthd_oidc.devissuer import DevIssuer
+from saslauthd_oidc.service.daemon import run_daemon
+from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.peers.dovecot_client import LineClient
 from tests.peers.postfix import free_tcp_port
 
@@ -178,7 +178,7 @@ async def test_basic_hashes_and_compares_for_unknown_users_too(
         compared.append(y)
         return hmac.compare_digest(x, y)
 
-    monkeypatch.setattr(http_frontend, "hmac", types.SimpleNamespace(compare_digest=compare_digest))
+    monkeypatch.setattr(http_callers, "hmac", types.SimpleNamespace(compare_digest=compare_digest))
 
     async def introspect(user: str, password: str) -> int:
         compared.clear()

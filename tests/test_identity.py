@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from saslauthd_oidc.identity import IdentityError, check_authzid, render_username, rewrite_domain
-from saslauthd_oidc.outcome import Reason
+from saslauthd_oidc.core.identity import check_authzid, render_username, rewrite_domain
+from saslauthd_oidc.core.outcome import Reason, Refusal
 
 
 @pytest.mark.parametrize(
@@ -52,7 +52,7 @@ def test_normalize_false_keeps_case() -> None:
 )
 def test_refusals(claims: dict[str, Any], reason: Reason) -> None:
     result = render_username("{email}", claims)
-    assert isinstance(result, IdentityError)
+    assert isinstance(result, Refusal)
     assert result.reason is reason
 
 
@@ -65,7 +65,7 @@ def test_authzid_compare() -> None:
     assert check_authzid("alice@example.org", "") is None
     assert check_authzid("alice@example.org", "Alice@Example.org") is None
     err = check_authzid("alice@example.org", "bob@example.org")
-    assert isinstance(err, IdentityError) and err.reason is Reason.AUTHZID_MISMATCH
+    assert isinstance(err, Refusal) and err.reason is Reason.AUTHZID_MISMATCH
     # Cyrillic а is not Latin a: NFKC does not fold it, so it must not match.
     assert check_authzid("alice@example.org", "\u0430lice@example.org") is not None
     assert check_authzid("Alice@X", "alice@x", normalize=False) is not None
@@ -92,6 +92,6 @@ def test_domain_rewriting_and_allow_list(
 ) -> None:
     result = rewrite_domain(account, domain_map, allowed)
     if expected is None:
-        assert isinstance(result, IdentityError) and result.reason is Reason.INVALID_ACCOUNT
+        assert isinstance(result, Refusal) and result.reason is Reason.INVALID_ACCOUNT
     else:
         assert result == expected

@@ -11,11 +11,10 @@ from cryptography.hazmat.primitives import serialization
 from hypothesis import given
 from hypothesis import strategies as st
 
-from saslauthd_oidc.outcome import Reason
+from saslauthd_oidc.core.outcome import Reason, Refusal
 from saslauthd_oidc.providers.jwt import (
     JwksError,
     KeySet,
-    TokenRejected,
     UnverifiedToken,
     VerifiedClaims,
     check_time_claims,
@@ -23,7 +22,7 @@ from saslauthd_oidc.providers.jwt import (
     peek,
     verify_jwt,
 )
-from tests.providers_helpers import (
+from tests.support import (
     ALL_ASYM,
     ISS,
     NOW,
@@ -57,9 +56,9 @@ def verify(
     leeway: float = 60,
     token_types: tuple[str, ...] = (),
     now: float = NOW,
-) -> VerifiedClaims | TokenRejected:
+) -> VerifiedClaims | Refusal:
     unverified = peek(tok)
-    if isinstance(unverified, TokenRejected):
+    if isinstance(unverified, Refusal):
         return unverified
     return verify_jwt(
         tok,
@@ -73,7 +72,7 @@ def verify(
     )
 
 
-def reason(result: VerifiedClaims | TokenRejected) -> Reason:
+def reason(result: VerifiedClaims | Refusal) -> Reason:
     return Reason.OK if isinstance(result, VerifiedClaims) else result.reason
 
 
@@ -348,7 +347,7 @@ def test_embedded_key_headers_ignored(extra: dict[str, Any]) -> None:
 @pytest.mark.parametrize("extra", [{"crit": ["exp"]}, {"crit": []}, {"b64": False}])
 def test_crit_and_b64_rejected(extra: dict[str, Any]) -> None:
     result = verify(token("ES256", header=extra))
-    assert isinstance(result, TokenRejected)
+    assert isinstance(result, Refusal)
     assert result.reason is Reason.MALFORMED_TOKEN
     assert "crit" in result.detail  # refused by our header policy, not by chance in PyJWT
 
@@ -428,7 +427,7 @@ def test_time_claims_pure_function_uses_given_clock() -> None:
     c = {"exp": 100.0, "iat": 50}
     assert check_time_claims(c, now=90, leeway=0) == 100.0
     rejected = check_time_claims(c, now=161, leeway=60)
-    assert isinstance(rejected, TokenRejected)
+    assert isinstance(rejected, Refusal)
     assert rejected.reason is Reason.EXPIRED
     assert check_time_claims(c, now=160, leeway=60) == 100.0
 
@@ -451,7 +450,7 @@ def test_non_string_jti_rejected() -> None:
 # ----------------------------------------------------- claims are those of the signed token
 
 
-def _verify_with(tok: str, unverified: UnverifiedToken) -> VerifiedClaims | TokenRejected:
+def _verify_with(tok: str, unverified: UnverifiedToken) -> VerifiedClaims | Refusal:
     return verify_jwt(
         tok, unverified, KEYS, issuer=ISS, algorithms=ALL_ASYM, leeway=60, token_types=(), now=NOW
     )
@@ -535,7 +534,7 @@ def test_duplicate_key_in_header_rejected() -> None:
     header = '{"alg":"ES256","kid":"k1","alg":"none"}'
     tok = sign_raw(header, claims(), key_for("ES256"), "ES256")
     result = peek(tok)
-    assert isinstance(result, TokenRejected)
+    assert isinstance(result, Refusal)
     assert result.reason is Reason.MALFORMED_TOKEN
     assert "duplicate" in result.detail
 
@@ -555,18 +554,18 @@ def test_duplicate_key_nested_rejected() -> None:
 def test_oversized_token() -> None:
     tok = token("ES256", pad="x" * 20000)
     result = peek(tok)
-    assert isinstance(result, TokenRejected)
+    assert isinstance(result, Refusal)
     assert result.reason is Reason.TOKEN_TOO_LARGE
     assert tok not in result.detail
     assert reason(verify(token("ES256", pad="x" * 8000))) is Reason.OK
     assert isinstance(peek(tok, max_bytes=len(tok)), UnverifiedToken)
-    assert isinstance(peek(tok, max_bytes=len(tok) - 1), TokenRejected)
+    assert isinstance(peek(tok, max_bytes=len(tok) - 1), Refusal)
 
 
 def test_oversized_header() -> None:
     tok = token("ES256", header={"pad": "x" * 5000})
     result = peek(tok)
-    assert isinstance(result, TokenRejected)
+    assert isinstance(result, Refusal)
     assert result.reason is Reason.MALFORMED_TOKEN
     assert reason(verify(token("ES256", header={"pad": "x" * 3000}))) is Reason.OK
 
@@ -579,7 +578,7 @@ def test_deep_nesting_rejected(where: str, depth: int) -> None:
     payload = json.dumps(claims())[:-1] + (f',"x":{nested}' if where == "payload" else "") + "}"
     tok = sign_raw(header, payload, key_for("ES256"), "ES256")
     result = peek(tok, max_bytes=100_000)
-    assert isinstance(result, TokenRejected)
+    assert isinstance(result, Refusal)
     assert result.reason is Reason.MALFORMED_TOKEN
 
 
@@ -601,7 +600,7 @@ def test_moderate_nesting_and_brackets_in_strings_accepted() -> None:
 )
 def test_not_a_jws(tok: str, detail: str) -> None:
     result = peek(tok)
-    assert result == TokenRejected(Reason.MALFORMED_TOKEN, detail)
+    assert result == Refusal(Reason.MALFORMED_TOKEN, detail)
 
 
 def test_malformed_segments() -> None:
@@ -626,7 +625,7 @@ def test_malformed_segments() -> None:
     ]
     for tok in bad:
         result = peek(tok)
-        assert isinstance(result, TokenRejected), tok
+        assert isinstance(result, Refusal), tok
         assert result.reason is Reason.MALFORMED_TOKEN, tok
 
 
@@ -641,13 +640,13 @@ def test_peek_returns_header_and_claims() -> None:
 @given(st.text(max_size=300))
 def test_peek_never_raises(text: str) -> None:
     result = peek(text)
-    assert isinstance(result, UnverifiedToken | TokenRejected)
+    assert isinstance(result, UnverifiedToken | Refusal)
 
 
 @given(st.binary(max_size=200), st.binary(max_size=200))
 def test_peek_never_raises_on_base64_garbage(h: bytes, p: bytes) -> None:
     result = peek(f"{b64u(h)}.{b64u(p)}.")
-    assert isinstance(result, UnverifiedToken | TokenRejected)
+    assert isinstance(result, UnverifiedToken | Refusal)
 
 
 # --------------------------------------------------------------------------- looks_like_jws
@@ -730,6 +729,7 @@ def test_keyset_ignores_private_material() -> None:
 
 
 def test_keyset_rejects_non_jwks() -> None:
+    doc: object
     for doc in ([], {"keys": {}}, {"nokeys": []}, "x", None):
         with pytest.raises(JwksError):
             KeySet.from_jwks(doc, ALL_ASYM)

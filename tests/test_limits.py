@@ -26,7 +26,6 @@ import trio.testing
 from structlog.testing import capture_logs
 
 from saslauthd_oidc.config import ConfigError, ProviderConfig, parse_config
-from saslauthd_oidc.devissuer import DevIssuer
 from saslauthd_oidc.frontends.accept import (
     ConnectionTable,
     GuardedStream,
@@ -34,7 +33,15 @@ from saslauthd_oidc.frontends.accept import (
     serve_connections,
 )
 from saslauthd_oidc.frontends.http import HttpLimits, serve_http
-from saslauthd_oidc.limits import (
+from saslauthd_oidc.providers.http import make_http_client
+from saslauthd_oidc.providers.keypolicy import (
+    HMAC_MAX_SECRET_BYTES,
+    RefusalLog,
+    hmac_secret_refusal,
+    jwk_refusal,
+)
+from saslauthd_oidc.providers.oidc import OidcProvider
+from saslauthd_oidc.service.limits import (
     TARGET_NOFILE,
     budget_for,
     caps_for,
@@ -42,13 +49,7 @@ from saslauthd_oidc.limits import (
     planned_limit,
     split,
 )
-from saslauthd_oidc.providers import OidcProvider, make_http_client
-from saslauthd_oidc.providers.keypolicy import (
-    HMAC_MAX_SECRET_BYTES,
-    RefusalLog,
-    hmac_secret_refusal,
-    jwk_refusal,
-)
+from saslauthd_oidc.tools.devissuer import DevIssuer
 
 PROVIDER = {"name": "p", "issuer": "https://idp.example.org", "jwks_uri": "https://idp/jwks"}
 RULE = {"name": "r", "provider": "p", "audiences": ["mail"], "username": "{email}"}
@@ -571,7 +572,7 @@ def test_serve_raises_the_soft_limit_and_budgets_from_what_it_got(tmp_path: Path
 
 
 def test_http_limits_changed_on_reload_need_a_restart() -> None:
-    from saslauthd_oidc.lifecycle import plan_reload
+    from saslauthd_oidc.service.lifecycle import plan_reload
 
     old = config(server={"http_listen": ["127.0.0.1:8480"]})
     new = config(
@@ -583,7 +584,7 @@ def test_http_limits_changed_on_reload_need_a_restart() -> None:
 
 async def test_peer_is_the_uid_on_unix_sockets_also_through_a_workers_stream() -> None:
     from saslauthd_oidc.frontends.accept import peer_of
-    from saslauthd_oidc.workers import _CountedStream
+    from saslauthd_oidc.service.workers import _CountedStream
 
     a, b = socket.socketpair()
     stream = trio.SocketStream(trio.socket.from_stdlib_socket(a))

@@ -1,4 +1,5 @@
-"""The package stays ruff- and mypy --strict-clean: part of the suite, so CI enforces it."""
+"""The package and its tests stay ruff-clean, ruff-formatted and mypy --strict-clean: part of
+the suite, so CI enforces it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,18 @@ def test_ruff() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_ruff_format() -> None:
+    r = subprocess.run(
+        [BIN / "ruff", "format", "--check", "."],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_mypy_strict() -> None:
+    """mypy --strict over the package and tests/ (pyproject.toml's [tool.mypy])."""
     r = subprocess.run([BIN / "mypy"], cwd=ROOT, capture_output=True, text=True, check=False)
     assert r.returncode == 0, r.stdout + r.stderr

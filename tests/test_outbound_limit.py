@@ -7,9 +7,9 @@ from pathlib import Path
 import trio
 
 from saslauthd_oidc.config import parse_config
-from saslauthd_oidc.devissuer import DevIssuer
-from saslauthd_oidc.providers import ProviderRegistry, make_http_client
-from saslauthd_oidc.providers.http import MAX_OUTBOUND
+from saslauthd_oidc.providers.http import MAX_OUTBOUND, make_http_client
+from saslauthd_oidc.providers.registry import ProviderRegistry
+from saslauthd_oidc.tools.devissuer import DevIssuer
 
 
 async def test_introspections_in_flight_are_bounded_across_providers(

@@ -36,12 +36,12 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_wheel_holds_the_package_and_the_command(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
-    assert "saslauthd_oidc/systemd.py" in names
+    assert "saslauthd_oidc/service/systemd.py" in names
     assert "saslauthd_oidc/frontends/dovecot.py" in names
     assert not any(n.startswith("tests/") for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
-    assert "saslauthd-oidc = saslauthd_oidc.cli:main" in text
+    assert "saslauthd-oidc = saslauthd_oidc.tools.cli:main" in text
 
 
 def test_wheel_installs_into_a_fresh_venv(wheel: Path, tmp_path: Path) -> None:

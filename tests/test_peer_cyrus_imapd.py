@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
+from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
 from tests.conftest import require_peer
 from tests.peers.cyrus import README_MUX
 from tests.peers.cyrus_imapd import CyrusImapd, cyrus_imapd_available

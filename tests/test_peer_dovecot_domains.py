@@ -22,7 +22,7 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
+from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
 from tests.conftest import require_peer
 from tests.peers.daemon import Daemon
 from tests.peers.dovecot import (

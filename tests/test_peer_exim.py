@@ -40,8 +40,8 @@ from pathlib import Path
 
 import pytest
 
-from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
-from saslauthd_oidc.request import token_fingerprint
+from saslauthd_oidc.core.request import token_fingerprint
+from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
 from tests.conftest import require_peer
 from tests.peers.daemon import Daemon
 from tests.peers.exim import EximInstance, exim_available
@@ -52,7 +52,7 @@ from tests.peers.postfix import (
     smtp_auth,
     smtp_ehlo,
 )
-from tests.test_peer_postfix import oauthbearer, write_config, xoauth2
+from tests.support import oauthbearer, write_config, xoauth2
 
 pytestmark = pytest.mark.peer
 

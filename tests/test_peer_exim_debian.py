@@ -24,14 +24,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
+from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
 from tests.conftest import require_peer
 from tests.peers.daemon import Daemon
 from tests.peers.exim import README_SOCKET, DebianExim, exim_available
 from tests.peers.postfix import curl_available, make_shared_tmpdir
 from tests.peers.tls import client_context, self_signed_cert
 from tests.recipes import recipe, substitute
-from tests.test_peer_postfix import oauthbearer, write_config, xoauth2
+from tests.support import oauthbearer, write_config, xoauth2
 
 pytestmark = pytest.mark.peer
 

@@ -21,14 +21,11 @@ import pytest
 import trio
 
 from saslauthd_oidc.config import Config, parse_config
-from saslauthd_oidc.daemon import run_daemon
-from saslauthd_oidc.providers import (
-    ProviderRegistry,
-    TokenRejected,
-    VerifiedClaims,
-    make_http_client,
-    peek,
-)
+from saslauthd_oidc.core.outcome import Refusal
+from saslauthd_oidc.providers.http import make_http_client
+from saslauthd_oidc.providers.jwt import VerifiedClaims, peek
+from saslauthd_oidc.providers.registry import ProviderRegistry
+from saslauthd_oidc.service.daemon import run_daemon
 from tests.peers.dovecot_client import LineClient
 from tests.peers.oidc_provider import OidcProviderPeer
 
@@ -95,7 +92,7 @@ async def registry(op: OidcProviderPeer) -> AsyncIterator[ProviderRegistry]:
 
 async def verify(registry: ProviderRegistry, token: str) -> VerifiedClaims:
     unverified = peek(token)
-    assert not isinstance(unverified, TokenRejected), unverified
+    assert not isinstance(unverified, Refusal), unverified
     result = await registry.get("oidc-provider").verify(token, unverified)
     assert isinstance(result, VerifiedClaims), result
     return result
@@ -172,7 +169,7 @@ async def test_authorization_code_pkce_jwt_for_alice(
 
 def test_opaque_token_is_active_at_introspection(op: OidcProviderPeer) -> None:
     token = op.token("mail-desktop")  # no resource: opaque
-    assert isinstance(peek(token), TokenRejected)  # not a JWS
+    assert isinstance(peek(token), Refusal)  # not a JWS
     client_id, secret = op.introspect_credentials("saslauthd")
     resp = httpx.post(
         op.discovery["introspection_endpoint"],

@@ -29,6 +29,7 @@ import tomli_w
 from tests.peers.daemon import README_MAIN_CF, Daemon
 from tests.peers.oidc_provider import OidcProviderPeer
 from tests.peers.postfix import PostfixInstance, make_shared_tmpdir, smtp_auth
+from tests.support import oauthbearer, xoauth2
 
 pytestmark = pytest.mark.peer
 
@@ -36,14 +37,6 @@ DESKTOP = "mail-desktop@clients.example.org"
 WEBMAIL = "mail-webmail@clients.example.org"
 ALICE = "alice@example.org"
 REQUEST_TIMEOUT = 3.0
-
-
-def xoauth2(token: str, user: str) -> bytes:
-    return f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
-
-
-def oauthbearer(token: str, user: str) -> bytes:
-    return f"n,a={user},\x01auth=Bearer {token}\x01\x01".encode()
 
 
 def write_config(op: OidcProviderPeer, workdir: Path) -> Path:

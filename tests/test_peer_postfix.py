@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
-from saslauthd_oidc.request import token_fingerprint
+from saslauthd_oidc.core.request import token_fingerprint
+from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
 from tests.peers.daemon import README_MAIN_CF, Daemon
 from tests.peers.postfix import (
     PostfixInstance,
@@ -28,47 +28,11 @@ from tests.peers.postfix import (
     smtp_auth,
     smtp_ehlo,
 )
+from tests.support import oauthbearer, write_config, xoauth2
 
 pytestmark = pytest.mark.peer
 
 USER = "alice@example.org"
-
-
-def oauthbearer(token: str, user: str = USER) -> bytes:
-    return f"n,a={user},\x01auth=Bearer {token}\x01\x01".encode()
-
-
-def xoauth2(token: str, user: str = USER) -> bytes:
-    return f"user={user}\x01auth=Bearer {token}\x01\x01".encode()
-
-
-def write_config(path: Path, socket_path: Path, issuer: str, *, tempfail: str = "fail") -> None:
-    path.write_text(
-        f"""
-[server]
-auth_socket = "{socket_path}"
-auth_socket_mode = "0666"
-request_timeout = 3.0
-tempfail = "{tempfail}"
-
-[logging]
-level = "info"
-format = "json"
-
-[[provider]]
-name = "dev"
-issuer = "{issuer}"
-allow_http = true
-token_types = ["at+jwt"]
-
-[[rule]]
-name = "mail"
-provider = "dev"
-audiences = ["mail"]
-required_scopes = ["email"]
-username = "{{email}}"
-"""
-    )
 
 
 @pytest.fixture(scope="module")

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import pytest
 
-from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
+from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
 from tests.conftest import require_peer
 from tests.peers.daemon import Daemon
 from tests.peers.groups import CLIENT_GROUP, ensure_client_group
@@ -551,7 +551,8 @@ def test_dev_mode_postfix_lines_work_with_stock_postfix(stock_ready: None) -> No
         # What `saslauthd-oidc dev` (no --dir) does as root; postconf finds this
         # instance through MAIL_CONFIG, as it would find /etc/postfix.
         code = (
-            "import trio; from pathlib import Path; from saslauthd_oidc.devmode import run_dev\n"
+            "import trio; from pathlib import Path\n"
+            "from saslauthd_oidc.tools.devmode import run_dev\n"
             f"d = Path({str(workdir)!r})\n"
             "raise SystemExit(trio.run(lambda: run_dev(d, postfix_queue=True)))"
         )

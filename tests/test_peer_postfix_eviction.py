@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
+from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
 from tests.peers.daemon import README_MAIN_CF, Daemon
 from tests.peers.postfix import PostfixInstance, smtp_auth
 

@@ -12,11 +12,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
+from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
 from tests.peers.daemon import README_MAIN_CF, Daemon
 from tests.peers.postfix import PostfixInstance, make_shared_tmpdir, smtp_auth, smtp_ehlo
 from tests.recipes import recipe
-from tests.test_peer_postfix import write_config
+from tests.support import write_config
 
 pytestmark = pytest.mark.peer
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
+from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
 from tests.idp_shapes import kanidm, keycloak, localize_example
 from tests.peers.daemon import README_MAIN_CF, Daemon
 from tests.peers.postfix import PostfixInstance, make_shared_tmpdir, smtp_auth

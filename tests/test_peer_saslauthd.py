@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
-from saslauthd_oidc.request import token_fingerprint
+from saslauthd_oidc.core.request import token_fingerprint
+from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
 from tests.conftest import require_peer
 from tests.peers.cyrus import (
     CYRUS_MAIN_CF,

@@ -29,7 +29,7 @@ import httpx
 import pytest
 import trio
 
-from saslauthd_oidc.devissuer import JWKS_PATH, DevIssuer, DevIssuerThread
+from saslauthd_oidc.tools.devissuer import JWKS_PATH, DevIssuer, DevIssuerThread
 from tests.conftest import require_peer
 from tests.peers.dovecot_client import LineClient
 

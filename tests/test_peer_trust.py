@@ -27,9 +27,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
 from saslauthd_oidc.config import LoggingConfig, parse_config
-from saslauthd_oidc.daemon import run_daemon
-from saslauthd_oidc.observability import configure_logging
-from saslauthd_oidc.request import token_fingerprint
+from saslauthd_oidc.core.request import token_fingerprint
+from saslauthd_oidc.service.daemon import run_daemon
+from saslauthd_oidc.service.logs import configure_logging
 from tests.peers.dovecot_client import LineClient
 from tests.peers.oidc_provider import CLIENT_AUTH, OidcProviderPeer
 

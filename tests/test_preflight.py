@@ -22,10 +22,11 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from saslauthd_oidc import daemon
-from saslauthd_oidc.cli import main
 from saslauthd_oidc.config import parse_config
-from saslauthd_oidc.daemon import open_listeners, preflight
+from saslauthd_oidc.service import preflight as preflight_module
+from saslauthd_oidc.service.listeners import open_listeners
+from saslauthd_oidc.service.preflight import preflight
+from saslauthd_oidc.tools.cli import main
 
 CLI = [sys.executable, "-m", "saslauthd_oidc"]
 UNPRIVILEGED = "nobody"
@@ -229,7 +230,7 @@ def test_root_check_config_warns_when_the_daemon_user_cannot_read_a_secret(
 ) -> None:
     if os.geteuid() != 0:
         pytest.skip("the daemon-user reading check is for root's check-config")
-    monkeypatch.setattr(daemon, "DAEMON_USER", UNPRIVILEGED)
+    monkeypatch.setattr(preflight_module, "DAEMON_USER", UNPRIVILEGED)
     path = secret(tmp_path, "client.secret", 0o600)
     config = tmp_path / "c.toml"
     config.write_text(
@@ -331,7 +332,7 @@ def test_root_check_config_warns_when_the_daemon_user_cannot_create_the_socket(
 ) -> None:
     if os.geteuid() != 0:
         pytest.skip("the daemon-user socket check is for root's check-config")
-    monkeypatch.setattr(daemon, "DAEMON_USER", UNPRIVILEGED)
+    monkeypatch.setattr(preflight_module, "DAEMON_USER", UNPRIVILEGED)
     private = tmp_path / "private"
     private.mkdir(mode=0o700)
     check = preflight(

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from saslauthd_oidc.outcome import DiscoveryHint, Reason, Verdict
+from saslauthd_oidc.core.outcome import DiscoveryHint, Reason, Verdict
+from saslauthd_oidc.core.request import Mechanism
 from saslauthd_oidc.protocol.dovecot import (
     DovecotServerConnection,
     NeedVerdict,
@@ -20,7 +21,6 @@ from saslauthd_oidc.protocol.dovecot import (
     tab_escape,
     tab_unescape,
 )
-from saslauthd_oidc.request import Mechanism
 
 ALL_MECHS = [Mechanism.OAUTHBEARER, Mechanism.XOAUTH2, Mechanism.PLAIN, Mechanism.LOGIN]
 TOKEN = "MARKERtok3n.neverEchoed-7f3a"

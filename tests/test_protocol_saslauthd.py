@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from saslauthd_oidc.outcome import Outcome, Reason, Verdict
+from saslauthd_oidc.core.outcome import Outcome, Reason, Verdict
+from saslauthd_oidc.core.request import Mechanism
 from saslauthd_oidc.protocol.saslauthd import (
     MAX_FIELD_BYTES,
     NeedData,
@@ -19,7 +20,6 @@ from saslauthd_oidc.protocol.saslauthd import (
     encode_reply,
     reply_text,
 )
-from saslauthd_oidc.request import Mechanism
 
 TOKEN = b"eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJhIn0.c2ln"
 
@@ -48,6 +48,7 @@ def test_four_field_request_as_the_reference_example() -> None:
     assert req.context.frontend == "saslauthd"
     assert req.context.service == "smtp"
     assert req.context.remote_ip is None
+    assert req.negotiated is False  # login + token as password: no mechanism negotiated
 
 
 def test_five_field_request_carries_the_client_address() -> None:
@@ -247,7 +248,7 @@ def test_any_bytes_give_a_defined_event(chunks: list[bytes], eof: bool) -> None:
 @settings(max_examples=300, deadline=None)
 @given(
     login=st.text(
-        st.characters(min_codepoint=0x21, max_codepoint=0x2FF, exclude_categories=("Cc",)),
+        st.characters(min_codepoint=0x21, max_codepoint=0x2FF, exclude_categories=["Cc"]),
         min_size=1,
         max_size=40,
     ),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -11,20 +10,13 @@ import pytest
 import trio
 
 from saslauthd_oidc.config import Config, ConfigError, ProviderConfig, RuleConfig
-from saslauthd_oidc.devissuer import DevIssuer
-from saslauthd_oidc.outcome import Reason
-from saslauthd_oidc.providers import (
-    FetchError,
-    OidcProvider,
-    ProviderRegistry,
-    TokenRejected,
-    VerifiedClaims,
-    fetch_json,
-    make_http_client,
-    peek,
-)
-from saslauthd_oidc.providers.http import USER_AGENT
-from tests.providers_helpers import FakeClock, b64u, write_tls_files
+from saslauthd_oidc.core.outcome import Reason, Refusal
+from saslauthd_oidc.providers.http import USER_AGENT, FetchError, fetch_json
+from saslauthd_oidc.providers.jwt import VerifiedClaims, peek
+from saslauthd_oidc.providers.oidc import OidcProvider
+from saslauthd_oidc.providers.registry import ProviderRegistry
+from saslauthd_oidc.tools.devissuer import DevIssuer
+from tests.support import FakeClock, b64u, write_tls_files
 
 DISCOVERY = "/.well-known/openid-configuration"
 JWKS = "/jwks.json"
@@ -35,17 +27,6 @@ async def issuer(nursery: trio.Nursery) -> DevIssuer:
     iss = DevIssuer(algorithms=("ES256", "RS256"))
     await nursery.start(iss.serve)
     return iss
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with make_http_client(timeout=2.0) as c:
-        yield c
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 def provider(
@@ -68,13 +49,13 @@ def provider(
     return OidcProvider(ProviderConfig(**fields), client, clock=clock, fetch_timeout=fetch_timeout)
 
 
-async def verify(p: OidcProvider, token: str) -> VerifiedClaims | TokenRejected:
+async def verify(p: OidcProvider, token: str) -> VerifiedClaims | Refusal:
     unverified = peek(token)
-    assert not isinstance(unverified, TokenRejected), unverified
+    assert not isinstance(unverified, Refusal), unverified
     return await p.verify(token, unverified)
 
 
-def reason(result: VerifiedClaims | TokenRejected) -> Reason:
+def reason(result: VerifiedClaims | Refusal) -> Reason:
     return Reason.OK if isinstance(result, VerifiedClaims) else result.reason
 
 
@@ -92,7 +73,7 @@ async def test_refresh_loads_discovery_and_jwks(
 ) -> None:
     p = provider(issuer, client, clock)
     assert not p.keys_loaded
-    assert p.discovery_url == issuer.url + DISCOVERY
+    assert p.discovery_url == f"{issuer.url}{DISCOVERY}"
     assert await p.refresh() is True
     assert p.keys_loaded
     assert p.key_count == 2
@@ -313,7 +294,7 @@ async def test_provider_unreachable_at_start(client: httpx.AsyncClient, clock: F
     dev = DevIssuer()
     dev.issuer = cfg.issuer
     result = await verify(p, dev.mint())
-    assert isinstance(result, TokenRejected)
+    assert isinstance(result, Refusal)
     assert result.reason is Reason.PROVIDER_UNAVAILABLE
     assert result.reason.outcome.value == "tempfail"
     assert "down" in result.detail
@@ -429,7 +410,7 @@ async def test_slow_provider_bounded_by_timeout(
 
 async def test_fetch_json_errors(issuer: DevIssuer, client: httpx.AsyncClient) -> None:
     with pytest.raises(FetchError) as info:
-        await fetch_json(client, issuer.url + "/missing", timeout=2)
+        await fetch_json(client, f"{issuer.url}/missing", timeout=2)
     assert info.value.kind == "http_status"
     with pytest.raises(FetchError) as info:
         await fetch_json(client, issuer.jwks_uri, max_bytes=10, timeout=2)

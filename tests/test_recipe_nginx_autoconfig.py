@@ -30,14 +30,14 @@ import httpx
 import pytest
 import trio
 
-from saslauthd_oidc.autoconfig import pacc_json, pacc_txt_record, www_authenticate
 from saslauthd_oidc.config import Config, parse_config
-from saslauthd_oidc.daemon import run_daemon
-from saslauthd_oidc.devissuer import DevIssuer
+from saslauthd_oidc.core.autoconfig import pacc_json, pacc_txt_record, www_authenticate
+from saslauthd_oidc.service.daemon import run_daemon
+from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.conftest import require_peer
 from tests.peers.postfix import free_tcp_port
-from tests.providers_helpers import write_tls_files
 from tests.recipes import recipe, substitute
+from tests.support import write_tls_files
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 # What the recipe says, and what the test puts in its place.

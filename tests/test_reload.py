@@ -8,14 +8,20 @@ import trio
 import trio.testing
 
 from saslauthd_oidc.config import CacheConfig, parse_config
-from saslauthd_oidc.devissuer import JWKS_PATH, DevIssuer
-from saslauthd_oidc.lifecycle import Current, plan_reload
-from saslauthd_oidc.outcome import Reason, Verdict
-from saslauthd_oidc.providers import ProviderRegistry
-from saslauthd_oidc.providers.cache import Lookup, VerificationCache, cache_key, token_digest
+from saslauthd_oidc.core.engine import Pending, unanswered
+from saslauthd_oidc.core.outcome import Reason, Refusal, Verdict
+from saslauthd_oidc.core.request import AuthRequest, Credentials, Mechanism, RequestContext
 from saslauthd_oidc.providers.http import make_http_client
-from saslauthd_oidc.providers.jwt import TokenRejected, UnverifiedToken, VerifiedClaims, peek
-from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
+from saslauthd_oidc.providers.jwt import UnverifiedToken, VerifiedClaims, peek
+from saslauthd_oidc.providers.registry import ProviderRegistry
+from saslauthd_oidc.providers.verification_cache import (
+    Lookup,
+    VerificationCache,
+    cache_key,
+    token_digest,
+)
+from saslauthd_oidc.service.lifecycle import Current, plan_reload
+from saslauthd_oidc.tools.devissuer import JWKS_PATH, DevIssuer
 
 
 def config(**changes: Any) -> dict[str, Any]:
@@ -69,13 +75,13 @@ def test_plan_reload_of_the_same_config_changes_nothing() -> None:
 
 
 class _Answer:
-    def __init__(self, result: VerifiedClaims | TokenRejected) -> None:
+    def __init__(self, result: VerifiedClaims | Refusal) -> None:
         self.result = result
         self.calls = 0
 
     async def verify(
         self, token: str, unverified: UnverifiedToken | None
-    ) -> VerifiedClaims | TokenRejected:
+    ) -> VerifiedClaims | Refusal:
         self.calls += 1
         return self.result
 
@@ -124,9 +130,21 @@ async def test_registry_reload_keeps_keys_of_unchanged_providers() -> None:
             assert second.get("a").keys_loaded and not second.get("b").keys_loaded
             token = issuer_a.mint()
             fetched = issuer_a.requests[JWKS_PATH]
-            result = await second.get("a").verify(token, peek(token))
+            unverified = peek(token)
+            assert isinstance(unverified, UnverifiedToken)
+            result = await second.get("a").verify(token, unverified)
             assert isinstance(result, VerifiedClaims)
             assert issuer_a.requests[JWKS_PATH] == fetched  # no fetch: the keys were kept
+            # One key cache handed over whole: a fetch made by the old registry's
+            # provider (a request still in flight at the reload) serves the new one.
+            issuer_a.rotate("ES256")
+            rotated = issuer_a.mint()
+            assert await first.get("a").refresh()
+            fetched = issuer_a.requests[JWKS_PATH]
+            unverified = peek(rotated)
+            assert isinstance(unverified, UnverifiedToken)
+            assert isinstance(second.get("a").verify_now(rotated, unverified), VerifiedClaims)
+            assert issuer_a.requests[JWKS_PATH] == fetched
             await first.aclose()
             await second.aclose()
         nursery.cancel_scope.cancel()
@@ -148,6 +166,12 @@ class _Gate:
         self.release = trio.Event()
         self.entered = 0
 
+    def start(self, request: AuthRequest) -> Verdict | Pending:
+        return unanswered(request)  # every answer waits: finish() does
+
+    async def finish(self, pending: Pending) -> Verdict:
+        return await self.authenticate(pending.request)
+
     async def authenticate(self, request: AuthRequest) -> Verdict:
         self.entered += 1
         await self.release.wait()
@@ -157,10 +181,10 @@ class _Gate:
 async def test_current_swaps_for_new_requests_and_finishes_old_ones() -> None:
     old, new = _Gate("old"), _Gate("new")
     current = Current(old)
-    results: list[str | None] = []
+    results: list[str] = []
 
     async def one() -> None:
-        results.append((await current.authenticate(_request())).account)
+        results.append(str((await current.authenticate(_request())).account))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(one)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from saslauthd_oidc.config import parse_config
-from saslauthd_oidc.request import unreachable_condition_warnings
+from saslauthd_oidc.core.request import unreachable_condition_warnings
 
 PROVIDER = {"name": "idp", "issuer": "https://idp.example.org"}
 

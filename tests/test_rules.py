@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 
 from saslauthd_oidc.config import parse_config
-from saslauthd_oidc.outcome import Reason
-from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
-from saslauthd_oidc.rules import (
+from saslauthd_oidc.core.outcome import Reason
+from saslauthd_oidc.core.request import AuthRequest, Credentials, Mechanism, RequestContext
+from saslauthd_oidc.core.rules import (
     account_domain_mismatch,
     claim_mismatch,
     config_warnings,

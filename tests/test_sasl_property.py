@@ -1,4 +1,5 @@
-"""Property tests for saslauthd_oidc.sasl: no input makes it raise, and encodings round-trip."""
+"""Property tests for saslauthd_oidc.protocol.sasl: no input makes it raise, and encodings
+round-trip."""
 
 from __future__ import annotations
 
@@ -7,13 +8,12 @@ import unicodedata
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from saslauthd_oidc.outcome import DiscoveryHint, Reason, Verdict
-from saslauthd_oidc.request import SASL_MECHANISMS, Credentials, Mechanism
-from saslauthd_oidc.sasl import (
+from saslauthd_oidc.core.outcome import DiscoveryHint, Reason, Refusal, Verdict
+from saslauthd_oidc.core.request import SASL_MECHANISMS, Credentials, Mechanism
+from saslauthd_oidc.protocol.sasl import (
     Authenticate,
     Challenge,
     Failed,
-    SaslError,
     SaslExchange,
     Succeeded,
     decode_oauthbearer,
@@ -55,9 +55,9 @@ FRAGMENTS = st.sampled_from(
 PARSER_INPUT = st.one_of(st.binary(max_size=200), st.lists(FRAGMENTS, max_size=30).map(b"".join))
 
 
-def assert_sane(result: Credentials | SaslError) -> None:
-    assert isinstance(result, Credentials | SaslError)
-    if isinstance(result, SaslError):
+def assert_sane(result: Credentials | Refusal) -> None:
+    assert isinstance(result, Credentials | Refusal)
+    if isinstance(result, Refusal):
         assert isinstance(result.reason, Reason)
         assert result.reason is not Reason.OK
         assert result.detail

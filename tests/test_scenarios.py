@@ -1,4 +1,5 @@
-"""The two scenarios of DESIGN.md §1, end to end over the daemon's real socket.
+"""Two deployments end to end over the daemon's real socket: Kanidm with several clients
+(scenario 1) and Authentik with a shared issuer and two mail domains (scenario 2).
 
 Configs are the files in etc/examples/, pointed at loopback DevIssuers (URLs
 swapped, ``allow_http`` added; rules untouched). Tokens have the shapes real
@@ -23,13 +24,13 @@ from typing import Any
 import pytest
 import trio
 
-from saslauthd_oidc.cli import main
 from saslauthd_oidc.config import LoggingConfig, load_config
-from saslauthd_oidc.daemon import run_daemon
-from saslauthd_oidc.devissuer import DevIssuer
-from saslauthd_oidc.observability import configure_logging
-from saslauthd_oidc.request import token_fingerprint
-from saslauthd_oidc.rules import config_warnings, ordered
+from saslauthd_oidc.core.request import token_fingerprint
+from saslauthd_oidc.core.rules import config_warnings, ordered
+from saslauthd_oidc.service.daemon import run_daemon
+from saslauthd_oidc.service.logs import configure_logging
+from saslauthd_oidc.tools.cli import main
+from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.idp_shapes import ALICE, BOB, authentik, kanidm, keycloak, localize_example
 from tests.peers.dovecot_client import LineClient
 

@@ -37,12 +37,12 @@ import trio.testing
 from structlog.testing import capture_logs
 
 from saslauthd_oidc.config import LoggingConfig, parse_config
-from saslauthd_oidc.daemon import run_daemon
-from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
 from saslauthd_oidc.frontends.dovecot import handle_dovecot_stream
-from saslauthd_oidc.observability import configure_logging
+from saslauthd_oidc.service.daemon import run_daemon
+from saslauthd_oidc.service.logs import configure_logging
+from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
 from tests.peers.dovecot_client import LineClient
-from tests.test_frontend_dovecot import MECHS, Stub, auth_line
+from tests.support import MECHS, Stub, auth_line
 
 USER = "alice@example.org"
 

@@ -1,4 +1,4 @@
-"""systemd.py: LISTEN_FDS parsing (pure) and sd_notify datagrams to a real socket."""
+"""service/systemd.py: LISTEN_FDS parsing (pure) and sd_notify datagrams to a real socket."""
 
 from __future__ import annotations
 
@@ -11,16 +11,10 @@ import httpx
 import pytest
 import trio
 
-from saslauthd_oidc.authtest import run_auth_test
 from saslauthd_oidc.config import ConfigError, parse_config
-from saslauthd_oidc.daemon import (
-    adopt_passed_socket,
-    http_problems,
-    run_daemon,
-    sort_passed_fds,
-)
-from saslauthd_oidc.devissuer import DevIssuer
-from saslauthd_oidc.systemd import (
+from saslauthd_oidc.service.daemon import run_daemon
+from saslauthd_oidc.service.listeners import adopt_passed_socket, http_problems, sort_passed_fds
+from saslauthd_oidc.service.systemd import (
     ActivationError,
     Notifier,
     notify_address,
@@ -28,6 +22,8 @@ from saslauthd_oidc.systemd import (
     take_listen_fds,
     watchdog_interval,
 )
+from saslauthd_oidc.tools.authtest import run_auth_test
+from saslauthd_oidc.tools.devissuer import DevIssuer
 
 PID = 4242
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
-from saslauthd_oidc.lifecycle import ReloadReport, ReloadReporter, read_reload_report
+from saslauthd_oidc.service.lifecycle import ReloadReport, ReloadReporter, read_reload_report
+from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
 
 COMMAND = [sys.executable, "-m", "saslauthd_oidc"]
 

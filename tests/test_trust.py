@@ -15,16 +15,16 @@ import httpx
 import pytest
 import trio
 
-from saslauthd_oidc.cli import main
 from saslauthd_oidc.config import Config, ConfigError, ProviderConfig, parse_config
-from saslauthd_oidc.devissuer import DevIssuer
-from saslauthd_oidc.identity import IdentityError, check_account_domain, email_problem, map_account
-from saslauthd_oidc.outcome import Reason
-from saslauthd_oidc.providers import OidcProvider, TokenRejected, VerifiedClaims, peek
+from saslauthd_oidc.core.identity import check_account_domain, email_problem, map_account
+from saslauthd_oidc.core.outcome import Reason, Refusal
+from saslauthd_oidc.core.rules import config_warnings, token_policy
 from saslauthd_oidc.providers.answers import interpret_introspection
-from saslauthd_oidc.providers.jwt import bearer_problem
-from saslauthd_oidc.rules import config_warnings, token_policy
-from tests.providers_helpers import FakeClock
+from saslauthd_oidc.providers.jwt import VerifiedClaims, bearer_problem, peek
+from saslauthd_oidc.providers.oidc import OidcProvider
+from saslauthd_oidc.tools.cli import main
+from saslauthd_oidc.tools.devissuer import DevIssuer
+from tests.support import FakeClock
 
 A = "https://a.example.org"
 B = "https://b.example.org"
@@ -62,7 +62,7 @@ def test_real_access_tokens_are_bearer_tokens(shape: str) -> None:
 @pytest.mark.parametrize("shape", list(ID_TOKENS))
 def test_id_tokens_are_refused_unless_accepted(shape: str) -> None:
     refused = bearer_problem(ID_TOKENS[shape], accept_id_tokens=False)
-    assert isinstance(refused, TokenRejected) and refused.reason is Reason.ID_TOKEN
+    assert isinstance(refused, Refusal) and refused.reason is Reason.ID_TOKEN
     assert "accept_id_tokens" in refused.detail
     assert bearer_problem(ID_TOKENS[shape], accept_id_tokens=True) is None
 
@@ -71,7 +71,7 @@ def test_id_tokens_are_refused_unless_accepted(shape: str) -> None:
 def test_keycloak_non_access_tokens_are_never_accepted(kind: str) -> None:
     for accept in (False, True):
         refused = bearer_problem({"azp": "c", "typ": kind}, accept_id_tokens=accept)
-        assert isinstance(refused, TokenRejected) and refused.reason is Reason.WRONG_TOKEN_TYPE
+        assert isinstance(refused, Refusal) and refused.reason is Reason.WRONG_TOKEN_TYPE
 
 
 @pytest.mark.parametrize(
@@ -81,10 +81,10 @@ def test_sender_constrained_tokens_are_refused_even_with_accept_id_tokens(cnf: o
     token_claims = {**REAL_ACCESS_TOKENS["oidc-provider"], "cnf": cnf}
     for accept in (False, True):
         refused = bearer_problem(token_claims, accept_id_tokens=accept)
-        assert isinstance(refused, TokenRejected) and refused.reason is Reason.SENDER_CONSTRAINED
+        assert isinstance(refused, Refusal) and refused.reason is Reason.SENDER_CONSTRAINED
 
 
-def _introspect(doc: dict[str, Any]) -> VerifiedClaims | TokenRejected:
+def _introspect(doc: dict[str, Any]) -> VerifiedClaims | Refusal:
     return interpret_introspection(
         {"active": True, "client_id": "c", **doc},
         issuer=A,
@@ -101,7 +101,7 @@ def test_introspection_answers_for_sender_constrained_tokens_are_refused(
     doc: dict[str, Any],
 ) -> None:
     refused = _introspect(doc)
-    assert isinstance(refused, TokenRejected) and refused.reason is Reason.SENDER_CONSTRAINED
+    assert isinstance(refused, Refusal) and refused.reason is Reason.SENDER_CONSTRAINED
 
 
 def test_introspection_answers_are_not_judged_by_id_token_markers() -> None:
@@ -117,7 +117,7 @@ def test_email_the_idp_does_not_verify_names_no_account(verified: object) -> Non
     problem = email_problem(
         {"email": "a@x", "email_verified": verified}, multi_tenant=False, trust_unverified=False
     )
-    assert isinstance(problem, IdentityError) and problem.reason is Reason.UNVERIFIED_EMAIL
+    assert isinstance(problem, Refusal) and problem.reason is Reason.UNVERIFIED_EMAIL
     assert (
         email_problem(
             {"email": "a@x", "email_verified": verified}, multi_tenant=False, trust_unverified=True
@@ -218,7 +218,7 @@ def test_map_account_applies_domain_map_before_the_domain_policy() -> None:
     rule, p = cfg.rules[1], cfg.provider("b")
     assert map_account(rule, p, {"upn": "bob@idm.example.net"}) == "bob@example.net"
     refused = map_account(rule, p, {"upn": "alice@example.org"})
-    assert isinstance(refused, IdentityError)
+    assert isinstance(refused, Refusal)
     assert refused.reason is Reason.UNTRUSTED_ACCOUNT_DOMAIN
 
 
@@ -390,7 +390,7 @@ def make(iss: DevIssuer, client: httpx.AsyncClient, clock: FakeClock, **kw: Any)
 
 async def verdict(p: OidcProvider, token: str) -> Reason:
     unverified = peek(token)
-    assert not isinstance(unverified, TokenRejected)
+    assert not isinstance(unverified, Refusal)
     with trio.move_on_after(0.2):  # a short deadline: no waiting for a retry here
         result = await p.verify(token, unverified)
         return Reason.OK if isinstance(result, VerifiedClaims) else result.reason
@@ -489,14 +489,14 @@ async def test_force_introspection_bounds_the_cache_and_checks_the_subject(
     )
     token = issuer.mint(lifetime=600)
     unverified = peek(token)
-    assert not isinstance(unverified, TokenRejected)
+    assert not isinstance(unverified, Refusal)
     assert p.verify_now(token, unverified) is None  # always needs the IdP
     result = await p.verify(token, unverified)
     assert isinstance(result, VerifiedClaims)
     assert result.expires_at == pytest.approx(clock.now + 30)  # not the token's exp
     issuer.revoke(token)
     result = await p.verify(token, unverified)
-    assert isinstance(result, TokenRejected) and result.reason is Reason.TOKEN_INACTIVE
+    assert isinstance(result, Refusal) and result.reason is Reason.TOKEN_INACTIVE
 
 
 def test_the_readme_lists_every_reason_code() -> None:

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import base64
 import os
-import shutil
 import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 import trio.testing
 
-from saslauthd_oidc.devissuer import DevIssuer, DevIssuerThread
-from saslauthd_oidc.workers import BalancedListener, LoadTable, _describe
+from saslauthd_oidc.service.workers import BalancedListener, LoadTable, _describe
+from saslauthd_oidc.tools.devissuer import DevIssuer
+from tests.support import accepts, start, wait_for
 
 
 def children(pid: int) -> set[int]:
@@ -28,15 +24,6 @@ def children(pid: int) -> set[int]:
     except OSError:
         return set()
     return {int(x) for x in text.split()}
-
-
-def wait_for(predicate: object, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def authenticate(path: Path, token: str) -> tuple[int, str]:
@@ -56,49 +43,6 @@ def authenticate(path: Path, token: str) -> tuple[int, str]:
         while not reply.endswith(b"\n"):
             reply += s.recv(4096)
         return spid, reply.decode().strip()
-
-
-@pytest.fixture
-def issuer() -> Iterator[DevIssuer]:
-    with DevIssuerThread(DevIssuer(algorithms=("ES256",))) as iss:
-        yield iss
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="wk", dir="/tmp"))
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
-
-
-def start(workdir: Path, issuer: DevIssuer, workers: int) -> tuple[subprocess.Popen[bytes], Path]:
-    sock = workdir / "auth"
-    conf = workdir / "conf.toml"
-    conf.write_text(
-        f"""
-[server]
-auth_socket = "{sock}"
-workers = {workers}
-[logging]
-level = "info"
-[[provider]]
-name = "dev"
-issuer = "{issuer.issuer}"
-allow_http = true
-[[rule]]
-name = "r"
-provider = "dev"
-audiences = ["mail"]
-"""
-    )
-    log = (workdir / "log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "saslauthd_oidc", "serve", "--config", str(conf)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    return proc, sock
 
 
 def test_workers_share_the_socket_restart_and_stop(issuer: DevIssuer, workdir: Path) -> None:
@@ -155,22 +99,13 @@ def test_one_worker_runs_in_process(issuer: DevIssuer, workdir: Path) -> None:
     proc, sock = start(workdir, issuer, 1)
     try:
         wait_for(sock.exists)
-        wait_for(lambda: _accepts(sock))
+        wait_for(lambda: accepts(sock))
         spid, reply = authenticate(sock, issuer.mint())
         assert spid == proc.pid and reply.startswith("OK\t1\t")
         assert children(proc.pid) == set()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(20)
-
-
-def _accepts(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(str(path))
-        except OSError:
-            return False
-    return True
 
 
 def test_describe_status() -> None:
@@ -225,7 +160,7 @@ async def test_busier_listener_leaves_the_connection_to_its_sibling(workdir: Pat
 
 def test_workers_refuse_sockets_they_cannot_share_yet(tmp_path: Path) -> None:
     from saslauthd_oidc.config import ConfigError, parse_config
-    from saslauthd_oidc.workers import serve_workers
+    from saslauthd_oidc.service.workers import serve_workers
 
     base = {
         "provider": [{"name": "p", "issuer": "https://idp.example"}],

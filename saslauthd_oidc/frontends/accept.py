@@ -1,7 +1,7 @@
 """The accept loop every listener shares: bounded, fair between peers, resilient to running out.
 
 At most ``max_connections`` connections are served at once (the listener's
-share of the descriptor budget, :mod:`saslauthd_oidc.limits`). When a new
+share of the descriptor budget, :mod:`saslauthd_oidc.service.limits`). When a new
 connection arrives at the cap, it is served all the same and the
 longest-idle connection of the *peer holding the most* is closed to make
 room, as Dovecot's ``client_limit`` does with its oldest idle client: a
@@ -21,6 +21,14 @@ work continues for a client that left (pipelined requests included).
 An ``accept`` that fails because the process or the system is out of file
 descriptors or memory is logged (``accept_failed``) and retried after a
 short pause instead of ending the listener.
+
+Why not ``trio.serve_listeners``: it retries the same errnos with the same
+0.1 s pause and closes each stream forcefully after its handler, and so does
+this loop; but it has no cap, no eviction, no per-peer fairness, no idle or
+write tracking, no cancellation when the peer leaves and no way to stop
+accepting while connections finish (a drain), and it logs through the stdlib
+logger, not ours. Those are this module's purpose, so the loop is ours; what
+it shares with trio's is kept identical.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ This module owns the I/O for the auth socket: accepting connections (bounded,
 :mod:`.accept`), one task per connection, the line timeout, serialised writes,
 and what happens when a client vanishes. All wire decisions are made by
 :mod:`saslauthd_oidc.protocol.dovecot`; all authentication decisions by the
-engine (:class:`~saslauthd_oidc.engine.Authenticates`: ``start`` decides
+engine (:class:`~saslauthd_oidc.core.engine.Authenticates`: ``start`` decides
 without I/O when it can, ``finish`` does the rest).
 
 The hot path, a request whose verdict needs no I/O (a cached token, a JWT
@@ -36,11 +36,11 @@ from typing import Any, Protocol, runtime_checkable
 import structlog
 import trio
 
-from saslauthd_oidc.engine import Authenticates, Authenticator
+from saslauthd_oidc.core.engine import Authenticates, Authenticator
+from saslauthd_oidc.core.outcome import Outcome, Reason, Verdict
+from saslauthd_oidc.core.request import AuthRequest, Mechanism
 from saslauthd_oidc.frontends.accept import ConnectionTable, serve_connections
-from saslauthd_oidc.outcome import Outcome, Reason, Verdict
 from saslauthd_oidc.protocol.dovecot import DovecotServerConnection, NeedVerdict, ProtocolError
-from saslauthd_oidc.request import AuthRequest, Mechanism
 
 __all__ = [
     "Authenticator",

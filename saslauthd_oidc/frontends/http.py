@@ -1,6 +1,6 @@
 """The HTTP listener: a small ASGI application served by hypercorn's trio worker.
 
-Routes (README "HTTP endpoints"):
+Routes (README "Recipes": Dovecot, Stalwart, Discovery, Autoconfig; "Metrics and health"):
 
 * ``POST /introspect`` — RFC 7662 as Dovecot's ``passdb oauth2`` expects it
   (``introspection_mode = post``); ``X-Dovecot-Auth-*`` headers feed rule
@@ -9,29 +9,25 @@ Routes (README "HTTP endpoints"):
   ``{stalwart}/.well-known/openid-configuration`` — Stalwart's OIDC-directory
   contracts, when ``http.stalwart_issuer`` is set.
 * ``GET /.well-known/oauth-protected-resource[/path]`` — RFC 9728 metadata
-  from the rule selected by Host, path and Referer (:mod:`..discovery`).
+  from the rule selected by Host, path and Referer (:mod:`..core.resource_metadata`).
 * ``GET /.well-known/autoconfig/mail/config-v1.1.xml``, ``/mail/config-v1.1.xml``
   and ``/.well-known/user-agent-configuration.json`` — Mail Autoconfig and
-  PACC for the ``[[domain]]`` the Host or ``emailaddress`` names (:mod:`..autoconfig`).
+  PACC for the ``[[domain]]`` the Host or ``emailaddress`` names (:mod:`..core.autoconfig`).
 * ``GET /metrics``, ``/healthz``, ``/readyz``.
 
 HTTP itself is hypercorn's business; this module only sees ASGI scopes. Every
-Verdict becomes an HTTP reply in :func:`verdict_reply`, and nowhere else.
+Verdict becomes an HTTP reply in :func:`.http_replies.verdict_reply`, and nowhere
+else; who may call is :mod:`.http_callers`.
 """
 
 from __future__ import annotations
 
-import base64
-import enum
-import hashlib
-import hmac
 import ipaddress
-import json
 import socket
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 import structlog
@@ -42,8 +38,8 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import repr_socket_addr, wrap_app
 
-from saslauthd_oidc.asgi import Receive, Scope, Send, acknowledge_lifespan
-from saslauthd_oidc.autoconfig import (
+from saslauthd_oidc.config import Config, HttpConfig
+from saslauthd_oidc.core.autoconfig import (
     AUTOCONFIG_PATHS,
     PACC_PATH,
     autoconfig_xml,
@@ -51,181 +47,47 @@ from saslauthd_oidc.autoconfig import (
     email_domain,
     pacc_json,
 )
-from saslauthd_oidc.config import Config, ConfigError, HttpConfig, read_secret_file
-from saslauthd_oidc.discovery import (
-    ResourceRequest,
-    parse_host,
-    protected_resource_metadata,
-    resource_path,
-    select_rule,
-)
-from saslauthd_oidc.engine import Authenticator
-from saslauthd_oidc.frontends.accept import ConnectionTable, serve_connections
-from saslauthd_oidc.metrics import Metrics
-from saslauthd_oidc.outcome import Outcome, Reason, Verdict
-from saslauthd_oidc.request import (
+from saslauthd_oidc.core.engine import Authenticator
+from saslauthd_oidc.core.outcome import Reason, Verdict
+from saslauthd_oidc.core.request import (
     AuthRequest,
     Credentials,
     Mechanism,
     RequestContext,
     token_fingerprint,
 )
+from saslauthd_oidc.core.resource_metadata import (
+    ResourceRequest,
+    parse_host,
+    protected_resource_metadata,
+    resource_path,
+    select_rule,
+)
+from saslauthd_oidc.frontends.accept import ConnectionTable, serve_connections
+from saslauthd_oidc.frontends.asgi import Receive, Scope, Send, acknowledge_lifespan
+from saslauthd_oidc.frontends.http_callers import CallerAuth
+from saslauthd_oidc.frontends.http_replies import Reply, Surface, json_reply, verdict_reply
 
-__all__ = [
-    "CallerAuth",
-    "HttpFrontend",
-    "HttpLimits",
-    "load_caller_auth",
-    "serve_http",
-    "verdict_reply",
-]
+__all__ = ["HttpFrontend", "HttpLimits", "serve_http"]
 
 log = structlog.get_logger("saslauthd_oidc.http")
 
 
+class MetricsPage(Protocol):
+    """What ``GET /metrics`` serves: the service's metrics (the frontend does not import
+    the service layer above it), rendered as the body and its content type."""
+
+    def render(self) -> tuple[bytes, str]: ...
+
+
 MAX_BODY_BYTES = 65536
 FRONTEND = "http"
-# Claims never copied into an introspection answer: ours to set, or ones that
-# make Dovecot fail the answer (token_type must be "bearer", expires_in a uint32).
-_RESERVED_CLAIMS = frozenset({"active", "username", "token_type", "expires_in"})
-
-
-class Surface(enum.Enum):
-    """Which contract a token arrived under; decides how a Verdict is answered."""
-
-    INTROSPECT = "introspect"  # RFC 7662 / Dovecot
-    STALWART = "stalwart"  # Stalwart OIDC directory (introspect and userinfo)
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    status: int
-    body: bytes = b""
-    headers: tuple[tuple[bytes, bytes], ...] = ()
-    content_type: bytes = b"application/json"
-
-
-def json_reply(status: int, doc: Any, *headers: tuple[bytes, bytes]) -> Reply:
-    return Reply(status, json.dumps(doc, separators=(",", ":")).encode(), tuple(headers))
-
-
 _NOT_FOUND = json_reply(404, {"error": "not_found"})
 _BAD_METHOD = json_reply(405, {"error": "method_not_allowed"})
-_UNAVAILABLE = json_reply(503, {"error": "temporarily_unavailable"})
 _BAD_HOST = json_reply(400, {"error": "invalid_request", "error_description": "bad Host"})
 _BAD_ADDRESS = json_reply(
     400, {"error": "invalid_request", "error_description": "bad emailaddress"}
 )
-
-
-def _introspection_claims(verdict: Verdict) -> dict[str, Any]:
-    claims = {
-        k: v
-        for k, v in (verdict.claims or {}).items()
-        if k not in _RESERVED_CLAIMS and isinstance(v, str | int | float | bool | list)
-    }
-    return {"active": True, "username": verdict.account, **claims}
-
-
-def _stalwart_fields(verdict: Verdict) -> dict[str, Any]:
-    account = verdict.account or ""
-    claims = verdict.claims or {}
-    doc: dict[str, Any] = {"sub": account, "preferred_username": account, "username": account}
-    if "@" in account:
-        doc["email"] = account
-    name = claims.get("name")
-    if isinstance(name, str):
-        doc["name"] = name
-    return doc
-
-
-def verdict_reply(surface: Surface, verdict: Verdict) -> Reply:
-    """The one place where a Verdict becomes an HTTP answer.
-
-    A temporary failure is 503 on every surface: Dovecot treats anything but
-    2xx/4xx as an internal (temporary) failure, Stalwart any non-401 as an error.
-    """
-    if verdict.outcome is Outcome.TEMPFAIL:
-        return _UNAVAILABLE
-    if surface is Surface.INTROSPECT:
-        if verdict.ok:
-            return json_reply(200, _introspection_claims(verdict))
-        return json_reply(200, {"active": False})
-    if verdict.ok:
-        return json_reply(200, _stalwart_fields(verdict))
-    return json_reply(
-        401, {"error": "invalid_token"}, (b"www-authenticate", b'Bearer error="invalid_token"')
-    )
-
-
-# --------------------------------------------------------------------------- caller auth
-
-
-@dataclass(frozen=True, slots=True)
-class CallerAuth:
-    """Who may call the introspection endpoints: Basic users, a shared Bearer secret, or anyone."""
-
-    open: bool = False
-    users: Mapping[str, bytes] = field(default_factory=dict)  # name -> SHA-256 of the password
-    secret: bytes | None = None  # SHA-256 of the shared secret
-
-    def allows(self, authorization: str | None) -> bool:
-        if self.open:
-            return True
-        if not authorization:
-            return False
-        scheme, _, value = authorization.strip().partition(" ")
-        value = value.strip()
-        if scheme.lower() == "basic" and self.users:
-            try:
-                decoded = base64.b64decode(value, validate=True).decode("utf-8")
-            except (ValueError, UnicodeDecodeError):
-                return False
-            name, sep, password = decoded.partition(":")
-            # Hash and compare for unknown names too (against a digest no password
-            # has), so that a valid user name takes no longer to refuse than any other.
-            expected = self.users.get(name)
-            matches = _same(password, _UNKNOWN_USER_DIGEST if expected is None else expected)
-            return bool(sep) and expected is not None and matches
-        if scheme.lower() == "bearer" and self.secret is not None:
-            return _same(value, self.secret)
-        return False
-
-
-# Compared against for a user name that is not in http.users_file: no password's
-# SHA-256 is all ones (as unlikely as any preimage), and the comparison costs the same.
-_UNKNOWN_USER_DIGEST = b"\xff" * hashlib.sha256().digest_size
-
-
-def _digest(text: str) -> bytes:
-    return hashlib.sha256(text.encode("utf-8")).digest()
-
-
-def _same(given: str, expected_digest: bytes) -> bool:
-    return hmac.compare_digest(_digest(given), expected_digest)
-
-
-def load_caller_auth(cfg: HttpConfig) -> CallerAuth:
-    """Read ``http.users_file`` / ``http.secret_file``; ConfigError names the key."""
-    if cfg.auth == "open":
-        return CallerAuth(open=True)
-    users: dict[str, bytes] = {}
-    if cfg.users_file:
-        text = read_secret_file("http.users_file", cfg.users_file)
-        for number, raw in enumerate(text.splitlines(), 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            name, sep, password = line.partition(":")
-            if not sep or not name or not password:
-                raise ConfigError(
-                    "http.users_file", f"{cfg.users_file} line {number}: expected name:password"
-                )
-            users[name] = _digest(password)
-    secret = (
-        _digest(read_secret_file("http.secret_file", cfg.secret_file)) if cfg.secret_file else None
-    )
-    return CallerAuth(users=users, secret=secret)
 
 
 # --------------------------------------------------------------------------- the application
@@ -304,7 +166,7 @@ class HttpFrontend:
         authenticate: Authenticator,
         caller_auth: CallerAuth,
         *,
-        metrics: Metrics | None = None,
+        metrics: MetricsPage | None = None,
         ready: Callable[[], bool] = lambda: True,
         request_timeout: float | None = None,
     ) -> None:

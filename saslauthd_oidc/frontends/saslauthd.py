@@ -14,9 +14,10 @@ from __future__ import annotations
 import structlog
 import trio
 
-from saslauthd_oidc.engine import Authenticator
+from saslauthd_oidc.core.engine import Authenticator
+from saslauthd_oidc.core.outcome import Reason, Verdict
+from saslauthd_oidc.core.request import AuthRequest
 from saslauthd_oidc.frontends.accept import ConnectionTable, serve_connections
-from saslauthd_oidc.outcome import Reason, Verdict
 from saslauthd_oidc.protocol.saslauthd import (
     NeedData,
     Rejected,
@@ -24,7 +25,6 @@ from saslauthd_oidc.protocol.saslauthd import (
     SaslauthdServerConnection,
     encode_reply,
 )
-from saslauthd_oidc.request import AuthRequest
 
 __all__ = ["handle_saslauthd_stream", "serve_saslauthd_listener"]
 

@@ -3,13 +3,13 @@
 This module owns the wire format spoken on the auth socket: tab-escaping,
 line framing (with a hard line cap), the handshake, parsing of the client's
 VERSION/CPID/AUTH/CONT/CANCEL lines, and the OK/CONT/FAIL replies. It drives
-one :class:`~saslauthd_oidc.sasl.SaslExchange` per request id and asks its
+one :class:`~saslauthd_oidc.protocol.sasl.SaslExchange` per request id and asks its
 caller for a verdict through :class:`NeedVerdict` events; client mistakes worth
 logging come out of the same stream as :class:`ProtocolError` events. Like
 h11, it does no I/O, reads no clock and imports no trio: bytes in, events and
 bytes out.
 
-The mapping from a failed :class:`~saslauthd_oidc.outcome.Verdict` to FAIL
+The mapping from a failed :class:`~saslauthd_oidc.core.outcome.Verdict` to FAIL
 fields lives in exactly one place, :func:`fail_fields`.
 """
 
@@ -23,9 +23,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from saslauthd_oidc.outcome import Outcome, Reason, Verdict
-from saslauthd_oidc.request import AuthRequest, Mechanism, RequestContext
-from saslauthd_oidc.sasl import (
+from saslauthd_oidc.core.outcome import Outcome, Reason, Verdict
+from saslauthd_oidc.core.request import AuthRequest, Mechanism, RequestContext
+from saslauthd_oidc.protocol.sasl import (
     Authenticate,
     Challenge,
     Failed,

@@ -28,8 +28,8 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
-from saslauthd_oidc.outcome import Outcome, Reason, Verdict
-from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
+from saslauthd_oidc.core.outcome import Outcome, Reason, Verdict
+from saslauthd_oidc.core.request import AuthRequest, Credentials, Mechanism, RequestContext
 
 __all__ = [
     "MAX_FIELD_BYTES",
@@ -84,7 +84,7 @@ def reply_text(verdict: Verdict) -> str:
     """The reply for a verdict: the one place that maps verdicts to saslauthd replies.
 
     ``OK <reason>`` or ``NO <reason>``, the reason being the closed
-    :class:`~saslauthd_oidc.outcome.Reason` code (never a token, never
+    :class:`~saslauthd_oidc.core.outcome.Reason` code (never a token, never
     ``detail``). Cyrus clients only compare the first two bytes, so a
     temporary failure is a refusal to them; the text says it is temporary for
     ``testsaslauthd`` users and logs.
@@ -250,4 +250,5 @@ def _request(raw: list[bytes]) -> Request | Rejected:
         remote_port=remote_port,
     )
     credentials = Credentials(token=token, authzid=account_name(login, realm))
-    return Request(AuthRequest(Mechanism.PLAIN, credentials, context), fields=len(raw))
+    request = AuthRequest(Mechanism.PLAIN, credentials, context, negotiated=False)
+    return Request(request, fields=len(raw))

@@ -15,13 +15,8 @@ import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from saslauthd_oidc.outcome import Reason
-from saslauthd_oidc.providers.jwt import (
-    TokenRejected,
-    VerifiedClaims,
-    bearer_problem,
-    check_time_claims,
-)
+from saslauthd_oidc.core.outcome import Reason, Refusal
+from saslauthd_oidc.providers.jwt import VerifiedClaims, bearer_problem, check_time_claims
 
 # Claims that decide *whether* a token is accepted. Userinfo enrichment may add
 # profile claims (email, preferred_username…) but never these.
@@ -59,7 +54,7 @@ def interpret_introspection(
     accepts_issuer: Callable[[object], bool],
     now: float,
     leeway: float,
-) -> VerifiedClaims | TokenRejected:
+) -> VerifiedClaims | Refusal:
     """An RFC 7662 answer → verified claims, or why the token is refused.
 
     ``iss`` in the answer must be the provider's (``accepts_issuer``); when
@@ -68,18 +63,18 @@ def interpret_introspection(
     bounds how long the answer is trusted).
     """
     if doc.get("active") is not True:
-        return TokenRejected(Reason.TOKEN_INACTIVE, "introspection: token is not active")
+        return Refusal(Reason.TOKEN_INACTIVE, "introspection: token is not active")
     claims = _with_issuer(doc, issuer, accepts_issuer, "introspection")
-    if isinstance(claims, TokenRejected):
+    if isinstance(claims, Refusal):
         return claims
     for field in ("token_type", "typ"):
         kind = claims.get(field)
         if isinstance(kind, str) and kind.lower() in _NOT_ACCESS_TOKEN:
-            return TokenRejected(
+            return Refusal(
                 Reason.WRONG_TOKEN_TYPE, f"introspection: {field} {kind[:32]!r} is no access token"
             )
         if isinstance(kind, str) and kind.lower() in _SENDER_CONSTRAINED_TYPES:
-            return TokenRejected(
+            return Refusal(
                 Reason.SENDER_CONSTRAINED,
                 f"introspection: {field} {kind[:32]!r}: SASL carries no proof of possession",
             )
@@ -88,16 +83,16 @@ def interpret_introspection(
         # access token; only the sender constraint (cnf) is looked at here.
         refused = bearer_problem({"cnf": claims["cnf"]}, accept_id_tokens=True)
         if refused is not None:
-            return TokenRejected(refused.reason, f"introspection: {refused.detail}")
+            return Refusal(refused.reason, f"introspection: {refused.detail}")
     if "exp" in claims:
         expires = check_time_claims(claims, now=now, leeway=leeway)
-        if isinstance(expires, TokenRejected):
+        if isinstance(expires, Refusal):
             return expires
     else:
         # A stand-in exp that no nbf/iat can follow, so only nbf/iat themselves are judged.
         stand_in = {**claims, "exp": sys.float_info.max}
         with_exp = check_time_claims(stand_in, now=now, leeway=leeway)
-        if isinstance(with_exp, TokenRejected):
+        if isinstance(with_exp, Refusal):
             return with_exp
         expires = math.inf
     return VerifiedClaims(claims=claims, header={}, expires_at=expires)
@@ -105,7 +100,7 @@ def interpret_introspection(
 
 def interpret_userinfo(
     doc: Mapping[str, Any], *, issuer: str, accepts_issuer: Callable[[object], bool]
-) -> VerifiedClaims | TokenRejected:
+) -> VerifiedClaims | Refusal:
     """A userinfo answer (HTTP 200) → claims. ``sub`` must be a non-empty string.
 
     Userinfo proves the token is valid at the provider, not for whom it was
@@ -114,16 +109,16 @@ def interpret_userinfo(
     """
     sub = doc.get("sub")
     if not isinstance(sub, str) or not sub:
-        return TokenRejected(Reason.BAD_CLAIM, "userinfo answer has no sub")
+        return Refusal(Reason.BAD_CLAIM, "userinfo answer has no sub")
     claims = _with_issuer(doc, issuer, accepts_issuer, "userinfo")
-    if isinstance(claims, TokenRejected):
+    if isinstance(claims, Refusal):
         return claims
     return VerifiedClaims(claims=claims, header={}, expires_at=math.inf)
 
 
 def _with_issuer(
     doc: Mapping[str, Any], issuer: str, accepts_issuer: Callable[[object], bool], source: str
-) -> dict[str, Any] | TokenRejected:
+) -> dict[str, Any] | Refusal:
     """The answer's claims with ``iss`` checked, or the provider's filled in when absent."""
     claims = dict(doc)
     iss = claims.get("iss")
@@ -131,13 +126,13 @@ def _with_issuer(
         claims["iss"] = issuer
     elif not accepts_issuer(iss):
         shown = iss[:120] if isinstance(iss, str) else type(iss).__name__
-        return TokenRejected(Reason.WRONG_ISSUER, f"{source} names issuer {shown!r}")
+        return Refusal(Reason.WRONG_ISSUER, f"{source} names issuer {shown!r}")
     return claims
 
 
 def merge_userinfo(
     token_claims: Mapping[str, Any], userinfo: Mapping[str, Any]
-) -> dict[str, Any] | TokenRejected:
+) -> dict[str, Any] | Refusal:
     """The token's claims plus userinfo's profile claims; the token wins every conflict.
 
     OIDC Core 5.3.2: the userinfo ``sub`` must equal the token's, or the
@@ -145,7 +140,7 @@ def merge_userinfo(
     """
     token_sub = token_claims.get("sub")
     if token_sub is not None and userinfo.get("sub") != token_sub:
-        return TokenRejected(Reason.BAD_CLAIM, "userinfo sub differs from the token's sub")
+        return Refusal(Reason.BAD_CLAIM, "userinfo sub differs from the token's sub")
     merged = dict(token_claims)
     for name, value in userinfo.items():
         if name not in DECISION_CLAIMS and name not in merged:

@@ -35,12 +35,14 @@ FetchErrorKind = Literal[
 
 
 class FetchError(Exception):
-    """A metadata fetch failed; ``kind`` says how, ``detail`` says what (no secrets)."""
+    """A metadata fetch failed; ``kind`` says how, ``detail`` says what (no secrets),
+    ``status`` is the HTTP status when the server answered with one we refuse."""
 
-    def __init__(self, kind: FetchErrorKind, detail: str) -> None:
+    def __init__(self, kind: FetchErrorKind, detail: str, *, status: int | None = None) -> None:
         super().__init__(f"{kind}: {detail}")
         self.kind: FetchErrorKind = kind
         self.detail = detail
+        self.status = status
 
 
 def make_ssl_context(ca_file: str | None = None) -> ssl.SSLContext:
@@ -226,9 +228,11 @@ def _check_response(response: httpx.Response, max_bytes: int) -> None:
     status = response.status_code
     if response.is_redirect or 300 <= status < 400:
         target = _host_of(response.headers.get("location", ""))
-        raise FetchError("redirect", f"HTTP {status} redirect (to host {target[:80]!r}) refused")
+        raise FetchError(
+            "redirect", f"HTTP {status} redirect (to host {target[:80]!r}) refused", status=status
+        )
     if status != 200:
-        raise FetchError("http_status", f"HTTP {status}")
+        raise FetchError("http_status", f"HTTP {status}", status=status)
     encoding = response.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise FetchError("bad_json", f"unexpected content-encoding {encoding[:20]!r}")

@@ -18,7 +18,7 @@ No trio, no httpx, no clock of its own: :func:`verify_jwt` receives ``now``.
   token is a plain bearer access token (:func:`bearer_problem`: no ``cnf``,
   no ID-token-only claims).
 
-Results are values: :class:`VerifiedClaims` or :class:`TokenRejected`. No
+Results are values: :class:`VerifiedClaims` or :class:`Refusal`. No
 ``detail`` string ever contains the token.
 """
 
@@ -38,7 +38,7 @@ import jwt as pyjwt
 from cryptography.exceptions import InvalidSignature
 from jwt import exceptions as jwt_exc
 
-from saslauthd_oidc.outcome import Reason
+from saslauthd_oidc.core.outcome import Reason, Refusal
 from saslauthd_oidc.providers.keypolicy import hmac_secret_refusal, jwk_refusal
 
 MAX_TOKEN_BYTES = 16384
@@ -60,14 +60,6 @@ _TYP_PREFIX = "application/"
 
 
 # --------------------------------------------------------------------------- values
-
-
-@dataclass(frozen=True, slots=True)
-class TokenRejected:
-    """Why a token was refused. ``detail`` is for operators and never holds the token."""
-
-    reason: Reason
-    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,37 +199,37 @@ def looks_like_jws(token: str) -> bool:
     return head.lstrip(b" \t\r\n").startswith(b"{")
 
 
-def _decode_object(segment: str, what: str) -> dict[str, Any] | TokenRejected:
+def _decode_object(segment: str, what: str) -> dict[str, Any] | Refusal:
     try:
         value = strict_json_loads(_b64url_decode(segment))
     except _DuplicateKeyError:
-        return TokenRejected(Reason.MALFORMED_TOKEN, f"duplicate key in JWT {what}")
+        return Refusal(Reason.MALFORMED_TOKEN, f"duplicate key in JWT {what}")
     except (ValueError, RecursionError):
-        return TokenRejected(Reason.MALFORMED_TOKEN, f"JWT {what} is not strict base64url JSON")
+        return Refusal(Reason.MALFORMED_TOKEN, f"JWT {what} is not strict base64url JSON")
     if not isinstance(value, dict):
-        return TokenRejected(Reason.MALFORMED_TOKEN, f"JWT {what} is not a JSON object")
+        return Refusal(Reason.MALFORMED_TOKEN, f"JWT {what} is not a JSON object")
     return value
 
 
-def peek(token: str, *, max_bytes: int = MAX_TOKEN_BYTES) -> UnverifiedToken | TokenRejected:
+def peek(token: str, *, max_bytes: int = MAX_TOKEN_BYTES) -> UnverifiedToken | Refusal:
     """Parse a compact JWS strictly without verifying it (see module docstring)."""
     if len(token) > max_bytes:
-        return TokenRejected(Reason.TOKEN_TOO_LARGE, f"token longer than {max_bytes} bytes")
+        return Refusal(Reason.TOKEN_TOO_LARGE, f"token longer than {max_bytes} bytes")
     if not token.isascii():
-        return TokenRejected(Reason.MALFORMED_TOKEN, "token is not ASCII")
+        return Refusal(Reason.MALFORMED_TOKEN, "token is not ASCII")
     parts = token.split(".")
     if len(parts) != 3:
-        return TokenRejected(Reason.MALFORMED_TOKEN, "not a JWS")
+        return Refusal(Reason.MALFORMED_TOKEN, "not a JWS")
     head_seg, body_seg, sig_seg = parts
     if len(head_seg) * 3 // 4 > MAX_HEADER_BYTES:
-        return TokenRejected(Reason.MALFORMED_TOKEN, f"JWT header over {MAX_HEADER_BYTES} bytes")
+        return Refusal(Reason.MALFORMED_TOKEN, f"JWT header over {MAX_HEADER_BYTES} bytes")
     if not _B64URL_RE.fullmatch(sig_seg) or len(sig_seg) % 4 == 1:
-        return TokenRejected(Reason.MALFORMED_TOKEN, "JWT signature is not base64url")
+        return Refusal(Reason.MALFORMED_TOKEN, "JWT signature is not base64url")
     header = _decode_object(head_seg, "header")
-    if isinstance(header, TokenRejected):
+    if isinstance(header, Refusal):
         return header
     claims = _decode_object(body_seg, "payload")
-    if isinstance(claims, TokenRejected):
+    if isinstance(claims, Refusal):
         return claims
     return UnverifiedToken(header=header, claims=claims, token=token)
 
@@ -403,27 +395,25 @@ def _is_number(value: Any) -> bool:
     )
 
 
-def check_time_claims(
-    claims: Mapping[str, Any], *, now: float, leeway: float
-) -> float | TokenRejected:
+def check_time_claims(claims: Mapping[str, Any], *, now: float, leeway: float) -> float | Refusal:
     """Check ``exp`` (required), ``nbf`` and ``iat`` as JSON numbers; return ``exp``."""
     exp = claims.get("exp")
     if exp is None:
-        return TokenRejected(Reason.BAD_CLAIM, "exp claim missing")
+        return Refusal(Reason.BAD_CLAIM, "exp claim missing")
     for name in ("exp", "nbf", "iat"):
         if name in claims and not _is_number(claims[name]):
-            return TokenRejected(Reason.BAD_CLAIM, f"{name} claim is not a non-negative number")
+            return Refusal(Reason.BAD_CLAIM, f"{name} claim is not a non-negative number")
     nbf, iat = claims.get("nbf"), claims.get("iat")
     if iat is not None and exp < iat:
-        return TokenRejected(Reason.BAD_CLAIM, "exp is before iat")
+        return Refusal(Reason.BAD_CLAIM, "exp is before iat")
     if nbf is not None and exp < nbf:
-        return TokenRejected(Reason.BAD_CLAIM, "exp is before nbf")
+        return Refusal(Reason.BAD_CLAIM, "exp is before nbf")
     if exp < now - leeway:
-        return TokenRejected(Reason.EXPIRED, f"expired {now - exp:.0f}s ago")
+        return Refusal(Reason.EXPIRED, f"expired {now - exp:.0f}s ago")
     if nbf is not None and nbf > now + leeway:
-        return TokenRejected(Reason.NOT_YET_VALID, f"not valid for another {nbf - now:.0f}s")
+        return Refusal(Reason.NOT_YET_VALID, f"not valid for another {nbf - now:.0f}s")
     if iat is not None and iat > now + leeway:
-        return TokenRejected(Reason.ISSUED_IN_FUTURE, f"issued {iat - now:.0f}s in the future")
+        return Refusal(Reason.ISSUED_IN_FUTURE, f"issued {iat - now:.0f}s in the future")
     return float(exp)
 
 
@@ -434,39 +424,39 @@ def _normalize_typ(typ: str) -> str:
 
 def check_header(
     header: Mapping[str, Any], *, algorithms: Collection[str], token_types: Collection[str]
-) -> TokenRejected | None:
+) -> Refusal | None:
     """Header policy: alg allow-list, no ``crit``/``b64``, ``typ`` policy, kid type."""
     alg = header.get("alg")
     if not isinstance(alg, str) or alg.lower() == "none" or alg not in algorithms:
         shown = alg[:16] if isinstance(alg, str) else type(alg).__name__
-        return TokenRejected(Reason.UNSUPPORTED_ALGORITHM, f"alg {shown!r} not allowed")
+        return Refusal(Reason.UNSUPPORTED_ALGORITHM, f"alg {shown!r} not allowed")
     if "crit" in header or "b64" in header:
-        return TokenRejected(Reason.MALFORMED_TOKEN, "crit/b64 header extensions not supported")
+        return Refusal(Reason.MALFORMED_TOKEN, "crit/b64 header extensions not supported")
     typ = header.get("typ")
     if typ is not None and not isinstance(typ, str):
-        return TokenRejected(Reason.MALFORMED_TOKEN, "typ header is not a string")
+        return Refusal(Reason.MALFORMED_TOKEN, "typ header is not a string")
     if token_types:
         wanted = {_normalize_typ(t) for t in token_types}
         if typ is None or _normalize_typ(typ) not in wanted:
             shown_typ = f"typ {typ[:32]!r}" if typ is not None else "no typ header"
             wants = ", ".join(sorted(token_types))
-            return TokenRejected(
+            return Refusal(
                 Reason.WRONG_TOKEN_TYPE, f"{shown_typ} not accepted (token_types: {wants})"
             )
     kid = header.get("kid")
     if kid is not None and not isinstance(kid, str):
-        return TokenRejected(Reason.MALFORMED_TOKEN, "kid header is not a string")
+        return Refusal(Reason.MALFORMED_TOKEN, "kid header is not a string")
     return None
 
 
-def _check_signature(token: str, key: pyjwt.PyJWK, alg: str) -> TokenRejected | None:
+def _check_signature(token: str, key: pyjwt.PyJWK, alg: str) -> Refusal | None:
     """Verify the JWS signature over the signing input with the key's own algorithm object.
 
     The key was built for exactly ``alg`` (:class:`KeySet` binds every key to one
     algorithm of its family); a key bound to another algorithm is refused.
     """
     if key.algorithm_name != alg:
-        return TokenRejected(Reason.UNSUPPORTED_ALGORITHM, "algorithm does not fit the key")
+        return Refusal(Reason.UNSUPPORTED_ALGORITHM, "algorithm does not fit the key")
     signing_input, _, sig_seg = token.rpartition(".")
     try:
         signature = _b64url_decode(sig_seg)
@@ -474,22 +464,22 @@ def _check_signature(token: str, key: pyjwt.PyJWK, alg: str) -> TokenRejected | 
     except (ValueError, TypeError, InvalidSignature):
         valid = False
     except jwt_exc.PyJWTError:
-        return TokenRejected(Reason.UNKNOWN_KEY, "key unusable for this algorithm")
+        return Refusal(Reason.UNKNOWN_KEY, "key unusable for this algorithm")
     if not valid:
-        return TokenRejected(Reason.BAD_SIGNATURE, "signature does not verify")
+        return Refusal(Reason.BAD_SIGNATURE, "signature does not verify")
     return None
 
 
-def _check_registered_claims(claims: Mapping[str, Any], issuer: str) -> TokenRejected | None:
+def _check_registered_claims(claims: Mapping[str, Any], issuer: str) -> Refusal | None:
     """Exact ``iss``; ``sub`` and ``jti`` are strings when present (as PyJWT checks them)."""
     iss = claims.get("iss")
     if iss is None:
-        return TokenRejected(Reason.WRONG_ISSUER, "iss claim missing")
+        return Refusal(Reason.WRONG_ISSUER, "iss claim missing")
     if iss != issuer or not isinstance(iss, str):
-        return TokenRejected(Reason.WRONG_ISSUER, "iss does not match the provider")
+        return Refusal(Reason.WRONG_ISSUER, "iss does not match the provider")
     for name in ("sub", "jti"):
         if name in claims and not isinstance(claims[name], str):
-            return TokenRejected(Reason.BAD_CLAIM, "sub/jti claim is not a string")
+            return Refusal(Reason.BAD_CLAIM, "sub/jti claim is not a string")
     return None
 
 
@@ -518,7 +508,7 @@ _KEYCLOAK_ID = "id"
 _KEYCLOAK_OTHER = frozenset({"refresh", "offline", "logout"})
 
 
-def bearer_problem(claims: Mapping[str, Any], *, accept_id_tokens: bool) -> TokenRejected | None:
+def bearer_problem(claims: Mapping[str, Any], *, accept_id_tokens: bool) -> Refusal | None:
     """Why verified ``claims`` are not those of a plain bearer access token, or None.
 
     * ``cnf`` (RFC 7800; DPoP ``jkt`` RFC 9449 §6, mTLS ``x5t#S256`` RFC 8705
@@ -533,14 +523,14 @@ def bearer_problem(claims: Mapping[str, Any], *, accept_id_tokens: bool) -> Toke
     cnf = claims.get("cnf")
     if cnf is not None:
         shown = sorted(str(k)[:16] for k in cnf)[:4] if isinstance(cnf, dict) else "?"
-        return TokenRejected(
+        return Refusal(
             Reason.SENDER_CONSTRAINED,
             f"token is sender-constrained (cnf {shown}): SASL carries no proof of possession",
         )
     kind = claims.get("typ")
     kind = kind.lower() if isinstance(kind, str) else None
     if kind in _KEYCLOAK_OTHER:
-        return TokenRejected(Reason.WRONG_TOKEN_TYPE, f"typ claim {kind!r}: not an access token")
+        return Refusal(Reason.WRONG_TOKEN_TYPE, f"typ claim {kind!r}: not an access token")
     if kind == _KEYCLOAK_ACCESS or accept_id_tokens:
         return None
     markers = [name for name in ID_TOKEN_CLAIMS if name in claims]
@@ -549,7 +539,7 @@ def bearer_problem(claims: Mapping[str, Any], *, accept_id_tokens: bool) -> Toke
     if not any(name in claims for name in (*CLIENT_CLAIMS, *SCOPE_CLAIMS)):
         markers.append("no client_id, azp or scope: the client only in aud")
     if markers:
-        return TokenRejected(
+        return Refusal(
             Reason.ID_TOKEN,
             f"an ID token ({', '.join(markers)}), not an access token "
             "(accept_id_tokens = true lets ID tokens log in)",
@@ -568,7 +558,7 @@ def verify_jwt(
     token_types: Collection[str],
     now: float,
     accept_id_tokens: bool = False,
-) -> VerifiedClaims | TokenRejected:
+) -> VerifiedClaims | Refusal:
     """Verify a peeked token against one provider's keys and issuer (see module docstring)."""
     header = unverified.header
     refused = check_header(header, algorithms=algorithms, token_types=token_types)
@@ -579,14 +569,14 @@ def verify_jwt(
     key = keys.lookup(kid, alg)
     if key is None:
         shown = f"kid {kid[:40]!r}" if isinstance(kid, str) else "a token without kid"
-        return TokenRejected(Reason.UNKNOWN_KEY, f"no {alg} key for {shown}")
+        return Refusal(Reason.UNKNOWN_KEY, f"no {alg} key for {shown}")
     if unverified.token != token:
         # Claims must come from the very token whose signature is checked.
         reparsed = peek(token)
-        if isinstance(reparsed, TokenRejected):
+        if isinstance(reparsed, Refusal):
             return reparsed
         if reparsed.header != header:
-            return TokenRejected(Reason.MALFORMED_TOKEN, "token differs from the peek")
+            return Refusal(Reason.MALFORMED_TOKEN, "token differs from the peek")
         unverified = reparsed
     refused = _check_signature(token, key, alg)
     if refused is not None:
@@ -596,7 +586,7 @@ def verify_jwt(
     if refused is not None:
         return refused
     expires = check_time_claims(claims, now=now, leeway=leeway)
-    if isinstance(expires, TokenRejected):
+    if isinstance(expires, Refusal):
         return expires
     refused = bearer_problem(claims, accept_id_tokens=accept_id_tokens)
     if refused is not None:

@@ -41,6 +41,7 @@ import enum
 import math
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -48,8 +49,8 @@ import httpx
 import structlog
 import trio
 
-from saslauthd_oidc.config import ConfigError, ProviderConfig, read_secret_file
-from saslauthd_oidc.outcome import Reason
+from saslauthd_oidc.config import ConfigError, ProviderConfig
+from saslauthd_oidc.core.outcome import Reason, Refusal
 from saslauthd_oidc.providers.answers import interpret_introspection, interpret_userinfo
 from saslauthd_oidc.providers.http import (
     DEFAULT_MAX_BYTES,
@@ -57,18 +58,19 @@ from saslauthd_oidc.providers.http import (
     JsonAnswer,
     request_json,
 )
+from saslauthd_oidc.providers.issuers import accepts_issuer, tenant_of
 from saslauthd_oidc.providers.jwt import (
     ASYMMETRIC_ALGORITHMS,
     HMAC_ALGORITHMS,
     MAX_KID_LENGTH,
     JwksError,
     KeySet,
-    TokenRejected,
     UnverifiedToken,
     VerifiedClaims,
     verify_jwt,
 )
-from saslauthd_oidc.providers.keypolicy import RefusalLog
+from saslauthd_oidc.providers.key_cache import KeyCache
+from saslauthd_oidc.secret_files import read_secret_file
 
 log = structlog.get_logger("saslauthd_oidc.providers")
 
@@ -109,6 +111,7 @@ class OidcProvider:
         limiter: trio.CapacityLimiter | None = None,
     ) -> None:
         self.config = config
+        self._accepts_issuer = partial(accepts_issuer, config)
         self.name = config.name
         self._client = client
         self._limiter = limiter
@@ -117,25 +120,8 @@ class OidcProvider:
         self._max_bytes = max_bytes
         self._asymmetric = frozenset(config.algorithms) & ASYMMETRIC_ALGORITHMS
         self._hmac = _hmac_keys(config, hmac_secret)
-        self._jwks: KeySet | None = None
-        self._refused = RefusalLog()  # keys refused in a JWKS, each logged once
-        self._jwks_uri: str | None = config.jwks_uri
-        self._loaded_at = -math.inf
-        self._jwks_lifetime = config.jwks_refresh
-        self._discovery: dict[str, Any] | None = None
-        self._discovery_until = -math.inf
-        self._discovery_lock = trio.Lock()
+        self._keys = KeyCache(jwks_uri=config.jwks_uri, jwks_lifetime=config.jwks_refresh)
         self._client_secret = _client_secret(config, client_secret)
-        self._last_attempt = -math.inf
-        self._last_kid_attempt = -math.inf  # the last fetch caused by an unknown kid
-        # Kids still unknown after a fetch made because of them: a well-behaved IdP
-        # publishes a key before signing with it, so these are no rotation.
-        self._missing_kids: set[str | None] = set()
-        self._failures = 0  # consecutive failed fetches (the retry backoff)
-        self._keys_asked_at = -math.inf  # when the fetch that gave the current keys began
-        self._generation = 0
-        self._last_ok = False
-        self._lock = trio.Lock()
         self.last_error: str | None = None
         # Read by the metrics collector: key-set refreshes attempted / failed.
         self.fetches = 0
@@ -150,7 +136,7 @@ class OidcProvider:
     @property
     def jwks_uri(self) -> str | None:
         """The JWKS URL in use: configured, or learnt from discovery (None before)."""
-        return self._jwks_uri
+        return self._keys.jwks_uri
 
     @property
     def needs_jwks(self) -> bool:
@@ -158,38 +144,29 @@ class OidcProvider:
 
     @property
     def keys_loaded(self) -> bool:
-        return self._jwks is not None or not self.needs_jwks
+        return self._keys.jwks is not None or not self.needs_jwks
 
     @property
     def key_count(self) -> int:
-        return len(self._jwks) if self._jwks is not None else 0
+        return len(self._keys.jwks) if self._keys.jwks is not None else 0
 
     def _keyset(self) -> KeySet | None:
-        if self._jwks is None:
+        if self._keys.jwks is None:
             return self._hmac if not self.needs_jwks else None
-        return self._jwks.merged(self._hmac) if self._hmac is not None else self._jwks
+        return self._keys.jwks.merged(self._hmac) if self._hmac is not None else self._keys.jwks
 
     def adopt_keys(self, previous: OidcProvider) -> None:
-        """Take over ``previous``'s discovery document, key set and counters (reload).
+        """Take over ``previous``'s key cache, whole, and its counters (reload).
 
         Only for a provider whose configuration is unchanged: its keys are
-        still this provider's keys, so a reload fetches nothing.
+        still this provider's keys, so a reload fetches nothing; both objects
+        then share one :class:`~saslauthd_oidc.providers.key_cache.KeyCache`
+        (its locks too), so requests still in flight on the old one and new
+        ones never fetch twice.
         """
         if previous.config != self.config:
             raise ValueError(f"provider {self.name}: configuration changed; keys not adopted")
-        self._jwks = previous._jwks
-        self._refused = previous._refused
-        self._jwks_uri = previous._jwks_uri
-        self._loaded_at = previous._loaded_at
-        self._jwks_lifetime = previous._jwks_lifetime
-        self._discovery = previous._discovery
-        self._discovery_until = previous._discovery_until
-        self._last_attempt = previous._last_attempt
-        self._last_kid_attempt = previous._last_kid_attempt
-        self._missing_kids = previous._missing_kids
-        self._failures = previous._failures
-        self._keys_asked_at = previous._keys_asked_at
-        self._last_ok = previous._last_ok
+        self._keys = previous._keys  # handed over whole: one key cache, two providers
         self.last_error = previous.last_error
         self.fetches = previous.fetches
         self.fetch_errors = previous.fetch_errors
@@ -198,7 +175,7 @@ class OidcProvider:
 
     async def verify(
         self, token: str, unverified: UnverifiedToken | None
-    ) -> VerifiedClaims | TokenRejected:
+    ) -> VerifiedClaims | Refusal:
         """Verify a token; never raises for bad tokens.
 
         ``unverified`` is the peeked JWS, or None for a token that is not one
@@ -208,25 +185,25 @@ class OidcProvider:
             return await self._verify_opaque(token)
         if self.needs_jwks:
             await self._ensure_fresh()
-        seen = self._generation
+        seen = self._keys.generation
         keys = self._keyset()
         if keys is None:
             why = self.last_error or "no keys loaded yet"
-            return TokenRejected(Reason.PROVIDER_UNAVAILABLE, f"provider {self.name}: {why}")
+            return Refusal(Reason.PROVIDER_UNAVAILABLE, f"provider {self.name}: {why}")
         result = self._verify_with(token, unverified, keys)
-        if isinstance(result, TokenRejected) and self._should_refetch(result, unverified):
+        if isinstance(result, Refusal) and self._should_refetch(result, unverified):
             result = await self._after_unknown_key(token, unverified, result, seen)
         if isinstance(result, VerifiedClaims) and self.config.force_introspection:
             result = await self._confirm_active(token, result)
         return result
 
     async def _after_unknown_key(
-        self, token: str, unverified: UnverifiedToken, unknown: TokenRejected, seen: int
-    ) -> VerifiedClaims | TokenRejected:
+        self, token: str, unverified: UnverifiedToken, unknown: Refusal, seen: int
+    ) -> VerifiedClaims | Refusal:
         """An unknown kid: refetch, wait for a due refetch, or say why not (see module doc)."""
         cooldown = self.config.jwks_cooldown
         kid = unverified.header.get("kid")
-        if kid in self._missing_kids and self._clock() < self._next_fetch_at(
+        if kid in self._keys.missing_kids and self._clock() < self._next_fetch_at(
             cooldown, kid_miss=True
         ):
             return unknown  # a fetch made for this very kid did not find it, lately
@@ -238,17 +215,20 @@ class OidcProvider:
             if self._can_wait(wait):
                 await trio.sleep(wait)
                 outcome = await self._refetch(
-                    rediscover=False, min_interval=cooldown, seen=self._generation, kid_miss=True
+                    rediscover=False,
+                    min_interval=cooldown,
+                    seen=self._keys.generation,
+                    kid_miss=True,
                 )
             if outcome is _Refetch.TOO_SOON:
-                return TokenRejected(
+                return Refusal(
                     Reason.KEY_REFRESH_PENDING,
                     f"provider {self.name}: {unknown.detail}, and the keys were fetched "
                     f"before the token was issued; refetching within {cooldown:g}s "
                     "(jwks_cooldown): maybe a key rotation, retry",
                 )
         if outcome is _Refetch.FAILED:
-            return TokenRejected(
+            return Refusal(
                 Reason.PROVIDER_UNAVAILABLE,
                 f"provider {self.name}: {unknown.detail}, and refetching the keys failed: "
                 f"{self.last_error}",
@@ -258,11 +238,11 @@ class OidcProvider:
             if keys is not None:
                 result = self._verify_with(token, unverified, keys)
                 if (
-                    isinstance(result, TokenRejected)
+                    isinstance(result, Refusal)
                     and result.reason is Reason.UNKNOWN_KEY
-                    and len(self._missing_kids) < _MAX_MISSING_KIDS
+                    and len(self._keys.missing_kids) < _MAX_MISSING_KIDS
                 ):
-                    self._missing_kids.add(kid)
+                    self._keys.missing_kids.add(kid)
                 return result
         return unknown
 
@@ -282,24 +262,22 @@ class OidcProvider:
         iat = unverified.claims.get("iat")
         if isinstance(iat, bool) or not isinstance(iat, int | float) or not math.isfinite(iat):
             return True
-        return iat > self._keys_asked_at - self.config.leeway
+        return iat > self._keys.keys_asked_at - self.config.leeway
 
     async def _confirm_active(
         self, token: str, verified: VerifiedClaims
-    ) -> VerifiedClaims | TokenRejected:
+    ) -> VerifiedClaims | Refusal:
         """force_introspection: a JWT whose signature holds must still be active at the IdP.
 
         The decision uses the JWT's own (signed) claims; the answer only says
         whether the token is still active, and must be about the same subject.
         """
         answer = await self.introspect(token)
-        if isinstance(answer, TokenRejected):
+        if isinstance(answer, Refusal):
             return answer
         sub, answered = verified.claims.get("sub"), answer.claims.get("sub")
         if answered is not None and sub is not None and answered != sub:
-            return TokenRejected(
-                Reason.BAD_CLAIM, "introspection: sub differs from the token's sub"
-            )
+            return Refusal(Reason.BAD_CLAIM, "introspection: sub differs from the token's sub")
         return VerifiedClaims(
             claims=verified.claims,
             header=verified.header,
@@ -308,7 +286,7 @@ class OidcProvider:
 
     def verify_now(
         self, token: str, unverified: UnverifiedToken | None
-    ) -> VerifiedClaims | TokenRejected | None:
+    ) -> VerifiedClaims | Refusal | None:
         """:meth:`verify` without I/O, or None when it would fetch something.
 
         Answers for a JWT when the key set is loaded and fresh, unless the key
@@ -317,7 +295,8 @@ class OidcProvider:
         if unverified is None or self.config.force_introspection:
             return None
         if self.needs_jwks and (
-            self._jwks is None or self._clock() - self._loaded_at >= self._jwks_lifetime
+            self._keys.jwks is None
+            or self._clock() - self._keys.loaded_at >= self._keys.jwks_lifetime
         ):
             return None
         keys = self._keyset()
@@ -330,14 +309,14 @@ class OidcProvider:
 
     def _verify_with(
         self, token: str, unverified: UnverifiedToken, keys: KeySet
-    ) -> VerifiedClaims | TokenRejected:
+    ) -> VerifiedClaims | Refusal:
         issuer = self.config.issuer
         tenant: str | None = None
         if self.config.multi_tenant:
             iss = unverified.claims.get("iss")
-            tenant = self.config.tenant_of(iss)
+            tenant = tenant_of(self.config, iss)
             if tenant is None or not isinstance(iss, str):
-                return TokenRejected(Reason.WRONG_ISSUER, "iss is not an allowed tenant's issuer")
+                return Refusal(Reason.WRONG_ISSUER, "iss is not an allowed tenant's issuer")
             issuer = iss
         result = verify_jwt(
             token,
@@ -353,24 +332,24 @@ class OidcProvider:
         if tenant is not None and isinstance(result, VerifiedClaims):
             tid = result.claims.get("tid")
             if not isinstance(tid, str) or tid.lower() != tenant.lower():
-                return TokenRejected(Reason.WRONG_ISSUER, "tid claim does not match the issuer")
+                return Refusal(Reason.WRONG_ISSUER, "tid claim does not match the issuer")
         return result
 
     # ----------------------------------------------------------------- opaque tokens
 
-    async def _verify_opaque(self, token: str) -> VerifiedClaims | TokenRejected:
+    async def _verify_opaque(self, token: str) -> VerifiedClaims | Refusal:
         if self.config.introspects:
             return await self.introspect(token)
         if self.config.userinfo_validation:
             return await self.userinfo(token)
-        return TokenRejected(
+        return Refusal(
             Reason.MALFORMED_TOKEN, f"provider {self.name}: not a JWT, and no introspection"
         )
 
-    async def introspect(self, token: str) -> VerifiedClaims | TokenRejected:
+    async def introspect(self, token: str) -> VerifiedClaims | Refusal:
         """RFC 7662: ask the provider whether ``token`` is active, as our configured client."""
         endpoint = await self._endpoint("introspection_endpoint")
-        if isinstance(endpoint, TokenRejected):
+        if isinstance(endpoint, Refusal):
             return endpoint
         assert self.config.client_id is not None and self._client_secret is not None
         form = {"token": token, "token_type_hint": "access_token"}
@@ -380,14 +359,14 @@ class OidcProvider:
         else:  # RFC 6749 2.3.1: both parts form-urlencoded before Basic
             auth = (quote(self.config.client_id, safe=""), quote(self._client_secret, safe=""))
         answer = await self._call("introspection", "POST", endpoint, data=form, auth=auth)
-        if isinstance(answer, TokenRejected):
+        if isinstance(answer, Refusal):
             return answer
         assert answer.doc is not None
         now = self._clock()
         result = interpret_introspection(
             answer.doc,
             issuer=self.config.issuer,
-            accepts_issuer=self.config.accepts_issuer,
+            accepts_issuer=self._accepts_issuer,
             now=now,
             leeway=self.config.leeway,
         )
@@ -397,10 +376,10 @@ class OidcProvider:
             result = VerifiedClaims(result.claims, result.header, min(result.expires_at, now + ttl))
         return result
 
-    async def userinfo(self, token: str) -> VerifiedClaims | TokenRejected:
+    async def userinfo(self, token: str) -> VerifiedClaims | Refusal:
         """The userinfo answer for ``token`` (HTTP 401: the token is not valid there)."""
         endpoint = await self._endpoint("userinfo_endpoint")
-        if isinstance(endpoint, TokenRejected):
+        if isinstance(endpoint, Refusal):
             return endpoint
         answer = await self._call(
             "userinfo",
@@ -409,14 +388,12 @@ class OidcProvider:
             headers={"Authorization": f"Bearer {token}"},
             accept_status=(401, 403),
         )
-        if isinstance(answer, TokenRejected):
+        if isinstance(answer, Refusal):
             return answer
         if answer.doc is None:
-            return TokenRejected(
-                Reason.TOKEN_INACTIVE, f"userinfo: HTTP {answer.status} for this token"
-            )
+            return Refusal(Reason.TOKEN_INACTIVE, f"userinfo: HTTP {answer.status} for this token")
         return interpret_userinfo(
-            answer.doc, issuer=self.config.issuer, accepts_issuer=self.config.accepts_issuer
+            answer.doc, issuer=self.config.issuer, accepts_issuer=self._accepts_issuer
         )
 
     async def self_check(self) -> list[tuple[str, bool, str]]:
@@ -432,15 +409,11 @@ class OidcProvider:
             checks.append(("keys", ok, detail))
         if self.config.introspects:
             probe = await self.introspect("saslauthd-oidc-check-config-" + "0" * 16)
-            ok = isinstance(probe, TokenRejected) and probe.reason is Reason.TOKEN_INACTIVE
+            ok = isinstance(probe, Refusal) and probe.reason is Reason.TOKEN_INACTIVE
             detail = (
                 "endpoint answers, client credentials accepted"
                 if ok
-                else (
-                    probe.detail
-                    if isinstance(probe, TokenRejected)
-                    else "a made-up token is active!"
-                )
+                else (probe.detail if isinstance(probe, Refusal) else "a made-up token is active!")
             )
             checks.append(("introspection", ok, detail))
         if self.config.userinfo or self.config.userinfo_validation:
@@ -451,7 +424,7 @@ class OidcProvider:
             )
         return checks
 
-    async def _endpoint(self, name: str) -> str | TokenRejected:
+    async def _endpoint(self, name: str) -> str | Refusal:
         """A configured endpoint, or the one the discovery document names."""
         configured = getattr(self.config, name)
         if configured:
@@ -460,12 +433,10 @@ class OidcProvider:
             doc = await self._metadata()
         except _RefreshError as exc:
             self._report(exc)
-            return TokenRejected(
-                Reason.PROVIDER_UNAVAILABLE, f"provider {self.name}: {self.last_error}"
-            )
+            return Refusal(Reason.PROVIDER_UNAVAILABLE, f"provider {self.name}: {self.last_error}")
         url = doc.get(name)
         if not isinstance(url, str) or not self._url_allowed(url):
-            return TokenRejected(
+            return Refusal(
                 Reason.PROVIDER_UNAVAILABLE,
                 f"provider {self.name}: discovery document has no usable {name}",
             )
@@ -481,7 +452,7 @@ class OidcProvider:
         auth: tuple[str, str] | None = None,
         headers: dict[str, str] | None = None,
         accept_status: tuple[int, ...] = (),
-    ) -> JsonAnswer | TokenRejected:
+    ) -> JsonAnswer | Refusal:
         """One bounded request for a token; failures are temporary and logged, never raised."""
         self.fetches += 1
         try:
@@ -500,11 +471,7 @@ class OidcProvider:
         except FetchError as exc:
             self.fetch_errors += 1
             detail = exc.detail
-            if (
-                exc.kind == "http_status"
-                and stage == "introspection"
-                and ("401" in detail or "403" in detail)
-            ):
+            if stage == "introspection" and exc.status in (401, 403):
                 detail += " (our client_id/client_secret_file were refused)"
             log.warning(
                 "provider request failed",
@@ -514,36 +481,36 @@ class OidcProvider:
                 detail=f"{_origin(url)}: {detail}",
             )
             reason = Reason.TIMEOUT if exc.kind == "timeout" else Reason.PROVIDER_UNAVAILABLE
-            return TokenRejected(reason, f"provider {self.name}: {stage} failed ({exc.kind})")
+            return Refusal(reason, f"provider {self.name}: {stage} failed ({exc.kind})")
 
     def _should_refetch(
-        self, result: VerifiedClaims | TokenRejected, unverified: UnverifiedToken
+        self, result: VerifiedClaims | Refusal, unverified: UnverifiedToken
     ) -> bool:
         """Only an unknown key for an asymmetric alg with a sane kid is worth a refetch."""
-        if not isinstance(result, TokenRejected) or result.reason is not Reason.UNKNOWN_KEY:
+        if not isinstance(result, Refusal) or result.reason is not Reason.UNKNOWN_KEY:
             return False
         kid, alg = unverified.header.get("kid"), unverified.header.get("alg")
         kid_ok = kid is None or (isinstance(kid, str) and 0 < len(kid) <= MAX_KID_LENGTH)
-        if kid is None and self._jwks is not None:
+        if kid is None and self._keys.jwks is not None:
             # No kid and several keys fit: ambiguous, whatever a refetch brings.
-            fitting = sum(1 for _, a in self._jwks.keys if a == alg)
+            fitting = sum(1 for _, a in self._keys.jwks.keys if a == alg)
             kid_ok = fitting == 0
         return kid_ok and alg in self._asymmetric
 
     async def _ensure_fresh(self) -> None:
-        stale = self._clock() - self._loaded_at >= self._jwks_lifetime
-        if self._jwks is None or stale:
+        stale = self._clock() - self._keys.loaded_at >= self._keys.jwks_lifetime
+        if self._keys.jwks is None or stale:
             cooldown = self.config.jwks_cooldown
             outcome = await self._refetch(
-                rediscover=True, min_interval=cooldown, seen=self._generation
+                rediscover=True, min_interval=cooldown, seen=self._keys.generation
             )
-            if outcome is _Refetch.TOO_SOON and self._jwks is None:
+            if outcome is _Refetch.TOO_SOON and self._keys.jwks is None:
                 # No keys at all (an outage at start): the next retry may be close.
                 wait = self._next_fetch_at(cooldown) - self._clock()
                 if self._can_wait(wait):
                     await trio.sleep(wait)
                     await self._refetch(
-                        rediscover=True, min_interval=cooldown, seen=self._generation
+                        rediscover=True, min_interval=cooldown, seen=self._keys.generation
                     )
 
     # ----------------------------------------------------------------- refresh
@@ -555,8 +522,8 @@ class OidcProvider:
         """
         if not self.needs_jwks:
             return True
-        self._discovery_until = -math.inf  # an explicit refresh rereads discovery too
-        outcome = await self._refetch(rediscover=True, min_interval=0.0, seen=self._generation)
+        self._keys.discovery_until = -math.inf  # an explicit refresh rereads discovery too
+        outcome = await self._refetch(rediscover=True, min_interval=0.0, seen=self._keys.generation)
         return outcome is _Refetch.FRESH
 
     def _next_fetch_at(self, min_interval: float, *, kid_miss: bool = False) -> float:
@@ -569,33 +536,33 @@ class OidcProvider:
         so a key rotated in just after a routine load is fetched at once, and
         unknown kids still cause at most one fetch per ``jwks_cooldown``.
         """
-        if self._failures:
-            steps = min(self._failures - 1, _MAX_BACKOFF_STEPS)
+        if self._keys.failures:
+            steps = min(self._keys.failures - 1, _MAX_BACKOFF_STEPS)
             backoff: float = self.config.jwks_retry * 2.0**steps
-            return self._last_attempt + min(min_interval, backoff)
-        return (self._last_kid_attempt if kid_miss else self._last_attempt) + min_interval
+            return self._keys.last_attempt + min(min_interval, backoff)
+        return (self._keys.last_kid_attempt if kid_miss else self._keys.last_attempt) + min_interval
 
     async def _refetch(
         self, *, rediscover: bool, min_interval: float, seen: int, kid_miss: bool = False
     ) -> _Refetch:
         """Single-flight fetch of the keys, unless generation ``seen`` is already stale."""
-        async with self._lock:
-            if self._generation != seen:  # someone fetched while we waited
-                return _Refetch.FRESH if self._last_ok else _Refetch.FAILED
+        async with self._keys.fetch_lock:
+            if self._keys.generation != seen:  # someone fetched while we waited
+                return _Refetch.FRESH if self._keys.last_ok else _Refetch.FAILED
             now = self._clock()
             if now < self._next_fetch_at(min_interval, kid_miss=kid_miss):
                 return _Refetch.TOO_SOON
-            self._last_attempt = now
+            self._keys.last_attempt = now
             if kid_miss:
-                self._last_kid_attempt = now
+                self._keys.last_kid_attempt = now
             ok = await self._fetch(rediscover=rediscover)
-            self._generation += 1
-            self._last_ok = ok
+            self._keys.generation += 1
+            self._keys.last_ok = ok
             if ok:
-                self._failures = 0
-                self._keys_asked_at = now
+                self._keys.failures = 0
+                self._keys.keys_asked_at = now
             else:
-                self._failures += 1
+                self._keys.failures += 1
             return _Refetch.FRESH if ok else _Refetch.FAILED
 
     async def _fetch(self, *, rediscover: bool) -> bool:
@@ -607,12 +574,12 @@ class OidcProvider:
             return self._failed(_RefreshError("fetch", "timeout", f"over {self._fetch_timeout:g}s"))
         except _RefreshError as exc:
             return self._failed(exc)
-        self._jwks = keys
-        self._missing_kids = set()
-        self._loaded_at = self._clock()
-        self._jwks_lifetime = self._bounded_lifetime(lifetime)
+        self._keys.jwks = keys
+        self._keys.missing_kids = set()
+        self._keys.loaded_at = self._clock()
+        self._keys.jwks_lifetime = self._bounded_lifetime(lifetime)
         self.last_error = None
-        for refused in self._refused.new(keys.skipped):
+        for refused in self._keys.refused.new(keys.skipped):
             log.warning("jwks key refused", provider=self.name, key=refused)
         log.info(
             "jwks loaded",
@@ -636,7 +603,7 @@ class OidcProvider:
             stage=exc.stage,
             kind=exc.kind,
             detail=exc.detail,
-            keeping_cached_keys=self._jwks is not None,
+            keeping_cached_keys=self._keys.jwks is not None,
         )
 
     def _bounded_lifetime(self, max_age: float | None) -> float:
@@ -645,7 +612,7 @@ class OidcProvider:
         return min(max(max_age, self.config.jwks_min_refresh), self.config.jwks_refresh)
 
     async def _fetch_keys(self, *, rediscover: bool) -> tuple[str, KeySet, float | None]:
-        uri = self.config.jwks_uri or self._jwks_uri
+        uri = self.config.jwks_uri or self._keys.jwks_uri
         if not self.config.jwks_uri and (rediscover or uri is None):
             uri = await self._discover()
         assert uri is not None
@@ -662,10 +629,10 @@ class OidcProvider:
 
     async def _metadata(self, *, force: bool = False) -> dict[str, Any]:
         """The discovery document, cached for its lifetime (single-flight)."""
-        async with self._discovery_lock:
+        async with self._keys.discovery_lock:
             now = self._clock()
-            if self._discovery is not None and not force and now < self._discovery_until:
-                return self._discovery
+            if self._keys.discovery is not None and not force and now < self._keys.discovery_until:
+                return self._keys.discovery
             answer = await self._get("discovery", self.discovery_url)
             doc = answer.doc
             assert doc is not None
@@ -677,8 +644,8 @@ class OidcProvider:
                     "issuer_mismatch",
                     f"document says issuer {shown!r}, configured {self.config.issuer!r}",
                 )
-            self._discovery = doc
-            self._discovery_until = now + self._bounded_lifetime(answer.max_age)
+            self._keys.discovery = doc
+            self._keys.discovery_until = now + self._bounded_lifetime(answer.max_age)
             return doc
 
     async def _discover(self) -> str:
@@ -692,7 +659,7 @@ class OidcProvider:
                 f"jwks_uri {shown!r} refused (https on the issuer's host, or one in "
                 "endpoint_hosts)",
             )
-        self._jwks_uri = uri
+        self._keys.jwks_uri = uri
         return uri
 
     def _url_allowed(self, url: str) -> bool:

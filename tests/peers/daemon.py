@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from saslauthd_oidc.request import token_fingerprint
+from saslauthd_oidc.core.request import token_fingerprint
 from tests.recipes import main_cf_settings, recipe
 
 # The README's Postfix recipe (taken from README.md), as the tests with the

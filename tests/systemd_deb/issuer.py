@@ -15,7 +15,7 @@ from functools import partial
 
 import trio
 
-from saslauthd_oidc.devissuer import DevIssuer
+from saslauthd_oidc.tools.devissuer import DevIssuer
 
 
 async def main(port: int, token_file: str) -> None:

@@ -7,7 +7,7 @@ and :class:`SaslExchange`, which sequences one exchange: server challenge,
 client message, engine verdict, failure dialogue. Pure: bytes and values in,
 values out. No I/O, no clock, no exceptions for bad input.
 
-Nothing produced here (``SaslError.detail``, ``Verdict.detail``) ever holds a
+Nothing produced here (``Refusal.detail``, ``Verdict.detail``) ever holds a
 token or echoes raw client bytes.
 """
 
@@ -19,14 +19,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from saslauthd_oidc.outcome import DiscoveryHint, Outcome, Reason, Verdict
-from saslauthd_oidc.request import Credentials, Mechanism
+from saslauthd_oidc.core.outcome import DiscoveryHint, Outcome, Reason, Refusal, Verdict
+from saslauthd_oidc.core.request import Credentials, Mechanism
 
 __all__ = [
     "Authenticate",
     "Challenge",
     "Failed",
-    "SaslError",
     "SaslExchange",
     "Step",
     "Succeeded",
@@ -49,16 +48,8 @@ _CB_NAME = re.compile(rb"[A-Za-z0-9.-]+")
 _HEADERLESS = re.compile(rb"[A-Za-z]+=")
 
 
-@dataclass(frozen=True, slots=True)
-class SaslError:
-    """Why a client message could not be decoded. ``detail`` is operator text."""
-
-    reason: Reason
-    detail: str
-
-
-def _malformed(detail: str) -> SaslError:
-    return SaslError(Reason.MALFORMED_SASL, detail)
+def _malformed(detail: str) -> Refusal:
+    return Refusal(Reason.MALFORMED_SASL, detail)
 
 
 def _is_control(ch: str) -> bool:
@@ -72,7 +63,7 @@ def _has_control(text: str) -> bool:
     return any(map(_is_control, text))
 
 
-def _identity(raw: bytes, what: str) -> str | SaslError:
+def _identity(raw: bytes, what: str) -> str | Refusal:
     """A user name as the client sent it: UTF-8, no control character (the Dovecot
     protocol is TAB/LF framed, so one must never reach an ``OK user=`` line)."""
     try:
@@ -84,26 +75,26 @@ def _identity(raw: bytes, what: str) -> str | SaslError:
     return text
 
 
-def _token(raw: bytes) -> str | SaslError:
+def _token(raw: bytes) -> str | Refusal:
     if not raw:
-        return SaslError(Reason.MISSING_TOKEN, "empty bearer token")
+        return Refusal(Reason.MISSING_TOKEN, "empty bearer token")
     if _PRINTABLE.fullmatch(raw) is None:
-        return SaslError(Reason.MALFORMED_TOKEN, "bearer token has a byte outside 0x21-0x7e")
+        return Refusal(Reason.MALFORMED_TOKEN, "bearer token has a byte outside 0x21-0x7e")
     return raw.decode("ascii")
 
 
-def _bearer_token(value: bytes) -> str | SaslError:
+def _bearer_token(value: bytes) -> str | Refusal:
     if not value or value.lower() == _BEARER.rstrip():
-        return SaslError(Reason.MISSING_TOKEN, "auth carries no bearer token")
+        return Refusal(Reason.MISSING_TOKEN, "auth carries no bearer token")
     if value[: len(_BEARER)].lower() != _BEARER:
-        return SaslError(Reason.MALFORMED_TOKEN, "auth value is not 'Bearer <token>'")
+        return Refusal(Reason.MALFORMED_TOKEN, "auth value is not 'Bearer <token>'")
     return _token(value[len(_BEARER) :])
 
 
 # --- OAUTHBEARER -------------------------------------------------------------
 
 
-def _unescape_saslname(raw: bytes) -> bytes | SaslError:
+def _unescape_saslname(raw: bytes) -> bytes | Refusal:
     head, *escaped = raw.split(b"=")
     out = bytearray(head)
     for part in escaped:
@@ -117,12 +108,12 @@ def _unescape_saslname(raw: bytes) -> bytes | SaslError:
     return bytes(out)
 
 
-def _gs2_authzid(segment: bytes) -> str | SaslError | None:
+def _gs2_authzid(segment: bytes) -> str | Refusal | None:
     if not segment:
         return None
     if segment.startswith(b"a="):
         raw = _unescape_saslname(segment[2:])
-        if isinstance(raw, SaslError):
+        if isinstance(raw, Refusal):
             return raw
     elif segment.startswith(b"user="):
         # RFC 7628 §4.4's own example header, "n,user=someuser@example.com,": no escaping.
@@ -134,7 +125,7 @@ def _gs2_authzid(segment: bytes) -> str | SaslError | None:
     return _identity(raw, "authzid")
 
 
-def _gs2_header(data: bytes) -> tuple[str | None, int] | SaslError:
+def _gs2_header(data: bytes) -> tuple[str | None, int] | Refusal:
     """Parse ``[F,] cbflag "," [authzid] "," %x01``; return the authzid and where kvpairs start."""
     if data.startswith(b"F,"):
         return _malformed("non-standard GS2 flag 'F' is not supported")
@@ -145,7 +136,7 @@ def _gs2_header(data: bytes) -> tuple[str | None, int] | SaslError:
     if cbflag.startswith(b"p="):
         if _CB_NAME.fullmatch(cbflag[2:]) is None:
             return _malformed("bad channel-binding name in GS2 header")
-        return SaslError(Reason.CHANNEL_BINDING_UNSUPPORTED, "client requires channel binding")
+        return Refusal(Reason.CHANNEL_BINDING_UNSUPPORTED, "client requires channel binding")
     if cbflag not in (b"n", b"y"):
         return _malformed("bad GS2 channel-binding flag")
     start = comma + 1
@@ -159,12 +150,12 @@ def _gs2_header(data: bytes) -> tuple[str | None, int] | SaslError:
     if data[end + 1 : end + 2] != _KVSEP:
         return _malformed("GS2 header not followed directly by %x01")
     authzid = _gs2_authzid(data[start:end])
-    if isinstance(authzid, SaslError):
+    if isinstance(authzid, Refusal):
         return authzid
     return authzid, end + 2
 
 
-def _kvpairs(data: bytes, pos: int, wanted: frozenset[bytes]) -> dict[bytes, bytes] | SaslError:
+def _kvpairs(data: bytes, pos: int, wanted: frozenset[bytes]) -> dict[bytes, bytes] | Refusal:
     """Parse ``*kvpair kvsep`` from ``pos`` to the end; keep the ``wanted`` keys."""
     found: dict[bytes, bytes] = {}
     end = len(data)
@@ -194,7 +185,7 @@ _OAUTHBEARER_KEYS = frozenset({b"auth", b"host", b"port"})
 _HEADERLESS_KEYS = _OAUTHBEARER_KEYS | {b"user"}
 
 
-def decode_oauthbearer(data: bytes) -> Credentials | SaslError:
+def decode_oauthbearer(data: bytes) -> Credentials | Refusal:
     """Decode an OAUTHBEARER client response (RFC 7628 §3.1).
 
     Strict RFC 7628/5801 grammar, plus two forms real clients send: no GS2 header
@@ -203,27 +194,27 @@ def decode_oauthbearer(data: bytes) -> Credentials | SaslError:
     """
     if not data:
         return _malformed("empty OAUTHBEARER message")
-    if data == _KVSEP:
-        return _malformed("client aborted")
+    if data == _KVSEP:  # a lone kvsep where no failure challenge was sent: the client gives up
+        return Refusal(Reason.CANCELLED, "client aborted")
     if _HEADERLESS.match(data) is not None and not data.startswith(b"p="):
         authzid: str | None = None
         pairs = _kvpairs(data, 0, _HEADERLESS_KEYS)
-        if isinstance(pairs, SaslError):
+        if isinstance(pairs, Refusal):
             return pairs
         if b"user" in pairs:
             if not pairs[b"user"]:
                 return _malformed("empty user")
             user = _identity(pairs[b"user"], "user")
-            if isinstance(user, SaslError):
+            if isinstance(user, Refusal):
                 return user
             authzid = user
     else:
         header = _gs2_header(data)
-        if isinstance(header, SaslError):
+        if isinstance(header, Refusal):
             return header
         authzid, start = header
         pairs = _kvpairs(data, start, _OAUTHBEARER_KEYS)
-        if isinstance(pairs, SaslError):
+        if isinstance(pairs, Refusal):
             return pairs
 
     host: str | None = None
@@ -238,9 +229,9 @@ def decode_oauthbearer(data: bytes) -> Credentials | SaslError:
             return _malformed("port is not a decimal 1-65535 without leading zeros")
         port = int(raw_port)
     if b"auth" not in pairs:
-        return SaslError(Reason.MISSING_TOKEN, "no auth key")
+        return Refusal(Reason.MISSING_TOKEN, "no auth key")
     token = _bearer_token(pairs[b"auth"])
-    if isinstance(token, SaslError):
+    if isinstance(token, Refusal):
         return token
     return Credentials(token=token, authzid=authzid, host=host, port=port)
 
@@ -248,7 +239,7 @@ def decode_oauthbearer(data: bytes) -> Credentials | SaslError:
 # --- XOAUTH2, PLAIN, LOGIN ---------------------------------------------------
 
 
-def decode_xoauth2(data: bytes) -> Credentials | SaslError:
+def decode_xoauth2(data: bytes) -> Credentials | Refusal:
     """Decode ``user=<u> %x01 auth=Bearer <token> %x01 %x01`` (Google/Microsoft XOAUTH2)."""
     if not data.endswith(b"\x01\x01"):
         return _malformed("XOAUTH2 message does not end with %x01%x01")
@@ -263,43 +254,43 @@ def decode_xoauth2(data: bytes) -> Credentials | SaslError:
             fields[key] = value
     user_raw = fields.get(b"user", b"")
     if not user_raw:
-        return SaslError(Reason.MISSING_AUTHZID, "XOAUTH2 message has no user")
+        return Refusal(Reason.MISSING_AUTHZID, "XOAUTH2 message has no user")
     user = _identity(user_raw, "user")
-    if isinstance(user, SaslError):
+    if isinstance(user, Refusal):
         return user
     if b"auth" not in fields:
-        return SaslError(Reason.MISSING_TOKEN, "no auth field")
+        return Refusal(Reason.MISSING_TOKEN, "no auth field")
     token = _bearer_token(fields[b"auth"])
-    if isinstance(token, SaslError):
+    if isinstance(token, Refusal):
         return token
     return Credentials(token=token, authzid=user)
 
 
-def decode_plain(data: bytes) -> Credentials | SaslError:
+def decode_plain(data: bytes) -> Credentials | Refusal:
     """Decode PLAIN ``authzid NUL authcid NUL password`` (RFC 4616); the password is the token."""
     if data.count(b"\x00") != 2:
         return _malformed("PLAIN message is not authzid NUL authcid NUL password")
     authzid_raw, authcid_raw, password = data.split(b"\x00")
     if not authcid_raw:
-        return SaslError(Reason.MISSING_AUTHZID, "empty PLAIN authcid")
+        return Refusal(Reason.MISSING_AUTHZID, "empty PLAIN authcid")
     authcid = _identity(authcid_raw, "authcid")
-    if isinstance(authcid, SaslError):
+    if isinstance(authcid, Refusal):
         return authcid
     if authzid_raw:
         authzid = _identity(authzid_raw, "authzid")
-        if isinstance(authzid, SaslError):
+        if isinstance(authzid, Refusal):
             return authzid
         if authzid != authcid:
             return _malformed("PLAIN authzid differs from authcid")
     token = _token(password)
-    if isinstance(token, SaslError):
+    if isinstance(token, Refusal):
         return token
     return Credentials(token=token, authzid=authcid)
 
 
-def _decode_login_user(data: bytes) -> str | SaslError:
+def _decode_login_user(data: bytes) -> str | Refusal:
     if not data:
-        return SaslError(Reason.MISSING_AUTHZID, "empty LOGIN user name")
+        return Refusal(Reason.MISSING_AUTHZID, "empty LOGIN user name")
     return _identity(data, "user name")
 
 
@@ -393,7 +384,7 @@ class _State(enum.Enum):
     DONE = enum.auto()
 
 
-_DECODERS: dict[Mechanism, Callable[[bytes], Credentials | SaslError]] = {
+_DECODERS: dict[Mechanism, Callable[[bytes], Credentials | Refusal]] = {
     Mechanism.OAUTHBEARER: decode_oauthbearer,
     Mechanism.XOAUTH2: decode_xoauth2,
     Mechanism.PLAIN: decode_plain,
@@ -469,7 +460,7 @@ class SaslExchange:
             return self._fail(verdict)
         return self._refuse(verdict)
 
-    def _too_large(self, data: bytes) -> SaslError | None:
+    def _too_large(self, data: bytes) -> Refusal | None:
         if len(data) > self._max:
             return _malformed(f"client message of {len(data)} bytes exceeds {self._max}")
         return None
@@ -478,7 +469,7 @@ class SaslExchange:
         result = self._too_large(data)
         if result is None:
             if self._mechanism is Mechanism.OAUTHBEARER and data == _KVSEP:
-                return self._fail(Verdict(reason=Reason.MALFORMED_SASL, detail="client aborted"))
+                return self._fail(Verdict(reason=Reason.CANCELLED, detail="client aborted"))
             decoded = _DECODERS[self._mechanism](data)
             if isinstance(decoded, Credentials):
                 self._state = _State.VERDICT
@@ -488,7 +479,7 @@ class SaslExchange:
 
     def _login_username(self, data: bytes) -> Step:
         user = self._too_large(data) or _decode_login_user(data)
-        if isinstance(user, SaslError):
+        if isinstance(user, Refusal):
             return self._fail(Verdict(reason=user.reason, detail=user.detail))
         self._login_user = user
         self._state = _State.LOGIN_PASSWORD
@@ -496,7 +487,7 @@ class SaslExchange:
 
     def _login_password(self, data: bytes) -> Step:
         token = self._too_large(data) or _token(data)
-        if isinstance(token, SaslError):
+        if isinstance(token, Refusal):
             return self._fail(Verdict(reason=token.reason, detail=token.detail))
         self._state = _State.VERDICT
         return Authenticate(Credentials(token=token, authzid=self._login_user))

@@ -30,16 +30,11 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from saslauthd_oidc.authtest import (
-    build_auth_line,
-    build_initial_response,
-    client_answer,
-    redact,
-    show_sasl,
-)
 from saslauthd_oidc.config import Config, ProviderConfig, suggest
-from saslauthd_oidc.frontends.http import CallerAuth, HttpFrontend
-from saslauthd_oidc.outcome import Outcome, Reason, RuleTrace, Verdict
+from saslauthd_oidc.core.outcome import Outcome, Reason, Refusal, RuleTrace, Verdict
+from saslauthd_oidc.core.request import AuthRequest, Mechanism, token_fingerprint
+from saslauthd_oidc.frontends.http import HttpFrontend
+from saslauthd_oidc.frontends.http_callers import CallerAuth
 from saslauthd_oidc.protocol.dovecot import DovecotServerConnection, NeedVerdict, decode_base64
 from saslauthd_oidc.protocol.saslauthd import (
     Rejected,
@@ -47,8 +42,14 @@ from saslauthd_oidc.protocol.saslauthd import (
     SaslauthdServerConnection,
     reply_text,
 )
-from saslauthd_oidc.providers.jwt import TokenRejected, peek
-from saslauthd_oidc.request import AuthRequest, Mechanism, token_fingerprint
+from saslauthd_oidc.providers.jwt import peek
+from saslauthd_oidc.tools.authtest import (
+    build_auth_line,
+    build_initial_response,
+    client_answer,
+    redact,
+    show_sasl,
+)
 
 __all__ = [
     "FRONTENDS",
@@ -442,7 +443,7 @@ def _ago(seconds: float) -> str:
 def token_facts(token: str, *, now: float) -> dict[str, Any]:
     """What the token says about itself, NOT verified: for reading, never for deciding."""
     unverified = peek(token, max_bytes=max(len(token), 1))
-    if isinstance(unverified, TokenRejected):
+    if isinstance(unverified, Refusal):
         return {"format": "opaque", "length": len(token), "note": unverified.detail}
     facts: dict[str, Any] = {"format": "JWT"}
     for name in _FACT_HEADERS:

@@ -13,7 +13,7 @@ needs claims the token lacks and its provider has ``userinfo = true``, the
 userinfo answer fills them in (cached like verifications).
 
 The decision is one synchronous step, :meth:`Engine.step`: it returns a
-:class:`~saslauthd_oidc.outcome.Verdict`, or a :class:`Verification` — the one
+:class:`~saslauthd_oidc.core.outcome.Verdict`, or a :class:`Verification` — the one
 piece of I/O it needs first (a provider verifying the token, or a userinfo
 call). The caller performs it (:meth:`Engine.perform`, through the cache's
 single-flight) and runs the step again with the answer. Whatever can be
@@ -40,36 +40,26 @@ import structlog
 import trio
 
 from saslauthd_oidc.config import Config, RuleConfig
-from saslauthd_oidc.identity import (
-    IdentityError,
-    check_authzid,
-    map_account,
-    template_claims,
+from saslauthd_oidc.core.identity import check_authzid, map_account, template_claims
+from saslauthd_oidc.core.outcome import DiscoveryHint, Outcome, Reason, Refusal, RuleTrace, Verdict
+from saslauthd_oidc.core.request import AuthRequest
+from saslauthd_oidc.core.rules import (
+    account_domain_mismatch,
+    claim_mismatch,
+    context_mismatch,
+    discovery_hint,
+    ordered,
 )
-from saslauthd_oidc.outcome import DiscoveryHint, Outcome, Reason, RuleTrace, Verdict
 from saslauthd_oidc.providers.answers import merge_userinfo
-from saslauthd_oidc.providers.cache import (
+from saslauthd_oidc.providers.issuers import accepts_issuer
+from saslauthd_oidc.providers.jwt import UnverifiedToken, VerifiedClaims, looks_like_jws, peek
+from saslauthd_oidc.providers.verification_cache import (
     OPAQUE,
     CompactClaims,
     Lookup,
     VerificationCache,
     key_suffix,
     token_digest,
-)
-from saslauthd_oidc.providers.jwt import (
-    TokenRejected,
-    UnverifiedToken,
-    VerifiedClaims,
-    looks_like_jws,
-    peek,
-)
-from saslauthd_oidc.request import AuthRequest
-from saslauthd_oidc.rules import (
-    account_domain_mismatch,
-    claim_mismatch,
-    context_mismatch,
-    discovery_hint,
-    ordered,
 )
 
 log = structlog.get_logger("saslauthd_oidc.auth")
@@ -89,13 +79,8 @@ _DEPTH = {
 # RFC 6750 b64token: what a bearer token may look like before we send it to an IdP.
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
-# server.mechanisms is what the Dovecot-protocol socket offers. The saslauthd
-# socket negotiates no mechanism (its requests are PLAIN: login + token as
-# password); configuring server.saslauthd_socket is its opt-in.
-_UNNEGOTIATED_FRONTENDS = frozenset({"saslauthd"})
 
-
-Result = VerifiedClaims | TokenRejected
+Result = VerifiedClaims | Refusal
 
 #: What every frontend calls: one request in, one verdict out.
 Authenticator = Callable[[AuthRequest], Awaitable[Verdict]]
@@ -297,14 +282,16 @@ class Engine:
     ) -> Verdict | Verification:
         """Decide with what is known without I/O, or name the one verification still needed.
 
-        ``digest`` is :func:`~saslauthd_oidc.providers.cache.token_digest` of
+        ``digest`` is :func:`~saslauthd_oidc.providers.verification_cache.token_digest` of
         the request's token; ``answers`` are what earlier :meth:`perform`
         calls returned, by their :attr:`Verification.key`. Pure but for the
         cache (read, and filled with answers got without I/O).
         """
         if (
+            # server.mechanisms is what we offer; a request that negotiated no
+            # mechanism (saslauthd: login + token as password) is not held to it.
             request.mechanism.is_sasl
-            and request.context.frontend not in _UNNEGOTIATED_FRONTENDS
+            and request.negotiated
             and request.mechanism.value not in self._mechanisms
         ):
             return Verdict(
@@ -336,7 +323,7 @@ class Engine:
         unverified: UnverifiedToken | _Unparsed
         if iss is _NO_HIT:
             peeked = peek(token, max_bytes=self._max_token_bytes)
-            if isinstance(peeked, TokenRejected):
+            if isinstance(peeked, Refusal):
                 return self._opaque(d, candidates, peeked, hint)
             unverified = peeked
             iss = peeked.claims.get("iss")
@@ -344,7 +331,7 @@ class Engine:
             unverified = _UNPARSED  # a repeated JWS: its issuer is all we need of it
         by_issuer: list[RuleConfig] = []
         for rule in candidates:
-            if self._providers[rule.provider].accepts_issuer(iss):
+            if accepts_issuer(self._providers[rule.provider], iss):
                 by_issuer.append(rule)
             else:
                 trace.append(
@@ -382,7 +369,7 @@ class Engine:
         self,
         d: _Decision,
         candidates: list[RuleConfig],
-        unverified: TokenRejected,
+        unverified: Refusal,
         hint: DiscoveryHint,
     ) -> Verdict | Verification:
         """A token that is not a JWS: the providers that introspect, in rule order."""
@@ -458,7 +445,7 @@ class Engine:
                 if isinstance(answer, Verification):
                     return answer
                 results[rule.provider] = result = answer
-            if isinstance(result, TokenRejected):
+            if isinstance(result, Refusal):
                 trace.append(RuleTrace(rule.name, False, result.reason, result.detail))
                 if result.reason.outcome is Outcome.TEMPFAIL:
                     temporary = temporary or (result.reason, f"{rule.provider}: {result.detail}")
@@ -490,7 +477,7 @@ class Engine:
 
     def _enrich(
         self, d: _Decision, rule: RuleConfig, claims: Mapping[str, Any]
-    ) -> Mapping[str, Any] | TokenRejected | Verification:
+    ) -> Mapping[str, Any] | Refusal | Verification:
         """Claims plus userinfo's, when the username needs claims the token lacks."""
         if not self._providers[rule.provider].userinfo:
             return claims
@@ -499,8 +486,8 @@ class Engine:
         answer = self._answer(d, rule.provider, Lookup.USERINFO, None, OPAQUE)
         if isinstance(answer, Verification):
             return answer
-        if isinstance(answer, TokenRejected):
-            return TokenRejected(answer.reason, f"userinfo enrichment: {answer.detail}")
+        if isinstance(answer, Refusal):
+            return Refusal(answer.reason, f"userinfo enrichment: {answer.detail}")
         return merge_userinfo(claims, answer.claims)
 
     def _conclude(
@@ -523,7 +510,7 @@ class Engine:
         enriched = self._enrich(d, rule, claims)
         if isinstance(enriched, Verification):
             return enriched
-        if isinstance(enriched, TokenRejected):
+        if isinstance(enriched, Refusal):
             return refuse(enriched.reason, enriched.detail)
         claims = enriched
         account = map_account(
@@ -532,7 +519,7 @@ class Engine:
             claims,
             named_user=bool(request.credentials.authzid),
         )
-        problem: IdentityError | None = account if isinstance(account, IdentityError) else None
+        problem: Refusal | None = account if isinstance(account, Refusal) else None
         if problem is None and rule.authzid == "match":
             assert isinstance(account, str)
             problem = check_authzid(account, request.credentials.authzid, normalize=rule.normalize)

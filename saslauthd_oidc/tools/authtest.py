@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import trio
 
-from saslauthd_oidc.outcome import Outcome
+from saslauthd_oidc.core.outcome import Outcome
+from saslauthd_oidc.core.request import Mechanism, token_fingerprint
 from saslauthd_oidc.protocol.dovecot import decode_base64, tab_escape, tab_unescape
-from saslauthd_oidc.request import Mechanism, token_fingerprint
 
 __all__ = [
     "AuthTestError",

@@ -28,8 +28,8 @@ from prometheus_client.core import (
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from saslauthd_oidc.outcome import Reason, Verdict
-from saslauthd_oidc.request import AuthRequest, Mechanism
+from saslauthd_oidc.core.outcome import Reason, Verdict
+from saslauthd_oidc.core.request import AuthRequest, Mechanism
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 

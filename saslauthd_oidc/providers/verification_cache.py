@@ -39,10 +39,10 @@ from typing import Any, Protocol
 import trio
 
 from saslauthd_oidc.config import CacheConfig
-from saslauthd_oidc.outcome import Reason
-from saslauthd_oidc.providers.jwt import TokenRejected, UnverifiedToken, VerifiedClaims
+from saslauthd_oidc.core.outcome import Reason, Refusal
+from saslauthd_oidc.providers.jwt import UnverifiedToken, VerifiedClaims
 
-Result = VerifiedClaims | TokenRejected
+Result = VerifiedClaims | Refusal
 
 # Refusals that stay refusals: the same token can never become acceptable.
 STABLE_REFUSALS = frozenset(
@@ -163,7 +163,7 @@ def _shared_header(header: Mapping[str, Any]) -> Mapping[str, Any]:
 
 def compact(result: Result) -> Result:
     """What a cache entry keeps of ``result``: the same claims and header, in less memory."""
-    if isinstance(result, TokenRejected):
+    if isinstance(result, Refusal):
         return result
     return VerifiedClaims(
         _compact_claims(result.claims), _shared_header(result.header), result.expires_at

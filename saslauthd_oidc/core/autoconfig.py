@@ -22,9 +22,9 @@ A mail client set up from only an e-mail address reads, in turn:
 One decision everywhere: an endpoint's issuer is the one of :func:`endpoint_rule`,
 which for IMAP, submission and POP3 is the login path's own choice (the
 rules in login order whose context conditions — service, host, port, user's
-domain — hold for a login on that endpoint, :func:`saslauthd_oidc.rules.context_mismatch`;
+domain — hold for a login on that endpoint, :func:`saslauthd_oidc.core.rules.context_mismatch`;
 the first, or the first that accepts the client's tokens), and for JMAP the
-RFC 9728 choice for the session URL (:func:`saslauthd_oidc.discovery.select_rule`).
+RFC 9728 choice for the session URL (:func:`saslauthd_oidc.core.resource_metadata.select_rule`).
 A domain none of whose endpoints has a rule gets no document (404), never
 another domain's IdP.
 
@@ -41,10 +41,16 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from xml.sax.saxutils import escape, quoteattr
 
-from saslauthd_oidc.discovery import WELL_KNOWN, ResourceRequest, scopes_for, select_rule
-from saslauthd_oidc.outcome import DiscoveryHint
-from saslauthd_oidc.request import AuthRequest, Credentials, Mechanism, RequestContext
-from saslauthd_oidc.rules import context_mismatch, discovery_hint, ordered
+from saslauthd_oidc.core.outcome import DiscoveryHint
+from saslauthd_oidc.core.request import AuthRequest, Credentials, Mechanism, RequestContext
+from saslauthd_oidc.core.resource_metadata import (
+    WELL_KNOWN,
+    ResourceRequest,
+    scopes_for,
+    select_rule,
+)
+from saslauthd_oidc.core.rules import context_mismatch, discovery_hint, ordered
+from saslauthd_oidc.providers.issuers import accepts_issuer
 
 if TYPE_CHECKING:
     from saslauthd_oidc.config import Config, DomainConfig, EndpointConfig, RuleConfig
@@ -200,7 +206,7 @@ def _challenge(
         same = [
             r
             for r in candidates
-            if providers[r.provider].accepts_issuer(issuer) and (only_fallbacks or not r.fallback)
+            if accepts_issuer(providers[r.provider], issuer) and (only_fallbacks or not r.fallback)
         ]
         if same:
             chosen = same[0]

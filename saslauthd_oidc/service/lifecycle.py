@@ -30,9 +30,9 @@ from typing import Any, Generic, Protocol, TypeVar
 import trio
 
 from saslauthd_oidc.config import Config
-from saslauthd_oidc.engine import Authenticates, Pending, unanswered
-from saslauthd_oidc.outcome import Verdict
-from saslauthd_oidc.request import AuthRequest
+from saslauthd_oidc.core.engine import Authenticates, Pending, unanswered
+from saslauthd_oidc.core.outcome import Verdict
+from saslauthd_oidc.core.request import AuthRequest
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -125,7 +125,8 @@ class Current:
                 self._idle.set()
 
     def start(self, request: AuthRequest) -> Verdict | Pending:
-        """The engine's :meth:`~saslauthd_oidc.engine.Engine.start` (nothing while draining)."""
+        """The engine's :meth:`~saslauthd_oidc.core.engine.Engine.start` (nothing while
+        draining)."""
         if self.draining:
             return unanswered(request)
         return self.engine.start(request)

@@ -1,7 +1,11 @@
-"""Test helpers for JWT and provider tests: keys, JWKs and hand-crafted JWS.
+"""Shared test builders and fakes (fixtures are in conftest.py; peers in tests/peers/).
 
-``sign_raw`` builds compact JWS byte by byte (any header/payload bytes, any
-algorithm, any key), so tests can produce tokens PyJWT would refuse to make.
+Keys, JWKs and hand-crafted JWS: ``sign_raw`` builds compact JWS byte by byte
+(any header/payload bytes, any algorithm, any key), so tests can produce tokens
+PyJWT would refuse to make. SASL client messages come from the same builder as
+``auth-test`` (:func:`oauthbearer`, :func:`xoauth2`). :class:`FakeClock` is a
+settable clock; :func:`write_config` the daemon configuration the peer tests
+share.
 """
 
 from __future__ import annotations
@@ -11,14 +15,24 @@ import functools
 import hashlib
 import hmac
 import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import get_default_algorithms
 
-from saslauthd_oidc import devissuer
+from saslauthd_oidc.core.outcome import DiscoveryHint, Reason, Verdict
+from saslauthd_oidc.core.request import AuthRequest, Mechanism
 from saslauthd_oidc.providers.jwt import KeySet, UnverifiedToken, peek
+from saslauthd_oidc.tools import devissuer
+from saslauthd_oidc.tools.authtest import build_initial_response
 
 NOW = 1_800_000_000.0
 ISS = "https://idp.example.org/realms/mail"
@@ -249,3 +263,200 @@ def write_tls_files(directory: Any, host: str = "127.0.0.1") -> tuple[str, str, 
         key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     return str(d / "ca.pem"), str(d / "cert.pem"), str(d / "key.pem")
+
+
+# --------------------------------------------------------------------------- SASL messages
+
+USER = "alice@example.org"
+
+
+def oauthbearer(
+    token: str, user: str | None = USER, *, host: str | None = None, port: int | None = None
+) -> bytes:
+    """An OAUTHBEARER initial response, built as ``auth-test`` builds it."""
+    message = build_initial_response(Mechanism.OAUTHBEARER, token, user=user, host=host, port=port)
+    assert message is not None
+    return message
+
+
+def xoauth2(token: str, user: str = USER) -> bytes:
+    """An XOAUTH2 initial response, built as ``auth-test`` builds it."""
+    message = build_initial_response(Mechanism.XOAUTH2, token, user=user)
+    assert message is not None
+    return message
+
+
+# --------------------------------------------------------------------------- daemon config
+
+
+def write_config(path: Path, socket_path: Path, issuer: str, *, tempfail: str = "fail") -> None:
+    """The daemon configuration the mail-server peer tests share (one dev issuer, one rule)."""
+    path.write_text(
+        f"""
+[server]
+auth_socket = "{socket_path}"
+auth_socket_mode = "0666"
+request_timeout = 3.0
+tempfail = "{tempfail}"
+
+[logging]
+level = "info"
+format = "json"
+
+[[provider]]
+name = "dev"
+issuer = "{issuer}"
+allow_http = true
+token_types = ["at+jwt"]
+
+[[rule]]
+name = "mail"
+provider = "dev"
+audiences = ["mail"]
+required_scopes = ["email"]
+username = "{{email}}"
+"""
+    )
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 15.0) -> None:
+    """Poll ``predicate`` until it is true (AssertionError after ``timeout`` s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def accepts(path: Path) -> bool:
+    """Whether something accepts connections on the Unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def start(
+    workdir: Path, issuer: devissuer.DevIssuer, workers: int
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """``serve`` in a subprocess with ``workers`` workers and one rule for ``issuer``."""
+    sock = workdir / "auth"
+    conf = workdir / "conf.toml"
+    conf.write_text(
+        f"""
+[server]
+auth_socket = "{sock}"
+workers = {workers}
+[logging]
+level = "info"
+[[provider]]
+name = "dev"
+issuer = "{issuer.issuer}"
+allow_http = true
+[[rule]]
+name = "r"
+provider = "dev"
+audiences = ["mail"]
+"""
+    )
+    log = (workdir / "log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "saslauthd_oidc", "serve", "--config", str(conf)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    return proc, sock
+
+
+# --------------------------------------------------------------------------- Dovecot auth clients
+
+MECHS = [Mechanism.OAUTHBEARER, Mechanism.XOAUTH2]
+
+
+class Stub:
+    """An engine stand-in: the token says what to answer."""
+
+    def __init__(self) -> None:
+        self.seen: list[AuthRequest] = []
+        self.cancelled = 0
+        self.started = trio.Event()
+
+    async def __call__(self, request: AuthRequest) -> Verdict:
+        self.seen.append(request)
+        token = request.credentials.token
+        if token.startswith("good-"):
+            return Verdict(reason=Reason.OK, account=token.removeprefix("good-"))
+        if token == "temp":
+            return Verdict(reason=Reason.PROVIDER_UNAVAILABLE)
+        if token == "slow":
+            await trio.sleep(30)
+        if token == "boom":
+            raise RuntimeError("engine bug")
+        if token == "hang":
+            self.started.set()
+            try:
+                await trio.sleep_forever()
+            finally:
+                self.cancelled += 1
+        return Verdict(
+            reason=Reason.BAD_SIGNATURE,
+            hint=DiscoveryHint(openid_configuration="https://idp/.well-known/openid-configuration"),
+        )
+
+
+def ir(token: str, user: str = USER) -> str:
+    """An OAUTHBEARER initial response as an AUTH line's base64 resp=."""
+    return base64.b64encode(oauthbearer(token, user)).decode()
+
+
+def auth_line(rid: int, token: str) -> str:
+    """A Dovecot AUTH line for OAUTHBEARER with ``token`` (service smtp, no addresses)."""
+    return f"AUTH\t{rid}\tOAUTHBEARER\tservice=smtp\tnologin\tlip=\trip=\tresp={ir(token)}"
+
+
+class Client:
+    """A Dovecot auth-client over a Unix socket: handshake, AUTH, and the replies."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buffer = b""
+
+    @classmethod
+    async def connect(cls, path: str) -> Client:
+        return cls(await trio.open_unix_socket(path))
+
+    async def send(self, *lines: str) -> None:
+        await self.stream.send_all("".join(line + "\n" for line in lines).encode())
+
+    async def line(self) -> str | None:
+        """The next line, or None at EOF."""
+        while b"\n" not in self.buffer:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                return None
+            self.buffer += data
+        raw, _, self.buffer = self.buffer.partition(b"\n")
+        return raw.decode()
+
+    async def handshake(self) -> list[str]:
+        lines = []
+        while (line := await self.line()) != "DONE":
+            assert line is not None
+            lines.append(line)
+        await self.send("VERSION\t1\t0", "CPID\t4711")
+        return lines
+
+    async def authenticate(self, rid: int, token: str) -> str | None:
+        await self.send(auth_line(rid, token))
+        reply = await self.line()
+        if reply is not None and reply.startswith(f"CONT\t{rid}\t"):
+            await self.send(f"CONT\t{rid}\tAQ==")
+            reply = await self.line()
+        return reply

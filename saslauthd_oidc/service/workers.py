@@ -4,7 +4,7 @@ Unix sockets have no ``SO_REUSEPORT``, so the parent binds the auth socket
 once and forks N workers that inherit it; the kernel hands each new
 connection to whichever worker's ``accept`` gets there first. Each worker runs
 its own ``trio.run`` with its own engine, caches and HTTP client
-(:func:`saslauthd_oidc.daemon.run_daemon` on the inherited socket), so
+(:func:`saslauthd_oidc.service.daemon.run_daemon` on the inherited socket), so
 nothing is shared at run time and a worker's crash costs only its own
 connections.
 
@@ -38,7 +38,8 @@ import structlog
 import trio
 
 from saslauthd_oidc.config import Config, ConfigError
-from saslauthd_oidc.daemon import open_unix_socket, run_daemon
+from saslauthd_oidc.service.daemon import run_daemon
+from saslauthd_oidc.service.listeners import open_unix_socket
 
 log = structlog.get_logger("saslauthd_oidc.workers")
 

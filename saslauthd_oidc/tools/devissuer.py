@@ -53,7 +53,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm, get_default_algorithms
 
-from saslauthd_oidc.asgi import Receive, Scope, Send, acknowledge_lifespan
+from saslauthd_oidc.frontends.asgi import Receive, Scope, Send, acknowledge_lifespan
 
 SUPPORTED_ALGORITHMS = ("RS256", "PS256", "ES256", "EdDSA")
 JWKS_PATH = "/jwks.json"

@@ -1,6 +1,6 @@
 """``saslauthd-oidc dev``: the daemon on a built-in development issuer, for a first try.
 
-Starts a :class:`~saslauthd_oidc.devissuer.DevIssuer` on loopback (a real
+Starts a :class:`~saslauthd_oidc.tools.devissuer.DevIssuer` on loopback (a real
 HTTP server with discovery and JWKS), writes the equivalent TOML config and a
 freshly minted token into a work directory, prints how to try it with
 ``auth-test``, curl and Postfix, and serves until interrupted. Nothing here is
@@ -23,10 +23,11 @@ import tomli_w
 import trio
 
 from saslauthd_oidc.config import Config, parse_config
-from saslauthd_oidc.daemon import run_daemon, socket_in_use
-from saslauthd_oidc.devissuer import DevIssuer, issuer_for, mint_offline
-from saslauthd_oidc.engine import Engine
-from saslauthd_oidc.observability import configure_logging
+from saslauthd_oidc.core.engine import Engine
+from saslauthd_oidc.service.daemon import run_daemon
+from saslauthd_oidc.service.listeners import socket_in_use
+from saslauthd_oidc.service.logs import configure_logging
+from saslauthd_oidc.tools.devissuer import DevIssuer, issuer_for, mint_offline
 
 # Under /tmp so that the postfix user can reach the socket; run_dev refuses the
 # directory when another user owns it.

@@ -19,21 +19,14 @@ import functools
 import re
 import unicodedata
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from saslauthd_oidc.config import USERNAME_FILTERS, ProviderConfig, RuleConfig
-from saslauthd_oidc.outcome import Reason
+from saslauthd_oidc.core.outcome import Reason, Refusal
 
 MAX_ACCOUNT_LENGTH = 255
 
 _PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
-
-
-@dataclass(frozen=True, slots=True)
-class IdentityError:
-    reason: Reason
-    detail: str
 
 
 def _localpart(v: str) -> str:
@@ -60,7 +53,7 @@ def template_claims(template: str) -> tuple[str, ...]:
 
 def render_username(
     template: str, claims: Mapping[str, Any], *, normalize: bool = True
-) -> str | IdentityError:
+) -> str | Refusal:
     missing: list[str] = []
 
     def substitute(m: re.Match[str]) -> str:
@@ -76,7 +69,7 @@ def render_username(
 
     rendered = _PLACEHOLDER.sub(substitute, template)
     if missing:
-        return IdentityError(
+        return Refusal(
             Reason.IDENTITY_UNMAPPABLE,
             f"claim {missing[0]!r} is missing or not a string in the verified token",
         )
@@ -85,7 +78,7 @@ def render_username(
 
 def email_problem(
     claims: Mapping[str, Any], *, multi_tenant: bool, trust_unverified: bool
-) -> IdentityError | None:
+) -> Refusal | None:
     """Why the token's ``email`` may not name an account (nOAuth), or None.
 
     * ``email_verified`` present and not the JSON ``true`` (``false``,
@@ -103,13 +96,13 @@ def email_problem(
         return None
     verified = claims.get("email_verified")
     if "email_verified" in claims and verified is not True:
-        return IdentityError(
+        return Refusal(
             Reason.UNVERIFIED_EMAIL,
             f"email_verified is {verified!r}, not true: the e-mail names no account "
             "(trust_unverified_email = true to use it anyway)",
         )
     if multi_tenant and verified is not True and claims.get("xms_edov") is not True:
-        return IdentityError(
+        return Refusal(
             Reason.UNVERIFIED_EMAIL,
             "a multi-tenant issuer's email is set by each tenant's admin and is not "
             "verified (no email_verified or xms_edov true): map preferred_username or oid "
@@ -120,7 +113,7 @@ def email_problem(
 
 def check_account_domain(
     account: str, rule: RuleConfig, *, named_user: bool = True
-) -> IdentityError | None:
+) -> Refusal | None:
     """The account must be in a domain the rule is trusted for.
 
     * ``account_domains`` set: the account's domain must be one of them (an
@@ -139,7 +132,7 @@ def check_account_domain(
     domain = domain.lower()  # normalize = false keeps the account's case, not the domain's
     if rule.account_domains:
         if not at or domain not in rule.account_domains:
-            return IdentityError(
+            return Refusal(
                 Reason.UNTRUSTED_ACCOUNT_DOMAIN,
                 f"account {account!r} is not in the rule's account_domains",
             )
@@ -150,13 +143,13 @@ def check_account_domain(
     if trusted:
         if domain in trusted or (rule.domains and not named_user):
             return None
-        return IdentityError(
+        return Refusal(
             Reason.UNTRUSTED_ACCOUNT_DOMAIN,
             f"account {account!r} is not in the rule's domains "
             "(set account_domains to allow others)",
         )
     if domain in rule.foreign_domains:
-        return IdentityError(
+        return Refusal(
             Reason.UNTRUSTED_ACCOUNT_DOMAIN,
             f"account {account!r} is in a domain another provider's rule is trusted for "
             "(list it in this rule's account_domains to allow it)",
@@ -170,13 +163,13 @@ def map_account(
     claims: Mapping[str, Any],
     *,
     named_user: bool = True,
-) -> str | IdentityError:
+) -> str | Refusal:
     """The account ``rule`` maps these verified claims to, or why there is none.
 
     ``named_user``: the request names the user (authzid, XOAUTH2 user=, login).
     """
     account = render_username(rule.username, claims, normalize=rule.normalize)
-    if isinstance(account, IdentityError):
+    if isinstance(account, Refusal):
         return account
     if "email" in template_claims(rule.username):
         problem = email_problem(
@@ -188,7 +181,7 @@ def map_account(
             return problem
     if rule.domain_map:
         account = rewrite_domain(account, rule.domain_map, ())
-        if isinstance(account, IdentityError):  # pragma: no cover - no allow-list given
+        if isinstance(account, Refusal):  # pragma: no cover - no allow-list given
             return account
     refused = check_account_domain(account, rule, named_user=named_user)
     return refused if refused is not None else account
@@ -196,16 +189,14 @@ def map_account(
 
 def rewrite_domain(
     account: str, domain_map: Mapping[str, str], allowed: Sequence[str]
-) -> str | IdentityError:
+) -> str | Refusal:
     """Apply a rule's ``domain_map`` to the account, then its ``account_domains`` allow-list."""
     local, at, domain = account.rpartition("@")
     if at and domain in domain_map:
         domain = domain_map[domain]
         account = f"{local}@{domain}"
     if allowed and (not at or domain not in allowed):
-        return IdentityError(
-            Reason.INVALID_ACCOUNT, f"account {account!r} is not in an allowed domain"
-        )
+        return Refusal(Reason.INVALID_ACCOUNT, f"account {account!r} is not in an allowed domain")
     return account
 
 
@@ -213,34 +204,32 @@ def normalize_name(name: str) -> str:
     return unicodedata.normalize("NFKC", name).lower()
 
 
-def validate_account(name: str, *, normalize: bool = True) -> str | IdentityError:
+def validate_account(name: str, *, normalize: bool = True) -> str | Refusal:
     if normalize:
         name = normalize_name(name)
     if not name:
-        return IdentityError(Reason.INVALID_ACCOUNT, "account name is empty")
+        return Refusal(Reason.INVALID_ACCOUNT, "account name is empty")
     if len(name) > MAX_ACCOUNT_LENGTH:
-        return IdentityError(Reason.INVALID_ACCOUNT, "account name is too long")
+        return Refusal(Reason.INVALID_ACCOUNT, "account name is too long")
     if name.isascii() and name.isprintable() and " " not in name:
         return name  # printable ASCII without a space: no control or separator character
     for ch in name:
         cat = unicodedata.category(ch)
         if ch.isspace() or cat.startswith("C") or cat in ("Zl", "Zp", "Zs"):
-            return IdentityError(
+            return Refusal(
                 Reason.INVALID_ACCOUNT,
                 f"account name contains a forbidden character U+{ord(ch):04X}",
             )
     return name
 
 
-def check_authzid(
-    account: str, authzid: str | None, *, normalize: bool = True
-) -> IdentityError | None:
+def check_authzid(account: str, authzid: str | None, *, normalize: bool = True) -> Refusal | None:
     """The client's authzid must name the mapped account; an absent authzid means 'that one'."""
     if authzid is None or authzid == "":
         return None
     claimed = normalize_name(authzid) if normalize else authzid
     if claimed != account:
-        return IdentityError(
+        return Refusal(
             Reason.AUTHZID_MISMATCH,
             f"requested user {authzid!r} is not the account {account!r} the token maps to",
         )

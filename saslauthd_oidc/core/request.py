@@ -82,9 +82,15 @@ class RequestContext:
 
 @dataclass(frozen=True, slots=True)
 class AuthRequest:
+    """One authentication to decide. ``negotiated`` says whether the client chose
+    ``mechanism`` from those we offered (server.mechanisms, on the Dovecot-protocol
+    socket); a saslauthd request negotiates none: it carries a login and the token
+    as a password, and configuring the saslauthd socket is its opt-in."""
+
     mechanism: Mechanism
     credentials: Credentials
     context: RequestContext = field(default_factory=RequestContext)
+    negotiated: bool = True
 
 
 def token_fingerprint(token: str) -> str:

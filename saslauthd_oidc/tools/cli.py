@@ -1,6 +1,6 @@
 """The ``saslauthd-oidc`` command: serve, check-config, explain, auth-test, dev.
 
-Exit codes (DESIGN.md §5): 0 ok, 1 authentication refused, 2 usage or config
+Exit codes (README "Command line"): 0 ok, 1 authentication refused, 2 usage or config
 error, 3 temporary failure.
 """
 
@@ -21,8 +21,6 @@ import structlog
 import trio
 
 from saslauthd_oidc import __version__
-from saslauthd_oidc.authtest import AuthTestError, run_auth_test
-from saslauthd_oidc.autoconfig import discover_report
 from saslauthd_oidc.config import (
     Config,
     ConfigError,
@@ -31,8 +29,30 @@ from saslauthd_oidc.config import (
     load_config,
     resolve_config_path,
 )
-from saslauthd_oidc.daemon import PASSED_NAMES, preflight, run_daemon, sort_passed_fds
-from saslauthd_oidc.devmode import (
+from saslauthd_oidc.core.autoconfig import discover_report
+from saslauthd_oidc.core.engine import Engine
+from saslauthd_oidc.core.outcome import Outcome, Reason, Verdict
+from saslauthd_oidc.core.request import AuthRequest, Mechanism, token_fingerprint
+from saslauthd_oidc.core.rules import config_warnings, ordered, token_policy
+from saslauthd_oidc.frontends.http_callers import load_caller_auth
+from saslauthd_oidc.providers.http import make_http_client
+from saslauthd_oidc.providers.registry import ProviderRegistry
+from saslauthd_oidc.service.daemon import run_daemon
+from saslauthd_oidc.service.lifecycle import read_reload_report
+from saslauthd_oidc.service.limits import current_nofile_limit, limit_warnings
+from saslauthd_oidc.service.listeners import PASSED_NAMES, sort_passed_fds
+from saslauthd_oidc.service.logs import configure_logging
+from saslauthd_oidc.service.preflight import preflight
+from saslauthd_oidc.service.systemd import (
+    HTTP_SOCKET_UNIT,
+    ActivationError,
+    Notifier,
+    take_listen_fds,
+    unit_enabled,
+)
+from saslauthd_oidc.service.workers import serve_workers
+from saslauthd_oidc.tools.authtest import AuthTestError, run_auth_test
+from saslauthd_oidc.tools.devmode import (
     DEFAULT_DEV_DIR,
     DEV_AUDIENCE,
     DEV_USER,
@@ -40,8 +60,7 @@ from saslauthd_oidc.devmode import (
     dev_token,
     run_dev,
 )
-from saslauthd_oidc.engine import Engine
-from saslauthd_oidc.explain import (
+from saslauthd_oidc.tools.explain import (
     FRONTENDS,
     ExplainUsageError,
     Imitation,
@@ -54,23 +73,6 @@ from saslauthd_oidc.explain import (
     rules_in_file_order,
     token_facts,
 )
-from saslauthd_oidc.frontends.http import load_caller_auth
-from saslauthd_oidc.lifecycle import read_reload_report
-from saslauthd_oidc.limits import current_nofile_limit, limit_warnings
-from saslauthd_oidc.observability import configure_logging
-from saslauthd_oidc.outcome import Outcome, Reason, Verdict
-from saslauthd_oidc.providers import ProviderRegistry
-from saslauthd_oidc.providers.http import make_http_client
-from saslauthd_oidc.request import AuthRequest, Mechanism, token_fingerprint
-from saslauthd_oidc.rules import config_warnings, ordered, token_policy
-from saslauthd_oidc.systemd import (
-    HTTP_SOCKET_UNIT,
-    ActivationError,
-    Notifier,
-    take_listen_fds,
-    unit_enabled,
-)
-from saslauthd_oidc.workers import serve_workers
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_TEMPFAIL = 0, 1, 2, 3
 _EXIT_FOR = {Outcome.OK: EXIT_OK, Outcome.FAIL: EXIT_REFUSED, Outcome.TEMPFAIL: EXIT_TEMPFAIL}

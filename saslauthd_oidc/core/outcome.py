@@ -2,7 +2,8 @@
 
 Every layer speaks in these values. The engine returns a :class:`Verdict`; each
 frontend maps it to its own wire reply in exactly one place; logs, metrics and
-``explain`` print the :class:`Reason` value. Nothing here knows any wire
+``explain`` print the :class:`Reason` value; a step that refuses returns a
+:class:`Refusal`. Nothing here knows any wire
 protocol or does any I/O.
 """
 
@@ -31,6 +32,8 @@ class Reason(enum.StrEnum):
     CHANNEL_BINDING_UNSUPPORTED = "channel_binding_unsupported"
     MISSING_TOKEN = "missing_token"
     MISSING_AUTHZID = "missing_authzid"
+    # The client gave the exchange up (OAUTHBEARER's lone %x01 where no failure
+    # challenge was sent; the mail server answers its client itself).
     CANCELLED = "cancelled"
 
     # The token was refused.
@@ -98,6 +101,18 @@ _TEMPORARY = frozenset(
         Reason.KEY_REFRESH_PENDING,
     }
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why a step refused what it was given, as a value (never an exception): a
+    client message that does not decode, a token that does not verify, an account
+    that cannot be mapped, a rule whose conditions do not hold. The one refusal type
+    of every layer; decisions look at ``reason`` (closed), never at ``detail``, which
+    is operator text and never holds a token, a secret or a key."""
+
+    reason: Reason
+    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)

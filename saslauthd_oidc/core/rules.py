@@ -20,23 +20,16 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from ipaddress import IPv4Network, IPv6Network
 from typing import TYPE_CHECKING, Any
 
-from saslauthd_oidc.discovery import discovery_warnings
-from saslauthd_oidc.identity import template_claims as _template_claims
-from saslauthd_oidc.outcome import DiscoveryHint, Reason
-from saslauthd_oidc.request import AuthRequest, unreachable_condition_warnings
+from saslauthd_oidc.core.identity import template_claims as _template_claims
+from saslauthd_oidc.core.outcome import DiscoveryHint, Reason, Refusal
+from saslauthd_oidc.core.request import AuthRequest, unreachable_condition_warnings
+from saslauthd_oidc.core.resource_metadata import discovery_warnings
 
 if TYPE_CHECKING:
     from saslauthd_oidc.config import Config, ProviderConfig, RuleConfig
-
-
-@dataclass(frozen=True, slots=True)
-class Mismatch:
-    reason: Reason
-    detail: str
 
 
 def ordered(rules: Iterable[RuleConfig]) -> list[RuleConfig]:
@@ -56,33 +49,33 @@ def request_port(request: AuthRequest) -> int | None:
     return request.context.local_port or request.credentials.port
 
 
-def context_mismatch(rule: RuleConfig, request: AuthRequest) -> Mismatch | None:
+def context_mismatch(rule: RuleConfig, request: AuthRequest) -> Refusal | None:
     """Why ``rule`` cannot serve this request, judged on the request alone (no token)."""
     ctx = request.context
     if rule.mechanisms and request.mechanism.value not in rule.mechanisms:
-        return Mismatch(Reason.NO_RULE_FOR_CONTEXT, f"mechanism {request.mechanism} not in rule")
+        return Refusal(Reason.NO_RULE_FOR_CONTEXT, f"mechanism {request.mechanism} not in rule")
     if rule.services and (ctx.service or "") not in rule.services:
         shown = f"service {ctx.service!r} not in rule" if ctx.service else "no service given"
-        return Mismatch(Reason.NO_RULE_FOR_CONTEXT, f"{shown} (services: {_listed(rule.services)})")
+        return Refusal(Reason.NO_RULE_FOR_CONTEXT, f"{shown} (services: {_listed(rule.services)})")
     if rule.hosts:
         host = request_host(request)
         if host not in rule.hosts:
             shown = f"host {host!r} not in rule" if host else "no host given (host=, TLS SNI)"
-            return Mismatch(Reason.HOST_MISMATCH, f"{shown} (hosts: {_listed(rule.hosts)})")
+            return Refusal(Reason.HOST_MISMATCH, f"{shown} (hosts: {_listed(rule.hosts)})")
     if rule.ports:
         port = request_port(request)
         if port not in rule.ports:
             shown = f"port {port} not in rule" if port else "no port given"
-            return Mismatch(Reason.HOST_MISMATCH, f"{shown} (ports: {_listed(rule.ports)})")
+            return Refusal(Reason.HOST_MISMATCH, f"{shown} (ports: {_listed(rule.ports)})")
     if rule.require_secured and not ctx.secured:
-        return Mismatch(Reason.NO_RULE_FOR_CONTEXT, "connection is not secured (TLS)")
+        return Refusal(Reason.NO_RULE_FOR_CONTEXT, "connection is not secured (TLS)")
     if rule.remote_networks and not _in_networks(ctx.remote_ip, rule.remote_networks):
         shown = (
             f"remote address {ctx.remote_ip} not in rule"
             if ctx.remote_ip
             else "no remote address given"
         )
-        return Mismatch(Reason.NO_RULE_FOR_CONTEXT, f"{shown} (remote_networks)")
+        return Refusal(Reason.NO_RULE_FOR_CONTEXT, f"{shown} (remote_networks)")
     # A request that names no user (Dovecot's passdb oauth2, Stalwart, OAUTHBEARER
     # without a=) logs in the account we answer: its domain is checked instead
     # (account_domain_mismatch), once the token has named the account.
@@ -90,22 +83,20 @@ def context_mismatch(rule: RuleConfig, request: AuthRequest) -> Mismatch | None:
         domain = request.credentials.user_domain
         if domain not in rule.domains:
             shown = f"user domain {domain!r} not in rule" if domain else "no user@domain given"
-            return Mismatch(
+            return Refusal(
                 Reason.NO_RULE_FOR_CONTEXT, f"{shown} (domains: {_listed(rule.domains)})"
             )
     return None
 
 
-def account_domain_mismatch(
-    rule: RuleConfig, request: AuthRequest, account: str
-) -> Mismatch | None:
+def account_domain_mismatch(rule: RuleConfig, request: AuthRequest, account: str) -> Refusal | None:
     """``domains`` judged on the mapped account, for a request that names no user."""
     if not rule.domains or request.credentials.authzid:
         return None
     local, at, domain = account.rpartition("@")
     if at and local and domain.lower() in rule.domains:
         return None
-    return Mismatch(
+    return Refusal(
         Reason.NO_RULE_FOR_CONTEXT,
         f"no user named, and the account {account!r} is not in the rule's domains",
     )
@@ -144,32 +135,32 @@ def token_scopes(claims: Mapping[str, Any]) -> set[str] | None:
     return None
 
 
-def claim_mismatch(rule: RuleConfig, claims: Mapping[str, Any]) -> Mismatch | None:
+def claim_mismatch(rule: RuleConfig, claims: Mapping[str, Any]) -> Refusal | None:
     """Why the verified ``claims`` do not satisfy ``rule``'s claim conditions."""
     audiences = _as_list(claims.get("aud"))
     if audiences is not None and not all(isinstance(a, str) for a in audiences):
-        return Mismatch(Reason.BAD_CLAIM, "aud is not a string or a list of strings")
+        return Refusal(Reason.BAD_CLAIM, "aud is not a string or a list of strings")
     azp = claims.get("azp")
     party = azp if azp is not None else claims.get("client_id")
     if party is not None and not isinstance(party, str):
-        return Mismatch(Reason.BAD_CLAIM, "azp/client_id is not a string")
+        return Refusal(Reason.BAD_CLAIM, "azp/client_id is not a string")
     if rule.audiences:
         if not audiences:
-            return Mismatch(Reason.WRONG_AUDIENCE, "token has no aud")
+            return Refusal(Reason.WRONG_AUDIENCE, "token has no aud")
         if not set(audiences) & set(rule.audiences):
-            return Mismatch(Reason.WRONG_AUDIENCE, f"aud {audiences!r} not in rule")
+            return Refusal(Reason.WRONG_AUDIENCE, f"aud {audiences!r} not in rule")
     if audiences and len(set(audiences)) > 1:
         # OIDC Core 3.1.3.7: with several audiences, azp must name a party we trust.
         trusted = rule.authorized_parties or rule.audiences
         if not isinstance(azp, str) or azp not in trusted:
-            return Mismatch(
+            return Refusal(
                 Reason.UNTRUSTED_AUTHORIZED_PARTY,
                 f"token has {len(audiences)} audiences and "
                 + (f"azp {azp!r} is not trusted by the rule" if azp is not None else "no azp"),
             )
     if rule.authorized_parties and party not in rule.authorized_parties:
         shown = f"azp/client_id {party!r} not in rule" if party else "token has no azp or client_id"
-        return Mismatch(
+        return Refusal(
             Reason.UNTRUSTED_AUTHORIZED_PARTY,
             f"{shown} (authorized_parties: {_listed(rule.authorized_parties)})",
         )
@@ -177,7 +168,7 @@ def claim_mismatch(rule: RuleConfig, claims: Mapping[str, Any]) -> Mismatch | No
         scopes = token_scopes(claims) or set()
         missing = [s for s in rule.required_scopes if s not in scopes]
         if missing:
-            return Mismatch(Reason.INSUFFICIENT_SCOPE, f"scope {missing[0]!r} missing")
+            return Refusal(Reason.INSUFFICIENT_SCOPE, f"scope {missing[0]!r} missing")
     for name, expected in rule.claims.items():
         actual = claims.get(name)
         if isinstance(actual, list):
@@ -185,7 +176,7 @@ def claim_mismatch(rule: RuleConfig, claims: Mapping[str, Any]) -> Mismatch | No
         else:
             ok = actual == expected and type(actual) is type(expected)
         if not ok:
-            return Mismatch(Reason.CLAIM_MISMATCH, f"claim {name!r} is not {expected!r}")
+            return Refusal(Reason.CLAIM_MISMATCH, f"claim {name!r} is not {expected!r}")
     return None
 
 
@@ -270,7 +261,7 @@ def config_warnings(cfg: Config) -> list[str]:
     from saslauthd_oidc.config import claim_warnings  # noqa: PLC0415 (config imports no rules)
 
     warnings.extend(claim_warnings(cfg))
-    from saslauthd_oidc.autoconfig import autoconfig_warnings  # noqa: PLC0415 (it imports rules)
+    from saslauthd_oidc.core.autoconfig import autoconfig_warnings  # noqa: PLC0415 (it imports rules)
 
     warnings.extend(autoconfig_warnings(cfg))
     return warnings
