@@ -222,3 +222,20 @@ def test_keep_drops_only_the_providers_whose_claims_changed() -> None:
     assert cache.lookup(cache_key("a", Lookup.USERINFO, token_digest("t"))) is None
     assert cache.lookup(cache_key("b", Lookup.TOKEN, token_digest("t"))) is not None
     assert cache.keep({"a": frozenset({"sub", "dept"})}) == 2  # b no longer configured
+
+
+def test_entries_alike_are_one_object_and_never_outlive_exp() -> None:
+    clock = FakeClock(1_000_000.25)
+    cache = VerificationCache(CacheConfig(ttl=300), clock=clock)
+    cache.keep({"a": frozenset({"iss", "sub"})})
+    exp = clock() + 100.5  # 1_000_100.75
+    keys = [cache_key("a", Lookup.TOKEN, token_digest(f"t{i}")) for i in range(3)]
+    for i, key in enumerate(keys):
+        cache.store(key, "a", VerifiedClaims({**CLAIMS, "jti": f"j{i}"}, {}, exp), A)
+    entries = [cache.lookup(key) for key in keys]
+    assert entries[0] is not None and all(e is entries[0] for e in entries)
+    assert entries[0].until <= exp and entries[0].iss == A
+    clock.advance(99.5)
+    assert cache.lookup(keys[0]) is entries[0]
+    clock.advance(0.5)  # 1_000_100.25: before exp, after the whole second it was cut to
+    assert cache.lookup(keys[0]) is None

@@ -4,11 +4,12 @@ Results are keyed by (provider, what was asked, SHA-256 of the token): the
 token itself is not kept as a key. What was asked (:class:`Lookup`) is a token
 verification or a userinfo call; a reload drops a provider's entries of both
 kinds. A positive entry lives until min(now + ``ttl``, the token's ``exp``),
-never past ``exp``. Only refusals that cannot turn into an acceptance later are
-cached, for ``negative_ttl``; temporary failures and refusals that a key
-rotation or the clock may change (unknown key, not yet valid) are never
-cached. Concurrent verifications of the same new token share one call to the
-provider (single-flight). Bounded: least recently used entries go first.
+rounded down to a whole second: never past ``exp``. Only refusals that cannot
+turn into an acceptance later are cached, for ``negative_ttl``; temporary
+failures and refusals that a key rotation or the clock may change (unknown
+key, not yet valid) are never cached. Concurrent verifications of the same new
+token share one call to the provider (single-flight). Bounded: least recently
+used entries go first.
 
 The engine asks in two steps: :meth:`VerificationCache.lookup` (synchronous:
 a cached answer or None) and, when it needs the provider, :meth:`VerificationCache.fetch`
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import math
 import sys
 import time
 from collections import OrderedDict
@@ -194,9 +196,13 @@ class Verifier(Protocol):
     async def verify(self, token: str, unverified: UnverifiedToken | None) -> Result: ...
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
-    """One cached answer; whose it is (provider, kind) is in its key, not here."""
+    """One cached answer; whose it is (provider, kind) is in its key, not here.
+
+    Read-only and shared: the entries of one user's tokens that end in the
+    same second are one object (``until`` is whole seconds, rounded down).
+    """
 
     result: Result
     until: float
@@ -220,6 +226,8 @@ class VerificationCache:
         self._entries: OrderedDict[bytes, Entry] = OrderedDict()
         self._flights: dict[bytes, _Flight] = {}
         self._kept: dict[str, frozenset[str]] = {}
+        # Entries alike, by (id(result), until, id(iss)); each value keeps those alive.
+        self._alike: dict[tuple[int, float, int], Entry] = {}
         self.hits = 0
         self.misses = 0
 
@@ -320,15 +328,23 @@ class VerificationCache:
             until = now + self._negative_ttl
         else:
             return
+        until = float(math.floor(until))  # never later than exp; lets entries be shared
         if until <= now:
             return
-        self._entries[key] = Entry(result, until, iss)
+        alike = (id(result), until, id(iss))
+        entry = self._alike.get(alike)
+        if entry is None or entry.result is not result or entry.iss is not iss:
+            if len(self._alike) >= MAX_SHARED:
+                self._alike.clear()
+            entry = self._alike[alike] = Entry(result, until, iss)
+        self._entries[key] = entry
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
 
     def clear(self) -> None:
         self._entries.clear()
+        self._alike.clear()
 
     def drop_providers(self, names: Collection[str]) -> int:
         """Forget what providers ``names`` said (removed or reconfigured); returns how many.
