@@ -239,3 +239,19 @@ def test_entries_alike_are_one_object_and_never_outlive_exp() -> None:
     assert cache.lookup(keys[0]) is entries[0]
     clock.advance(0.5)  # 1_000_100.25: before exp, after the whole second it was cut to
     assert cache.lookup(keys[0]) is None
+
+
+def test_equal_values_of_other_types_are_not_shared() -> None:
+    """1 == True == 1.0 in Python, but ``email_verified = 1`` is not the JSON ``true``."""
+    cache = VerificationCache(CacheConfig())
+    cache.keep({"a": frozenset({"sub", "email_verified"})})
+    seen = []
+    for i, value in enumerate((1, True, 1.0, "true")):
+        result = cache.store(
+            cache_key("a", Lookup.TOKEN, token_digest(f"t{i}")),
+            "a",
+            VerifiedClaims({"sub": "alice", "email_verified": value}, {}, 2e9),
+        )
+        assert isinstance(result, VerifiedClaims)
+        seen.append(result.claims["email_verified"])
+    assert [type(v) for v in seen] == [int, bool, float, str]

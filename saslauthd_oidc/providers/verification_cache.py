@@ -112,7 +112,7 @@ _shapes: dict[tuple[str, ...], dict[str, int]] = {}
 # Claims (and results) shared by tokens whose kept claims are equal: one user's
 # tokens. Bounded by starting afresh when full; entries keep what they share.
 MAX_SHARED = 4096
-_shared_claims: dict[tuple[tuple[str, ...], tuple[Any, ...]], CompactClaims] = {}
+_shared_claims: dict[tuple[tuple[str, ...], tuple[Any, ...], tuple[type, ...]], CompactClaims] = {}
 # Keyed by id() of a claims object that the value itself keeps alive.
 _shared_results: dict[tuple[int, float], VerifiedClaims] = {}
 _NO_HEADER: Mapping[str, Any] = MappingProxyType({})
@@ -164,7 +164,8 @@ def _compact_claims(claims: Mapping[str, Any], kept: Kept) -> Mapping[str, Any]:
             return MappingProxyType({n: claims[n] for n in names})
         index = _shapes[names] = {sys.intern(n): i for i, n in enumerate(names)}
     values = tuple([claims[n] for n in names])
-    key = (names, values)
+    # With the types: 1 == True == 1.0 as dict keys, but email_verified = 1 is no true.
+    key = (names, values, tuple([type(v) for v in values]))
     try:
         shared = _shared_claims.get(key)
     except TypeError:  # a value that cannot be hashed (a list, an object): not shared
