@@ -164,7 +164,7 @@ def _compact_claims(claims: Mapping[str, Any], kept: Kept) -> Mapping[str, Any]:
             return MappingProxyType({n: claims[n] for n in names})
         index = _shapes[names] = {sys.intern(n): i for i, n in enumerate(names)}
     values = tuple([claims[n] for n in names])
-    # With the types: 1 == True == 1.0 as dict keys, but email_verified = 1 is no true.
+    # With the types: 1 == True == 1.0 as dict keys, but email_verified = 1 is not true.
     key = (names, values, tuple([type(v) for v in values]))
     try:
         shared = _shared_claims.get(key)
