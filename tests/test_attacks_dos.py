@@ -1,9 +1,8 @@
-"""Denial of service (issue 13) through a real daemon process at the shipped descriptor limit.
+"""Denial of service through a real daemon process at the shipped descriptor limit.
 
 Each test runs ``saslauthd-oidc serve`` in a subprocess whose RLIMIT_NOFILE is
 1024 soft *and* hard (the old unit's soft limit, and the daemon cannot raise
-it), with the auth socket and a loopback HTTP listener, and attacks it the
-way issue 13 describes:
+it), with the auth socket and a loopback HTTP listener, and attacks it so:
 
 * 1,100 HTTP connections with a tiny receive buffer that never read, each
   asking for a large answer (a reflected 30 kB discovery path; or many

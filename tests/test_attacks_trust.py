@@ -1,5 +1,5 @@
-"""Accounts across trust boundaries, and tokens that are not what they seem (issue 13),
-plus the IdP-outage recovery of issue 14 — each attack through the daemon's real socket.
+"""Accounts across trust boundaries, tokens that are not what they seem, and logins
+recovering as soon as an IdP is back from an outage — each through the daemon's real socket.
 
 Each test runs the assembled daemon in-process (``run_daemon``) against real
 loopback issuers (DevIssuer) and speaks the Dovecot auth protocol to its Unix
@@ -472,7 +472,7 @@ async def test_a_due_refetch_is_awaited_within_the_request_deadline(
 async def test_logins_work_again_as_soon_as_the_idp_is_back(
     nursery: trio.Nursery, start: Start
 ) -> None:
-    """Issue 14: after an outage, logins kept failing for jwks_cooldown (30 s)."""
+    """The first login after an outage works: no jwks_cooldown (30 s) of failures after it."""
     a = await issuer(nursery)
     a.fail_status = 503  # down when the daemon needs its keys
     d = await start(

@@ -1,4 +1,4 @@
-"""Rules with ``domains`` for IMAP logins through a real Dovecot 2.3 (issue 14).
+"""Rules with ``domains`` for IMAP logins through a real Dovecot 2.3.
 
 Dovecot's ``passdb oauth2`` calls ``/introspect`` without the SASL user.
 The first test records, with a listener of its own in place of the daemon,
