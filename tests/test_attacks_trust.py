@@ -32,9 +32,9 @@ from saslauthd_oidc.core.request import token_fingerprint
 from saslauthd_oidc.service.daemon import run_daemon
 from saslauthd_oidc.service.logs import configure_logging
 from saslauthd_oidc.tools.cli import main
-from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.idp_shapes import authentik, keycloak
 from tests.peers.dovecot_client import LineClient
+from tests.support_issuer import FaultIssuer
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 ALICE = "alice@example.org"
@@ -56,7 +56,7 @@ class Daemon:
     log: io.StringIO
     client: LineClient
     rid: int = 0
-    issuers: dict[str, DevIssuer] = field(default_factory=dict)
+    issuers: dict[str, FaultIssuer] = field(default_factory=dict)
 
     async def login(self, payload: bytes, mech: str = "OAUTHBEARER") -> str:
         """One authentication, following a failure challenge; the final reply line."""
@@ -122,13 +122,13 @@ async def start(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Start]:
     nursery.cancel_scope.cancel()
 
 
-async def issuer(nursery: trio.Nursery, **kw: Any) -> DevIssuer:
-    iss = DevIssuer(**kw)
+async def issuer(nursery: trio.Nursery, **kw: Any) -> FaultIssuer:
+    iss = FaultIssuer(**kw)
     await nursery.start(iss.serve)
     return iss
 
 
-def provider(name: str, iss: DevIssuer, **kw: Any) -> dict[str, Any]:
+def provider(name: str, iss: FaultIssuer, **kw: Any) -> dict[str, Any]:
     return {"name": name, "issuer": iss.issuer, "allow_http": True, **kw}
 
 
