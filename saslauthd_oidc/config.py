@@ -130,6 +130,9 @@ class HttpConfig:
         return urlsplit(self.stalwart_issuer).path.rstrip("/")
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 @dataclass(frozen=True, slots=True)
 class LoggingConfig:
     level: str = "info"
@@ -289,7 +292,10 @@ class RuleConfig:
 
 # Mail endpoints a [[domain]] publishes (autoconfig, PACC): protocol -> (rule service,
 # {port: TLS mode} of its registered ports, the port used when none is given).
-ENDPOINT_PROTOCOLS: Mapping[str, tuple[str, Mapping[int, str], int]] = {
+TlsMode = Literal["tls", "starttls"]
+TLS_MODES: tuple[TlsMode, ...] = ("tls", "starttls")
+
+ENDPOINT_PROTOCOLS: Mapping[str, tuple[str, Mapping[int, TlsMode], int]] = {
     "imap": ("imap", {993: "tls", 143: "starttls"}, 993),
     "submission": ("smtp", {465: "tls", 587: "starttls"}, 465),
     "pop3": ("pop3", {995: "tls", 110: "starttls"}, 995),
@@ -303,7 +309,7 @@ class EndpointConfig:
     protocol: str  # "imap" | "submission" | "pop3" | "jmap"
     host: str  # lower case, IDNA A-labels
     port: int
-    tls: Literal["tls", "starttls"]  # jmap: always "tls" (https)
+    tls: TlsMode  # jmap: always "tls" (https)
     service: str  # the service name the mail server passes (rules' services)
     url: str | None = None  # jmap: the session URL
     path: str = "/"  # jmap: the URL's path (RFC 9728 resource path)
@@ -328,6 +334,13 @@ class DomainConfig:
     def endpoints(self) -> tuple[EndpointConfig, ...]:
         found = (self.imap, self.submission, self.pop3, self.jmap)
         return tuple(e for e in found if e is not None)
+
+
+# The defaults the parser falls back on are the dataclasses' own: one place each.
+# (The required fields get placeholders; only the defaulted ones are read.)
+_PROVIDER_DEFAULTS = ProviderConfig(name="", issuer="")
+_RULE_DEFAULTS = RuleConfig(name="", provider="")
+_DOMAIN_DEFAULTS = DomainConfig(name="")
 
 
 @dataclass(frozen=True, slots=True)
@@ -741,7 +754,7 @@ def _parse_server(data: Any) -> ServerConfig:
         saslauthd_socket_group=s.text("saslauthd_socket_group", None),
         http_listen=tuple(_parse_listen(a) for a in s.texts("http_listen", single=True)),
         http_socket=s.text("http_socket", None) or None,
-        http_socket_mode=0o660
+        http_socket_mode=d.http_socket_mode
         if http_mode_raw is None
         else _parse_mode("server.http_socket_mode", http_mode_raw),
         http_socket_group=s.text("http_socket_group", None),
@@ -862,9 +875,10 @@ def _parse_cache(data: Any) -> CacheConfig:
 
 def _parse_logging(data: Any) -> LoggingConfig:
     s = _Section("logging", data)
+    d = LoggingConfig()
     cfg = LoggingConfig(
-        level=s.choice("level", "info", ("debug", "info", "warning", "error")),
-        format=s.choice("format", "json", ("json", "console")),
+        level=s.choice("level", d.level, LOG_LEVELS),
+        format=s.choice("format", d.format, ("json", "console")),
     )
     s.reject_unknown()
     return cfg
@@ -873,11 +887,11 @@ def _parse_logging(data: Any) -> LoggingConfig:
 def _parse_provider(index: int, data: Any) -> ProviderConfig:
     key = f"provider[{index}]"
     s = _Section(key, data)
-    d_algs = ProviderConfig.__dataclass_fields__["algorithms"].default
+    d = _PROVIDER_DEFAULTS
     name = s.required_str("name")
     if not _NAME_RE.match(name):
         raise ConfigError(f"{key}.name", "use letters, digits, '.', '_' and '-' only")
-    allow_http = s.flag("allow_http", False)
+    allow_http = s.flag("allow_http", d.allow_http)
     issuer = _check_url(f"{key}.issuer", s.required_str("issuer"), allow_http=allow_http)
     discovery_url = s.text("discovery_url", None)
     if discovery_url:
@@ -885,7 +899,7 @@ def _parse_provider(index: int, data: Any) -> ProviderConfig:
     jwks_uri = s.text("jwks_uri", None)
     if jwks_uri:
         _check_url(f"{key}.jwks_uri", jwks_uri, allow_http=allow_http)
-    algorithms = s.texts("algorithms", d_algs)  # type: ignore[arg-type]
+    algorithms = s.texts("algorithms", d.algorithms)
     hmac_secret_file = s.text("hmac_secret_file", None)
     for alg in algorithms:
         if alg in SYMMETRIC_ALGORITHMS:
@@ -941,28 +955,28 @@ def _parse_provider(index: int, data: Any) -> ProviderConfig:
         discovery_url=discovery_url,
         jwks_uri=jwks_uri,
         algorithms=algorithms,
-        leeway=s.number("leeway", 60.0),
+        leeway=s.number("leeway", d.leeway),
         token_types=s.texts("token_types"),
         allow_http=allow_http,
         ca_file=s.text("ca_file", None),
-        jwks_refresh=s.number("jwks_refresh", 3600.0, minimum=10.0),
-        jwks_min_refresh=s.number("jwks_min_refresh", 60.0, minimum=0.0),
-        jwks_cooldown=s.number("jwks_cooldown", 30.0, minimum=0.0),
-        jwks_retry=s.number("jwks_retry", 1.0, minimum=0.1),
+        jwks_refresh=s.number("jwks_refresh", d.jwks_refresh, minimum=10.0),
+        jwks_min_refresh=s.number("jwks_min_refresh", d.jwks_min_refresh, minimum=0.0),
+        jwks_cooldown=s.number("jwks_cooldown", d.jwks_cooldown, minimum=0.0),
+        jwks_retry=s.number("jwks_retry", d.jwks_retry, minimum=0.1),
         hmac_secret_file=hmac_secret_file,
         introspection_endpoint=introspection_endpoint,
         client_id=client_id,
         client_secret_file=client_secret_file,
         introspection_auth=s.choice(
-            "introspection_auth", "client_secret_basic", INTROSPECTION_AUTH_METHODS
+            "introspection_auth", d.introspection_auth, INTROSPECTION_AUTH_METHODS
         ),
-        userinfo=s.flag("userinfo", False),
-        userinfo_validation=s.flag("userinfo_validation", False),
+        userinfo=s.flag("userinfo", d.userinfo),
+        userinfo_validation=s.flag("userinfo_validation", d.userinfo_validation),
         userinfo_endpoint=userinfo_endpoint,
         allowed_tenants=allowed_tenants,
         endpoint_hosts=tuple(h.lower() for h in s.texts("endpoint_hosts")),
-        accept_id_tokens=s.flag("accept_id_tokens", False),
-        force_introspection=s.flag("force_introspection", False),
+        accept_id_tokens=s.flag("accept_id_tokens", d.accept_id_tokens),
+        force_introspection=s.flag("force_introspection", d.force_introspection),
         introspection_cache_ttl=_optional_number(s, "introspection_cache_ttl"),
     )
     if cfg.force_introspection and not cfg.introspects:
@@ -1004,6 +1018,7 @@ def _parse_rule(
 ) -> RuleConfig:
     key = f"rule[{index}]"
     s = _Section(key, data)
+    r = _RULE_DEFAULTS
     name = s.text("name", f"rule{index}")
     if not _NAME_RE.match(name):
         raise ConfigError(f"{key}.name", "use letters, digits, '.', '_' and '-' only")
@@ -1030,7 +1045,7 @@ def _parse_rule(
             if not isinstance(cv, str | int | bool):
                 raise ConfigError(f"{key}.claims.{ck}", "expected a string, number or boolean")
             claims[ck] = cv
-    username = s.text("username", "{email}")
+    username = s.text("username", r.username)
     placeholders = _PLACEHOLDER_RE.findall(username)
     if not placeholders or any(not p.strip() for p in placeholders):
         raise ConfigError(f"{key}.username", 'expected a template with a "{claim}" placeholder')
@@ -1099,20 +1114,20 @@ def _parse_rule(
         ports=ports,
         mechanisms=mechanisms,
         remote_networks=tuple(remote_networks),
-        require_secured=s.flag("require_secured", False),
+        require_secured=s.flag("require_secured", r.require_secured),
         username=username,
         domain_map=domain_map,
         account_domains=tuple(d.lower().lstrip("@") for d in s.texts("account_domains")),
-        normalize=s.flag("normalize", True),
-        authzid=s.choice("authzid", "match", ("match", "ignore")),
-        fallback=s.flag("fallback", False),
+        normalize=s.flag("normalize", r.normalize),
+        authzid=s.choice("authzid", r.authzid, ("match", "ignore")),
+        fallback=s.flag("fallback", r.fallback),
         discovery_hint=discovery_hint,
         challenge_scope=_scope_list(f"{key}.challenge_scope", s.text("challenge_scope", None)),
         resource_paths=tuple(p.rstrip("/") or "/" for p in resource_paths),
         referers=referers,
         scopes_supported=s.texts("scopes_supported"),
-        check_audience=s.flag("check_audience", True),
-        trust_unverified_email=s.flag("trust_unverified_email", False),
+        check_audience=s.flag("check_audience", r.check_audience),
+        trust_unverified_email=s.flag("trust_unverified_email", r.trust_unverified_email),
     )
     s.reject_unknown()
     if cfg.check_audience and not (cfg.audiences or cfg.authorized_parties):
@@ -1264,10 +1279,11 @@ def _parse_domains(raw: Any) -> tuple[DomainConfig, ...]:
 def _parse_domain(index: int, data: Any) -> DomainConfig:
     key = f"domain[{index}]"
     s = _Section(key, data)
+    d = _DOMAIN_DEFAULTS
     name = _a_label_host(f"{key}.name", s.required_str("name").lstrip("@"))
     if not _DOMAIN_NAME_RE.match(name):
         raise ConfigError(f"{key}.name", f"{name!r}: expected a mail domain such as example.org")
-    submission_service = s.text("submission_service", "smtp").lower()
+    submission_service = s.text("submission_service", d.submission_service).lower()
     if not _NAME_RE.match(submission_service):
         raise ConfigError(f"{key}.submission_service", "expected a service name such as smtp")
     endpoints: dict[str, EndpointConfig | None] = {}
@@ -1297,7 +1313,7 @@ def _parse_domain(index: int, data: Any) -> DomainConfig:
     client = s.text("client", None)
     if client is not None and (not client or not client.isprintable()):
         raise ConfigError(f"{key}.client", "expected the OAuth client_id the documents are for")
-    max_age = s.whole("max_age", 3600, minimum=0)
+    max_age = s.whole("max_age", d.max_age, minimum=0)
     if max_age > 86400 * 7:
         raise ConfigError(f"{key}.max_age", "at most 604800 seconds (a week)")
     s.reject_unknown()
@@ -1342,10 +1358,12 @@ def _parse_endpoint(key: str, protocol: str, value: str) -> EndpointConfig:
         port = int(port_text)
     else:
         port = default_port
+    tls: TlsMode
     if slash:
-        if mode not in ("tls", "starttls"):
+        named = next((m for m in TLS_MODES if m == mode), None)
+        if named is None:
             raise ConfigError(key, f"{value!r}: expected /tls or /starttls after the port")
-        tls = mode
+        tls = named
     elif port in registered:
         tls = registered[port]
     else:
@@ -1358,7 +1376,7 @@ def _parse_endpoint(key: str, protocol: str, value: str) -> EndpointConfig:
         protocol=protocol,
         host=host,
         port=port,
-        tls=tls,  # type: ignore[arg-type]
+        tls=tls,
         service=service,
     )
 
