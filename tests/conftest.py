@@ -18,6 +18,7 @@ import structlog
 
 from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.tools.devissuer import DevIssuerThread
+from tests.peers.dovecot import dovecot_available
 from tests.peers.postfix import make_shared_tmpdir, postfix_available
 from tests.support import FakeClock
 from tests.support_issuer import FaultIssuer
@@ -42,6 +43,12 @@ def require_peer(name: str, reason: str | None) -> None:
 def postfix_ready() -> None:
     """Depend on this before starting a ``tests.peers.postfix.PostfixInstance``."""
     require_peer("postfix", postfix_available())
+
+
+@pytest.fixture(scope="session")
+def dovecot_ready() -> None:
+    """Depend on this before starting a ``tests.peers.dovecot.DovecotInstance``."""
+    require_peer("dovecot", dovecot_available())
 
 
 @pytest.fixture
