@@ -264,13 +264,13 @@ def main(argv: list[str] | None = None) -> int:
                         )
             mem: dict[str, dict[str, float]] = {}
             if memory:
-                pool = [auth_suffix(t, run_all.USER) for t in run_all.mint("EdDSA", args.cached)]
+                cached = [auth_suffix(t, run_all.USER) for t in run_all.mint("EdDSA", args.cached)]
                 for key, side in (("base", base), ("head", head)):
                     with run_all.ours(
                         workdir, jwks, workers=1, level=args.log_level, pythonpath=side.pythonpath
                     ) as (sock, pid):
                         run_all.check_accepts(sock, pid, check, key)
-                        mem[key] = run_all.memory_scenario(sock, pid, pool, args.idle)
+                        mem[key] = run_all.memory_scenario(sock, pid, cached, args.idle)
                         print(f"  memory [{key}]: {mem[key]}", file=log)
         report = render(scenarios, base, head)
         if mem:

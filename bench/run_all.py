@@ -616,9 +616,9 @@ def render(rows: list[Row], extra: dict[str, Any]) -> str:
     for name in ("repeated token, 64 conns", "unique RS256, 64 conns"):
         dc = by.get((name, "dovecot"))
         for w in ("ours w=1", "ours w=2"):
-            m = by.get((name, w))
-            if m and dc:
-                x = m["p99_ms"] / dc["p99_ms"]
+            at = by.get((name, w))
+            if at and dc:
+                x = at["p99_ms"] / dc["p99_ms"]
                 ratio(f"p99 {name}, {w} / dovecot's {dc['p99_ms']:.2f} ms (target <= 1)", x, x <= 1)
     mem = extra.get("memory")
     if mem:
@@ -659,9 +659,9 @@ def render(rows: list[Row], extra: dict[str, Any]) -> str:
             ("unique ES256, 8 conns", "ecdsap256"),
             ("unique EdDSA, 8 conns", "ed25519"),
         ):
-            m = by.get((name, "ours w=1"))
-            if m and key in verify_us:
-                over = m["server_cpu_us"] - verify_us[key]
+            at = by.get((name, "ours w=1"))
+            if at and key in verify_us:
+                over = at["server_cpu_us"] - verify_us[key]
                 out.append(f"- overhead above one openssl signature check, {name}: {over:.0f} µs")
     out.append("")
     out.append("openssl speed verify/s: " + ", ".join(f"{k} {v:.0f}" for k, v in ssl.items()))

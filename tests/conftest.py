@@ -17,9 +17,11 @@ import pytest
 import structlog
 
 from saslauthd_oidc.providers.http import make_http_client
-from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
+from saslauthd_oidc.tools.devissuer import DevIssuerThread
+from tests.peers.dovecot import dovecot_available
 from tests.peers.postfix import make_shared_tmpdir, postfix_available
 from tests.support import FakeClock
+from tests.support_issuer import FaultIssuer
 
 REQUIRE_PEERS_ENV = "SASLAUTHD_OIDC_REQUIRE_PEERS"
 
@@ -41,6 +43,12 @@ def require_peer(name: str, reason: str | None) -> None:
 def postfix_ready() -> None:
     """Depend on this before starting a ``tests.peers.postfix.PostfixInstance``."""
     require_peer("postfix", postfix_available())
+
+
+@pytest.fixture(scope="session")
+def dovecot_ready() -> None:
+    """Depend on this before starting a ``tests.peers.dovecot.DovecotInstance``."""
+    require_peer("dovecot", dovecot_available())
 
 
 @pytest.fixture
@@ -79,9 +87,9 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def issuer() -> Iterator[DevIssuer]:
+def issuer() -> Iterator[FaultIssuer]:
     """An ES256 development issuer served from a background thread."""
-    with DevIssuerThread(DevIssuer(algorithms=("ES256",))) as iss:
+    with DevIssuerThread(FaultIssuer(algorithms=("ES256",))) as iss:
         yield iss
 
 

@@ -11,15 +11,18 @@ share.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import hashlib
 import hmac
 import json
+import resource
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -373,6 +376,44 @@ audiences = ["mail"]
         stdin=subprocess.DEVNULL,
     )
     return proc, sock
+
+
+@contextlib.contextmanager
+def serve_at_fd_limit(
+    config: Path, log_path: Path, nofile: int, *, stop_timeout: float = 10.0
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``serve --config CONFIG`` in a subprocess whose RLIMIT_NOFILE is ``nofile``, soft
+    *and* hard (so the daemon cannot raise it), its log in ``log_path``.
+
+    Yields once the daemon logged "started"; on the way out SIGTERM, and the daemon
+    must exit 0 (its log's tail is the message if not).
+    """
+
+    def limit_fds() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "saslauthd_oidc", "serve", "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=limit_fds,  # noqa: PLW1509 - only setrlimit, before exec
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while b'"event": "started"' not in log_path.read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(stop_timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        assert proc.returncode == 0, log_path.read_text()[-3000:]
 
 
 # --------------------------------------------------------------------------- Dovecot auth clients

@@ -1,9 +1,8 @@
-"""Denial of service (issue 13) through a real daemon process at the shipped descriptor limit.
+"""Denial of service through a real daemon process at the shipped descriptor limit.
 
 Each test runs ``saslauthd-oidc serve`` in a subprocess whose RLIMIT_NOFILE is
 1024 soft *and* hard (the old unit's soft limit, and the daemon cannot raise
-it), with the auth socket and a loopback HTTP listener, and attacks it the
-way issue 13 describes:
+it), with the auth socket and a loopback HTTP listener, and attacks it so:
 
 * 1,100 HTTP connections with a tiny receive buffer that never read, each
   asking for a large answer (a reflected 30 kB discovery path; or many
@@ -32,7 +31,6 @@ import json
 import os
 import resource
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +45,7 @@ from typing import Any
 import pytest
 
 from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
+from tests.support import serve_at_fd_limit
 
 USER = "alice@example.org"
 NOFILE = 1024  # the shipped unit's soft limit before LimitNOFILE= was set
@@ -63,10 +62,6 @@ def _raise_own_limit(need: int) -> None:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < need:
         pytest.skip(f"RLIMIT_NOFILE {soft} < {need}: the attacker's connections do not fit")
-
-
-def _limit_fds() -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
 
 
 def _free_port() -> int:
@@ -118,28 +113,8 @@ def running_daemon(issuer: DevIssuer, extra: str = "") -> Iterator[Daemon]:
             'username = "{email}"\n'
         )
         log_path = directory / "daemon.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "saslauthd_oidc", "serve", "--config", str(config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=_limit_fds,  # noqa: PLW1509 - only setrlimit, before exec
-            )
-        try:
-            deadline = time.monotonic() + 20
-            while b'"event": "started"' not in log_path.read_bytes():
-                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.05)
+        with serve_at_fd_limit(config, log_path, NOFILE, stop_timeout=15) as proc:
             yield Daemon(proc, str(sock), port, log_path, issuer)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            assert proc.returncode == 0, log_path.read_text()[-3000:]
 
 
 @pytest.fixture

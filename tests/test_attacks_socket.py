@@ -43,8 +43,8 @@ from saslauthd_oidc.config import LoggingConfig, parse_config
 from saslauthd_oidc.core.request import token_fingerprint
 from saslauthd_oidc.service.daemon import run_daemon
 from saslauthd_oidc.service.logs import configure_logging
-from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.peers.dovecot_client import LineClient
+from tests.support_issuer import FaultIssuer
 
 USER = "alice@example.org"
 LEEWAY = 60
@@ -54,15 +54,15 @@ LEEWAY = 60
 
 
 @cache
-def _issuer(role: str) -> DevIssuer:
+def _issuer(role: str) -> FaultIssuer:
     """RSA key generation is the slow part: one DevIssuer per role, served per test."""
     if role == "a":
-        iss = DevIssuer(algorithms=("ES256", "RS256"))
+        iss = FaultIssuer(algorithms=("ES256", "RS256"))
         iss.add_key("ES256")  # two EC keys: a kid-less ES256 token is ambiguous
         return iss
     if role == "b":
-        return DevIssuer(algorithms=("ES256",))
-    return DevIssuer(algorithms=("ES256",))  # the trap / the attacker
+        return FaultIssuer(algorithms=("ES256",))
+    return FaultIssuer(algorithms=("ES256",))  # the trap / the attacker
 
 
 def b64u(data: bytes) -> str:
@@ -77,7 +77,7 @@ def enc(obj: Any) -> str:
     return b64u(json.dumps(obj).encode())
 
 
-def private_key(iss: DevIssuer, alg: str) -> Any:
+def private_key(iss: FaultIssuer, alg: str) -> Any:
     return iss._signing_key(alg, None).private_key
 
 
@@ -127,9 +127,9 @@ def self_signed_cert(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 @dataclass
 class Stack:
-    a: DevIssuer
-    b: DevIssuer
-    trap: DevIssuer
+    a: FaultIssuer
+    b: FaultIssuer
+    trap: FaultIssuer
     sock: str
     log: io.StringIO
     client: LineClient

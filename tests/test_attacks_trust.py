@@ -1,5 +1,5 @@
-"""Accounts across trust boundaries, and tokens that are not what they seem (issue 13),
-plus the IdP-outage recovery of issue 14 — each attack through the daemon's real socket.
+"""Accounts across trust boundaries, tokens that are not what they seem, and logins
+recovering as soon as an IdP is back from an outage — each through the daemon's real socket.
 
 Each test runs the assembled daemon in-process (``run_daemon``) against real
 loopback issuers (DevIssuer) and speaks the Dovecot auth protocol to its Unix
@@ -32,9 +32,9 @@ from saslauthd_oidc.core.request import token_fingerprint
 from saslauthd_oidc.service.daemon import run_daemon
 from saslauthd_oidc.service.logs import configure_logging
 from saslauthd_oidc.tools.cli import main
-from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.idp_shapes import authentik, keycloak
 from tests.peers.dovecot_client import LineClient
+from tests.support_issuer import FaultIssuer
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 ALICE = "alice@example.org"
@@ -56,7 +56,7 @@ class Daemon:
     log: io.StringIO
     client: LineClient
     rid: int = 0
-    issuers: dict[str, DevIssuer] = field(default_factory=dict)
+    issuers: dict[str, FaultIssuer] = field(default_factory=dict)
 
     async def login(self, payload: bytes, mech: str = "OAUTHBEARER") -> str:
         """One authentication, following a failure challenge; the final reply line."""
@@ -122,13 +122,13 @@ async def start(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Start]:
     nursery.cancel_scope.cancel()
 
 
-async def issuer(nursery: trio.Nursery, **kw: Any) -> DevIssuer:
-    iss = DevIssuer(**kw)
+async def issuer(nursery: trio.Nursery, **kw: Any) -> FaultIssuer:
+    iss = FaultIssuer(**kw)
     await nursery.start(iss.serve)
     return iss
 
 
-def provider(name: str, iss: DevIssuer, **kw: Any) -> dict[str, Any]:
+def provider(name: str, iss: FaultIssuer, **kw: Any) -> dict[str, Any]:
     return {"name": name, "issuer": iss.issuer, "allow_http": True, **kw}
 
 
@@ -472,7 +472,7 @@ async def test_a_due_refetch_is_awaited_within_the_request_deadline(
 async def test_logins_work_again_as_soon_as_the_idp_is_back(
     nursery: trio.Nursery, start: Start
 ) -> None:
-    """Issue 14: after an outage, logins kept failing for jwks_cooldown (30 s)."""
+    """The first login after an outage works: no jwks_cooldown (30 s) of failures after it."""
     a = await issuer(nursery)
     a.fail_status = 503  # down when the daemon needs its keys
     d = await start(

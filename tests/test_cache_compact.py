@@ -13,7 +13,7 @@ from typing import Any
 from saslauthd_oidc.config import CacheConfig, parse_config
 from saslauthd_oidc.core.engine import EXPOSED_CLAIMS, Engine, kept_claims
 from saslauthd_oidc.core.outcome import Outcome, Reason, Refusal
-from saslauthd_oidc.frontends.http_replies import Surface, verdict_reply
+from saslauthd_oidc.frontends.http_replies import introspection_reply
 from saslauthd_oidc.providers.jwt import VerifiedClaims
 from saslauthd_oidc.providers.verification_cache import (
     CompactClaims,
@@ -166,7 +166,7 @@ async def test_a_cached_token_decides_and_introspects_as_a_fresh_one() -> None:
         fresh.account,
         fresh.claims,
     )
-    assert verdict_reply(Surface.INTROSPECT, cached) == verdict_reply(Surface.INTROSPECT, fresh)
+    assert introspection_reply(cached) == introspection_reply(fresh)
     assert fresh.claims == {
         "iss": A,
         "sub": "alice",

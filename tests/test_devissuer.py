@@ -14,6 +14,7 @@ from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.providers.jwt import VerifiedClaims, peek
 from saslauthd_oidc.providers.oidc import OidcProvider
 from saslauthd_oidc.tools.devissuer import SUPPORTED_ALGORITHMS, DevIssuer, DevIssuerThread
+from tests.support_issuer import FaultIssuer
 
 
 async def _verify(p: OidcProvider, token: str) -> VerifiedClaims | Refusal:
@@ -125,23 +126,40 @@ async def test_http_surface(nursery: trio.Nursery) -> None:
         r = await c.get(iss.jwks_uri)
         assert r.headers["content-type"] == "application/jwk-set+json"
         assert r.json() == iss.jwks()
+        assert "cache-control" not in r.headers  # metadata: the client caches as it likes
         assert (await c.get(f"{iss.url}/nope")).status_code == 404
         assert (await c.post(f"{iss.url}/token")).status_code == 400
+    assert iss.requests["/realms/x/.well-known/openid-configuration"] == 1
+    assert iss.requests["/jwks.json"] == 1
+    assert iss.requests["/nope"] == 1
+
+
+async def test_fault_knobs_of_the_test_issuer(nursery: trio.Nursery) -> None:
+    iss = FaultIssuer(issuer_path="/realms/x")
+    await nursery.start(iss.serve)
+    async with httpx.AsyncClient() as c:
         iss.fail_status = 502
         assert (await c.get(iss.jwks_uri)).status_code == 502
         iss.fail_status = None
         iss.jwks_override = b"garbage"
         assert (await c.get(iss.jwks_uri)).content == b"garbage"
+        iss.jwks_override = None
+        iss.metadata_cache_control = "max-age=60"
+        assert (await c.get(iss.jwks_uri)).headers["cache-control"] == "max-age=60"
+        iss.discovery_overrides = {"jwks_uri": "https://elsewhere.example/keys"}
+        r = await c.get(iss.discovery_url, headers={"X-Probe": "1"})
+        assert r.json()["jwks_uri"] == "https://elsewhere.example/keys"
+        assert r.headers["cache-control"] == "max-age=60"
+        assert iss.last_request_headers["x-probe"] == "1"
+        assert (await c.get(f"{iss.url}/nope")).headers["cache-control"] == "no-store"
         iss.redirect = "https://elsewhere.example/"
         r = await c.get(iss.jwks_uri)
         assert (r.status_code, r.headers["location"]) == (302, "https://elsewhere.example/")
-    assert iss.requests["/realms/x/.well-known/openid-configuration"] == 1
     assert iss.requests["/jwks.json"] == 4
-    assert iss.requests["/nope"] == 1
 
 
 async def test_delay_knob(nursery: trio.Nursery) -> None:
-    iss = DevIssuer()
+    iss = FaultIssuer()
     await nursery.start(iss.serve)
     iss.delay = 0.3
     start = trio.current_time()

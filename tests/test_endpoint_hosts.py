@@ -14,17 +14,17 @@ from saslauthd_oidc.config import ProviderConfig
 from saslauthd_oidc.core.outcome import Reason, Refusal
 from saslauthd_oidc.providers.jwt import VerifiedClaims, peek
 from saslauthd_oidc.providers.oidc import OidcProvider
-from saslauthd_oidc.tools.devissuer import DevIssuer
+from tests.support_issuer import FaultIssuer
 
 
-async def issuers(nursery: trio.Nursery) -> tuple[DevIssuer, DevIssuer]:
-    home, elsewhere = DevIssuer(), DevIssuer()
+async def issuers(nursery: trio.Nursery) -> tuple[FaultIssuer, FaultIssuer]:
+    home, elsewhere = FaultIssuer(), FaultIssuer()
     await nursery.start(home.serve, "127.0.0.1")
     await nursery.start(elsewhere.serve, "127.0.0.2")  # another host, also loopback
     return home, elsewhere
 
 
-def provider(home: DevIssuer, client: httpx.AsyncClient, *hosts: str) -> OidcProvider:
+def provider(home: FaultIssuer, client: httpx.AsyncClient, *hosts: str) -> OidcProvider:
     assert home.issuer is not None
     config = ProviderConfig(
         name="home",

@@ -18,8 +18,8 @@ from saslauthd_oidc.core.outcome import Outcome, Reason, Verdict
 from saslauthd_oidc.core.request import AuthRequest, Credentials, Mechanism, RequestContext
 from saslauthd_oidc.providers.registry import ProviderRegistry
 from saslauthd_oidc.providers.verification_cache import VerificationCache
-from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.support import FakeClock, b64u
+from tests.support_issuer import FaultIssuer
 
 INTROSPECT = "/introspect"
 USERINFO = "/userinfo"
@@ -29,19 +29,19 @@ LONG = 10**7
 USERINFO_VALIDATION: dict[str, Any] = {"userinfo_validation": True}
 
 
-async def _serve(nursery: trio.Nursery) -> DevIssuer:
-    iss = DevIssuer(algorithms=("ES256",))
+async def _serve(nursery: trio.Nursery) -> FaultIssuer:
+    iss = FaultIssuer(algorithms=("ES256",))
     await nursery.start(iss.serve)
     return iss
 
 
 @pytest.fixture
-async def idp_a(nursery: trio.Nursery) -> DevIssuer:
+async def idp_a(nursery: trio.Nursery) -> FaultIssuer:
     return await _serve(nursery)
 
 
 @pytest.fixture
-async def idp_b(nursery: trio.Nursery) -> DevIssuer:
+async def idp_b(nursery: trio.Nursery) -> FaultIssuer:
     return await _serve(nursery)
 
 
@@ -53,7 +53,7 @@ def secret_file(tmp_path: Path) -> str:
     return str(path)
 
 
-def provider_entry(name: str, idp: DevIssuer, **kw: Any) -> dict[str, Any]:
+def provider_entry(name: str, idp: FaultIssuer, **kw: Any) -> dict[str, Any]:
     return {"name": name, "issuer": idp.issuer, "allow_http": True, "algorithms": ["ES256"], **kw}
 
 
@@ -76,7 +76,7 @@ def login(token: str, user: str | None = None) -> AuthRequest:
     )
 
 
-def requests_to(*idps: DevIssuer) -> int:
+def requests_to(*idps: FaultIssuer) -> int:
     return sum(sum(i.requests.values()) for i in idps)
 
 
@@ -84,7 +84,7 @@ def requests_to(*idps: DevIssuer) -> int:
 
 
 @pytest.fixture
-def strict_engine(make_engine: EngineFactory, idp_a: DevIssuer, secret_file: str) -> Engine:
+def strict_engine(make_engine: EngineFactory, idp_a: FaultIssuer, secret_file: str) -> Engine:
     return make_engine(
         {
             "provider": [
@@ -104,7 +104,7 @@ def strict_engine(make_engine: EngineFactory, idp_a: DevIssuer, secret_file: str
 
 
 async def test_opaque_token_passing_every_condition(
-    strict_engine: Engine, idp_a: DevIssuer
+    strict_engine: Engine, idp_a: FaultIssuer
 ) -> None:
     token = idp_a.mint_opaque({"scope": "openid mail", "client_id": "webmail"})
     v = await strict_engine.authenticate(login(token, "alice@example.org"))
@@ -132,7 +132,7 @@ async def test_opaque_token_passing_every_condition(
     ],
 )
 async def test_opaque_token_failing_a_condition(
-    strict_engine: Engine, idp_a: DevIssuer, claims: dict[str, Any], expected: Reason
+    strict_engine: Engine, idp_a: FaultIssuer, claims: dict[str, Any], expected: Reason
 ) -> None:
     base = {"scope": "openid mail", "client_id": "webmail", **claims}
     v = await strict_engine.authenticate(login(idp_a.mint_opaque(base), "alice@example.org"))
@@ -141,14 +141,14 @@ async def test_opaque_token_failing_a_condition(
     assert idp_a.requests[INTROSPECT] == 1
 
 
-async def test_revoked_opaque_token_refused(strict_engine: Engine, idp_a: DevIssuer) -> None:
+async def test_revoked_opaque_token_refused(strict_engine: Engine, idp_a: FaultIssuer) -> None:
     token = idp_a.mint_opaque({"scope": "mail", "client_id": "webmail"})
     idp_a.revoke(token)
     v = await strict_engine.authenticate(login(token))
     assert v.reason is Reason.TOKEN_INACTIVE
 
 
-async def test_issuer_down_is_tempfail(strict_engine: Engine, idp_a: DevIssuer) -> None:
+async def test_issuer_down_is_tempfail(strict_engine: Engine, idp_a: FaultIssuer) -> None:
     idp_a.fail_status = 503
     v = await strict_engine.authenticate(login(idp_a.mint_opaque()))
     assert v.reason is Reason.PROVIDER_UNAVAILABLE
@@ -159,7 +159,7 @@ async def test_issuer_down_is_tempfail(strict_engine: Engine, idp_a: DevIssuer) 
 
 
 async def test_token_known_only_to_the_second_provider(
-    make_engine: EngineFactory, idp_a: DevIssuer, idp_b: DevIssuer, secret_file: str
+    make_engine: EngineFactory, idp_a: FaultIssuer, idp_b: FaultIssuer, secret_file: str
 ) -> None:
     engine = make_engine(
         {
@@ -191,7 +191,7 @@ async def test_token_known_only_to_the_second_provider(
 
 
 async def test_provider_without_introspection_is_skipped(
-    make_engine: EngineFactory, idp_a: DevIssuer, idp_b: DevIssuer, secret_file: str
+    make_engine: EngineFactory, idp_a: FaultIssuer, idp_b: FaultIssuer, secret_file: str
 ) -> None:
     engine = make_engine(
         {
@@ -211,7 +211,7 @@ async def test_provider_without_introspection_is_skipped(
     assert {t.rule: t.reason for t in v.trace}["rule-a"] is Reason.MALFORMED_TOKEN
 
 
-async def test_no_provider_introspects(make_engine: EngineFactory, idp_a: DevIssuer) -> None:
+async def test_no_provider_introspects(make_engine: EngineFactory, idp_a: FaultIssuer) -> None:
     engine = make_engine(
         {
             "provider": [provider_entry("a", idp_a)],
@@ -229,7 +229,7 @@ async def test_no_provider_introspects(make_engine: EngineFactory, idp_a: DevIss
 
 @pytest.fixture
 def two_introspecting(
-    make_engine: EngineFactory, idp_a: DevIssuer, idp_b: DevIssuer, secret_file: str
+    make_engine: EngineFactory, idp_a: FaultIssuer, idp_b: FaultIssuer, secret_file: str
 ) -> Engine:
     return make_engine(
         {
@@ -266,7 +266,7 @@ def two_introspecting(
     ],
 )
 async def test_token_outside_b64token_never_leaves_the_daemon(
-    two_introspecting: Engine, idp_a: DevIssuer, idp_b: DevIssuer, token: str
+    two_introspecting: Engine, idp_a: FaultIssuer, idp_b: FaultIssuer, token: str
 ) -> None:
     v = await two_introspecting.authenticate(login(token))
     assert v.outcome is Outcome.FAIL
@@ -284,7 +284,7 @@ async def test_token_outside_b64token_never_leaves_the_daemon(
     ],
 )
 async def test_malformed_jws_is_not_introspected(
-    two_introspecting: Engine, idp_a: DevIssuer, idp_b: DevIssuer, token: str
+    two_introspecting: Engine, idp_a: FaultIssuer, idp_b: FaultIssuer, token: str
 ) -> None:
     v = await two_introspecting.authenticate(login(token))
     assert v.outcome is Outcome.FAIL
@@ -292,7 +292,7 @@ async def test_malformed_jws_is_not_introspected(
 
 
 async def test_b64token_with_dots_and_padding_is_introspected(
-    two_introspecting: Engine, idp_a: DevIssuer
+    two_introspecting: Engine, idp_a: FaultIssuer
 ) -> None:
     # opaque tokens may contain ".", "~", "+", "/" and trailing "=" (RFC 6750 2.1)
     v = await two_introspecting.authenticate(login("abc.def~ghi+jkl/mno=="))
@@ -304,7 +304,7 @@ async def test_b64token_with_dots_and_padding_is_introspected(
 
 
 @pytest.fixture
-def enriching(make_engine: EngineFactory, idp_a: DevIssuer) -> Engine:
+def enriching(make_engine: EngineFactory, idp_a: FaultIssuer) -> Engine:
     return make_engine(
         {
             "provider": [provider_entry("a", idp_a, userinfo=True)],
@@ -316,7 +316,7 @@ def enriching(make_engine: EngineFactory, idp_a: DevIssuer) -> Engine:
 
 
 async def test_jwt_without_email_enriched_from_userinfo_once(
-    enriching: Engine, idp_a: DevIssuer
+    enriching: Engine, idp_a: FaultIssuer
 ) -> None:
     idp_a.profiles["alice"] = {"email": "alice@profile.example"}
     token = idp_a.mint({"email": None}, lifetime=LONG)
@@ -327,14 +327,16 @@ async def test_jwt_without_email_enriched_from_userinfo_once(
     assert idp_a.last_request_headers["authorization"] == f"Bearer {token}"
 
 
-async def test_jwt_with_the_claims_needs_no_userinfo(enriching: Engine, idp_a: DevIssuer) -> None:
+async def test_jwt_with_the_claims_needs_no_userinfo(enriching: Engine, idp_a: FaultIssuer) -> None:
     idp_a.profiles["alice"] = {"email": "mallory@example.org"}
     v = await enriching.authenticate(login(idp_a.mint(email="alice@token.example")))
     assert (v.reason, v.account) == (Reason.OK, "alice@token.example")
     assert idp_a.requests[USERINFO] == 0
 
 
-async def test_userinfo_for_another_subject_is_refused(enriching: Engine, idp_a: DevIssuer) -> None:
+async def test_userinfo_for_another_subject_is_refused(
+    enriching: Engine, idp_a: FaultIssuer
+) -> None:
     idp_a.profiles["alice"] = {"sub": "mallory", "email": "mallory@example.org"}
     v = await enriching.authenticate(login(idp_a.mint({"email": None})))
     assert v.reason is Reason.BAD_CLAIM
@@ -343,7 +345,7 @@ async def test_userinfo_for_another_subject_is_refused(enriching: Engine, idp_a:
 
 
 async def test_userinfo_cannot_supply_a_decision_claim(
-    make_engine: EngineFactory, idp_a: DevIssuer
+    make_engine: EngineFactory, idp_a: FaultIssuer
 ) -> None:
     engine = make_engine(
         {
@@ -364,7 +366,7 @@ async def test_userinfo_cannot_supply_a_decision_claim(
     assert v.reason is Reason.INSUFFICIENT_SCOPE
 
 
-async def test_revoked_token_refused_at_enrichment(enriching: Engine, idp_a: DevIssuer) -> None:
+async def test_revoked_token_refused_at_enrichment(enriching: Engine, idp_a: FaultIssuer) -> None:
     token = idp_a.mint({"email": None})
     idp_a.revoke(token)
     v = await enriching.authenticate(login(token))
@@ -373,7 +375,7 @@ async def test_revoked_token_refused_at_enrichment(enriching: Engine, idp_a: Dev
 
 
 async def test_no_enrichment_without_userinfo_flag(
-    make_engine: EngineFactory, idp_a: DevIssuer
+    make_engine: EngineFactory, idp_a: FaultIssuer
 ) -> None:
     engine = make_engine(
         {
@@ -392,7 +394,7 @@ async def test_no_enrichment_without_userinfo_flag(
 
 
 async def test_concurrent_logins_with_one_new_token_introspect_once(
-    make_engine: EngineFactory, idp_a: DevIssuer, secret_file: str, clock: FakeClock
+    make_engine: EngineFactory, idp_a: FaultIssuer, secret_file: str, clock: FakeClock
 ) -> None:
     engine = make_engine(
         {

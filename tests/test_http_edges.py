@@ -1,4 +1,4 @@
-"""Issue 13 "Smaller leaks" and issue 14's discovery items, through the assembled daemon.
+"""Small leaks and wrong discovery answers of the HTTP listeners, through the assembled daemon.
 
 One daemon (``run_daemon``, in process) with its Dovecot-protocol socket, an
 HTTP listener on loopback and one on a Unix socket, two real loopback

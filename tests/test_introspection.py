@@ -19,8 +19,8 @@ from saslauthd_oidc.config import ProviderConfig
 from saslauthd_oidc.core.outcome import Outcome, Reason, Refusal
 from saslauthd_oidc.providers.jwt import VerifiedClaims, peek
 from saslauthd_oidc.providers.oidc import OidcProvider
-from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.support import FakeClock
+from tests.support_issuer import FaultIssuer
 
 DISCOVERY = "/.well-known/openid-configuration"
 JWKS = "/jwks.json"
@@ -33,8 +33,8 @@ USERINFO_VALIDATION: dict[str, Any] = {"userinfo_validation": True}
 
 
 @pytest.fixture
-async def issuer(nursery: trio.Nursery) -> DevIssuer:
-    iss = DevIssuer(algorithms=("ES256",))
+async def issuer(nursery: trio.Nursery) -> FaultIssuer:
+    iss = FaultIssuer(algorithms=("ES256",))
     await nursery.start(iss.serve)
     return iss
 
@@ -46,7 +46,7 @@ def logs() -> Iterator[list[MutableMapping[str, Any]]]:
 
 
 def provider(
-    iss: DevIssuer,
+    iss: FaultIssuer,
     client: httpx.AsyncClient,
     clock: FakeClock,
     *,
@@ -88,7 +88,7 @@ def failures(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, A
 
 
 async def test_active_opaque_token_gives_its_claims(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     token = issuer.mint_opaque(
         {"client_id": "webmail", "scope": "openid mail"}, audience=["mail", "x"], subject="bob"
@@ -107,7 +107,7 @@ async def test_active_opaque_token_gives_its_claims(
 
 
 async def test_revoked_and_unknown_tokens_are_inactive(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = provider(issuer, client, clock)
     token = issuer.mint_opaque()
@@ -119,7 +119,7 @@ async def test_revoked_and_unknown_tokens_are_inactive(
 
 
 async def test_introspected_refresh_token_is_refused(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     token = issuer.mint_opaque({"token_type": "refresh_token"})
     assert reason(await provider(issuer, client, clock).verify(token, None)) is (
@@ -128,7 +128,7 @@ async def test_introspected_refresh_token_is_refused(
 
 
 async def test_introspection_naming_another_issuer_is_refused(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     token = issuer.mint_opaque({"iss": "https://elsewhere.example.org"})
     result = await provider(issuer, client, clock).verify(token, None)
@@ -136,7 +136,7 @@ async def test_introspection_naming_another_issuer_is_refused(
 
 
 async def test_wrong_client_secret_is_temporary_and_logged(
-    issuer: DevIssuer,
+    issuer: FaultIssuer,
     client: httpx.AsyncClient,
     clock: FakeClock,
     logs: list[MutableMapping[str, Any]],
@@ -158,7 +158,7 @@ async def test_wrong_client_secret_is_temporary_and_logged(
 
 
 async def test_unknown_client_id_is_refused(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = provider(issuer, client, clock, client_id="stranger")
     assert reason(await p.verify(issuer.mint_opaque(), None)) is Reason.PROVIDER_UNAVAILABLE
@@ -168,7 +168,7 @@ HARD_SECRET = "s3cr:et %41 with spaces+plus/é"
 
 
 async def test_client_secret_basic_form_urlencodes_both_parts(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     issuer.clients = {"mail server:1": HARD_SECRET}
     p = provider(
@@ -195,7 +195,7 @@ async def test_client_secret_basic_form_urlencodes_both_parts(
 
 
 async def test_client_secret_post_sends_credentials_in_the_body(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     issuer.clients = {"saslauthd": HARD_SECRET}
     p = provider(
@@ -210,7 +210,7 @@ async def test_client_secret_post_sends_credentials_in_the_body(
 
 
 async def test_client_secret_read_from_file(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock, tmp_path: Path
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock, tmp_path: Path
 ) -> None:
     secret_file = tmp_path / "secret"
     secret_file.write_text(SECRET + "\n")
@@ -228,7 +228,7 @@ async def test_client_secret_read_from_file(
 
 
 async def test_endpoint_learnt_from_discovery(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = provider(issuer, client, clock)
     for _ in range(3):
@@ -237,7 +237,7 @@ async def test_endpoint_learnt_from_discovery(
 
 
 async def test_configured_endpoint_needs_no_discovery(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = provider(issuer, client, clock, introspection_endpoint=f"{issuer.url}{INTROSPECT}")
     assert reason(await p.verify(issuer.mint_opaque(), None)) is Reason.OK
@@ -245,7 +245,7 @@ async def test_configured_endpoint_needs_no_discovery(
 
 
 async def test_configured_endpoint_wins_over_discovery(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = provider(issuer, client, clock, introspection_endpoint=f"{issuer.url}/elsewhere")
     assert reason(await p.verify(issuer.mint_opaque(), None)) is Reason.PROVIDER_UNAVAILABLE
@@ -253,7 +253,7 @@ async def test_configured_endpoint_wins_over_discovery(
 
 
 async def test_http_endpoint_from_discovery_refused_without_allow_http(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = provider(issuer, client, clock, allow_http=False, discovery_url=issuer.discovery_url)
     result = await p.verify(issuer.mint_opaque(), None)
@@ -264,7 +264,7 @@ async def test_http_endpoint_from_discovery_refused_without_allow_http(
 
 
 async def test_token_never_logged(
-    issuer: DevIssuer,
+    issuer: FaultIssuer,
     client: httpx.AsyncClient,
     clock: FakeClock,
     logs: list[MutableMapping[str, Any]],
@@ -289,7 +289,7 @@ async def test_token_never_logged(
 
 
 async def test_issuer_down_is_provider_unavailable(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = provider(issuer, client, clock)
     token = issuer.mint_opaque()
@@ -321,7 +321,7 @@ async def test_unreachable_provider_is_provider_unavailable(
 
 
 async def test_slow_introspection_is_a_timeout(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = provider(issuer, client, clock, fetch_timeout=0.3)
     token = issuer.mint_opaque()
@@ -335,7 +335,7 @@ async def test_slow_introspection_is_a_timeout(
 
 
 async def test_slow_configured_endpoint_is_a_timeout(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     issuer.delay = 30.0
     p = provider(
@@ -346,13 +346,13 @@ async def test_slow_configured_endpoint_is_a_timeout(
 
 
 async def test_redirect_is_refused_not_followed(
-    issuer: DevIssuer,
+    issuer: FaultIssuer,
     nursery: trio.Nursery,
     client: httpx.AsyncClient,
     clock: FakeClock,
     logs: list[MutableMapping[str, Any]],
 ) -> None:
-    other = DevIssuer()
+    other = FaultIssuer()
     await nursery.start(other.serve)
     issuer.redirect = f"{other.url}{INTROSPECT}"
     p = provider(issuer, client, clock, introspection_endpoint=f"{issuer.url}{INTROSPECT}")
@@ -365,7 +365,7 @@ async def test_redirect_is_refused_not_followed(
 
 
 async def test_opaque_token_without_introspection_or_userinfo_is_malformed(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = provider(issuer, client, clock, client_id=None)
     assert reason(await p.verify(issuer.mint_opaque(), None)) is Reason.MALFORMED_TOKEN
@@ -376,7 +376,7 @@ async def test_opaque_token_without_introspection_or_userinfo_is_malformed(
 
 
 async def test_userinfo_validates_opaque_tokens_without_client_id(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = provider(issuer, client, clock, client_id=None, **USERINFO_VALIDATION)
     token = issuer.mint_opaque(subject="bob", email="bob@example.org")
@@ -394,7 +394,7 @@ async def test_userinfo_validates_opaque_tokens_without_client_id(
 
 
 async def test_introspection_preferred_over_userinfo(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = provider(issuer, client, clock, userinfo=True)
     assert reason(await p.verify(issuer.mint_opaque(), None)) is Reason.OK
@@ -403,7 +403,7 @@ async def test_introspection_preferred_over_userinfo(
 
 
 async def test_userinfo_without_sub_is_bad_claim(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = provider(issuer, client, clock, client_id=None, **USERINFO_VALIDATION)
     issuer.profiles["alice"] = {"sub": None}
@@ -411,7 +411,7 @@ async def test_userinfo_without_sub_is_bad_claim(
 
 
 async def test_userinfo_down_is_provider_unavailable(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = provider(
         issuer,
@@ -426,7 +426,7 @@ async def test_userinfo_down_is_provider_unavailable(
 
 
 async def test_userinfo_for_a_jwt(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = provider(issuer, client, clock, client_id=None, userinfo=True)
     issuer.profiles["alice"] = {"email": "alice@profile.example"}
@@ -439,7 +439,7 @@ async def test_userinfo_for_a_jwt(
 
 
 async def test_discovery_cache_control_max_age_is_honoured(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     issuer.metadata_cache_control = "max-age=120"
     p = provider(issuer, client, clock, jwks_min_refresh=60.0, jwks_refresh=3600.0)
@@ -456,7 +456,7 @@ async def test_discovery_cache_control_max_age_is_honoured(
 
 
 async def test_jwks_cache_control_max_age_is_honoured(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     issuer.metadata_cache_control = "max-age=120"
     p = provider(issuer, client, clock, jwks_min_refresh=60.0, jwks_refresh=3600.0)
@@ -472,7 +472,7 @@ async def test_jwks_cache_control_max_age_is_honoured(
 
 
 async def test_no_store_means_refetch_after_min_refresh(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     issuer.metadata_cache_control = "no-store"
     p = provider(issuer, client, clock, jwks_min_refresh=60.0, jwks_refresh=3600.0)
@@ -492,7 +492,7 @@ async def test_no_store_means_refetch_after_min_refresh(
 
 
 async def test_huge_max_age_is_capped_at_jwks_refresh(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     issuer.metadata_cache_control = "public, max-age=31536000"
     p = provider(issuer, client, clock, jwks_min_refresh=60.0, jwks_refresh=3600.0)
@@ -510,7 +510,7 @@ async def test_huge_max_age_is_capped_at_jwks_refresh(
 
 
 async def test_no_cache_header_means_jwks_refresh(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     issuer.metadata_cache_control = None
     p = provider(issuer, client, clock, jwks_min_refresh=60.0, jwks_refresh=600.0)
@@ -528,16 +528,16 @@ async def test_no_cache_header_means_jwks_refresh(
 
 
 @pytest.fixture
-async def entra(nursery: trio.Nursery) -> DevIssuer:
+async def entra(nursery: trio.Nursery) -> FaultIssuer:
     """A DevIssuer whose discovery document names the issuer ``{url}/{tenantid}/v2.0``."""
-    iss = DevIssuer(algorithms=("ES256",), issuer_path="/{tenantid}/v2.0")
+    iss = FaultIssuer(algorithms=("ES256",), issuer_path="/{tenantid}/v2.0")
     await nursery.start(iss.serve)
     assert iss.issuer is not None and iss.issuer.endswith("/{tenantid}/v2.0")
     return iss
 
 
 def tenant_provider(
-    entra: DevIssuer, client: httpx.AsyncClient, clock: FakeClock, *tenants: str, **kw: Any
+    entra: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock, *tenants: str, **kw: Any
 ) -> OidcProvider:
     fields: dict[str, Any] = {
         "name": "entra",
@@ -553,14 +553,14 @@ def tenant_provider(
     return OidcProvider(ProviderConfig(**fields), client, clock=clock)
 
 
-def tenant_token(entra: DevIssuer, tenant: str, tid: object = None, **claims: Any) -> str:
+def tenant_token(entra: FaultIssuer, tenant: str, tid: object = None, **claims: Any) -> str:
     assert entra.url is not None
     iss = f"{entra.url}/{tenant}/v2.0"
     return entra.mint({"iss": iss, "tid": tenant if tid is None else tid, **claims})
 
 
 async def test_tenant_token_accepted_through_discovery(
-    entra: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    entra: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = tenant_provider(entra, client, clock, "t1", "t2")
     result = await verify_jwt(p, tenant_token(entra, "t1"))
@@ -572,7 +572,7 @@ async def test_tenant_token_accepted_through_discovery(
 
 @pytest.mark.parametrize("via", ["discovery", "jwks_uri"])
 async def test_tenant_rules(
-    entra: DevIssuer, client: httpx.AsyncClient, clock: FakeClock, via: str
+    entra: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock, via: str
 ) -> None:
     kw = {"jwks_uri": entra.jwks_uri, "discovery_url": None} if via == "jwks_uri" else {}
     p = tenant_provider(entra, client, clock, "t1", **kw)
@@ -600,7 +600,7 @@ async def test_tenant_rules(
 
 
 async def test_any_tenant_with_star(
-    entra: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    entra: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = tenant_provider(entra, client, clock, "*")
     for tenant in ("t1", "9188040d-6c67-4c5b-b112-36a304b66dad", "contoso"):
@@ -610,7 +610,7 @@ async def test_any_tenant_with_star(
 
 
 async def test_tenant_introspection_answer_iss_must_fit(
-    entra: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    entra: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     config = ProviderConfig(
         name="entra",

@@ -1,5 +1,5 @@
-"""The package and its tests stay ruff-clean, ruff-formatted and mypy --strict-clean: part of
-the suite, so CI enforces it."""
+"""The package, its tests and bench/ stay ruff-clean, ruff-formatted and mypy --strict-clean:
+part of the suite, so CI enforces it."""
 
 from __future__ import annotations
 

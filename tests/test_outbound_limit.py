@@ -9,7 +9,7 @@ import trio
 from saslauthd_oidc.config import parse_config
 from saslauthd_oidc.providers.http import MAX_OUTBOUND, make_http_client
 from saslauthd_oidc.providers.registry import ProviderRegistry
-from saslauthd_oidc.tools.devissuer import DevIssuer
+from tests.support_issuer import FaultIssuer
 
 
 async def test_introspections_in_flight_are_bounded_across_providers(
@@ -18,7 +18,7 @@ async def test_introspections_in_flight_are_bounded_across_providers(
     secret = tmp_path / "secret"
     secret.write_text("saslauthd-secret\n")
     secret.chmod(0o600)
-    issuers = [DevIssuer(), DevIssuer()]
+    issuers = [FaultIssuer(), FaultIssuer()]
     for iss in issuers:
         await nursery.start(iss.serve)
         iss.delay = 0.5

@@ -14,7 +14,6 @@ import imaplib
 import json
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -22,25 +21,19 @@ from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
 from tests.conftest import require_peer
 from tests.peers.daemon import Daemon
 from tests.peers.dovecot import (
+    CALLER_SECRET,
     DovecotInstance,
+    behind_dovecot,
     curl_imap_auth,
-    dovecot_available,
     fresh_source_address,
     imap_authenticate,
 )
-from tests.peers.postfix import curl_available, free_tcp_port, make_shared_tmpdir
+from tests.peers.postfix import curl_available
 
 pytestmark = pytest.mark.peer
 
 USER = "alice@example.org"
-CALLER = "dovecot"
-CALLER_SECRET = "s3cret-for-dovecot"
 DOWN_ISSUER = "http://127.0.0.1:9/down"  # nothing listens on the discard port
-
-
-@pytest.fixture(scope="module")
-def dovecot_ready() -> None:
-    require_peer("dovecot", dovecot_available())
 
 
 @pytest.fixture(scope="module")
@@ -49,26 +42,8 @@ def issuer() -> Iterator[DevIssuer]:
         yield iss
 
 
-def write_config(workdir: Path, http_port: int, issuer: str) -> Path:
-    users = workdir / "http-users"
-    users.write_text(f"# caller:password\n{CALLER}:{CALLER_SECRET}\n")
-    users.chmod(0o600)
-    config = workdir / "saslauthd-oidc.toml"
-    config.write_text(
-        f"""
-[server]
-auth_socket = "{workdir / "auth"}"
-http_listen = "127.0.0.1:{http_port}"
-request_timeout = 3.0
-
-[http]
-users_file = "{users}"
-readyz_grace = 0
-
-[logging]
-level = "info"
-format = "json"
-
+def providers_and_rules(issuer: str) -> str:
+    return f"""
 [[provider]]
 name = "dev"
 issuer = "{issuer}"
@@ -92,23 +67,12 @@ name = "down"
 provider = "down"
 audiences = ["mail"]
 """
-    )
-    return config
 
 
 @pytest.fixture(scope="module")
 def stack(dovecot_ready: None, issuer: DevIssuer) -> Iterator[tuple[Daemon, DovecotInstance]]:
-    workdir = make_shared_tmpdir()
-    http_port = free_tcp_port()
-    config = write_config(workdir, http_port, issuer.issuer or "")
-    daemon = Daemon(config, workdir / "auth", workdir / "daemon.log")
-    url = f"http://{CALLER}:{CALLER_SECRET}@127.0.0.1:{http_port}/introspect"
-    try:
-        with DovecotInstance(url) as dc:
-            dc.http_port = http_port  # type: ignore[attr-defined]
-            yield daemon, dc
-    finally:
-        assert daemon.stop() == 0, daemon.log()
+    with behind_dovecot(providers_and_rules(issuer.issuer or "")) as stack:
+        yield stack
 
 
 def good_token(issuer: DevIssuer, email: str = USER) -> str:
@@ -195,7 +159,7 @@ def test_introspect_needs_the_callers_credentials(
     stack: tuple[Daemon, DovecotInstance], issuer: DevIssuer
 ) -> None:
     _, dc = stack
-    port = dc.http_port  # type: ignore[attr-defined]
+    port = dc.introspection_port
     body = f"token={good_token(issuer)}".encode()
     req = urllib.request.Request(f"http://127.0.0.1:{port}/introspect", data=body)
     with pytest.raises(urllib.error.HTTPError) as info:

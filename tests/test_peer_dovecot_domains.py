@@ -1,4 +1,4 @@
-"""Rules with ``domains`` for IMAP logins through a real Dovecot 2.3 (issue 14).
+"""Rules with ``domains`` for IMAP logins through a real Dovecot 2.3.
 
 Dovecot's ``passdb oauth2`` calls ``/introspect`` without the SASL user.
 The first test records, with a listener of its own in place of the daemon,
@@ -16,32 +16,23 @@ import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import parse_qs
 
 import pytest
 
 from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
-from tests.conftest import require_peer
 from tests.peers.daemon import Daemon
 from tests.peers.dovecot import (
+    CALLER,
+    CALLER_SECRET,
     DovecotInstance,
-    dovecot_available,
+    behind_dovecot,
     fresh_source_address,
     imap_authenticate,
 )
-from tests.peers.postfix import free_tcp_port, make_shared_tmpdir
 
 pytestmark = pytest.mark.peer
-
-CALLER = "dovecot"
-CALLER_SECRET = "s3cret-for-dovecot"
-
-
-@pytest.fixture(scope="module")
-def dovecot_ready() -> None:
-    require_peer("dovecot", dovecot_available())
 
 
 @pytest.fixture(scope="module")
@@ -104,22 +95,8 @@ def test_what_dovecot_23_sends_to_introspect(dovecot_ready: None, issuer: DevIss
     assert "alice" not in everything.replace(token.lower(), "")
 
 
-def write_config(workdir: Path, http_port: int, issuer: str) -> Path:
-    users = workdir / "http-users"
-    users.write_text(f"{CALLER}:{CALLER_SECRET}\n")
-    users.chmod(0o600)
-    config = workdir / "saslauthd-oidc.toml"
-    config.write_text(
-        f"""
-[server]
-auth_socket = "{workdir / "auth"}"
-http_listen = "127.0.0.1:{http_port}"
-request_timeout = 3.0
-
-[http]
-users_file = "{users}"
-readyz_grace = 0
-
+def providers_and_rules(issuer: str) -> str:
+    return f"""
 [[provider]]
 name = "dev"
 issuer = "{issuer}"
@@ -141,23 +118,12 @@ audiences = ["mail"]
 domains = ["example.net"]
 username = "{{email}}"
 """
-    )
-    return config
 
 
 @pytest.fixture(scope="module")
 def stack(dovecot_ready: None, issuer: DevIssuer) -> Iterator[tuple[Daemon, DovecotInstance]]:
-    workdir = make_shared_tmpdir()
-    http_port = free_tcp_port()
-    daemon = Daemon(
-        write_config(workdir, http_port, issuer.issuer or ""), workdir / "auth", workdir / "log"
-    )
-    url = f"http://{CALLER}:{CALLER_SECRET}@127.0.0.1:{http_port}/introspect"
-    try:
-        with DovecotInstance(url) as dc:
-            yield daemon, dc
-    finally:
-        assert daemon.stop() == 0, daemon.log()
+    with behind_dovecot(providers_and_rules(issuer.issuer or "")) as stack:
+        yield stack
 
 
 @pytest.mark.parametrize("mech", ["XOAUTH2", "OAUTHBEARER"])

@@ -29,9 +29,10 @@ import httpx
 import pytest
 import trio
 
-from saslauthd_oidc.tools.devissuer import JWKS_PATH, DevIssuer, DevIssuerThread
+from saslauthd_oidc.tools.devissuer import JWKS_PATH, DevIssuerThread
 from tests.conftest import require_peer
 from tests.peers.dovecot_client import LineClient
+from tests.support_issuer import FaultIssuer
 
 pytestmark = pytest.mark.peer
 
@@ -108,7 +109,7 @@ class Activated:
     config: Path
     log_path: Path
     notify: Notifications
-    issuer: DevIssuer
+    issuer: FaultIssuer
 
     def log_events(self) -> list[dict[str, object]]:
         text = self.log_path.read_text(errors="replace")
@@ -116,14 +117,14 @@ class Activated:
 
 
 @pytest.fixture
-def issuer() -> Iterator[DevIssuer]:
+def issuer() -> Iterator[FaultIssuer]:
     require_peer("systemd-socket-activate", socket_activate_available())
-    with DevIssuerThread(DevIssuer(algorithms=("ES256",))) as iss:
+    with DevIssuerThread(FaultIssuer(algorithms=("ES256",))) as iss:
         yield iss
 
 
 @pytest.fixture
-async def activated(tmp_path: Path, issuer: DevIssuer) -> AsyncIterator[Activated]:
+async def activated(tmp_path: Path, issuer: FaultIssuer) -> AsyncIterator[Activated]:
     sockdir = tmp_path / "run"
     sockdir.mkdir()
     config = tmp_path / "saslauthd-oidc.toml"
@@ -189,7 +190,7 @@ class Stream:
     failed: list[str] = field(default_factory=list)
     progress: trio.Event = field(default_factory=trio.Event)
 
-    async def run(self, client: LineClient, issuer: DevIssuer, stop: trio.Event) -> None:
+    async def run(self, client: LineClient, issuer: FaultIssuer, stop: trio.Event) -> None:
         rid = 0
         while not stop.is_set():
             rid += 1

@@ -218,7 +218,7 @@ async def test_a_real_dpop_bound_opaque_token_does_not_log_in(
 async def test_logins_work_again_as_soon_as_the_real_idp_is_back(
     op: OidcProviderPeer, nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    """Issue 14: after an outage, logins kept answering 454 for jwks_cooldown (30 s).
+    """The first login after an outage works: no jwks_cooldown (30 s) of 454 answers after it.
 
     The provider is frozen (SIGSTOP) before the daemon starts, so the daemon never
     has its keys: the first login times out fetching them (a temporary failure:

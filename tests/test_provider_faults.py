@@ -27,15 +27,15 @@ from saslauthd_oidc.config import LoggingConfig, parse_config
 from saslauthd_oidc.core.request import token_fingerprint
 from saslauthd_oidc.service.daemon import run_daemon
 from saslauthd_oidc.service.logs import configure_logging
-from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.peers.dovecot_client import LineClient
+from tests.support_issuer import FaultIssuer
 
 USER = "alice@example.org"
 
 
 @cache
-def _issuer(role: str) -> DevIssuer:
-    return DevIssuer(algorithms=("ES256",))
+def _issuer(role: str) -> FaultIssuer:
+    return FaultIssuer(algorithms=("ES256",))
 
 
 def ob(token: str) -> str:
@@ -44,9 +44,9 @@ def ob(token: str) -> str:
 
 @dataclass
 class Stack:
-    flaky: DevIssuer
-    steady: DevIssuer
-    trap: DevIssuer
+    flaky: FaultIssuer
+    steady: FaultIssuer
+    trap: FaultIssuer
     client: LineClient
     log: io.StringIO
     rid: int = 0

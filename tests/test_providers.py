@@ -15,22 +15,22 @@ from saslauthd_oidc.providers.http import USER_AGENT, FetchError, fetch_json
 from saslauthd_oidc.providers.jwt import VerifiedClaims, peek
 from saslauthd_oidc.providers.oidc import OidcProvider
 from saslauthd_oidc.providers.registry import ProviderRegistry
-from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.support import FakeClock, b64u, write_tls_files
+from tests.support_issuer import FaultIssuer
 
 DISCOVERY = "/.well-known/openid-configuration"
 JWKS = "/jwks.json"
 
 
 @pytest.fixture
-async def issuer(nursery: trio.Nursery) -> DevIssuer:
-    iss = DevIssuer(algorithms=("ES256", "RS256"))
+async def issuer(nursery: trio.Nursery) -> FaultIssuer:
+    iss = FaultIssuer(algorithms=("ES256", "RS256"))
     await nursery.start(iss.serve)
     return iss
 
 
 def provider(
-    iss: DevIssuer,
+    iss: FaultIssuer,
     client: httpx.AsyncClient,
     clock: FakeClock,
     *,
@@ -69,7 +69,7 @@ def free_port() -> int:
 
 
 async def test_refresh_loads_discovery_and_jwks(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = provider(issuer, client, clock)
     assert not p.keys_loaded
@@ -87,7 +87,7 @@ async def test_refresh_loads_discovery_and_jwks(
 
 
 async def test_first_verify_loads_lazily(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = provider(issuer, client, clock)
     assert reason(await verify(p, issuer.mint())) is Reason.OK
@@ -95,7 +95,7 @@ async def test_first_verify_loads_lazily(
 
 
 async def test_fetch_sends_user_agent_and_identity_encoding(
-    issuer: DevIssuer, client: httpx.AsyncClient
+    issuer: FaultIssuer, client: httpx.AsyncClient
 ) -> None:
     doc = await fetch_json(client, issuer.discovery_url, timeout=2)
     assert doc["issuer"] == issuer.issuer
@@ -105,7 +105,7 @@ async def test_fetch_sends_user_agent_and_identity_encoding(
 
 
 async def test_issuer_path(nursery: trio.Nursery, client: httpx.AsyncClient) -> None:
-    iss = DevIssuer(issuer_path="/realms/mail/")
+    iss = FaultIssuer(issuer_path="/realms/mail/")
     await nursery.start(iss.serve)
     assert iss.issuer == f"{iss.url}/realms/mail"
     p = provider(iss, client, FakeClock(), algorithms=("ES256",))
@@ -116,7 +116,7 @@ async def test_issuer_path(nursery: trio.Nursery, client: httpx.AsyncClient) -> 
 
 @pytest.mark.parametrize("suffix", ["/", "/other", "X"])
 async def test_discovery_issuer_mismatch_refused(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock, suffix: str
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock, suffix: str
 ) -> None:
     assert issuer.issuer is not None
     p = provider(
@@ -132,7 +132,7 @@ async def test_discovery_issuer_mismatch_refused(
 
 
 async def test_discovery_http_jwks_uri_refused_without_allow_http(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = provider(issuer, client, clock, allow_http=False)
     assert await p.refresh() is False
@@ -142,7 +142,7 @@ async def test_discovery_http_jwks_uri_refused_without_allow_http(
 
 
 async def test_explicit_jwks_uri_skips_discovery(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = provider(issuer, client, clock, jwks_uri=issuer.jwks_uri)
     assert await p.refresh()
@@ -153,7 +153,7 @@ async def test_explicit_jwks_uri_skips_discovery(
 
 
 async def test_stale_keys_refreshed_with_discovery(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = provider(issuer, client, clock, jwks_refresh=600)
     assert await p.refresh()
@@ -181,7 +181,7 @@ async def _verify_many(p: OidcProvider, tokens: list[str]) -> list[Reason]:
 
 
 async def test_unknown_kid_single_flight_refetch(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = provider(issuer, client, clock)
     assert await p.refresh()
@@ -209,7 +209,7 @@ async def test_unknown_kid_single_flight_refetch(
 
 
 async def test_key_rotated_in_right_after_the_routine_load_is_fetched_at_once(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     """The cooldown bounds unknown-kid refetches; a routine load does not start it."""
     p = provider(issuer, client, clock)
@@ -227,7 +227,7 @@ async def test_key_rotated_in_right_after_the_routine_load_is_fetched_at_once(
 
 
 async def test_malformed_kid_never_triggers_fetch(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = provider(issuer, client, clock)
     assert await p.refresh()
@@ -241,7 +241,7 @@ async def test_malformed_kid_never_triggers_fetch(
 
 
 async def test_key_rotation_picked_up_after_cooldown(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = provider(issuer, client, clock)
     old_token = issuer.mint()
@@ -263,12 +263,12 @@ async def test_key_rotation_picked_up_after_cooldown(
 
 
 async def test_jku_in_token_is_never_fetched(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = provider(issuer, client, clock)
     assert await p.refresh()
     clock.advance(100)
-    attacker = DevIssuer()
+    attacker = FaultIssuer()
     attacker.issuer = issuer.issuer
     forged = attacker.mint(
         header={
@@ -291,7 +291,7 @@ async def test_jku_in_token_is_never_fetched(
 async def test_provider_unreachable_at_start(client: httpx.AsyncClient, clock: FakeClock) -> None:
     cfg = ProviderConfig(name="down", issuer=f"http://127.0.0.1:{free_port()}", allow_http=True)
     p = OidcProvider(cfg, client, clock=clock, fetch_timeout=2)
-    dev = DevIssuer()
+    dev = FaultIssuer()
     dev.issuer = cfg.issuer
     result = await verify(p, dev.mint())
     assert isinstance(result, Refusal)
@@ -303,7 +303,7 @@ async def test_provider_unreachable_at_start(client: httpx.AsyncClient, clock: F
 
 
 async def test_provider_failing_at_start_then_recovering(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     p = provider(issuer, client, clock)
     issuer.fail_status = 503
@@ -319,7 +319,7 @@ async def test_provider_failing_at_start_then_recovering(
 async def test_provider_down_after_keys_loaded_keeps_cached_keys(
     nursery: trio.Nursery, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
-    iss = DevIssuer()
+    iss = FaultIssuer()
     await nursery.start(iss.serve)
     p = provider(iss, client, clock, algorithms=("ES256",), jwks_refresh=600)
     assert await p.refresh()
@@ -357,7 +357,7 @@ def _oversized_jwks() -> bytes:
     ],
 )
 async def test_bad_answers_fail_cleanly(
-    issuer: DevIssuer,
+    issuer: FaultIssuer,
     client: httpx.AsyncClient,
     clock: FakeClock,
     knobs: dict[str, Any],
@@ -383,7 +383,7 @@ async def test_bad_answers_fail_cleanly(
 
 
 async def test_discovery_redirect_refused(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     issuer.redirect = "http://127.0.0.2:1/.well-known/openid-configuration"
     p = provider(issuer, client, clock)
@@ -394,7 +394,7 @@ async def test_discovery_redirect_refused(
 
 
 async def test_slow_provider_bounded_by_timeout(
-    issuer: DevIssuer, client: httpx.AsyncClient, clock: FakeClock
+    issuer: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     issuer.delay = 5.0
     p = provider(issuer, client, clock, fetch_timeout=0.5)
@@ -408,7 +408,7 @@ async def test_slow_provider_bounded_by_timeout(
     assert "timeout" in p.last_error
 
 
-async def test_fetch_json_errors(issuer: DevIssuer, client: httpx.AsyncClient) -> None:
+async def test_fetch_json_errors(issuer: FaultIssuer, client: httpx.AsyncClient) -> None:
     with pytest.raises(FetchError) as info:
         await fetch_json(client, f"{issuer.url}/missing", timeout=2)
     assert info.value.kind == "http_status"
@@ -481,7 +481,7 @@ def _config(*providers: ProviderConfig) -> Config:
 async def test_registry_scopes_keys_by_issuer(
     nursery: trio.Nursery, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
-    a, b = DevIssuer(), DevIssuer()
+    a, b = FaultIssuer(), FaultIssuer()
     await nursery.start(a.serve)
     await nursery.start(b.serve)
     assert a.issuer is not None
@@ -520,7 +520,7 @@ async def test_registry_ca_file_gets_own_client(
     nursery: trio.Nursery, tmp_path: Any, client: httpx.AsyncClient, clock: FakeClock
 ) -> None:
     ca_file, certfile, keyfile = write_tls_files(tmp_path)
-    iss = DevIssuer()
+    iss = FaultIssuer()
     await nursery.start(
         lambda task_status: iss.serve(certfile=certfile, keyfile=keyfile, task_status=task_status)
     )

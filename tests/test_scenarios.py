@@ -33,6 +33,7 @@ from saslauthd_oidc.tools.cli import main
 from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.idp_shapes import ALICE, BOB, authentik, kanidm, keycloak, localize_example
 from tests.peers.dovecot_client import LineClient
+from tests.support_issuer import FaultIssuer
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "etc" / "examples"
 KANIDM = EXAMPLES / "kanidm-several-clients.toml"
@@ -176,8 +177,8 @@ def test_check_config_reports_shadowed_example_rules(
 
 @cache
 def _issuer(key: str, algorithm: str, path: str) -> DevIssuer:
-    """Key generation (RSA) is the slow part: one DevIssuer per role, served per test."""
-    return DevIssuer(algorithms=(algorithm,), issuer_path=path)
+    """Key generation (RSA) is the slow part: one issuer per role, served per test."""
+    return FaultIssuer(algorithms=(algorithm,), issuer_path=path)
 
 
 class DovecotClient(LineClient):
@@ -500,6 +501,7 @@ async def test_kanidm_one_connection_serves_every_client_in_turn(kanidm_stack: S
 async def test_kanidm_account_comes_from_userinfo_once_per_token(kanidm_stack: Stack) -> None:
     """The token has no name; userinfo has it, and is asked once however often it logs in."""
     webmail = kanidm_stack.iss["webmail"]
+    assert isinstance(webmail, FaultIssuer)  # it keeps the latest request's headers
     token = kanidm(webmail, "webmail", name="frank")
     client = await kanidm_stack.client()
     before = webmail.requests["/userinfo"]

@@ -22,12 +22,8 @@ import functools
 import io
 import json
 import resource
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -42,7 +38,7 @@ from saslauthd_oidc.service.daemon import run_daemon
 from saslauthd_oidc.service.logs import configure_logging
 from saslauthd_oidc.tools.devissuer import DevIssuer, DevIssuerThread
 from tests.peers.dovecot_client import LineClient
-from tests.support import MECHS, Stub, auth_line
+from tests.support import MECHS, Stub, auth_line, serve_at_fd_limit
 
 USER = "alice@example.org"
 
@@ -323,10 +319,6 @@ async def test_clients_vanishing_mid_request(
 NOFILE = 64
 
 
-def _limit_fds() -> None:
-    resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
-
-
 @pytest.fixture
 def low_fd_daemon() -> Iterator[tuple[str, Path, DevIssuer]]:
     with DevIssuerThread(DevIssuer()) as issuer:
@@ -341,28 +333,8 @@ def low_fd_daemon() -> Iterator[tuple[str, Path, DevIssuer]]:
             'username = "{email}"\n'
         )
         log_path = directory / "daemon.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "saslauthd_oidc", "serve", "--config", str(config)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=_limit_fds,  # noqa: PLW1509 - only setrlimit, before exec
-            )
-        try:
-            deadline = time.monotonic() + 20
-            while b'"event": "started"' not in log_path.read_bytes():
-                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.05)
+        with serve_at_fd_limit(config, log_path, NOFILE):
             yield str(sock), log_path, issuer
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            assert proc.returncode == 0, log_path.read_text()
 
 
 def _sync_login(path: str, token: str, timeout: float = 15.0) -> str:

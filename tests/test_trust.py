@@ -23,8 +23,8 @@ from saslauthd_oidc.providers.answers import interpret_introspection
 from saslauthd_oidc.providers.jwt import VerifiedClaims, bearer_problem, peek
 from saslauthd_oidc.providers.oidc import OidcProvider
 from saslauthd_oidc.tools.cli import main
-from saslauthd_oidc.tools.devissuer import DevIssuer
 from tests.support import FakeClock
+from tests.support_issuer import FaultIssuer
 
 A = "https://a.example.org"
 B = "https://b.example.org"
@@ -368,8 +368,8 @@ def test_check_config_prints_the_token_policy(
 
 
 @pytest.fixture
-async def issuer(nursery: trio.Nursery) -> DevIssuer:
-    iss = DevIssuer(algorithms=("ES256",))
+async def issuer(nursery: trio.Nursery) -> FaultIssuer:
+    iss = FaultIssuer(algorithms=("ES256",))
     await nursery.start(iss.serve)
     return iss
 
@@ -380,7 +380,7 @@ async def client() -> AsyncIterator[httpx.AsyncClient]:
         yield c
 
 
-def make(iss: DevIssuer, client: httpx.AsyncClient, clock: FakeClock, **kw: Any) -> OidcProvider:
+def make(iss: FaultIssuer, client: httpx.AsyncClient, clock: FakeClock, **kw: Any) -> OidcProvider:
     assert iss.issuer is not None
     cfg = ProviderConfig(
         name="dev", issuer=iss.issuer, allow_http=True, algorithms=("ES256",), **kw
@@ -398,7 +398,7 @@ async def verdict(p: OidcProvider, token: str) -> Reason:
 
 
 async def test_failed_fetches_back_off_from_jwks_retry_to_the_cooldown(
-    issuer: DevIssuer, client: httpx.AsyncClient
+    issuer: FaultIssuer, client: httpx.AsyncClient
 ) -> None:
     clock = FakeClock()
     retry, cooldown = 1.0, 30.0
@@ -427,7 +427,7 @@ async def test_failed_fetches_back_off_from_jwks_retry_to_the_cooldown(
 
 
 async def test_the_idp_is_used_again_one_retry_after_it_is_back(
-    issuer: DevIssuer, client: httpx.AsyncClient
+    issuer: FaultIssuer, client: httpx.AsyncClient
 ) -> None:
     clock = FakeClock()
     p = make(issuer, client, clock)
@@ -441,7 +441,7 @@ async def test_the_idp_is_used_again_one_retry_after_it_is_back(
 
 
 async def test_an_unknown_kid_during_an_outage_is_temporary(
-    issuer: DevIssuer, client: httpx.AsyncClient
+    issuer: FaultIssuer, client: httpx.AsyncClient
 ) -> None:
     clock = FakeClock()
     p = make(issuer, client, clock)
@@ -455,7 +455,7 @@ async def test_an_unknown_kid_during_an_outage_is_temporary(
 
 
 async def test_an_old_token_with_an_unknown_kid_fails_at_once(
-    issuer: DevIssuer, client: httpx.AsyncClient
+    issuer: FaultIssuer, client: httpx.AsyncClient
 ) -> None:
     """Issued well before the keys were fetched: its key would have been in them."""
     clock = FakeClock()
@@ -471,7 +471,7 @@ async def test_an_old_token_with_an_unknown_kid_fails_at_once(
 
 
 async def test_force_introspection_bounds_the_cache_and_checks_the_subject(
-    issuer: DevIssuer, client: httpx.AsyncClient, tmp_path: Path
+    issuer: FaultIssuer, client: httpx.AsyncClient, tmp_path: Path
 ) -> None:
     clock = FakeClock()
     secret = tmp_path / "s"

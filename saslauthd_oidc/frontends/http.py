@@ -15,9 +15,11 @@ Routes (README "Recipes": Dovecot, Stalwart, Discovery, Autoconfig; "Metrics and
   PACC for the ``[[domain]]`` the Host or ``emailaddress`` names (:mod:`..core.autoconfig`).
 * ``GET /metrics``, ``/healthz``, ``/readyz``.
 
-HTTP itself is hypercorn's business; this module only sees ASGI scopes. Every
-Verdict becomes an HTTP reply in :func:`.http_replies.verdict_reply`, and nowhere
-else; who may call is :mod:`.http_callers`.
+HTTP itself is hypercorn's business; this module only sees ASGI scopes and
+routes them. A Verdict becomes an HTTP reply in
+:func:`.http_replies.introspection_reply` or, on Stalwart's paths, in
+:func:`.stalwart.verdict_reply`, and nowhere else; Stalwart's contract is
+:mod:`.stalwart`; who may call is :mod:`.http_callers`.
 """
 
 from __future__ import annotations
@@ -58,15 +60,17 @@ from saslauthd_oidc.core.resource_metadata import (
     resource_path,
     select_rule,
 )
+from saslauthd_oidc.frontends import stalwart
 from saslauthd_oidc.frontends.accept import ConnectionTable, serve_connections
 from saslauthd_oidc.frontends.asgi import Receive, Scope, Send, acknowledge_lifespan
 from saslauthd_oidc.frontends.http_callers import CallerAuth
-from saslauthd_oidc.frontends.http_replies import Reply, Surface, json_reply, verdict_reply
+from saslauthd_oidc.frontends.http_replies import Reply, introspection_reply, json_reply
+from saslauthd_oidc.frontends.stalwart import stalwart_discovery
 
 if TYPE_CHECKING:
     from hypercorn.config import Config as HypercornConfig
 
-__all__ = ["HttpFrontend", "HttpLimits", "serve_http"]
+__all__ = ["HttpFrontend", "HttpLimits", "serve_http", "stalwart_discovery"]
 
 log = structlog.get_logger("saslauthd_oidc.http")
 
@@ -211,7 +215,7 @@ class HttpFrontend:
         if path == "/introspect":
             if method != "POST":
                 return _BAD_METHOD
-            return await self._introspect(Surface.INTROSPECT, headers, receive)
+            return await self._introspect(headers, receive)
         if self._stalwart and path.startswith(self._stalwart + "/"):
             return await self._stalwart_route(path[len(self._stalwart) :], method, headers, receive)
         resource = resource_path(path)
@@ -235,55 +239,57 @@ class HttpFrontend:
             return Reply(200, body, content_type=content_type.encode())
         return _NOT_FOUND
 
-    async def _introspect(
-        self, surface: Surface, headers: Mapping[str, str], receive: Receive
-    ) -> Reply:
+    async def _introspect(self, headers: Mapping[str, str], receive: Receive) -> Reply:
+        token = await self._caller_token(headers, receive)
+        if isinstance(token, Reply):
+            return token
+        context = dovecot_context(headers)
+        if context.service is None and self._header_rules:
+            log.warning(
+                "introspect_without_auth_headers",
+                rules=self._header_rules,
+                hint="set send_auth_headers = yes in Dovecot's passdb oauth2 file: "
+                "without it these rules' services, ports and remote_networks never hold",
+            )
+            self._header_rules = []  # once per process
+        return await self._answer(token, context, introspection_reply)
+
+    async def _caller_token(
+        self, headers: Mapping[str, str], receive: Receive
+    ) -> str | Reply | None:
+        """The form's token from a caller ``http.auth`` allows, or the 401 refusing the caller."""
         if not self._caller_auth.allows(headers.get("authorization")):
             return json_reply(
                 401,
                 {"error": "invalid_client"},
                 (b"www-authenticate", b'Basic realm="saslauthd-oidc"'),
             )
-        token = _form_token(await _read_body(receive))
-        if surface is Surface.INTROSPECT:
-            context = dovecot_context(headers)
-            if context.service is None and self._header_rules:
-                log.warning(
-                    "introspect_without_auth_headers",
-                    rules=self._header_rules,
-                    hint="set send_auth_headers = yes in Dovecot's passdb oauth2 file: "
-                    "without it these rules' services, ports and remote_networks never hold",
-                )
-                self._header_rules = []  # once per process
-        else:
-            context = _stalwart_context()
-        return await self._answer(surface, token, context)
+        return _form_token(await _read_body(receive))
 
     async def _stalwart_route(
         self, rest: str, method: str, headers: Mapping[str, str], receive: Receive
     ) -> Reply:
-        if rest == "/introspect":
+        if rest == stalwart.INTROSPECT_PATH:
             if method != "POST":
                 return _BAD_METHOD
-            return await self._introspect(Surface.STALWART, headers, receive)
-        if rest == "/userinfo":
+            token = await self._caller_token(headers, receive)
+            if isinstance(token, Reply):
+                return token
+            return await self._answer(token, stalwart.CONTEXT, stalwart.verdict_reply)
+        if rest == stalwart.USERINFO_PATH:
             if method not in ("GET", "POST"):
                 return _BAD_METHOD
             token = _bearer(headers.get("authorization"))
-            return await self._answer(Surface.STALWART, token, _stalwart_context())
+            return await self._answer(token, stalwart.CONTEXT, stalwart.verdict_reply)
         if method != "GET":
             return _BAD_METHOD
-        issuer = (self._config.http.stalwart_issuer or "").rstrip("/")
-        if rest == "/.well-known/openid-configuration":
-            return json_reply(200, stalwart_discovery(issuer))
-        if rest == "/jwks":
-            return json_reply(200, {"keys": []})
-        return _NOT_FOUND
+        return stalwart.document(rest, self._config.http.stalwart_issuer or "") or _NOT_FOUND
 
-    async def _answer(self, surface: Surface, token: str | None, context: RequestContext) -> Reply:
+    async def _answer(
+        self, token: str | None, context: RequestContext, reply: Callable[[Verdict], Reply]
+    ) -> Reply:
         if token is None:
-            verdict = Verdict(reason=Reason.MISSING_TOKEN, detail="no token in the request")
-            return verdict_reply(surface, verdict)
+            return reply(Verdict(reason=Reason.MISSING_TOKEN, detail="no token in the request"))
         request = AuthRequest(Mechanism.BEARER, Credentials(token), context)
         verdict = Verdict(reason=Reason.TIMEOUT, detail="request_timeout exceeded")
         with trio.move_on_after(self._timeout):
@@ -292,7 +298,7 @@ class HttpFrontend:
             except Exception as exc:
                 log.error("authenticate_failed", error=type(exc).__name__, exc_info=True)
                 verdict = Verdict(reason=Reason.INTERNAL_ERROR, detail="authenticator raised")
-        return verdict_reply(surface, verdict)
+        return reply(verdict)
 
     def _protected_resource(self, scope: Scope, path: str) -> Reply:
         request = resource_request(scope, path, self._config.http)
@@ -404,29 +410,6 @@ def resource_request(scope: Scope, path: str, cfg: HttpConfig) -> ResourceReques
         referer=referers[0] if len(referers) == 1 else None,
         scheme=scheme,
     )
-
-
-def _stalwart_context() -> RequestContext:
-    # Stalwart tells nothing about the mail client's connection.
-    return RequestContext(frontend=FRONTEND)
-
-
-def stalwart_discovery(issuer: str) -> dict[str, Any]:
-    """The facade's discovery document, with the fields Stalwart v0.16 requires."""
-    return {
-        "issuer": issuer,
-        "userinfo_endpoint": issuer + "/userinfo",
-        "introspection_endpoint": issuer + "/introspect",
-        "jwks_uri": issuer + "/jwks",
-        # Required by Stalwart's parser; this facade issues no tokens (they 404).
-        "authorization_endpoint": issuer + "/authorize",
-        "token_endpoint": issuer + "/token",
-        "response_types_supported": ["code"],
-        "subject_types_supported": ["public"],
-        "id_token_signing_alg_values_supported": ["RS256"],
-        "scopes_supported": ["openid", "email", "profile"],
-        "claims_supported": ["sub", "email", "preferred_username", "name"],
-    }
 
 
 # --------------------------------------------------------------------------- serving

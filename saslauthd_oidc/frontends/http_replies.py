@@ -1,14 +1,14 @@
-"""How a Verdict is answered over HTTP: the one place where it becomes a reply.
+"""HTTP replies, and how a Verdict is answered to RFC 7662 introspection.
 
-Two contracts: RFC 7662 introspection as Dovecot's ``passdb oauth2`` reads it
-(``{"active": …}``, the account as ``username``, claims that cannot upset
-Dovecot), and Stalwart's OIDC directory (userinfo fields, or a 401 with a
-``WWW-Authenticate`` challenge). A temporary failure is a 503 on both.
+:class:`Reply` is what every route of the HTTP listener returns. A Verdict
+becomes a reply under one of two contracts: RFC 7662 introspection as
+Dovecot's ``passdb oauth2`` reads it (``{"active": …}``, the account as
+``username``, claims that cannot upset Dovecot), here; and Stalwart's OIDC
+directory, in :mod:`.stalwart`. A temporary failure is a 503 on both.
 """
 
 from __future__ import annotations
 
-import enum
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -18,13 +18,6 @@ from saslauthd_oidc.core.outcome import Outcome, Verdict
 # Claims never copied into an introspection answer: ours to set, or ones that
 # make Dovecot fail the answer (token_type must be "bearer", expires_in a uint32).
 _RESERVED_CLAIMS = frozenset({"active", "username", "token_type", "expires_in"})
-
-
-class Surface(enum.Enum):
-    """Which contract a token arrived under; decides how a Verdict is answered."""
-
-    INTROSPECT = "introspect"  # RFC 7662 / Dovecot
-    STALWART = "stalwart"  # Stalwart OIDC directory (introspect and userinfo)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +32,8 @@ def json_reply(status: int, doc: Any, *headers: tuple[bytes, bytes]) -> Reply:
     return Reply(status, json.dumps(doc, separators=(",", ":")).encode(), tuple(headers))
 
 
-_UNAVAILABLE = json_reply(503, {"error": "temporarily_unavailable"})
+#: A temporary failure, on every contract.
+UNAVAILABLE = json_reply(503, {"error": "temporarily_unavailable"})
 
 
 def _introspection_claims(verdict: Verdict) -> dict[str, Any]:
@@ -51,32 +45,14 @@ def _introspection_claims(verdict: Verdict) -> dict[str, Any]:
     return {"active": True, "username": verdict.account, **claims}
 
 
-def _stalwart_fields(verdict: Verdict) -> dict[str, Any]:
-    account = verdict.account or ""
-    claims = verdict.claims or {}
-    doc: dict[str, Any] = {"sub": account, "preferred_username": account, "username": account}
-    if "@" in account:
-        doc["email"] = account
-    name = claims.get("name")
-    if isinstance(name, str):
-        doc["name"] = name
-    return doc
+def introspection_reply(verdict: Verdict) -> Reply:
+    """A Verdict as Dovecot's ``passdb oauth2`` reads an RFC 7662 answer.
 
-
-def verdict_reply(surface: Surface, verdict: Verdict) -> Reply:
-    """The one place where a Verdict becomes an HTTP answer.
-
-    A temporary failure is 503 on every surface: Dovecot treats anything but
-    2xx/4xx as an internal (temporary) failure, Stalwart any non-401 as an error.
+    A temporary failure is a 503: Dovecot treats anything but 2xx/4xx as an
+    internal (temporary) failure.
     """
     if verdict.outcome is Outcome.TEMPFAIL:
-        return _UNAVAILABLE
-    if surface is Surface.INTROSPECT:
-        if verdict.ok:
-            return json_reply(200, _introspection_claims(verdict))
-        return json_reply(200, {"active": False})
+        return UNAVAILABLE
     if verdict.ok:
-        return json_reply(200, _stalwart_fields(verdict))
-    return json_reply(
-        401, {"error": "invalid_token"}, (b"www-authenticate", b'Bearer error="invalid_token"')
-    )
+        return json_reply(200, _introspection_claims(verdict))
+    return json_reply(200, {"active": False})

@@ -22,11 +22,12 @@ or client_secret_post against :attr:`DevIssuer.clients`) and ``/userinfo``
 the JWTs :meth:`DevIssuer.mint` issued (userinfo with the profile in
 :attr:`DevIssuer.profiles`); :meth:`DevIssuer.revoke` makes either inactive.
 
-Fault knobs for tests: ``fail_status``, ``delay``, ``jwks_override``,
-``redirect``, ``metadata_cache_control``. ``requests`` counts requests per
-path; ``last_request_headers`` and ``last_request_body`` hold the latest
-request's. This is NOT a real authorization server: its token endpoint is a
-stub that refuses every grant.
+``requests`` counts requests per path (what a soak or a demo can show). The
+test-suite's fault knobs (failing, slow, redirecting answers; a JWKS or a
+discovery document of its choosing) are not here: they are a subclass in
+``tests/support_issuer.py``, which overrides :meth:`DevIssuer.respond`. This is
+NOT a real authorization server: its token endpoint is a stub that refuses
+every grant.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import parse_qsl, unquote
 
 import trio
@@ -70,6 +71,18 @@ KANIDM_PREFIX = "/oauth2/openid/"
 AUTHENTIK_PREFIX = "/application/o/"
 
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+#: An HTTP answer: status, headers, body.
+Answer = tuple[int, list[tuple[bytes, bytes]], bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """One HTTP request as the issuer sees it (header names lower-cased)."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,15 +145,6 @@ class DevIssuer:
         self.issuer: str | None = None
         self.port: int | None = None
         self.requests: collections.Counter[str] = collections.Counter()
-        self.last_request_headers: dict[str, str] = {}
-        self.fail_status: int | None = None
-        self.delay: float = 0.0
-        self.jwks_override: bytes | None = None
-        self.redirect: str | None = None
-        self.metadata_cache_control: str | None = None
-        #: Fields replacing those of the discovery document (e.g. a foreign jwks_uri).
-        self.discovery_overrides: dict[str, Any] = {}
-        self.last_request_body: bytes = b""
         #: client_id -> secret of the clients allowed to call /introspect.
         self.clients: dict[str, str] = {"saslauthd": "saslauthd-secret"}
         #: sub -> extra userinfo claims (merged over those taken from the token).
@@ -206,7 +210,6 @@ class DevIssuer:
             "grant_types_supported": ["authorization_code", "client_credentials"],
             "scopes_supported": ["openid", "email", "profile"],
             "token_endpoint_auth_methods_supported": ["client_secret_basic"],
-            **self.discovery_overrides,
         }
 
     # ----------------------------------------------------------------- minting
@@ -333,44 +336,40 @@ class DevIssuer:
             return
         path: str = scope["path"]
         self.requests[path] += 1
-        self.last_request_headers = {
-            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]
-        }
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         body = b""
         while True:
             message = await receive()
             body += message.get("body", b"")
             if not message.get("more_body") or len(body) > 65536:
                 break
-        self.last_request_body = body
-        if self.delay:
-            await trio.sleep(self.delay)
-        status, headers, body = self._answer(scope["method"], path)
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        status, answer_headers, answer = await self.respond(
+            Request(scope["method"], path, headers, body)
+        )
+        await send({"type": "http.response.start", "status": status, "headers": answer_headers})
+        await send({"type": "http.response.body", "body": answer})
 
-    def _answer(self, method: str, path: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        if self.redirect is not None:
-            return 302, [(b"location", self.redirect.encode())], b""
-        if self.fail_status is not None:
-            return _json(self.fail_status, {"error": "injected failure"})
+    async def respond(self, request: Request) -> Answer:
+        """The answer to one request: what a subclass overrides to answer otherwise."""
+        return self._answer(request)
+
+    def _answer(self, request: Request) -> Answer:
+        method, path = request.method, request.path
         if path == self.issuer_path + ".well-known/openid-configuration" and method == "GET":
-            return self._metadata(_json(200, self.discovery_document()))
+            return _metadata(_json(200, self.discovery_document()))
         if self.any_issuer_path and path.endswith(DISCOVERY_SUFFIX) and method == "GET":
-            return self._metadata(_json(200, self.discovery_document(self._issuer_at(path))))
+            return _metadata(_json(200, self.discovery_document(self._issuer_at(path))))
         if path == JWKS_PATH and method == "GET":
-            if self.jwks_override is not None:
-                return 200, [(b"content-type", b"application/json")], self.jwks_override
-            return self._metadata(_json(200, self.jwks(), content_type=b"application/jwk-set+json"))
+            return _metadata(_json(200, self.jwks(), content_type=b"application/jwk-set+json"))
         if path == TOKEN_PATH:
             return _json(400, {"error": "unsupported_grant_type"})
         if path == INTROSPECTION_PATH and method == "POST":
-            form = dict(parse_qsl(self.last_request_body.decode("latin-1")))
-            if not self._client_authenticated(form):
+            form = dict(parse_qsl(request.body.decode("latin-1")))
+            if not self._client_authenticated(request.headers, form):
                 return _json(401, {"error": "invalid_client"})
             return _json(200, self._introspection_answer(form.get("token", "")))
         if path == USERINFO_PATH and method in ("GET", "POST"):
-            auth = self.last_request_headers.get("authorization", "")
+            auth = request.headers.get("authorization", "")
             scheme, _, token = auth.partition(" ")
             answer = self._userinfo_answer(token) if scheme.lower() == "bearer" else None
             if answer is None:
@@ -414,19 +413,9 @@ class DevIssuer:
             ],
         }
 
-    def _metadata(
-        self, answer: tuple[int, list[tuple[bytes, bytes]], bytes]
-    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        """Discovery and JWKS carry ``metadata_cache_control`` (no header when None)."""
-        status, headers, body = answer
-        headers = [(k, v) for k, v in headers if k != b"cache-control"]
-        if self.metadata_cache_control is not None:
-            headers.append((b"cache-control", self.metadata_cache_control.encode("latin-1")))
-        return status, headers, body
-
-    def _client_authenticated(self, form: dict[str, str]) -> bool:
+    def _client_authenticated(self, headers: dict[str, str], form: dict[str, str]) -> bool:
         """client_secret_basic (form-urlencoded parts, RFC 6749 2.3.1) or client_secret_post."""
-        auth = self.last_request_headers.get("authorization", "")
+        auth = headers.get("authorization", "")
         scheme, _, value = auth.partition(" ")
         if scheme.lower() == "basic":
             try:
@@ -501,10 +490,13 @@ class DevIssuer:
         return self.issuer
 
 
-class DevIssuerThread:
+AnyIssuer = TypeVar("AnyIssuer", bound=DevIssuer)
+
+
+class DevIssuerThread(Generic[AnyIssuer]):
     """Run a DevIssuer in a background thread: ``with DevIssuerThread(DevIssuer()) as i: ...``."""
 
-    def __init__(self, issuer: DevIssuer, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, issuer: AnyIssuer, *, host: str = "127.0.0.1", port: int = 0) -> None:
         self.issuer = issuer
         self._host, self._port = host, port
         self._thread: threading.Thread | None = None
@@ -512,7 +504,7 @@ class DevIssuerThread:
         self._token: trio.lowlevel.TrioToken | None = None
         self._error: BaseException | None = None
 
-    def __enter__(self) -> DevIssuer:
+    def __enter__(self) -> AnyIssuer:
         self._thread = threading.Thread(target=self._run, name="dev-issuer", daemon=True)
         self._thread.start()
         if not self._started.wait(timeout=30):
@@ -592,11 +584,15 @@ def mint_offline(
     return _encode(claims, key, alg, {k: v for k, v in header.items() if v is not None})
 
 
-def _json(
-    status: int, doc: Any, *, content_type: bytes = b"application/json"
-) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+def _json(status: int, doc: Any, *, content_type: bytes = b"application/json") -> Answer:
     body = json.dumps(doc).encode()
     return status, [(b"content-type", content_type), (b"cache-control", b"no-store")], body
+
+
+def _metadata(answer: Answer) -> Answer:
+    """Discovery and JWKS carry no Cache-Control: a client caches them as it likes."""
+    status, headers, body = answer
+    return status, [(k, v) for k, v in headers if k != b"cache-control"], body
 
 
 def _b64url(data: bytes) -> str:

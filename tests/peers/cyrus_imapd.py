@@ -25,7 +25,6 @@ What the instance is
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import grp
 import os
@@ -33,11 +32,10 @@ import pwd
 import re
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 from tests.peers.postfix import free_tcp_port
-from tests.peers.process import PortTaken, stop_process_group, wait_for_banner, wait_for_match
+from tests.peers.process import PeerDaemon, wait_for_match
 
 __all__ = ["CYRUS_ROOT", "CyrusImapd", "cyrus_imapd_available"]
 
@@ -104,17 +102,16 @@ def cyrus_imapd_available() -> str | None:
     return None
 
 
-class CyrusImapd:
+class CyrusImapd(PeerDaemon):
     """A private Cyrus IMAP whose ``imapd.conf`` ends with ``extra_conf``; a context manager."""
 
-    host = "127.0.0.1"
+    name = "Cyrus IMAP"
+    banner = b"* OK"
+    goodbye = b"a LOGOUT\r\n"
 
     def __init__(self, extra_conf: str, *, startup_timeout: float = _STARTUP_TIMEOUT) -> None:
+        super().__init__(startup_timeout=startup_timeout)
         self.extra_conf = extra_conf
-        self.startup_timeout = startup_timeout
-        self.port = 0
-        self.directory: Path | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
 
     def imapd_conf(self) -> str:
         d = self.directory
@@ -134,27 +131,8 @@ class CyrusImapd:
             "syslog_prefix: saslo-cyrus\n" + self.extra_conf
         )
 
-    def __enter__(self) -> CyrusImapd:
-        for _ in range(3):
-            try:
-                self._start()
-                self._wait_ready()
-                return self
-            except PortTaken:
-                self.stop()
-            except BaseException:
-                self.stop()
-                raise
-        raise RuntimeError("could not find a free port for Cyrus IMAP")
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
     def _start(self) -> None:
-        d = Path(tempfile.mkdtemp(prefix="saslo-cyrus-", dir="/tmp"))
-        self.directory = d
-        atexit.register(self.stop)
-        os.chmod(d, 0o755)
+        d = self._make_directory("saslo-cyrus-")
         cyrus = pwd.getpwnam("cyrus")
         for sub in (
             "lib/db",
@@ -215,29 +193,8 @@ class CyrusImapd:
         )
         return lib if res.returncode == 0 else None
 
-    def _wait_ready(self) -> None:
-        assert self._proc is not None
-        wait_for_banner(
-            self._proc,
-            self.host,
-            self.port,
-            banner=b"* OK",
-            goodbye=b"a LOGOUT\r\n",
-            timeout=self.startup_timeout,
-            name="Cyrus IMAP",
-            diagnostics=self.log,
-        )
-
-    def stop(self) -> None:
-        proc, self._proc = self._proc, None
-        try:
-            if proc is not None:
-                stop_process_group(proc)
-        finally:
-            if self.directory is not None:
-                shutil.rmtree(self.directory, ignore_errors=True)
-                self.directory = None
-            atexit.unregister(self.stop)
+    def diagnostics(self) -> str:
+        return self.log()
 
     def log(self) -> str:
         """Cyrus's syslog lines (through the shim) and anything master printed."""

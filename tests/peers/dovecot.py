@@ -24,11 +24,17 @@ What the instance is
     an ``atexit`` hook does the same if the block is never left. The system's
     Dovecot service is neither used nor needed. Requires root (Dovecot drops
     privileges to ``dovenull``/``dovecot``/``nobody`` itself).
+
+The daemon behind it
+    :func:`behind_dovecot` runs ``saslauthd-oidc serve`` with its HTTP listener
+    on a free loopback port, callers authenticated by HTTP Basic (``CALLER``,
+    whose credentials sit in Dovecot's ``introspection_url`` as the README
+    recipe says), and the providers and rules a test gives, then this Dovecot
+    in front of it.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import imaplib
 import itertools
@@ -38,11 +44,13 @@ import re
 import shutil
 import socket
 import subprocess
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from tests.peers.postfix import free_tcp_port
-from tests.peers.process import PortTaken, stop_process_group, tail, wait_for_banner, wait_for_match
+from tests.peers.daemon import Daemon
+from tests.peers.postfix import free_tcp_port, make_shared_tmpdir
+from tests.peers.process import PeerDaemon, tail, wait_for_match
 from tests.recipes import RecipeError, recipe, substitute
 
 DOVECOT = os.environ.get("SASLAUTHD_OIDC_DOVECOT", "/usr/sbin/dovecot")
@@ -138,33 +146,21 @@ def recipe_oauth2_conf(url: str) -> str:
     return "# The README's Dovecot recipe (dovecot-oauth2.conf.ext)\n" + "\n".join(lines) + "\n"
 
 
-class DovecotInstance:
+class DovecotInstance(PeerDaemon):
     """A private Dovecot (see module docstring); a context manager."""
 
-    host = "127.0.0.1"
+    name = "Dovecot"
+    banner = b"* OK"
+    goodbye = b"a LOGOUT\r\n"
 
     def __init__(self, introspection_url: str, *, startup_timeout: float = _STARTUP_TIMEOUT):
+        super().__init__(startup_timeout=startup_timeout)
         self.introspection_url = introspection_url
-        self.startup_timeout = startup_timeout
-        self.directory: Path | None = None
-        self.port = 0
-        self._proc: subprocess.Popen[bytes] | None = None
 
-    def __enter__(self) -> DovecotInstance:
-        for _attempt in range(3):
-            self._start()
-            try:
-                self._wait_ready()
-                return self
-            except PortTaken:
-                self.stop()
-            except BaseException:
-                self.stop()
-                raise
-        raise RuntimeError("could not find a free port for Dovecot")
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    @property
+    def introspection_port(self) -> int | None:
+        """The port of the introspection endpoint Dovecot calls (the daemon's HTTP listener)."""
+        return urlsplit(self.introspection_url).port
 
     @property
     def log_path(self) -> Path:
@@ -172,10 +168,7 @@ class DovecotInstance:
         return self.directory / "dovecot.log"
 
     def _start(self) -> None:
-        d = Path(tempfile.mkdtemp(prefix="saslo-dc-", dir="/tmp"))
-        os.chmod(d, 0o755)
-        self.directory = d
-        atexit.register(self.stop)
+        d = self._make_directory("saslo-dc-")
         nobody = pwd.getpwnam("nobody")
         (d / "home").mkdir(mode=0o755)
         os.chown(d / "home", nobody.pw_uid, nobody.pw_gid)
@@ -194,34 +187,9 @@ class DovecotInstance:
                 start_new_session=True,
             )
 
-    def _diagnostics(self) -> str:
+    def diagnostics(self) -> str:
         out = self._out.read_text(errors="replace") if self._out.exists() else ""
         return f"dovecot -F output:\n{tail(out)}\nlog tail:\n{tail(self.log())}"
-
-    def _wait_ready(self) -> None:
-        assert self._proc is not None
-        wait_for_banner(
-            self._proc,
-            self.host,
-            self.port,
-            banner=b"* OK",
-            goodbye=b"a LOGOUT\r\n",
-            timeout=self.startup_timeout,
-            name="Dovecot",
-            diagnostics=self._diagnostics,
-        )
-
-    def stop(self) -> None:
-        """SIGTERM the master, then SIGKILL its process group; remove the directory (idempotent)."""
-        proc, self._proc = self._proc, None
-        try:
-            if proc is not None:
-                stop_process_group(proc)
-        finally:
-            if self.directory is not None:
-                shutil.rmtree(self.directory, ignore_errors=True)
-                self.directory = None
-            atexit.unregister(self.stop)
 
     def log(self) -> str:
         try:
@@ -344,3 +312,51 @@ def curl_imap_auth(
         errors="replace",
     )
     return res.returncode, res.stderr
+
+
+# --------------------------------------------------------------------------- the daemon behind it
+
+CALLER = "dovecot"
+CALLER_SECRET = "s3cret-for-dovecot"
+
+
+def daemon_config(workdir: Path, http_port: int, providers_and_rules: str) -> Path:
+    """The daemon's config behind Dovecot: its auth socket, HTTP on ``http_port`` for
+    ``CALLER`` (HTTP Basic), ready at once; then ``providers_and_rules`` (TOML)."""
+    users = workdir / "http-users"
+    users.write_text(f"# caller:password\n{CALLER}:{CALLER_SECRET}\n")
+    users.chmod(0o600)
+    config = workdir / "saslauthd-oidc.toml"
+    config.write_text(
+        f"""
+[server]
+auth_socket = "{workdir / "auth"}"
+http_listen = "127.0.0.1:{http_port}"
+request_timeout = 3.0
+
+[http]
+users_file = "{users}"
+readyz_grace = 0
+
+[logging]
+level = "info"
+format = "json"
+{providers_and_rules}"""
+    )
+    return config
+
+
+@contextlib.contextmanager
+def behind_dovecot(providers_and_rules: str) -> Iterator[tuple[Daemon, DovecotInstance]]:
+    """``saslauthd-oidc serve`` (:func:`daemon_config`) with a private Dovecot in front,
+    whose ``introspection_url`` names ``CALLER``; the daemon must exit 0 when stopped."""
+    workdir = make_shared_tmpdir()
+    http_port = free_tcp_port()
+    config = daemon_config(workdir, http_port, providers_and_rules)
+    daemon = Daemon(config, workdir / "auth", workdir / "daemon.log")
+    url = f"http://{CALLER}:{CALLER_SECRET}@127.0.0.1:{http_port}/introspect"
+    try:
+        with DovecotInstance(url) as dc:
+            yield daemon, dc
+    finally:
+        assert daemon.stop() == 0, daemon.log()

@@ -33,18 +33,15 @@ What the instance is
 
 from __future__ import annotations
 
-import atexit
 import os
 import pwd
 import re
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
-from types import TracebackType
 
 from tests.peers.postfix import free_tcp_port
-from tests.peers.process import PortTaken, stop_process_group, wait_for_banner, wait_for_match
+from tests.peers.process import PeerDaemon, wait_for_match
 from tests.recipes import recipe, substitute
 
 __all__ = ["EXIM_ROOT", "EXIM_USER", "EximInstance", "exim_available", "exim_binary"]
@@ -103,10 +100,12 @@ def exim_available() -> str | None:
     return None
 
 
-class EximInstance:
+class EximInstance(PeerDaemon):
     """A private Exim daemon whose ``dovecot`` authenticators use ``auth_socket``."""
 
-    host = "127.0.0.1"
+    name = "Exim"
+    banner = b"220 "
+    goodbye = b"QUIT\r\n"
 
     def __init__(
         self,
@@ -116,12 +115,9 @@ class EximInstance:
         startup_timeout: float = _STARTUP_TIMEOUT,
     ) -> None:
         """``mechanisms`` adds ``driver = dovecot`` authenticators (e.g. PLAIN) to the recipe's."""
+        super().__init__(startup_timeout=startup_timeout)
         self.auth_socket = auth_socket
         self.mechanisms = mechanisms
-        self.startup_timeout = startup_timeout
-        self.port = 0
-        self.directory: Path | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
 
     # -- configuration --------------------------------------------------------
 
@@ -170,32 +166,8 @@ begin authenticators
 
     # -- lifecycle ------------------------------------------------------------
 
-    def __enter__(self) -> EximInstance:
-        for _ in range(3):
-            try:
-                self._start()
-                self._wait_ready()
-                return self
-            except PortTaken:
-                self.stop()
-            except BaseException:
-                self.stop()
-                raise
-        raise RuntimeError("could not find a free port for Exim")
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     def _start(self) -> None:
-        d = Path(tempfile.mkdtemp(prefix="exim-", dir="/tmp"))
-        self.directory = d
-        atexit.register(self.stop)
-        os.chmod(d, 0o755)
+        d = self._make_directory("exim-")
         pw = pwd.getpwnam(EXIM_USER)
         for sub in ("spool", "log"):
             (d / sub).mkdir(mode=0o750)
@@ -211,31 +183,6 @@ begin authenticators
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-
-    def _wait_ready(self) -> None:
-        assert self._proc is not None
-        wait_for_banner(
-            self._proc,
-            self.host,
-            self.port,
-            banner=b"220 ",
-            goodbye=b"QUIT\r\n",
-            timeout=self.startup_timeout,
-            name="Exim",
-            diagnostics=self.diagnostics,
-        )
-
-    def stop(self) -> None:
-        """Stop Exim (idempotent) and remove the instance directory."""
-        proc, self._proc = self._proc, None
-        try:
-            if proc is not None:
-                stop_process_group(proc)
-        finally:
-            if self.directory is not None:
-                shutil.rmtree(self.directory, ignore_errors=True)
-                self.directory = None
-            atexit.unregister(self.stop)
 
     # -- observation ----------------------------------------------------------
 

@@ -1,556 +1,57 @@
-"""Configuration: TOML parsed once into frozen dataclasses, with errors that name the key.
+"""TOML data → :class:`~.schema.Config`: every section's parser, and the checks across them.
 
-``load_config(path)`` / ``parse_config(dict)`` return a :class:`Config` or raise
-:class:`ConfigError`, whose message starts with the dotted key that is wrong
-(``rule[2].audiences: expected a list of strings``). What is legal but probably
-not meant is listed by :func:`saslauthd_oidc.core.rules.config_warnings` (and
-:func:`claim_warnings` here), which ``check-config`` prints. No I/O other than
-reading the file; the secret files it names are read by :mod:`.secret_files`.
+Each parser reads its table through :class:`_Section` (typed accessors that name
+the key on error and spot misspelt keys) and falls back on the dataclass's own
+defaults. No I/O: the file is read by :mod:`.load`.
 """
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
-import os
 import re
-import stat
-import tomllib
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import fields, replace
 from ipaddress import IPv4Network, IPv6Network
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-DEFAULT_CONFIG_PATH = "/etc/saslauthd-oidc/saslauthd-oidc.toml"
-CONFIG_ENV = "SASLAUTHD_OIDC_CONFIG"
-
-ASYMMETRIC_ALGORITHMS = frozenset(
-    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+from saslauthd_oidc.config.errors import ConfigError, suggest, unknown_message
+from saslauthd_oidc.config.schema import (
+    ASYMMETRIC_ALGORITHMS,
+    ENDPOINT_PROTOCOLS,
+    INTROSPECTION_AUTH_METHODS,
+    KNOWN_MECHANISMS,
+    LOG_LEVELS,
+    PLACEHOLDER_RE,
+    RULE_MECHANISMS,
+    SYMMETRIC_ALGORITHMS,
+    TENANT_PLACEHOLDER,
+    TENANT_RE,
+    TLS_MODES,
+    USERNAME_FILTERS,
+    CacheConfig,
+    Config,
+    DomainConfig,
+    EndpointConfig,
+    HttpConfig,
+    LoggingConfig,
+    ProviderConfig,
+    RuleConfig,
+    ServerConfig,
+    TlsMode,
 )
-SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
-KNOWN_MECHANISMS = ("OAUTHBEARER", "XOAUTH2", "PLAIN", "LOGIN")
-# Rules may also name BEARER: a bare token over HTTP (introspection, userinfo).
-RULE_MECHANISMS = (*KNOWN_MECHANISMS, "BEARER")
-USERNAME_FILTERS = ("localpart", "domain", "lower")
-IntrospectionAuth = Literal["client_secret_basic", "client_secret_post"]
-INTROSPECTION_AUTH_METHODS: tuple[IntrospectionAuth, ...] = (
-    "client_secret_basic",
-    "client_secret_post",
-)
-TENANT_PLACEHOLDER = "{tenantid}"
-# Default seconds an introspection answer for a JWT is trusted (force_introspection).
-FORCE_INTROSPECTION_TTL = 30.0
 
-
-class ConfigError(Exception):
-    """A configuration problem; ``key`` is the dotted path of the offending setting.
-
-    ``str()`` is ``"<key>: <message>"``, followed, once known, by where it is:
-    ``(rule "webmail", /etc/saslauthd-oidc/saslauthd-oidc.toml line 23)``.
-    """
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"{key}: {message}" if key else message)
-        self.key = key
-        self.message = message
-        self.label: str | None = None  # the rule or provider by its name: 'rule "webmail"'
-        self.location: str | None = None  # "<file> line <n>"
-
-    def __str__(self) -> str:
-        text = f"{self.key}: {self.message}" if self.key else self.message
-        where = ", ".join(w for w in (self.label, self.location) if w)
-        return f"{text} ({where})" if where else text
-
-
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    auth_socket: str | None = "/run/saslauthd-oidc/auth"
-    auth_socket_mode: int = 0o660
-    auth_socket_group: str | None = None
-    saslauthd_socket: str | None = None
-    saslauthd_socket_mode: int = 0o660
-    saslauthd_socket_group: str | None = None
-    http_listen: tuple[tuple[str, int], ...] = ()  # (host, port); loopback unless http.auth
-    http_socket: str | None = None
-    http_socket_mode: int = 0o660
-    http_socket_group: str | None = None
-    mechanisms: tuple[str, ...] = ("OAUTHBEARER", "XOAUTH2")
-    request_timeout: float = 5.0
-    tempfail: Literal["fail", "disconnect"] = "fail"
-    workers: int = 1
-    # Connections at once on the auth socket (and on the saslauthd socket);
-    # None: 4096, within the file-descriptor budget (saslauthd_oidc.service.limits).
-    max_connections: int | None = None
-    max_token_bytes: int = 16384
-    # Seconds a Dovecot-protocol client may take to send one line (and its
-    # first line after connecting), or to read our replies; idle connections
-    # between lines are kept (Postfix holds them open between logins).
-    line_timeout: float = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class CacheConfig:
-    max_entries: int = 100_000
-    ttl: float = 300.0
-    negative_ttl: float = 30.0
-
-
-@dataclass(frozen=True, slots=True)
-class HttpConfig:
-    """The HTTP listener's behaviour (where it listens is in ``[server]``)."""
-
-    auth: Literal["required", "open"] = "required"
-    users_file: str | None = None  # "name:password" lines, for HTTP Basic
-    secret_file: str | None = None  # one shared secret, for "Authorization: Bearer <secret>"
-    readyz_grace: float = 30.0
-    metrics: bool = True
-    stalwart_issuer: str | None = None  # the issuer URL of the Stalwart userinfo facade
-    # Reverse proxies whose X-Forwarded-Host / X-Forwarded-Proto are believed:
-    # addresses or networks, and "unix" for the Unix-socket listener. None by default.
-    trusted_proxies: tuple[IPv4Network | IPv6Network | Literal["unix"], ...] = ()
-    # Denial-of-service bounds of the HTTP listener (saslauthd_oidc.service.limits).
-    max_connections: int | None = None  # None: 256, within the descriptor budget
-    read_timeout: float = 10.0  # seconds for a request's body to arrive once its head has
-    write_timeout: float = 10.0  # seconds for a client to take each answer
-    keepalive_timeout: float = 15.0  # seconds an idle keep-alive connection is kept
-    max_requests_per_connection: int = 100  # then "Connection: close"
-
-    @property
-    def trust_unix_proxies(self) -> bool:
-        """Callers on the Unix-socket listener are trusted proxies (``"unix"``)."""
-        return "unix" in self.trusted_proxies
-
-    @property
-    def stalwart_path(self) -> str | None:
-        """The URL path under which the Stalwart endpoints are served (no trailing /)."""
-        if not self.stalwart_issuer:
-            return None
-        return urlsplit(self.stalwart_issuer).path.rstrip("/")
-
-
-@dataclass(frozen=True, slots=True)
-class LoggingConfig:
-    level: str = "info"
-    format: Literal["json", "console"] = "json"
-
-
-#: One tenant label in a ``{tenantid}`` issuer (providers/issuers.py) and allowed_tenants.
-TENANT_RE = re.compile(r"[A-Za-z0-9-]{1,64}")
-
-
-def _host(url: str) -> str:
-    """The lower-cased host of an http(s) URL ("" when there is none)."""
-    try:
-        return (urlsplit(url).hostname or "").lower()
-    except ValueError:
-        return ""
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderConfig:
-    name: str
-    issuer: str
-    discovery_url: str | None = None
-    jwks_uri: str | None = None
-    algorithms: tuple[str, ...] = ("RS256", "PS256", "ES256", "EdDSA")
-    leeway: float = 60.0
-    token_types: tuple[str, ...] = ()
-    allow_http: bool = False
-    ca_file: str | None = None
-    # Metadata freshness: Cache-Control max-age is honoured within these bounds;
-    # without one, jwks_refresh applies.
-    jwks_refresh: float = 3600.0
-    jwks_min_refresh: float = 60.0
-    jwks_cooldown: float = 30.0  # an unknown kid refetches at most once per this many seconds
-    # After a failed key fetch the next one may come this soon, doubling with
-    # every further failure up to jwks_cooldown (an IdP back from an outage is
-    # used again within seconds, not after a whole cooldown).
-    jwks_retry: float = 1.0
-    # A shared HMAC secret (only for providers that cannot sign asymmetrically).
-    hmac_secret_file: str | None = None
-    # RFC 7662 introspection of opaque (and JWE) tokens; the endpoint may come
-    # from discovery. Enabled by client_id + client_secret_file.
-    introspection_endpoint: str | None = None
-    client_id: str | None = None
-    client_secret_file: str | None = None
-    introspection_auth: IntrospectionAuth = "client_secret_basic"
-    # Userinfo: enrichment of JWTs that lack the claims the username needs; and,
-    # opted into separately, validation of last resort for opaque tokens.
-    userinfo: bool = False
-    userinfo_validation: bool = False
-    userinfo_endpoint: str | None = None
-    # Multi-tenant issuers (Microsoft Entra): "{tenantid}" in issuer, and the
-    # tenants (the tid claim) accepted; "*" accepts any tenant.
-    allowed_tenants: tuple[str, ...] = ()
-    # Hosts that URLs learnt from discovery (jwks_uri, introspection and userinfo
-    # endpoints) may point to besides the issuer's and the discovery URL's own
-    # (Google publishes its keys on www.googleapis.com).
-    endpoint_hosts: tuple[str, ...] = ()
-    # Tokens that are not plain bearer access tokens: ID tokens are refused
-    # unless this says they may log in.
-    accept_id_tokens: bool = False
-    # Dovecot's force_introspection: JWTs are introspected too (after their
-    # signature holds), so that a token revoked at the IdP stops working
-    # within introspection_cache_ttl. Needs client_id.
-    force_introspection: bool = False
-    # Seconds an introspection answer is trusted (cached). None: 30 with
-    # force_introspection, else [cache] ttl.
-    introspection_cache_ttl: float | None = None
-
-    @property
-    def effective_introspection_ttl(self) -> float | None:
-        """How long an introspection answer may be cached; None = the cache's own ttl."""
-        if self.introspection_cache_ttl is not None:
-            return self.introspection_cache_ttl
-        return FORCE_INTROSPECTION_TTL if self.force_introspection else None
-
-    @property
-    def effective_discovery_url(self) -> str:
-        if self.discovery_url:
-            return self.discovery_url
-        base = self.issuer.replace(TENANT_PLACEHOLDER, "common")
-        return base.rstrip("/") + "/.well-known/openid-configuration"
-
-    @property
-    def multi_tenant(self) -> bool:
-        return TENANT_PLACEHOLDER in self.issuer
-
-    @property
-    def introspects(self) -> bool:
-        return self.client_id is not None
-
-    @property
-    def validates_opaque(self) -> bool:
-        """Whether tokens that are not a JWS can be checked here at all."""
-        return self.introspects or self.userinfo_validation
-
-    @property
-    def metadata_hosts(self) -> frozenset[str]:
-        """Hosts a discovered endpoint may be on: the issuer's, discovery's, endpoint_hosts."""
-        hosts = {_host(self.issuer), _host(self.effective_discovery_url)}
-        return frozenset(h for h in hosts | set(self.endpoint_hosts) if h)
-
-
-@dataclass(frozen=True, slots=True)
-class RuleConfig:
-    name: str
-    provider: str
-    audiences: tuple[str, ...] = ()
-    authorized_parties: tuple[str, ...] = ()
-    required_scopes: tuple[str, ...] = ()
-    claims: Mapping[str, str | int | bool] = field(default_factory=dict)
-    domains: tuple[str, ...] = ()
-    services: tuple[str, ...] = ()
-    hosts: tuple[str, ...] = ()
-    ports: tuple[int, ...] = ()
-    mechanisms: tuple[str, ...] = ()
-    remote_networks: tuple[IPv4Network | IPv6Network, ...] = ()
-    require_secured: bool = False
-    username: str = "{email}"
-    domain_map: Mapping[str, str] = field(default_factory=dict)  # account domain rewriting
-    account_domains: tuple[str, ...] = ()  # the mapped account's domain must be one of these
-    normalize: bool = True  # NFKC + lower case
-    authzid: Literal["match", "ignore"] = "match"
-    fallback: bool = False
-    discovery_hint: str | None = None
-    challenge_scope: str | None = None
-    # RFC 9728 protected-resource metadata (HTTP discovery) selection and content.
-    resource_paths: tuple[str, ...] = ()
-    referers: tuple[str, ...] = ()
-    scopes_supported: tuple[str, ...] = ()
-    # A rule that checks neither audiences nor authorized_parties must say so.
-    check_audience: bool = True
-    # The username may use an e-mail the IdP does not vouch for (nOAuth).
-    trust_unverified_email: bool = False
-    # Not a setting: the account domains other issuers' rules claim (their
-    # trusted_account_domains), which this rule may not produce accounts in
-    # unless it names domains of its own. Filled in by parse_config.
-    foreign_domains: tuple[str, ...] = field(default=(), metadata={"derived": True})
-
-    @property
-    def template_domain(self) -> str | None:
-        """The literal domain the username template ends in ("{name}@example.org"), if any."""
-        _, at, tail = self.username.rpartition("@")
-        if not at or not tail or "{" in tail or "}" in tail:
-            return None
-        domain = tail.lower()
-        return self.domain_map.get(domain, domain)
-
-    @property
-    def trusted_account_domains(self) -> tuple[str, ...]:
-        """The domains this rule may produce accounts in: ``account_domains``, else
-        ``domains``, else the literal domain of its ``username`` template."""
-        if self.account_domains or self.domains:
-            return self.account_domains or self.domains
-        return (self.template_domain,) if self.template_domain else ()
-
-
-# Mail endpoints a [[domain]] publishes (autoconfig, PACC): protocol -> (rule service,
-# {port: TLS mode} of its registered ports, the port used when none is given).
-ENDPOINT_PROTOCOLS: Mapping[str, tuple[str, Mapping[int, str], int]] = {
-    "imap": ("imap", {993: "tls", 143: "starttls"}, 993),
-    "submission": ("smtp", {465: "tls", 587: "starttls"}, 465),
-    "pop3": ("pop3", {995: "tls", 110: "starttls"}, 995),
-}
-
-
-@dataclass(frozen=True, slots=True)
-class EndpointConfig:
-    """One mail endpoint of a [[domain]]: where clients connect, and how."""
-
-    protocol: str  # "imap" | "submission" | "pop3" | "jmap"
-    host: str  # lower case, IDNA A-labels
-    port: int
-    tls: Literal["tls", "starttls"]  # jmap: always "tls" (https)
-    service: str  # the service name the mail server passes (rules' services)
-    url: str | None = None  # jmap: the session URL
-    path: str = "/"  # jmap: the URL's path (RFC 9728 resource path)
-
-
-@dataclass(frozen=True, slots=True)
-class DomainConfig:
-    """A mail domain whose autoconfig and PACC documents the HTTP listener serves."""
-
-    name: str
-    imap: EndpointConfig | None = None
-    submission: EndpointConfig | None = None
-    pop3: EndpointConfig | None = None
-    jmap: EndpointConfig | None = None
-    submission_service: str = "smtp"
-    client: str | None = None
-    display_name: str | None = None
-    short_name: str | None = None
-    max_age: int = 3600
-
-    @property
-    def endpoints(self) -> tuple[EndpointConfig, ...]:
-        found = (self.imap, self.submission, self.pop3, self.jmap)
-        return tuple(e for e in found if e is not None)
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    server: ServerConfig = field(default_factory=ServerConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    http: HttpConfig = field(default_factory=HttpConfig)
-    providers: tuple[ProviderConfig, ...] = ()
-    rules: tuple[RuleConfig, ...] = ()
-    domains: tuple[DomainConfig, ...] = ()
-    source: str = "<built-in>"
-
-    def provider(self, name: str) -> ProviderConfig:
-        for p in self.providers:
-            if p.name == name:
-                return p
-        raise KeyError(name)
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def resolve_config_path(cli_value: str | None) -> str:
-    return cli_value or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH
-
-
-def load_config(path: str | os.PathLike[str]) -> Config:
-    p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as exc:
-        raise ConfigError("", f"cannot read config file {p}: {exc.strerror}") from None
-    try:
-        st = p.stat()
-    except OSError:  # pragma: no cover - raced with a delete
-        st = None
-    if st is not None and st.st_mode & stat.S_IWOTH:
-        raise ConfigError("", f"{p} is world-writable; refusing to use it (chmod o-w)")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError("", f"{p}: not UTF-8 text") from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise _syntax_error(p, text, exc) from None
-    lines = KeyLines(text)
-    _octal_literal_modes(data, lines)
-    try:
-        return parse_config(data, source=str(p))
-    except ConfigError as exc:
-        line = lines.find(exc.key)
-        if line is not None:
-            exc.location = f"{p} line {line}"
-        raise
-
-
-# --------------------------------------------------------------------------- where a key is
-
-_TABLE_RE = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
-_KEY_RE = re.compile(
-    r"^\s*((?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*')(?:\s*\.\s*(?:[A-Za-z0-9_-]+|\"[^\"]*\"|'[^']*'))*)\s*=(.*)$"
-)
-_INDEXED_RE = re.compile(r"^(.*)\[(\d+)\]$")
-
-
-def _dotted(name: str) -> list[str]:
-    return [
-        part.strip().strip("\"'")
-        for part in re.split(r"\.(?=(?:[^\"']|\"[^\"]*\"|'[^']*')*$)", name)
-    ]
-
-
-def _open_brackets(value: str) -> int:
-    """How many ``[``/``{`` a value line leaves open (outside strings and comments)."""
-    depth, quote = 0, ""
-    for ch in value:
-        if quote:
-            if ch == quote:
-                quote = ""
-        elif ch in "\"'":
-            quote = ch
-        elif ch == "#":
-            break
-        elif ch in "[{":
-            depth += 1
-        elif ch in "]}":
-            depth -= 1
-    return depth
-
-
-class KeyLines:
-    """Where each key of a TOML text is: ``rule[1].audiences`` -> line 23.
-
-    tomllib gives no positions, so this is a light scan of the source: table
-    headers (``[server]``, ``[[rule]]``, ``[rule.claims]``) and ``key =``
-    lines, skipping what is inside multi-line strings and arrays. It only
-    locates; the values come from tomllib.
-    """
-
-    def __init__(self, text: str) -> None:
-        self.lines: dict[str, int] = {}
-        self.values: dict[str, str] = {}
-        counts: dict[str, int] = {}
-        table: list[str] = []
-        depth = 0
-        in_string = ""
-        for number, line in enumerate(text.splitlines(), 1):
-            if in_string:
-                if line.count(in_string) % 2:
-                    in_string = ""
-                continue
-            if depth > 0:
-                depth += _open_brackets(line)
-                continue
-            header = _TABLE_RE.match(line)
-            if header:
-                parts = _dotted(header.group(2))
-                if header.group(1) == "[[":
-                    name = ".".join(parts)
-                    counts[name] = counts.get(name, -1) + 1
-                    table = [*parts[:-1], f"{parts[-1]}[{counts[name]}]"]
-                else:
-                    # [rule.claims] after [[rule]] belongs to the last rule.
-                    table = [
-                        f"{part}[{counts[part]}]" if i == 0 and part in counts else part
-                        for i, part in enumerate(parts)
-                    ]
-                self.lines.setdefault(".".join(table), number)
-                continue
-            assignment = _KEY_RE.match(line)
-            if not assignment:
-                continue
-            key = ".".join([*table, *_dotted(assignment.group(1))])
-            value = assignment.group(2).strip()
-            self.lines.setdefault(key, number)
-            self.values.setdefault(key, value)
-            for quote in ('"""', "'''"):
-                if value.count(quote) % 2:
-                    in_string = quote
-            if not in_string:
-                depth = max(_open_brackets(value), 0)
-
-    def find(self, key: str) -> int | None:
-        """The line of ``key``, else of the nearest enclosing table or key that is there."""
-        parts = key.split(".")
-        while parts:
-            line = self.lines.get(".".join(parts))
-            if line is not None:
-                return line
-            parts.pop()
-        return None
-
-
-_MODE_KEYS = ("auth_socket_mode", "saslauthd_socket_mode", "http_socket_mode")
-
-
-def _octal_literal_modes(data: dict[str, Any], lines: KeyLines) -> None:
-    """``auth_socket_mode = 0o660`` means what it says: pass it on as the string "0660"."""
-    server = data.get("server")
-    if not isinstance(server, dict):
-        return
-    for name in _MODE_KEYS:
-        value = server.get(name)
-        literal = lines.values.get(f"server.{name}", "").split("#")[0].strip().lower()
-        if isinstance(value, int) and literal.startswith("0o"):
-            server[name] = f"0{value:o}"
-
-
-_TOML_POSITION_RE = re.compile(r"\(at line (\d+), column \d+\)")
-
-
-_BARE_WORD_RE = re.compile(r"[A-Za-z_][\w.@:/+-]*")
-
-
-def _bare_word_hint(assignment: re.Match[str] | None) -> str:
-    """``audiences = [mail]``: TOML strings need quotes."""
-    if assignment is None:
-        return ""
-    value = assignment.group(2).split("#")[0].strip()
-    items = [v.strip() for v in value.strip("[]").split(",")] if value.startswith("[") else [value]
-    bare = [v for v in items if _BARE_WORD_RE.fullmatch(v) and v not in ("true", "false")]
-    if not bare:
-        return ""
-    name = assignment.group(1).strip()
-    quoted = ", ".join(f'"{v}"' if v in bare else v for v in items if v)
-    fixed = f"[{quoted}]" if value.startswith("[") else quoted
-    return f"; TOML strings need quotes: {name} = {fixed}"
-
-
-def _syntax_error(path: Path, text: str, exc: tomllib.TOMLDecodeError) -> ConfigError:
-    """A TOML syntax error, with what to write instead where we can tell."""
-    position = _TOML_POSITION_RE.search(str(exc))
-    number = int(position.group(1)) if position else None
-    lines = text.splitlines()
-    line = lines[number - 1] if number and number <= len(lines) else ""
-    assignment = _KEY_RE.match(line)
-    if assignment and re.fullmatch(r"0[0-7]{3,4}\s*(#.*)?", assignment.group(2).strip()):
-        name = assignment.group(1).strip()
-        digits = assignment.group(2).strip().split("#")[0].strip()
-        keys = KeyLines(text)
-        key = next((k for k, n in keys.lines.items() if n == number), name)
-        error = ConfigError(
-            key,
-            f"{digits} is not a TOML number (no leading zeros): write the mode as a "
-            f'string, {name} = "{digits}", or in TOML\'s octal notation, '
-            f"{name} = 0o{digits.lstrip('0')}",
-        )
-    else:
-        error = ConfigError("", f"TOML syntax error: {exc}{_bare_word_hint(assignment)}")
-    if number:
-        error.location = f"{path} line {number}"
-    else:
-        error.message = f"{path}: {error.message}"
-    return error
+# The defaults the parser falls back on are the dataclasses' own: one place each.
+# (The required fields get placeholders; only the defaulted ones are read.)
+_PROVIDER_DEFAULTS = ProviderConfig(name="", issuer="")
+_RULE_DEFAULTS = RuleConfig(name="", provider="")
+_DOMAIN_DEFAULTS = DomainConfig(name="")
 
 
 T = TypeVar("T")
 C = TypeVar("C", bound=str)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 
 
 class _Section:
@@ -651,25 +152,6 @@ def _toml_list(value: str) -> str:
     return "[" + ", ".join(f'"{item}"' for item in items) + "]"
 
 
-def suggest(name: str, known: Iterable[str]) -> str | None:
-    """The known name ``name`` is most likely a misspelling of (difflib), if any."""
-    matches = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
-    return matches[0] if matches else None
-
-
-def unknown_message(name: str, value: Any, known: Iterable[str]) -> str:
-    """What to say about an unknown key: a section or a setting, and the likely intended one."""
-    guess = suggest(name, known)
-    if isinstance(value, dict):
-        text = f"unknown section [{name}] (misspelt?)"
-        return text + (f"; did you mean [{guess}]?" if guess else "")
-    if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-        text = f"unknown section [[{name}]] (misspelt?)"
-        return text + (f"; did you mean [[{guess}]]?" if guess else "")
-    text = "unknown setting (misspelt?)"
-    return text + (f'; did you mean "{guess}"?' if guess else "")
-
-
 def _parse_mode(key: str, v: Any) -> int:
     if isinstance(v, str) and re.fullmatch(r"0?[0-7]{3,4}", v):
         return int(v, 8)
@@ -741,7 +223,7 @@ def _parse_server(data: Any) -> ServerConfig:
         saslauthd_socket_group=s.text("saslauthd_socket_group", None),
         http_listen=tuple(_parse_listen(a) for a in s.texts("http_listen", single=True)),
         http_socket=s.text("http_socket", None) or None,
-        http_socket_mode=0o660
+        http_socket_mode=d.http_socket_mode
         if http_mode_raw is None
         else _parse_mode("server.http_socket_mode", http_mode_raw),
         http_socket_group=s.text("http_socket_group", None),
@@ -862,9 +344,10 @@ def _parse_cache(data: Any) -> CacheConfig:
 
 def _parse_logging(data: Any) -> LoggingConfig:
     s = _Section("logging", data)
+    d = LoggingConfig()
     cfg = LoggingConfig(
-        level=s.choice("level", "info", ("debug", "info", "warning", "error")),
-        format=s.choice("format", "json", ("json", "console")),
+        level=s.choice("level", d.level, LOG_LEVELS),
+        format=s.choice("format", d.format, ("json", "console")),
     )
     s.reject_unknown()
     return cfg
@@ -873,11 +356,11 @@ def _parse_logging(data: Any) -> LoggingConfig:
 def _parse_provider(index: int, data: Any) -> ProviderConfig:
     key = f"provider[{index}]"
     s = _Section(key, data)
-    d_algs = ProviderConfig.__dataclass_fields__["algorithms"].default
+    d = _PROVIDER_DEFAULTS
     name = s.required_str("name")
     if not _NAME_RE.match(name):
         raise ConfigError(f"{key}.name", "use letters, digits, '.', '_' and '-' only")
-    allow_http = s.flag("allow_http", False)
+    allow_http = s.flag("allow_http", d.allow_http)
     issuer = _check_url(f"{key}.issuer", s.required_str("issuer"), allow_http=allow_http)
     discovery_url = s.text("discovery_url", None)
     if discovery_url:
@@ -885,7 +368,7 @@ def _parse_provider(index: int, data: Any) -> ProviderConfig:
     jwks_uri = s.text("jwks_uri", None)
     if jwks_uri:
         _check_url(f"{key}.jwks_uri", jwks_uri, allow_http=allow_http)
-    algorithms = s.texts("algorithms", d_algs)  # type: ignore[arg-type]
+    algorithms = s.texts("algorithms", d.algorithms)
     hmac_secret_file = s.text("hmac_secret_file", None)
     for alg in algorithms:
         if alg in SYMMETRIC_ALGORITHMS:
@@ -941,28 +424,28 @@ def _parse_provider(index: int, data: Any) -> ProviderConfig:
         discovery_url=discovery_url,
         jwks_uri=jwks_uri,
         algorithms=algorithms,
-        leeway=s.number("leeway", 60.0),
+        leeway=s.number("leeway", d.leeway),
         token_types=s.texts("token_types"),
         allow_http=allow_http,
         ca_file=s.text("ca_file", None),
-        jwks_refresh=s.number("jwks_refresh", 3600.0, minimum=10.0),
-        jwks_min_refresh=s.number("jwks_min_refresh", 60.0, minimum=0.0),
-        jwks_cooldown=s.number("jwks_cooldown", 30.0, minimum=0.0),
-        jwks_retry=s.number("jwks_retry", 1.0, minimum=0.1),
+        jwks_refresh=s.number("jwks_refresh", d.jwks_refresh, minimum=10.0),
+        jwks_min_refresh=s.number("jwks_min_refresh", d.jwks_min_refresh, minimum=0.0),
+        jwks_cooldown=s.number("jwks_cooldown", d.jwks_cooldown, minimum=0.0),
+        jwks_retry=s.number("jwks_retry", d.jwks_retry, minimum=0.1),
         hmac_secret_file=hmac_secret_file,
         introspection_endpoint=introspection_endpoint,
         client_id=client_id,
         client_secret_file=client_secret_file,
         introspection_auth=s.choice(
-            "introspection_auth", "client_secret_basic", INTROSPECTION_AUTH_METHODS
+            "introspection_auth", d.introspection_auth, INTROSPECTION_AUTH_METHODS
         ),
-        userinfo=s.flag("userinfo", False),
-        userinfo_validation=s.flag("userinfo_validation", False),
+        userinfo=s.flag("userinfo", d.userinfo),
+        userinfo_validation=s.flag("userinfo_validation", d.userinfo_validation),
         userinfo_endpoint=userinfo_endpoint,
         allowed_tenants=allowed_tenants,
         endpoint_hosts=tuple(h.lower() for h in s.texts("endpoint_hosts")),
-        accept_id_tokens=s.flag("accept_id_tokens", False),
-        force_introspection=s.flag("force_introspection", False),
+        accept_id_tokens=s.flag("accept_id_tokens", d.accept_id_tokens),
+        force_introspection=s.flag("force_introspection", d.force_introspection),
         introspection_cache_ttl=_optional_number(s, "introspection_cache_ttl"),
     )
     if cfg.force_introspection and not cfg.introspects:
@@ -1004,6 +487,7 @@ def _parse_rule(
 ) -> RuleConfig:
     key = f"rule[{index}]"
     s = _Section(key, data)
+    r = _RULE_DEFAULTS
     name = s.text("name", f"rule{index}")
     if not _NAME_RE.match(name):
         raise ConfigError(f"{key}.name", "use letters, digits, '.', '_' and '-' only")
@@ -1030,8 +514,8 @@ def _parse_rule(
             if not isinstance(cv, str | int | bool):
                 raise ConfigError(f"{key}.claims.{ck}", "expected a string, number or boolean")
             claims[ck] = cv
-    username = s.text("username", "{email}")
-    placeholders = _PLACEHOLDER_RE.findall(username)
+    username = s.text("username", r.username)
+    placeholders = PLACEHOLDER_RE.findall(username)
     if not placeholders or any(not p.strip() for p in placeholders):
         raise ConfigError(f"{key}.username", 'expected a template with a "{claim}" placeholder')
     if username.count("{") != len(placeholders) or username.count("}") != len(placeholders):
@@ -1099,20 +583,20 @@ def _parse_rule(
         ports=ports,
         mechanisms=mechanisms,
         remote_networks=tuple(remote_networks),
-        require_secured=s.flag("require_secured", False),
+        require_secured=s.flag("require_secured", r.require_secured),
         username=username,
         domain_map=domain_map,
         account_domains=tuple(d.lower().lstrip("@") for d in s.texts("account_domains")),
-        normalize=s.flag("normalize", True),
-        authzid=s.choice("authzid", "match", ("match", "ignore")),
-        fallback=s.flag("fallback", False),
+        normalize=s.flag("normalize", r.normalize),
+        authzid=s.choice("authzid", r.authzid, ("match", "ignore")),
+        fallback=s.flag("fallback", r.fallback),
         discovery_hint=discovery_hint,
         challenge_scope=_scope_list(f"{key}.challenge_scope", s.text("challenge_scope", None)),
         resource_paths=tuple(p.rstrip("/") or "/" for p in resource_paths),
         referers=referers,
         scopes_supported=s.texts("scopes_supported"),
-        check_audience=s.flag("check_audience", True),
-        trust_unverified_email=s.flag("trust_unverified_email", False),
+        check_audience=s.flag("check_audience", r.check_audience),
+        trust_unverified_email=s.flag("trust_unverified_email", r.trust_unverified_email),
     )
     s.reject_unknown()
     if cfg.check_audience and not (cfg.audiences or cfg.authorized_parties):
@@ -1264,10 +748,11 @@ def _parse_domains(raw: Any) -> tuple[DomainConfig, ...]:
 def _parse_domain(index: int, data: Any) -> DomainConfig:
     key = f"domain[{index}]"
     s = _Section(key, data)
+    d = _DOMAIN_DEFAULTS
     name = _a_label_host(f"{key}.name", s.required_str("name").lstrip("@"))
     if not _DOMAIN_NAME_RE.match(name):
         raise ConfigError(f"{key}.name", f"{name!r}: expected a mail domain such as example.org")
-    submission_service = s.text("submission_service", "smtp").lower()
+    submission_service = s.text("submission_service", d.submission_service).lower()
     if not _NAME_RE.match(submission_service):
         raise ConfigError(f"{key}.submission_service", "expected a service name such as smtp")
     endpoints: dict[str, EndpointConfig | None] = {}
@@ -1297,7 +782,7 @@ def _parse_domain(index: int, data: Any) -> DomainConfig:
     client = s.text("client", None)
     if client is not None and (not client or not client.isprintable()):
         raise ConfigError(f"{key}.client", "expected the OAuth client_id the documents are for")
-    max_age = s.whole("max_age", 3600, minimum=0)
+    max_age = s.whole("max_age", d.max_age, minimum=0)
     if max_age > 86400 * 7:
         raise ConfigError(f"{key}.max_age", "at most 604800 seconds (a week)")
     s.reject_unknown()
@@ -1342,10 +827,12 @@ def _parse_endpoint(key: str, protocol: str, value: str) -> EndpointConfig:
         port = int(port_text)
     else:
         port = default_port
+    tls: TlsMode
     if slash:
-        if mode not in ("tls", "starttls"):
+        named = next((m for m in TLS_MODES if m == mode), None)
+        if named is None:
             raise ConfigError(key, f"{value!r}: expected /tls or /starttls after the port")
-        tls = mode
+        tls = named
     elif port in registered:
         tls = registered[port]
     else:
@@ -1358,7 +845,7 @@ def _parse_endpoint(key: str, protocol: str, value: str) -> EndpointConfig:
         protocol=protocol,
         host=host,
         port=port,
-        tls=tls,  # type: ignore[arg-type]
+        tls=tls,
         service=service,
     )
 
@@ -1384,48 +871,3 @@ def _parse_jmap(key: str, url: str) -> EndpointConfig:
         url=url,
         path=path,
     )
-
-
-# Claims that OpenID Connect (Core §5.1), JWT access tokens (RFC 9068, RFC 7662)
-# and the IdPs the README covers (Kanidm, Authentik, Keycloak, Entra ID, Google)
-# put in tokens or userinfo answers. A username template naming something close
-# to one of these, but not it, is probably a typo ({emial}).
-KNOWN_CLAIMS = frozenset(
-    {
-        # OIDC Core standard claims
-        "sub", "name", "given_name", "family_name", "middle_name", "nickname",
-        "preferred_username", "profile", "picture", "website", "email",
-        "email_verified", "gender", "birthdate", "zoneinfo", "locale", "phone_number",
-        "phone_number_verified", "updated_at",
-        # JWT / access tokens / introspection
-        "iss", "aud", "azp", "client_id", "scope", "jti", "username", "groups", "roles",
-        # Entra ID, Google, Kanidm, Authentik, Keycloak
-        "oid", "tid", "upn", "unique_name", "hd", "spn", "uid", "uuid", "mail", "ak_username",
-        "entitlements",
-    }
-)  # fmt: skip
-
-
-def claim_warnings(cfg: Config) -> list[str]:
-    """Username templates naming a claim no IdP is known to send (a typo, like {emial}?)."""
-    warnings: list[str] = []
-    for i, rule in enumerate(cfg.rules):
-        for body in _PLACEHOLDER_RE.findall(rule.username):
-            claim = body.split("|")[0].strip()
-            if claim in KNOWN_CLAIMS:
-                continue
-            guess = suggest(claim, KNOWN_CLAIMS)
-            head = (
-                f"rule[{i}] ({rule.name}).username: {{{claim}}} is not a claim OpenID "
-                "Connect or the usual IdPs send"
-            )
-            if guess:
-                warnings.append(
-                    f"{head}; did you mean {{{guess}}}? (explain shows a token's claims)"
-                )
-            else:
-                warnings.append(
-                    f"{head}: make sure your IdP adds it to its tokens or userinfo "
-                    "(explain shows a token's claims)"
-                )
-    return warnings
