@@ -255,3 +255,20 @@ def test_equal_values_of_other_types_are_not_shared() -> None:
         assert isinstance(result, VerifiedClaims)
         seen.append(result.claims["email_verified"])
     assert [type(v) for v in seen] == [int, bool, float, str]
+
+
+def test_introspect_claims_adds_claims_for_every_provider() -> None:
+    cfg = parse_config({**_config(), "http": {"introspect_claims": ["groups", "jti"]}})
+    kept = kept_claims(cfg)
+    assert {"groups", "jti"} <= kept["a"] and {"groups", "jti"} <= kept["b"]
+    assert "groups" not in kept_claims(parse_config(_config()))["a"]
+
+
+async def test_a_listed_claim_is_in_the_introspection_answer_cached_or_fresh() -> None:
+    cfg = parse_config({**_config(), "http": {"introspect_claims": ["groups"]}})
+    lookup = FakeLookup(a=ClaimsVerifier(A, {}), b=ClaimsVerifier("https://b.example", {}))
+    engine = Engine(cfg, lookup)
+    req = request(token(**CLAIMS))
+    replies = [introspection_reply(await engine.authenticate(req)) for _ in range(2)]
+    assert lookup.verifiers["a"].calls == 1 and replies[0] == replies[1]
+    assert b'"groups":["mail","staff"]' in replies[0].body and b"jti" not in replies[0].body

@@ -98,7 +98,8 @@ Observer = Callable[[AuthRequest, Verdict, float], None]
 #: Claims a Verdict carries whenever the token has them, whatever the rules read:
 #: what the HTTP answers give (``/introspect``: RFC 7662's members that describe
 #: the token's holder and grant, and the OIDC standard identity claims; Stalwart
-#: reads ``name``). Per-token bookkeeping (``jti``, ``iat``, ``nbf``) is not kept.
+#: reads ``name``), and ``http.introspect_claims``. Per-token bookkeeping
+#: (``jti``, ``iat``, ``nbf``) is not kept unless listed there.
 EXPOSED_CLAIMS = frozenset(
     {
         "iss",
@@ -119,7 +120,8 @@ EXPOSED_CLAIMS = frozenset(
 
 def kept_claims(config: Config) -> dict[str, frozenset[str]]:
     """Per provider, the verified claims anything reads: its rules, the account, the answers."""
-    kept = {p.name: set(EXPOSED_CLAIMS) for p in config.providers}
+    exposed = EXPOSED_CLAIMS | set(config.http.introspect_claims)
+    kept = {p.name: set(exposed) for p in config.providers}
     for rule in config.rules:
         kept[rule.provider] |= condition_claims(rule) | account_claims(rule)
     return {name: frozenset(names) for name, names in kept.items()}
