@@ -52,7 +52,7 @@ async def test_positive_entry_lives_until_min_of_ttl_and_exp() -> None:
     clock = Clock()
     c = cache(clock, ttl=300)
     v = CountingVerifier(ok(clock.now + 60))  # exp sooner than ttl
-    assert await c.verify("p", v, "tok", UNVERIFIED) is v.result
+    assert await c.verify("p", v, "tok", UNVERIFIED) == v.result
     clock.now += 59
     await c.verify("p", v, "tok", UNVERIFIED)
     assert v.calls == 1
@@ -139,7 +139,8 @@ async def test_single_flight_100_concurrent_verifies_one_call() -> None:
         for _ in range(100):
             n.start_soon(one)
     assert v.calls == 1
-    assert len(results) == 100 and all(r is v.result for r in results)
+    assert len(results) == 100 and results[0] == v.result
+    assert all(r is results[0] for r in results)
 
 
 async def test_single_flight_shares_temporary_failure_without_caching_it() -> None:

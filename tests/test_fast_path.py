@@ -34,6 +34,7 @@ from saslauthd_oidc.providers.verification_cache import (
     Lookup,
     VerificationCache,
     cache_key,
+    compact,
     token_digest,
 )
 from saslauthd_oidc.service.metrics import Metrics
@@ -597,6 +598,23 @@ async def test_cached_token_is_not_parsed_and_keeps_the_cache_semantics(
     engine.cache.drop_providers(["a"])  # a reload that changed provider a
     assert decide(good) == first_good
     assert parses.count == 4
+
+
+def test_a_cache_hit_is_not_compacted_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compaction happens once, when an answer is stored; a hit hands out the entry as it is."""
+    cfg = parse_config(CONFIG)
+    lookup = FakeLookup(a=SyncVerifier(A, REJECTIONS), b=SyncVerifier(B, REJECTIONS))
+    engine = Engine(cfg, lookup)
+    compactions = _Calls(compact)
+    monkeypatch.setattr("saslauthd_oidc.providers.verification_cache.compact", compactions)
+    req = request(token(iss=A, aud="web", email="alice@example.org", jti="j1", iat=1))
+    first = engine.start(req)
+    assert isinstance(first, Verdict) and first.ok and compactions.count == 1
+    for _ in range(5):
+        again = engine.start(req)
+        assert isinstance(again, Verdict) and again.claims == first.claims
+    assert compactions.count == 1
+    assert first.claims is not None and "jti" not in first.claims and "iat" not in first.claims
 
 
 async def test_repeated_token_parsed_only_for_a_provider_without_an_answer(

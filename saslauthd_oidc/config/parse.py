@@ -304,6 +304,7 @@ def _parse_http(data: Any, server: ServerConfig) -> HttpConfig:
         metrics=s.flag("metrics", d.metrics),
         stalwart_issuer=stalwart_issuer or None,
         trusted_proxies=tuple(proxies),
+        introspect_claims=s.texts("introspect_claims"),
         max_connections=_optional_whole(s, "max_connections"),
         read_timeout=s.number("read_timeout", d.read_timeout, minimum=0.1),
         write_timeout=s.number("write_timeout", d.write_timeout, minimum=0.1),

@@ -83,6 +83,9 @@ class HttpConfig:
     # Reverse proxies whose X-Forwarded-Host / X-Forwarded-Proto are believed:
     # addresses or networks, and "unix" for the Unix-socket listener. None by default.
     trusted_proxies: tuple[IPv4Network | IPv6Network | Literal["unix"], ...] = ()
+    # Claims /introspect copies from a token besides the standard ones and those
+    # rules read (core.engine.EXPOSED_CLAIMS), e.g. for Dovecot's %{oauth2:groups}.
+    introspect_claims: tuple[str, ...] = ()
     # Denial-of-service bounds of the HTTP listener (saslauthd_oidc.service.limits).
     max_connections: int | None = None  # None: 256, within the descriptor budget
     read_timeout: float = 10.0  # seconds for a request's body to arrive once its head has

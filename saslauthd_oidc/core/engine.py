@@ -40,12 +40,18 @@ import structlog
 import trio
 
 from saslauthd_oidc.config import Config, RuleConfig
-from saslauthd_oidc.core.identity import check_authzid, map_account, template_claims
+from saslauthd_oidc.core.identity import (
+    account_claims,
+    check_authzid,
+    map_account,
+    template_claims,
+)
 from saslauthd_oidc.core.outcome import DiscoveryHint, Outcome, Reason, Refusal, RuleTrace, Verdict
 from saslauthd_oidc.core.request import AuthRequest
 from saslauthd_oidc.core.rules import (
     account_domain_mismatch,
     claim_mismatch,
+    condition_claims,
     context_mismatch,
     discovery_hint,
     ordered,
@@ -87,6 +93,38 @@ Authenticator = Callable[[AuthRequest], Awaitable[Verdict]]
 
 #: Told about every verdict the engine reaches, with its latency (the metrics).
 Observer = Callable[[AuthRequest, Verdict, float], None]
+
+
+#: Claims a Verdict carries whenever the token has them, whatever the rules read:
+#: what the HTTP answers give (``/introspect``: RFC 7662's members that describe
+#: the token's holder and grant, and the OIDC standard identity claims; Stalwart
+#: reads ``name``), and ``http.introspect_claims``. Per-token bookkeeping
+#: (``jti``, ``iat``, ``nbf``) is not kept unless listed there.
+EXPOSED_CLAIMS = frozenset(
+    {
+        "iss",
+        "sub",  # also: a userinfo answer must name the token's subject (merge_userinfo)
+        "aud",
+        "exp",
+        "client_id",
+        "scope",
+        "name",
+        "given_name",
+        "family_name",
+        "preferred_username",
+        "email",
+        "email_verified",
+    }
+)
+
+
+def kept_claims(config: Config) -> dict[str, frozenset[str]]:
+    """Per provider, the verified claims anything reads: its rules, the account, the answers."""
+    exposed = EXPOSED_CLAIMS | set(config.http.introspect_claims)
+    kept = {p.name: set(exposed) for p in config.providers}
+    for rule in config.rules:
+        kept[rule.provider] |= condition_claims(rule) | account_claims(rule)
+    return {name: frozenset(names) for name, names in kept.items()}
 
 
 class TokenVerifier(Protocol):
@@ -198,6 +236,9 @@ class Engine:
         self._hints = {
             id(rule): discovery_hint(rule, self._providers[rule.provider]) for rule in self._rules
         }
+        # Entries keep what this configuration reads (a shared cache drops a
+        # provider's entries when that changes).
+        self.cache.keep(kept_claims(config))
 
     # ------------------------------------------------------------ frontends' API
 
@@ -422,8 +463,7 @@ class Engine:
         result = self.providers.get(provider).verify_now(d.token, unverified)
         if result is None:
             return need
-        self.cache.store(key, provider, result, iss)
-        return result
+        return self.cache.store(key, provider, result, iss)
 
     def _select(
         self,

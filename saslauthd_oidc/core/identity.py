@@ -51,6 +51,14 @@ def template_claims(template: str) -> tuple[str, ...]:
     return tuple(body.split("|")[0].strip() for body in _PLACEHOLDER.findall(template))
 
 
+def account_claims(rule: RuleConfig) -> frozenset[str]:
+    """The claims :func:`map_account` reads for ``rule``: its template's, the e-mail policy's."""
+    names = set(template_claims(rule.username))
+    if "email" in names:
+        names |= {"email_verified", "xms_edov"}
+    return frozenset(names)
+
+
 def render_username(
     template: str, claims: Mapping[str, Any], *, normalize: bool = True
 ) -> str | Refusal:

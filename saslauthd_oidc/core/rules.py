@@ -135,6 +135,14 @@ def token_scopes(claims: Mapping[str, Any]) -> set[str] | None:
     return None
 
 
+def condition_claims(rule: RuleConfig) -> frozenset[str]:
+    """The claims :func:`claim_mismatch` reads for ``rule`` (what a cache entry must keep)."""
+    names = {"aud", "azp", "client_id", *rule.claims}
+    if rule.required_scopes:
+        names |= {"scope", "scp"}
+    return frozenset(names)
+
+
 def claim_mismatch(rule: RuleConfig, claims: Mapping[str, Any]) -> Refusal | None:
     """Why the verified ``claims`` do not satisfy ``rule``'s claim conditions."""
     audiences = _as_list(claims.get("aud"))

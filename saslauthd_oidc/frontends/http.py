@@ -29,16 +29,11 @@ import socket
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
 import structlog
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio.tcp_server import TCPServer
-from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import ConnectionState
-from hypercorn.utils import repr_socket_addr, wrap_app
 
 from saslauthd_oidc.config import Config, HttpConfig
 from saslauthd_oidc.core.autoconfig import (
@@ -71,6 +66,9 @@ from saslauthd_oidc.frontends.asgi import Receive, Scope, Send, acknowledge_life
 from saslauthd_oidc.frontends.http_callers import CallerAuth
 from saslauthd_oidc.frontends.http_replies import Reply, introspection_reply, json_reply
 from saslauthd_oidc.frontends.stalwart import stalwart_discovery
+
+if TYPE_CHECKING:
+    from hypercorn.config import Config as HypercornConfig
 
 __all__ = ["HttpFrontend", "HttpLimits", "serve_http", "stalwart_discovery"]
 
@@ -516,6 +514,10 @@ async def _send_reply(send: Send, reply: Reply) -> None:
 
 
 def hypercorn_config(limits: HttpLimits, graceful_timeout: float) -> HypercornConfig:
+    # hypercorn is imported only where HTTP is served: a daemon without an
+    # HTTP listener never loads it (megabytes of RSS; tests/test_imports.py).
+    from hypercorn.config import Config as HypercornConfig  # noqa: PLC0415
+
     config = HypercornConfig()
     config.accesslog = None  # paths only, but keep one log line per authentication
     config.errorlog = None
@@ -555,6 +557,11 @@ async def serve_http(
     accepting stops, idle keep-alive connections close, and open requests
     get ``graceful_timeout`` to finish.
     """
+    from hypercorn.trio.tcp_server import TCPServer  # noqa: PLC0415
+    from hypercorn.trio.worker_context import WorkerContext  # noqa: PLC0415
+    from hypercorn.typing import ConnectionState  # noqa: PLC0415
+    from hypercorn.utils import repr_socket_addr, wrap_app  # noqa: PLC0415
+
     limits = limits or HttpLimits()
     config = hypercorn_config(limits, graceful_timeout)
     context = WorkerContext(None)

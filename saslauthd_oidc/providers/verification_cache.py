@@ -4,11 +4,12 @@ Results are keyed by (provider, what was asked, SHA-256 of the token): the
 token itself is not kept as a key. What was asked (:class:`Lookup`) is a token
 verification or a userinfo call; a reload drops a provider's entries of both
 kinds. A positive entry lives until min(now + ``ttl``, the token's ``exp``),
-never past ``exp``. Only refusals that cannot turn into an acceptance later are
-cached, for ``negative_ttl``; temporary failures and refusals that a key
-rotation or the clock may change (unknown key, not yet valid) are never
-cached. Concurrent verifications of the same new token share one call to the
-provider (single-flight). Bounded: least recently used entries go first.
+rounded down to a whole second: never past ``exp``. Only refusals that cannot
+turn into an acceptance later are cached, for ``negative_ttl``; temporary
+failures and refusals that a key rotation or the clock may change (unknown
+key, not yet valid) are never cached. Concurrent verifications of the same new
+token share one call to the provider (single-flight). Bounded: least recently
+used entries go first.
 
 The engine asks in two steps: :meth:`VerificationCache.lookup` (synchronous:
 a cached answer or None) and, when it needs the provider, :meth:`VerificationCache.fetch`
@@ -17,17 +18,23 @@ without I/O. Each entry also remembers what the token's unverified ``iss``
 was (:attr:`Entry.iss`), so that a repeated token is narrowed to its
 providers without being parsed again.
 
-Entries are compact (:func:`compact`): the claims of a verified token are
-kept as a tuple of values against a key layout shared by every token of the
-same shape (:class:`CompactClaims`), and the JOSE header as one shared
-read-only mapping per distinct header. Nothing is dropped: the engine and the
-HTTP frontend read exactly the claims they would have read.
+Entries are compact (:func:`compact`): a verified token keeps only the claims
+its provider's rules and the HTTP answers read (:meth:`VerificationCache.keep`,
+given by the engine once per configuration), as a tuple of values against a
+name layout shared by every token of the same shape (:class:`CompactClaims`);
+tokens with the same kept claims (one user's tokens) share one claims object,
+and no JOSE header is kept (nothing reads it after verification). The answer
+the engine gets is the compacted one whether it came from the cache or the
+provider, so a decision or an HTTP answer never depends on a cache hit. When
+a new configuration changes the claims kept for a provider, that provider's
+entries are dropped.
 """
 
 from __future__ import annotations
 
 import enum
 import hashlib
+import math
 import sys
 import time
 from collections import OrderedDict
@@ -72,6 +79,9 @@ class Lookup(enum.Enum):
 OPAQUE: Any = ("opaque",)
 
 
+DIGEST_SIZE = 32  # SHA-256: the first bytes of every cache key
+
+
 def token_digest(token: str) -> bytes:
     """SHA-256 of the token: computed once per request, the root of every cache key."""
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
@@ -96,11 +106,19 @@ def _key(provider: str, token: str, lookup: Lookup = Lookup.TOKEN) -> bytes:
 
 
 # Bounds on the shared layouts: an IdP that mints every token with its own
-# claim names or header cannot grow these; its entries are just not compacted.
+# claim names cannot grow these; its entries are just not compacted.
 MAX_SHAPES = 256
-MAX_HEADERS = 256
 _shapes: dict[tuple[str, ...], dict[str, int]] = {}
-_headers: dict[tuple[tuple[str, Any], ...], Mapping[str, Any]] = {}
+# Claims (and results) shared by tokens whose kept claims are equal: one user's
+# tokens. Bounded by starting afresh when full; entries keep what they share.
+MAX_SHARED = 4096
+_shared_claims: dict[tuple[tuple[str, ...], tuple[Any, ...], tuple[type, ...]], CompactClaims] = {}
+# Keyed by id() of a claims object that the value itself keeps alive.
+_shared_results: dict[tuple[int, float], VerifiedClaims] = {}
+_NO_HEADER: Mapping[str, Any] = MappingProxyType({})
+
+#: The claim names a provider's entries keep; None: every claim.
+Kept = frozenset[str] | None
 
 
 class CompactClaims(Mapping[str, Any]):
@@ -136,49 +154,59 @@ class CompactClaims(Mapping[str, Any]):
         return f"CompactClaims({dict(self)!r})"
 
 
-def _compact_claims(claims: Mapping[str, Any]) -> Mapping[str, Any]:
-    if isinstance(claims, CompactClaims):
+def _compact_claims(claims: Mapping[str, Any], kept: Kept) -> Mapping[str, Any]:
+    if isinstance(claims, CompactClaims) and kept is None:
         return claims
-    names = tuple(claims)
+    names = tuple(claims) if kept is None else tuple(n for n in claims if n in kept)
     index = _shapes.get(names)
     if index is None:
         if len(_shapes) >= MAX_SHAPES:
-            return MappingProxyType(dict(claims))
+            return MappingProxyType({n: claims[n] for n in names})
         index = _shapes[names] = {sys.intern(n): i for i, n in enumerate(names)}
-    return CompactClaims(index, tuple(claims.values()))
-
-
-def _shared_header(header: Mapping[str, Any]) -> Mapping[str, Any]:
+    values = tuple([claims[n] for n in names])
+    # With the types: 1 == True == 1.0 as dict keys, but email_verified = 1 is not true.
+    key = (names, values, tuple([type(v) for v in values]))
     try:
-        key = tuple(header.items())
-        shared = _headers.get(key)
-    except TypeError:  # a value that cannot be hashed (a nested object)
-        return MappingProxyType(dict(header))
+        shared = _shared_claims.get(key)
+    except TypeError:  # a value that cannot be hashed (a list, an object): not shared
+        return CompactClaims(index, values)
     if shared is None:
-        shared = MappingProxyType(dict(header))
-        if len(_headers) < MAX_HEADERS:
-            _headers[key] = shared
+        if len(_shared_claims) >= MAX_SHARED:
+            _shared_claims.clear()
+        shared = _shared_claims[key] = CompactClaims(index, values)
     return shared
 
 
-def compact(result: Result) -> Result:
-    """What a cache entry keeps of ``result``: the same claims and header, in less memory."""
+def compact(result: Result, kept: Kept = None) -> Result:
+    """What a cache entry keeps of ``result``: the ``kept`` claims (None: all), no header."""
     if isinstance(result, Refusal):
         return result
-    return VerifiedClaims(
-        _compact_claims(result.claims), _shared_header(result.header), result.expires_at
-    )
+    claims = _compact_claims(result.claims, kept)
+    key = (id(claims), result.expires_at)
+    shared = _shared_results.get(key)
+    if shared is None or shared.claims is not claims:
+        shared = VerifiedClaims(claims, _NO_HEADER, result.expires_at)
+        if isinstance(claims, CompactClaims):
+            if len(_shared_results) >= MAX_SHARED:
+                _shared_results.clear()
+            _shared_results[key] = shared
+    return shared
 
 
 class Verifier(Protocol):
     async def verify(self, token: str, unverified: UnverifiedToken | None) -> Result: ...
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
+    """One cached answer; whose it is (provider, kind) is in its key, not here.
+
+    Read-only and shared: the entries of one user's tokens that end in the
+    same second are one object (``until`` is whole seconds, rounded down).
+    """
+
     result: Result
     until: float
-    provider: str  # whose answer it is (the key is a hash): a reload drops by provider
     #: The token's unverified ``iss`` claim as :func:`~.jwt.peek` read it, or
     #: :data:`OPAQUE`: lets a repeated token skip parsing.
     iss: Any = None
@@ -198,6 +226,9 @@ class VerificationCache:
         self._clock = clock
         self._entries: OrderedDict[bytes, Entry] = OrderedDict()
         self._flights: dict[bytes, _Flight] = {}
+        self._kept: dict[str, frozenset[str]] = {}
+        # Entries alike, by (id(result), until, id(iss)); each value keeps those alive.
+        self._alike: dict[tuple[int, float, int], Entry] = {}
         self.hits = 0
         self.misses = 0
 
@@ -207,6 +238,24 @@ class VerificationCache:
     @property
     def enabled(self) -> bool:
         return self._max > 0
+
+    def keep(self, claims: Mapping[str, frozenset[str]]) -> int:
+        """Keep only ``claims[provider]`` of each provider's verified tokens (others: all).
+
+        A provider whose set changes loses its entries (an entry may lack a
+        claim that is needed now); returns how many were dropped.
+        """
+        changed = [
+            name for name in {*self._kept, *claims} if self._kept.get(name) != claims.get(name)
+        ]
+        self._kept = {
+            name: frozenset(sys.intern(n) for n in names) for name, names in claims.items()
+        }
+        return self.drop_providers(changed) if changed else 0
+
+    def compact(self, provider: str, result: Result) -> Result:
+        """``result`` as an entry of ``provider`` keeps it (what the engine decides on)."""
+        return compact(result, self._kept.get(provider))
 
     def lookup(self, key: bytes) -> Entry | None:
         """The live entry under ``key`` (counted as a hit), or None; never any I/O."""
@@ -229,7 +278,7 @@ class VerificationCache:
     ) -> Result:
         """The cached answer, the answer of a fetch already under way, or ``call()``'s (stored)."""
         if self._max <= 0:
-            return await call()
+            return self.compact(provider, await call())
         entry = self.lookup(key)
         if entry is not None:
             return entry.result
@@ -244,21 +293,25 @@ class VerificationCache:
         flight = _Flight()
         self._flights[key] = flight
         try:
-            result = await call()
+            result = self.compact(provider, await call())
             flight.result = result
-            self._put(key, provider, result, iss)
+            self._put(key, result, iss)
             return result
         finally:
             if self._flights.get(key) is flight:
                 del self._flights[key]
             flight.done.set()
 
-    def store(self, key: bytes, provider: str, result: Result, iss: Any = None) -> None:
-        """Keep an answer the engine got without I/O (counted as a miss), as :meth:`fetch` would."""
-        if self._max <= 0:
-            return
-        self.misses += 1
-        self._put(key, provider, result, iss)
+    def store(self, key: bytes, provider: str, result: Result, iss: Any = None) -> Result:
+        """Keep an answer the engine got without I/O (a miss), as :meth:`fetch` would.
+
+        Returns it compacted, as :meth:`fetch` returns its answers.
+        """
+        result = self.compact(provider, result)
+        if self._max > 0:
+            self.misses += 1
+            self._put(key, result, iss)
+        return result
 
     async def verify(
         self, provider: str, verifier: Verifier, token: str, unverified: UnverifiedToken | None
@@ -268,7 +321,7 @@ class VerificationCache:
             _key(provider, token), provider, lambda: verifier.verify(token, unverified)
         )
 
-    def _put(self, key: bytes, provider: str, result: Result, iss: Any) -> None:
+    def _put(self, key: bytes, result: Result, iss: Any) -> None:
         now = self._clock()
         if isinstance(result, VerifiedClaims):
             until = min(now + self._ttl, result.expires_at)
@@ -276,23 +329,31 @@ class VerificationCache:
             until = now + self._negative_ttl
         else:
             return
+        until = float(math.floor(until))  # never later than exp; lets entries be shared
         if until <= now:
             return
-        self._entries[key] = Entry(compact(result), until, sys.intern(provider), iss)
+        alike = (id(result), until, id(iss))
+        entry = self._alike.get(alike)
+        if entry is None or entry.result is not result or entry.iss is not iss:
+            if len(self._alike) >= MAX_SHARED:
+                self._alike.clear()
+            entry = self._alike[alike] = Entry(result, until, iss)
+        self._entries[key] = entry
         self._entries.move_to_end(key)
         while len(self._entries) > self._max:
             self._entries.popitem(last=False)
 
     def clear(self) -> None:
         self._entries.clear()
+        self._alike.clear()
 
     def drop_providers(self, names: Collection[str]) -> int:
         """Forget what providers ``names`` said (removed or reconfigured); returns how many.
 
         Their userinfo answers go with them.
         """
-        gone = set(names)
-        doomed = [k for k, e in self._entries.items() if e.provider in gone]
+        gone = {key_suffix(name, lookup) for name in names for lookup in Lookup}
+        doomed = [k for k in self._entries if k[DIGEST_SIZE:] in gone]
         for key in doomed:
             del self._entries[key]
         return len(doomed)

@@ -18,12 +18,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import structlog
 import trio
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from saslauthd_oidc.config import Config, ConfigError, load_config
 from saslauthd_oidc.core.engine import Engine
@@ -49,6 +48,9 @@ from saslauthd_oidc.service.listeners import (
 from saslauthd_oidc.service.logs import configure_logging
 from saslauthd_oidc.service.metrics import Metrics
 from saslauthd_oidc.service.systemd import Notifier
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 log = structlog.get_logger("saslauthd_oidc.daemon")
 
@@ -254,7 +256,7 @@ async def run_daemon(
             cache = VerificationCache(config.cache)
             metrics = Metrics(registry, cache)
             engine = Engine(config, registry, cache=cache, observe=metrics.observe)
-            metrics.registry.register(ConnectionCollector(tables, nofile))
+            metrics.register(ConnectionCollector(tables, nofile))
             current = Current(engine)
             authenticate = current.authenticate
             readiness = Readiness(registry, config.http.readyz_grace)
@@ -390,7 +392,7 @@ def descriptor_caps(config: Config, listeners: Listeners) -> tuple[Caps, int]:
     return caps, limit
 
 
-class ConnectionCollector(Collector):
+class ConnectionCollector:
     """``/metrics``: connections held, their caps and evictions per listener; the fd limit."""
 
     def __init__(self, tables: Mapping[str, ConnectionTable], nofile: int) -> None:
@@ -398,6 +400,9 @@ class ConnectionCollector(Collector):
         self._nofile = nofile
 
     def collect(self) -> Iterator[Metric]:
+        # At scrape time only (service.metrics): prometheus_client is not loaded at start-up.
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily  # noqa: PLC0415
+
         held = GaugeMetricFamily(
             "saslauthd_oidc_connections", "Connections held, by listener", labels=["listener"]
         )

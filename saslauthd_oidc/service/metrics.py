@@ -6,7 +6,9 @@ it only adds to plain integers in a dict keyed by the label values: no
 ``labels()`` lookup, no lock, no histogram object; the Prometheus families
 are built from those integers at scrape time. Provider requests (discovery,
 keys, introspection, userinfo) and cache hits are read at scrape time from the
-counters the providers and the verification cache already keep. Labels are
+counters the providers and the verification cache already keep.
+prometheus_client itself is imported at the first scrape, not at start-up: a
+daemon nobody scrapes never loads it. Labels are
 bounded by construction: outcome and reason are closed enums, rule names come
 from the config, mechanism is an enum, frontend a fixed set of names. Never a
 user or a token.
@@ -16,20 +18,14 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from typing import Protocol
-
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.registry import Collector
+from typing import TYPE_CHECKING, Protocol
 
 from saslauthd_oidc.core.outcome import Reason, Verdict
 from saslauthd_oidc.core.request import AuthRequest, Mechanism
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -55,6 +51,12 @@ class CacheStats(Protocol):
     def __len__(self) -> int: ...
 
 
+class Collects(Protocol):
+    """What a registry scrapes (a ``prometheus_client`` collector, by its shape)."""
+
+    def collect(self) -> Iterable[Metric]: ...
+
+
 class _Latency:
     """One frontend's latency histogram as plain numbers (Prometheus ``le`` buckets)."""
 
@@ -71,13 +73,29 @@ class Metrics:
     def __init__(
         self, providers: Iterable[ProviderStats] = (), cache: CacheStats | None = None
     ) -> None:
-        self.registry = CollectorRegistry()
+        self._registry: CollectorRegistry | None = None
         #: (reason, rule, mechanism, frontend) -> authentications; the outcome follows the reason.
         self._auths: dict[tuple[Reason, str | None, Mechanism, str], int] = {}
         self._latency: dict[str, _Latency] = {}
         self._state = _StateCollector(list(providers), cache)
-        self.registry.register(_AuthCollector(self))
-        self.registry.register(self._state)
+        self._collectors: list[Collects] = [_AuthCollector(self), self._state]
+
+    def register(self, collector: Collects) -> None:
+        """Scrape ``collector`` too (its ``collect`` runs at scrape time only)."""
+        self._collectors.append(collector)
+        if self._registry is not None:
+            self._registry.register(collector)
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The Prometheus registry, built (and prometheus_client imported) when first needed."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry  # noqa: PLC0415
+
+            self._registry = CollectorRegistry()
+            for collector in self._collectors:
+                self._registry.register(collector)
+        return self._registry
 
     def track_providers(self, providers: Iterable[ProviderStats]) -> None:
         """Read these providers from now on (the daemon's providers after a reload)."""
@@ -96,16 +114,26 @@ class Metrics:
         latency.total += seconds
 
     def render(self) -> tuple[bytes, str]:
+        from prometheus_client.exposition import (  # noqa: PLC0415
+            CONTENT_TYPE_LATEST,
+            generate_latest,
+        )
+
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-class _AuthCollector(Collector):
+class _AuthCollector:
     """The authentication counters and latency histograms, built at scrape time."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import (  # noqa: PLC0415
+            CounterMetricFamily,
+            HistogramMetricFamily,
+        )
+
         auths = CounterMetricFamily(
             "saslauthd_oidc_authentications",
             "Authentications by outcome, reason, rule, mechanism and frontend",
@@ -131,12 +159,14 @@ class _AuthCollector(Collector):
         yield latency
 
 
-class _StateCollector(Collector):
+class _StateCollector:
     def __init__(self, providers: list[ProviderStats], cache: CacheStats | None) -> None:
         self.providers = providers
         self._cache = cache
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily  # noqa: PLC0415
+
         fetches = CounterMetricFamily(
             "saslauthd_oidc_provider_fetches",
             "Key-set refreshes (discovery + JWKS) attempted, per provider",

@@ -44,17 +44,18 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import parse_qsl, unquote
 
 import trio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm, get_default_algorithms
 
 from saslauthd_oidc.frontends.asgi import Receive, Scope, Send, acknowledge_lifespan
+
+if TYPE_CHECKING:
+    from hypercorn.config import Config as HypercornConfig
 
 SUPPORTED_ALGORITHMS = ("RS256", "PS256", "ES256", "EdDSA")
 JWKS_PATH = "/jwks.json"
@@ -444,6 +445,9 @@ class DevIssuer:
         Plain HTTP, or HTTPS when ``certfile``/``keyfile`` are given (``url``
         then starts with ``https://``).
         """
+        # Imported here: `serve` imports this module (through devmode) and needs no hypercorn.
+        from hypercorn.config import Config as HypercornConfig  # noqa: PLC0415
+
         config = HypercornConfig()
         if certfile:
             config.certfile, config.keyfile = certfile, keyfile
@@ -462,6 +466,8 @@ class DevIssuer:
     async def _run_hypercorn(
         self, config: HypercornConfig, *, task_status: trio.TaskStatus[list[str]]
     ) -> None:
+        from hypercorn.trio import serve as hypercorn_serve  # noqa: PLC0415
+
         assert self._shutdown is not None
         app: Any = self  # a plain ASGI callable; hypercorn's typing wants its TypedDicts
         await hypercorn_serve(
