@@ -1,0 +1,183 @@
+"""Stopping: SIGTERM while requests wait on a slow IdP; every client gets its reply.
+
+The daemon's stop waits (bounded by ``request_timeout`` and its margin) until
+every request in flight is decided and its reply written, as the frontends
+report it; it needs no testing helper for that.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import os
+import signal
+import socket
+import struct
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+import saslauthd_oidc
+from saslauthd_oidc.config import parse_config
+from saslauthd_oidc.service.daemon import FRONTEND_DEADLINE_MARGIN, run_daemon
+from saslauthd_oidc.tools.devissuer import DevIssuer
+from tests.peers.dovecot_client import LineClient
+from tests.support import oauthbearer
+
+USER = "alice@example.org"
+REQUEST_TIMEOUT = 4.0
+IDP_DELAY = 1.0  # per IdP answer: discovery, then the keys
+
+
+def counted(*fields: str) -> bytes:
+    return b"".join(struct.pack("!H", len(f.encode())) + f.encode() for f in fields)
+
+
+async def saslauthd_reply(stream: trio.SocketStream) -> bytes:
+    data = b""
+    while len(data) < 2 or len(data) < 2 + struct.unpack("!H", data[:2])[0]:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data[2:]
+
+
+@pytest.mark.parametrize("dovecot_clients", [1, 4])
+async def test_sigterm_with_requests_in_flight_answers_them_all_then_exits(
+    nursery: trio.Nursery, dovecot_clients: int
+) -> None:
+    issuer = DevIssuer(algorithms=("ES256",))
+    await nursery.start(issuer.serve)
+    assert issuer.issuer
+    directory = Path(os.environ.get("TMPDIR", "/tmp")) / f"sd{os.getpid()}-{dovecot_clients}"
+    directory.mkdir(exist_ok=True)
+    auth, sasl = str(directory / "auth"), str(directory / "sasl")
+    config = parse_config(
+        {
+            "server": {
+                "auth_socket": auth,
+                "saslauthd_socket": sasl,
+                "request_timeout": REQUEST_TIMEOUT,
+            },
+            "provider": [{"name": "dev", "issuer": issuer.issuer, "allow_http": True}],
+            "rule": [
+                {"name": "mail", "provider": "dev", "audiences": ["mail"], "username": "{email}"}
+            ],
+        }
+    )
+    issuer.delay = IDP_DELAY  # the keys are not there when the requests arrive
+    stopped = trio.Event()
+
+    async def daemon(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await run_daemon(config, task_status=task_status, handle_signals=True)
+        stopped.set()
+
+    await nursery.start(daemon)
+    token = issuer.mint({"aud": "mail", "email": USER})
+    resp = base64.b64encode(oauthbearer(token, USER)).decode()
+    clients = []
+    for _ in range(dovecot_clients):
+        client = LineClient(await trio.open_unix_socket(auth))
+        await client.handshake()
+        await client.send(f"AUTH\t1\tOAUTHBEARER\tservice=smtp\tresp={resp}")
+        clients.append(client)
+    cyrus = await trio.open_unix_socket(sasl)
+    await cyrus.send_all(counted(USER, token, "imap", ""))
+    await trio.testing.wait_all_tasks_blocked()  # every request waits on the IdP
+    assert issuer.requests  # the first fetch is under way, not answered yet
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    with trio.fail_after(REQUEST_TIMEOUT + FRONTEND_DEADLINE_MARGIN + 1):
+        for client in clients:
+            assert await client.line() == f"OK\t1\tuser={USER}"
+        assert await saslauthd_reply(cyrus) == b"OK ok"
+        await stopped.wait()
+    for client in clients:  # and then the connection closes
+        assert client.buffer == b"" and await client.stream.receive_some(4096) == b""
+    for path in (auth, sasl):
+        Path(path).unlink(missing_ok=True)
+    directory.rmdir()
+
+
+async def test_sigterm_waits_for_a_reply_the_client_has_not_taken_yet(
+    nursery: trio.Nursery, socket_path: str
+) -> None:
+    """A verdict decided while the client's socket is full is owed until the client reads it."""
+    issuer = DevIssuer(algorithms=("ES256",))
+    await nursery.start(issuer.serve)
+    assert issuer.issuer
+    config = parse_config(
+        {
+            "server": {"auth_socket": socket_path, "request_timeout": REQUEST_TIMEOUT},
+            "provider": [{"name": "dev", "issuer": issuer.issuer, "allow_http": True}],
+            "rule": [
+                {"name": "mail", "provider": "dev", "audiences": ["mail"], "username": "{email}"}
+            ],
+        }
+    )
+    issuer.delay = IDP_DELAY
+    stopped = trio.Event()
+
+    async def daemon(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await run_daemon(config, task_status=task_status, handle_signals=True)
+        stopped.set()
+
+    await nursery.start(daemon)
+    raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw.connect(socket_path)
+    raw.setblocking(False)
+    client = LineClient(trio.SocketStream(trio.socket.from_stdlib_socket(raw)))
+    await client.handshake()
+    resp = base64.b64encode(oauthbearer(issuer.mint({"aud": "mail", "email": USER}), USER))
+    await client.send(f"AUTH\t1\tOAUTHBEARER\tservice=smtp\tresp={resp.decode()}")
+    await trio.testing.wait_all_tasks_blocked()
+    # Requests refused at once, their replies never read, till the daemon's sends block
+    # and it stops reading from us.
+    rid, unsent = 2, b""
+    while True:
+        if not unsent:
+            unsent = "".join(
+                f"AUTH\t{r}\tNOPE\tservice=smtp\n" for r in range(rid, rid + 100)
+            ).encode()
+            rid += 100
+        try:
+            unsent = unsent[raw.send(unsent) :]
+            continue
+        except BlockingIOError:
+            await trio.testing.wait_all_tasks_blocked()
+        try:
+            unsent = unsent[raw.send(unsent) :]
+        except BlockingIOError:
+            break
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    # The slow IdP answers meanwhile and request 1 is decided; its reply waits behind
+    # those we did not read.
+    await trio.sleep(2 * IDP_DELAY + 0.5)
+    assert not stopped.is_set()
+    with trio.fail_after(REQUEST_TIMEOUT + FRONTEND_DEADLINE_MARGIN + 1):
+        while (line := await client.line()).startswith("FAIL"):
+            pass
+        assert line == f"OK\t1\tuser={USER}"
+        await stopped.wait()
+    raw.close()
+
+
+def test_the_package_never_imports_trio_testing() -> None:
+    """A helper for tests only (it pulls in pytest when installed): never the daemon's."""
+    root = Path(saslauthd_oidc.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            if any(n == "trio.testing" or n.startswith("trio.testing.") for n in names):
+                found.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert found == []
+    assert "trio.testing" not in (root / "service" / "daemon.py").read_text()
