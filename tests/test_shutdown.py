@@ -14,6 +14,7 @@ import signal
 import socket
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -45,6 +46,30 @@ async def saslauthd_reply(stream: trio.SocketStream) -> bytes:
     return data[2:]
 
 
+async def start_daemon(
+    nursery: trio.Nursery, issuer: DevIssuer, server: dict[str, Any]
+) -> trio.Event:
+    """The daemon (signals handled) on ``server``'s sockets; the event is set once it returned."""
+    config = parse_config(
+        {
+            "server": {**server, "request_timeout": REQUEST_TIMEOUT},
+            "provider": [{"name": "dev", "issuer": issuer.issuer, "allow_http": True}],
+            "rule": [
+                {"name": "mail", "provider": "dev", "audiences": ["mail"], "username": "{email}"}
+            ],
+        }
+    )
+    issuer.delay = IDP_DELAY  # the keys are not there when the requests arrive
+    stopped = trio.Event()
+
+    async def daemon(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+        await run_daemon(config, task_status=task_status, handle_signals=True)
+        stopped.set()
+
+    await nursery.start(daemon)
+    return stopped
+
+
 @pytest.mark.parametrize("dovecot_clients", [1, 4])
 async def test_sigterm_with_requests_in_flight_answers_them_all_then_exits(
     nursery: trio.Nursery, dovecot_clients: int
@@ -55,27 +80,7 @@ async def test_sigterm_with_requests_in_flight_answers_them_all_then_exits(
     directory = Path(os.environ.get("TMPDIR", "/tmp")) / f"sd{os.getpid()}-{dovecot_clients}"
     directory.mkdir(exist_ok=True)
     auth, sasl = str(directory / "auth"), str(directory / "sasl")
-    config = parse_config(
-        {
-            "server": {
-                "auth_socket": auth,
-                "saslauthd_socket": sasl,
-                "request_timeout": REQUEST_TIMEOUT,
-            },
-            "provider": [{"name": "dev", "issuer": issuer.issuer, "allow_http": True}],
-            "rule": [
-                {"name": "mail", "provider": "dev", "audiences": ["mail"], "username": "{email}"}
-            ],
-        }
-    )
-    issuer.delay = IDP_DELAY  # the keys are not there when the requests arrive
-    stopped = trio.Event()
-
-    async def daemon(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await run_daemon(config, task_status=task_status, handle_signals=True)
-        stopped.set()
-
-    await nursery.start(daemon)
+    stopped = await start_daemon(nursery, issuer, {"auth_socket": auth, "saslauthd_socket": sasl})
     token = issuer.mint({"aud": "mail", "email": USER})
     resp = base64.b64encode(oauthbearer(token, USER)).decode()
     clients = []
@@ -109,23 +114,7 @@ async def test_sigterm_waits_for_a_reply_the_client_has_not_taken_yet(
     issuer = DevIssuer(algorithms=("ES256",))
     await nursery.start(issuer.serve)
     assert issuer.issuer
-    config = parse_config(
-        {
-            "server": {"auth_socket": socket_path, "request_timeout": REQUEST_TIMEOUT},
-            "provider": [{"name": "dev", "issuer": issuer.issuer, "allow_http": True}],
-            "rule": [
-                {"name": "mail", "provider": "dev", "audiences": ["mail"], "username": "{email}"}
-            ],
-        }
-    )
-    issuer.delay = IDP_DELAY
-    stopped = trio.Event()
-
-    async def daemon(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await run_daemon(config, task_status=task_status, handle_signals=True)
-        stopped.set()
-
-    await nursery.start(daemon)
+    stopped = await start_daemon(nursery, issuer, {"auth_socket": socket_path})
     raw = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     raw.connect(socket_path)
     raw.setblocking(False)
@@ -172,11 +161,12 @@ def test_the_package_never_imports_trio_testing() -> None:
     found = []
     for path in sorted(root.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names: list[str] = []
             if isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            else:
+                continue
             if any(n == "trio.testing" or n.startswith("trio.testing.") for n in names):
                 found.append(f"{path.relative_to(root)}:{node.lineno}")
     assert found == []
