@@ -252,15 +252,16 @@ class Reactor:
                 await trio.lowlevel.checkpoint()  # the rest of the process gets its turn
             else:
                 await trio.lowlevel.wait_readable(epfd)
+            # Those with requests left from earlier rounds go after the ready ones;
+            # one backlogged in this round waits for the next.
+            waiting, self._backlog = self._backlog, []
             for fd, events in epoll.poll(0):
                 conn = self._conns.get(fd)
                 if conn is not None:
                     self._ready(conn, events)
-            if self._backlog:
-                waiting, self._backlog = self._backlog, []
-                for conn in waiting:
-                    if self._conns.get(conn.fd) is conn:
-                        self._work(conn)
+            for conn in waiting:
+                if self._conns.get(conn.fd) is conn:
+                    self._work(conn)
 
     def _ready(self, conn: _Conn, events: int) -> None:
         if events & _OUT:
