@@ -114,7 +114,7 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         #: Called once when the stream is gone: cancels its task, or (a
         #: connection the Dovecot reactor serves) takes it off the reactor.
         self.on_gone = on_gone
-        self._ops: set[trio.CancelScope] = set()
+        self._ops: set[trio.CancelScope] | None = None  # made by the first timed send
 
     @property
     def socket(self) -> Any:
@@ -130,7 +130,7 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         if self.gone:
             return
         self.gone = True
-        for scope in list(self._ops):
+        for scope in list(self._ops or ()):
             scope.cancel()
         if self.on_gone is not None:
             self.on_gone()
@@ -152,6 +152,8 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         # A scope of our own, inside whatever shields the caller puts around
         # the send (hypercorn does): the deadline and abort() reach it.
         scope = trio.CancelScope(deadline=trio.current_time() + self._write_timeout)
+        if self._ops is None:
+            self._ops = set()
         self._ops.add(scope)
         try:
             with scope:
@@ -195,7 +197,7 @@ class GuardedStream(trio.abc.HalfCloseableStream):
 
 
 class _Connection:
-    __slots__ = ("done", "peer", "scope", "stream", "table")
+    __slots__ = ("_done", "peer", "released", "scope", "stream", "table")
 
     def __init__(
         self,
@@ -208,7 +210,16 @@ class _Connection:
         self.peer = peer
         self.scope = scope
         self.table = table
-        self.done = trio.Event()
+        self.released = False
+        self._done: trio.Event | None = None  # made only for someone who waits (an eviction)
+
+    async def wait_released(self) -> None:
+        if self.released:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._done is None:
+            self._done = trio.Event()
+        await self._done.wait()
 
     async def release(self) -> None:
         """Close the descriptor and take the connection off its table (whoever served it)."""
@@ -217,7 +228,9 @@ class _Connection:
         finally:
             if self.table is not None:
                 self.table.remove(self)
-            self.done.set()
+            self.released = True
+            if self._done is not None:
+                self._done.set()
 
 
 #: A connection handed over whole (to the Dovecot reactor) instead of getting a task.
@@ -376,7 +389,7 @@ async def serve_connections(
                     victim.stream.abort()
                     # One descriptor over the cap at most: the victim is closed first.
                     with trio.move_on_after(1.0):
-                        await victim.done.wait()
+                        await victim.wait_released()
             scope = trio.CancelScope()
             stream = GuardedStream(raw, write_timeout=write_timeout, on_gone=scope.cancel)
             connection = _Connection(stream, peer, scope, table)

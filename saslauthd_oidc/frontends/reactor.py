@@ -68,6 +68,7 @@ class _Conn:
         "owed",
         "proto",
         "raw",
+        "reactor",
         "read_deadline",
         "record",
         "send_deadline",
@@ -75,8 +76,13 @@ class _Conn:
     )
 
     def __init__(
-        self, record: Connection, raw: socket.socket, proto: DovecotServerConnection
+        self,
+        reactor: Reactor,
+        record: Connection,
+        raw: socket.socket,
+        proto: DovecotServerConnection,
     ) -> None:
+        self.reactor = reactor
         self.record = record
         self.raw = raw
         self.fd = raw.fileno()
@@ -88,6 +94,10 @@ class _Conn:
         self.read_deadline = math.inf
         self.send_deadline = math.inf
         self.tasks: set[trio.CancelScope] | None = None
+
+    def gone(self) -> None:
+        """The stream's ``on_gone`` (a bound method is smaller than a closure)."""
+        self.reactor._gone(self)
 
 
 class Answering(Protocol):
@@ -150,8 +160,8 @@ class Reactor:
             return False
         raw.setblocking(False)
         proto = make_proto()
-        conn = _Conn(record, raw, proto)
-        record.stream.on_gone = lambda: self._gone(conn)
+        conn = _Conn(self, record, raw, proto)
+        record.stream.on_gone = conn.gone
         self._conns[conn.fd] = conn
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         conn.mask = _IN
