@@ -12,6 +12,7 @@ import socket
 from collections.abc import Iterator, MutableMapping
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 from structlog.testing import capture_logs
@@ -19,6 +20,7 @@ from structlog.testing import capture_logs
 from saslauthd_oidc.core.engine import Pending, unanswered
 from saslauthd_oidc.core.outcome import Reason, Verdict
 from saslauthd_oidc.core.request import AuthRequest
+from saslauthd_oidc.frontends import reactor
 from saslauthd_oidc.frontends.accept import ConnectionTable
 from saslauthd_oidc.frontends.dovecot import serve_dovecot_listener
 from saslauthd_oidc.frontends.reactor import EVENTS_PER_ROUND
@@ -159,6 +161,26 @@ async def test_a_client_that_does_not_read_is_cut_off_and_others_are_served(
     assert [e["event"] for e in logs if "timeout" in e["event"]] == ["send_timeout"]
     await trio.testing.wait_all_tasks_blocked()
     assert len(table) == 1
+
+
+async def test_replies_made_before_the_client_closed_its_side_all_go_out(
+    nursery: trio.Nursery, socket_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More replies than the socket holds, then EOF: the rest is written before closing."""
+    # Read all of it (EOF included) before the client reads a reply: no backpressure here.
+    monkeypatch.setattr(reactor, "OUTPUT_LIMIT", 1 << 30)
+    await listen(nursery, socket_path, Steps())
+    client = await connected(socket_path)
+    count = 16000  # refused at once (no such mechanism): ~600 KB of replies
+    await client.send(*(f"AUTH\t{rid}\tNOPE\tservice=smtp" for rid in range(1, count + 1)))
+    await client.stream.send_eof()
+    await trio.testing.wait_all_tasks_blocked()  # the daemon's sends are blocked
+    replies = []
+    with trio.fail_after(10):
+        while (line := await client.line()) is not None:
+            replies.append(line)
+    assert len(replies) == count
+    assert all(r.startswith(f"FAIL\t{i}\t") for i, r in enumerate(replies, 1))
 
 
 # ------------------------------------------------------------------- fairness

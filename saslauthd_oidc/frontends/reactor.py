@@ -5,10 +5,10 @@ reactor task waits for its own ``select.epoll`` descriptor to be readable
 (the public ``trio.lowlevel.wait_readable``), takes every ready connection
 from ``epoll.poll(0)`` and serves it inline: one ``recv``, the sans-I/O
 protocol (:mod:`saslauthd_oidc.protocol.dovecot`), the engine's ``start``,
-one ``send``. An idle connection is a few objects, not a task. What each
-verdict means on the wire is :mod:`.dovecot`'s (:class:`~.dovecot.Answers`);
-the accept loop (:mod:`.accept`) hands connections over and gets them back
-closed.
+one ``send``. An idle connection is a few objects, not a task. The
+engine's steps come through :class:`Answering` (:mod:`.dovecot` wraps the
+engine with the connection's catch-all); the accept loop (:mod:`.accept`)
+hands connections over and gets them back closed.
 
 * A request that needs I/O is finished in a task of the reactor's nursery;
   its reply goes into the connection's output, sent at once if the socket
@@ -139,9 +139,6 @@ class Reactor:
         self._scope = trio.CancelScope()
         self._idle = trio.Event()
         self._idle.set()
-
-    def __len__(self) -> int:
-        return len(self._conns)
 
     async def wait_empty(self) -> None:
         while self._conns:
@@ -312,9 +309,8 @@ class Reactor:
                 self._work(conn)
                 return
         self._flush(conn)
-        if proto.closed and self._conns.get(conn.fd) is conn:
-            # EOF or an unrecoverable protocol error: in-flight requests are moot.
-            self._hang_up(conn)
+        if proto.closed:
+            self._end(conn)
 
     def _work(self, conn: _Conn) -> None:
         """Up to ``EVENTS_PER_ROUND`` requests from the connection's backlog."""
@@ -332,7 +328,28 @@ class Reactor:
         else:
             conn.backlog = None
         self._flush(conn)
-        if conn.backlog is None and conn.proto.closed and self._conns.get(conn.fd) is conn:
+        if conn.backlog is None and conn.proto.closed:
+            self._end(conn)
+
+    def _tempfail(self, conn: _Conn, need: NeedVerdict) -> None:
+        # Postfix turns every FAIL into 535 and reads it before noticing a
+        # close, so only hanging up *instead of* answering gives a 454.
+        log.info("tempfail_disconnect", request_id=need.request_id)
+        self._flush(conn)  # what other requests were answered still goes out
+        conn.backlog = None
+        conn.proto.closed = True  # nothing more is read or answered
+        self._end(conn)
+
+    def _end(self, conn: _Conn) -> None:
+        """EOF or an unrecoverable protocol error: in-flight requests are moot; the
+        replies already made still go out (within the send deadline), then it closes."""
+        if self._conns.get(conn.fd) is not conn:
+            return
+        for scope in conn.tasks or ():
+            scope.cancel()
+        if conn.out:
+            self._update_mask(conn)  # only to write what is left
+        else:
             self._hang_up(conn)
 
     def _one(self, conn: _Conn, event: NeedVerdict | ProtocolError) -> bool:
@@ -345,9 +362,7 @@ class Reactor:
             self._nursery.start_soon(self._finish, conn, event, step)
             return True
         if self._answers.tempfail_disconnect and step.outcome is Outcome.TEMPFAIL:
-            log.info("tempfail_disconnect", request_id=event.request_id)
-            self._flush(conn)
-            self._hang_up(conn)
+            self._tempfail(conn, event)
             return False
         error = conn.proto.conclude(event.request_id, step)
         if error is not None:
@@ -367,9 +382,7 @@ class Reactor:
                 if self._conns.get(conn.fd) is not conn:
                     return
                 if self._answers.tempfail_disconnect and verdict.outcome is Outcome.TEMPFAIL:
-                    log.info("tempfail_disconnect", request_id=need.request_id)
-                    self._flush(conn)  # what other requests were answered still goes out
-                    self._hang_up(conn)
+                    self._tempfail(conn, need)
                     return
                 error = conn.proto.conclude(need.request_id, verdict)
                 if error is not None:
@@ -419,6 +432,9 @@ class Reactor:
             if conn.owed:
                 conn.owed = False
                 self._replies.paid()
+            if conn.proto.closed and conn.backlog is None:
+                self._hang_up(conn)
+                return
         self._update_mask(conn)
 
     def _update_mask(self, conn: _Conn) -> None:
