@@ -267,7 +267,8 @@ class Reactor:
                 if conn is not None:
                     self._ready(conn, events)
             for conn in waiting:
-                if self._conns.get(conn.fd) is conn:
+                # (one that a tempfail ended meanwhile has no backlog left)
+                if self._conns.get(conn.fd) is conn and conn.backlog is not None:
                     self._work(conn)
 
     def _ready(self, conn: _Conn, events: int) -> None:
@@ -369,8 +370,12 @@ class Reactor:
             log_protocol_error(error)
         return True
 
+    def _live(self, conn: _Conn) -> bool:
+        """Still served, and still answering (not closing)."""
+        return self._conns.get(conn.fd) is conn and not conn.proto.closed
+
     async def _finish(self, conn: _Conn, need: NeedVerdict, pending: Any) -> None:
-        if self._conns.get(conn.fd) is not conn:
+        if not self._live(conn):
             return
         scope = trio.CancelScope()
         if conn.tasks is None:
@@ -379,7 +384,7 @@ class Reactor:
         try:
             with scope:
                 verdict = await self._answers.finish(need, pending)
-                if self._conns.get(conn.fd) is not conn:
+                if not self._live(conn):
                     return
                 if self._answers.tempfail_disconnect and verdict.outcome is Outcome.TEMPFAIL:
                     self._tempfail(conn, need)
