@@ -16,6 +16,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 import trio.testing
@@ -28,6 +29,7 @@ from tests.peers.dovecot_client import LineClient
 from tests.support import oauthbearer
 
 USER = "alice@example.org"
+FORM = {"content-type": "application/x-www-form-urlencoded"}
 REQUEST_TIMEOUT = 4.0
 IDP_DELAY = 1.0  # per IdP answer: discovery, then the keys
 
@@ -53,6 +55,7 @@ async def start_daemon(
     config = parse_config(
         {
             "server": {**server, "request_timeout": REQUEST_TIMEOUT},
+            "http": {"auth": "open"},
             "provider": [{"name": "dev", "issuer": issuer.issuer, "allow_http": True}],
             "rule": [
                 {"name": "mail", "provider": "dev", "audiences": ["mail"], "username": "{email}"}
@@ -79,8 +82,10 @@ async def test_sigterm_with_requests_in_flight_answers_them_all_then_exits(
     assert issuer.issuer
     directory = Path(os.environ.get("TMPDIR", "/tmp")) / f"sd{os.getpid()}-{dovecot_clients}"
     directory.mkdir(exist_ok=True)
-    auth, sasl = str(directory / "auth"), str(directory / "sasl")
-    stopped = await start_daemon(nursery, issuer, {"auth_socket": auth, "saslauthd_socket": sasl})
+    auth, sasl, http = (str(directory / name) for name in ("auth", "sasl", "http"))
+    stopped = await start_daemon(
+        nursery, issuer, {"auth_socket": auth, "saslauthd_socket": sasl, "http_socket": http}
+    )
     token = issuer.mint({"aud": "mail", "email": USER})
     resp = base64.b64encode(oauthbearer(token, USER)).decode()
     clients = []
@@ -91,6 +96,16 @@ async def test_sigterm_with_requests_in_flight_answers_them_all_then_exits(
         clients.append(client)
     cyrus = await trio.open_unix_socket(sasl)
     await cyrus.send_all(counted(USER, token, "imap", ""))
+    introspected: list[httpx.Response] = []
+
+    async def introspect() -> None:
+        transport = httpx.AsyncHTTPTransport(uds=http)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as web:
+            introspected.append(
+                await web.post("/introspect", content=f"token={token}".encode(), headers=FORM)
+            )
+
+    nursery.start_soon(introspect)
     await trio.testing.wait_all_tasks_blocked()  # every request waits on the IdP
     assert issuer.requests  # the first fetch is under way, not answered yet
 
@@ -100,9 +115,11 @@ async def test_sigterm_with_requests_in_flight_answers_them_all_then_exits(
             assert await client.line() == f"OK\t1\tuser={USER}"
         assert await saslauthd_reply(cyrus) == b"OK ok"
         await stopped.wait()
+    [response] = introspected
+    assert response.status_code == 200 and response.json()["active"] is True
     for client in clients:  # and then the connection closes
         assert client.buffer == b"" and await client.stream.receive_some(4096) == b""
-    for path in (auth, sasl):
+    for path in (auth, sasl, http):
         Path(path).unlink(missing_ok=True)
     directory.rmdir()
 
