@@ -34,6 +34,20 @@ REQUEST_TIMEOUT = 4.0
 IDP_DELAY = 1.0  # per IdP answer: discovery, then the keys
 
 
+class SlowIssuer(DevIssuer):
+    """The development issuer, answering each HTTP request after ``IDP_DELAY`` seconds."""
+
+    def __init__(self) -> None:
+        super().__init__(algorithms=("ES256",))
+        self.asked = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            self.asked += 1
+            await trio.sleep(IDP_DELAY)
+        await super().__call__(scope, receive, send)
+
+
 def counted(*fields: str) -> bytes:
     return b"".join(struct.pack("!H", len(f.encode())) + f.encode() for f in fields)
 
@@ -62,7 +76,6 @@ async def start_daemon(
             ],
         }
     )
-    issuer.delay = IDP_DELAY  # the keys are not there when the requests arrive
     stopped = trio.Event()
 
     async def daemon(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
@@ -77,7 +90,7 @@ async def start_daemon(
 async def test_sigterm_with_requests_in_flight_answers_them_all_then_exits(
     nursery: trio.Nursery, dovecot_clients: int
 ) -> None:
-    issuer = DevIssuer(algorithms=("ES256",))
+    issuer = SlowIssuer()  # the keys are not there when the requests arrive
     await nursery.start(issuer.serve)
     assert issuer.issuer
     directory = Path(os.environ.get("TMPDIR", "/tmp")) / f"sd{os.getpid()}-{dovecot_clients}"
@@ -107,7 +120,7 @@ async def test_sigterm_with_requests_in_flight_answers_them_all_then_exits(
 
     nursery.start_soon(introspect)
     await trio.testing.wait_all_tasks_blocked()  # every request waits on the IdP
-    assert issuer.requests  # the first fetch is under way, not answered yet
+    assert issuer.asked  # the first fetch is under way, not answered yet
 
     os.kill(os.getpid(), signal.SIGTERM)
     with trio.fail_after(REQUEST_TIMEOUT + FRONTEND_DEADLINE_MARGIN + 1):
@@ -128,7 +141,7 @@ async def test_sigterm_waits_for_a_reply_the_client_has_not_taken_yet(
     nursery: trio.Nursery, socket_path: str
 ) -> None:
     """A verdict decided while the client's socket is full is owed until the client reads it."""
-    issuer = DevIssuer(algorithms=("ES256",))
+    issuer = SlowIssuer()  # the keys are not there when the requests arrive
     await nursery.start(issuer.serve)
     assert issuer.issuer
     stopped = await start_daemon(nursery, issuer, {"auth_socket": socket_path})
