@@ -15,8 +15,9 @@ since the last byte it received or sent.
 Each connection is a :class:`GuardedStream`: it records its last activity,
 may carry a write deadline (a client that does not take an answer within
 ``write_timeout`` is dropped), and once the peer is gone (a failed or timed
-out write, an eviction) the connection's task is cancelled at once, so no
-work continues for a client that left (pipelined requests included).
+out write, an eviction) the connection's task is cancelled at once (or, for a
+connection the Dovecot reactor took over, it is dropped from the reactor), so
+no work continues for a client that left (pipelined requests included).
 
 An ``accept`` that fails because the process or the system is out of file
 descriptors or memory is logged (``accept_failed``) and retried after a
