@@ -719,6 +719,83 @@ def test_json_log_line_is_what_the_standard_processors_render(
     assert stamp == whole.isoformat().replace("+00:00", "Z")
 
 
+async def test_reactor_per_request_on_ready_sockets(
+    monkeypatch: pytest.MonkeyPatch, socket_path: str
+) -> None:
+    """The listener's reactor, cached tokens on several sockets: per request 1 recv and
+    1 send; no task, no timer; one wait per round for all the connections ready."""
+    from saslauthd_oidc.frontends import dovecot
+    from tests.support import auth_line
+
+    monkeypatch.setattr(dovecot, "_RawSocket", _CountingSocket)
+    metrics = Metrics()
+    lookup = FakeLookup(a=SyncVerifier(A, REJECTIONS), b=SyncVerifier(B, REJECTIONS))
+    engine = Engine(parse_config(CONFIG), lookup, observe=metrics.observe)
+    tok = token(iss=A, aud="web", email="alice@example.org")
+    line = (auth_line(1, tok) + "\n").encode()
+    listening = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await listening.bind(socket_path)
+    listening.listen(16)
+    connections, rounds = 3, 4
+
+    def replies(sock: socket.socket) -> bytes:
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            assert chunk
+            data += chunk
+        return data
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            functools.partial(
+                dovecot.serve_dovecot_listener,
+                trio.SocketListener(listening),
+                engine,
+                mechanisms=MECHS,
+            )
+        )
+        clients = []
+        for _ in range(connections):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(10)
+            sock.connect(socket_path)
+            clients.append(sock)
+        await trio.testing.wait_all_tasks_blocked()
+        for sock in clients:
+            assert replies(sock).endswith(b"DONE\n")
+            sock.sendall(b"VERSION\t1\t2\nCPID\t1\n" + line)  # verified and cached
+        await trio.testing.wait_all_tasks_blocked()
+        for sock in clients:
+            assert replies(sock) == b"OK\t1\tuser=alice@example.org\n"
+
+        counter = _TaskCounter()
+        timers = _count_timers(monkeypatch)
+        parses = _Calls(peek)
+        monkeypatch.setattr("saslauthd_oidc.core.engine.peek", parses)
+        _CountingSocket.recvs = _CountingSocket.sends = 0
+        trio.lowlevel.add_instrument(counter)
+        try:
+            for _ in range(rounds):
+                for sock in clients:  # all ready before the reactor looks: one round
+                    sock.sendall(line)
+                await trio.testing.wait_all_tasks_blocked()
+                for sock in clients:
+                    assert replies(sock) == b"OK\t1\tuser=alice@example.org\n"
+        finally:
+            trio.lowlevel.remove_instrument(counter)
+        requests = connections * rounds
+        assert (_CountingSocket.recvs, _CountingSocket.sends) == (requests, requests)
+        assert counter.spawned == 0
+        assert counter.steps["dovecot-reactor"] == rounds  # one wake-up for all connections
+        assert [t.count for t in timers] == [0] * len(timers)
+        assert parses.count == 0
+        for sock in clients:
+            sock.close()
+        nursery.cancel_scope.cancel()
+    assert _auth_counts(metrics) == {"ok": requests + connections}
+
+
 @pytest.mark.parametrize(
     "fields",
     [

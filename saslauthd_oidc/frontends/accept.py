@@ -15,8 +15,9 @@ since the last byte it received or sent.
 Each connection is a :class:`GuardedStream`: it records its last activity,
 may carry a write deadline (a client that does not take an answer within
 ``write_timeout`` is dropped), and once the peer is gone (a failed or timed
-out write, an eviction) the connection's task is cancelled at once, so no
-work continues for a client that left (pipelined requests included).
+out write, an eviction) the connection's task is cancelled at once (or, for a
+connection the Dovecot reactor took over, it is dropped from the reactor), so
+no work continues for a client that left (pipelined requests included).
 
 An ``accept`` that fails because the process or the system is out of file
 descriptors or memory is logged (``accept_failed``) and retried after a
@@ -38,7 +39,7 @@ import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable, Hashable
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 import trio
@@ -52,6 +53,28 @@ ACCEPT_RETRY_DELAY = 0.1
 LIMIT_LOG_INTERVAL = 10.0
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+class Replies(Protocol):
+    """Where a frontend reports the replies it still owes (the daemon's drain waits for them).
+
+    ``owe()`` once a request is decided but its reply not yet written;
+    ``paid()`` once it is written or the connection is gone.
+    """
+
+    def owe(self) -> None: ...
+
+    def paid(self) -> None: ...
+
+
+class NoReplies:
+    """Nobody waits for the replies."""
+
+    def owe(self) -> None:
+        pass
+
+    def paid(self) -> None:
+        pass
 
 
 def peer_of(stream: Any) -> Hashable:
@@ -89,8 +112,10 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         self.last_active = trio.current_time()
         self.gone = False
         self._write_timeout = write_timeout
-        self._on_gone = on_gone
-        self._ops: set[trio.CancelScope] = set()
+        #: Called once when the stream is gone: cancels its task, or (a
+        #: connection the Dovecot reactor serves) takes it off the reactor.
+        self.on_gone = on_gone
+        self._ops: set[trio.CancelScope] | None = None  # made by the first timed send
 
     @property
     def socket(self) -> Any:
@@ -106,10 +131,10 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         if self.gone:
             return
         self.gone = True
-        for scope in list(self._ops):
+        for scope in list(self._ops or ()):
             scope.cancel()
-        if self._on_gone is not None:
-            self._on_gone()
+        if self.on_gone is not None:
+            self.on_gone()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if self.gone:
@@ -128,6 +153,8 @@ class GuardedStream(trio.abc.HalfCloseableStream):
         # A scope of our own, inside whatever shields the caller puts around
         # the send (hypercorn does): the deadline and abort() reach it.
         scope = trio.CancelScope(deadline=trio.current_time() + self._write_timeout)
+        if self._ops is None:
+            self._ops = set()
         self._ops.add(scope)
         try:
             with scope:
@@ -171,13 +198,44 @@ class GuardedStream(trio.abc.HalfCloseableStream):
 
 
 class _Connection:
-    __slots__ = ("done", "peer", "scope", "stream")
+    __slots__ = ("_done", "peer", "released", "scope", "stream", "table")
 
-    def __init__(self, stream: GuardedStream, peer: Hashable, scope: trio.CancelScope) -> None:
+    def __init__(
+        self,
+        stream: GuardedStream,
+        peer: Hashable,
+        scope: trio.CancelScope,
+        table: ConnectionTable | None = None,
+    ) -> None:
         self.stream = stream
         self.peer = peer
         self.scope = scope
-        self.done = trio.Event()
+        self.table = table
+        self.released = False
+        self._done: trio.Event | None = None  # made only for someone who waits (an eviction)
+
+    async def wait_released(self) -> None:
+        if self.released:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._done is None:
+            self._done = trio.Event()
+        await self._done.wait()
+
+    async def release(self) -> None:
+        """Close the descriptor and take the connection off its table (whoever served it)."""
+        try:
+            await trio.aclose_forcefully(self.stream.inner)
+        finally:
+            if self.table is not None:
+                self.table.remove(self)
+            self.released = True
+            if self._done is not None:
+                self._done.set()
+
+
+#: A connection handed over whole (to the Dovecot reactor) instead of getting a task.
+Connection = _Connection
 
 
 class ConnectionTable:
@@ -281,6 +339,7 @@ async def serve_connections(
     table: ConnectionTable | None = None,
     write_timeout: float | None = None,
     name: str | None = None,
+    adopt: Callable[[_Connection], bool] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept forever; run ``serve_one(stream)`` in its own task for each connection.
@@ -288,6 +347,9 @@ async def serve_connections(
     ``table`` may be shared by several listeners (one cap for all of them);
     otherwise one is made with ``max_connections``. After
     ``table.stop_accepting()`` the loop returns once its connections ended.
+    ``adopt(connection)`` may take a connection over instead (True): it then
+    serves it without a task of this loop, sets ``stream.on_gone`` and calls
+    ``connection.release()`` when it ends; this loop does not wait for it.
     """
     if table is None:
         table = ConnectionTable(name or _listener_name(listener), max_connections or 4096)
@@ -299,9 +361,7 @@ async def serve_connections(
         finally:
             # Whatever the handler did (hypercorn's close may be cut short by
             # the cancellation), the descriptor is released here.
-            await trio.aclose_forcefully(connection.stream.inner)
-            table.remove(connection)
-            connection.done.set()
+            await connection.release()
 
     async with trio.open_nursery() as nursery:
         task_status.started()
@@ -330,9 +390,11 @@ async def serve_connections(
                     victim.stream.abort()
                     # One descriptor over the cap at most: the victim is closed first.
                     with trio.move_on_after(1.0):
-                        await victim.done.wait()
+                        await victim.wait_released()
             scope = trio.CancelScope()
             stream = GuardedStream(raw, write_timeout=write_timeout, on_gone=scope.cancel)
-            connection = _Connection(stream, peer, scope)
+            connection = _Connection(stream, peer, scope, table)
             table.add(connection)
+            if adopt is not None and adopt(connection):
+                continue
             nursery.start_soon(one, connection)

@@ -1,26 +1,29 @@
 """The Dovecot auth-client socket: a thin trio shell around the sans-I/O protocol.
 
 This module owns the I/O for the auth socket: accepting connections (bounded,
-:mod:`.accept`), one task per connection, the line timeout, serialised writes,
-and what happens when a client vanishes. All wire decisions are made by
-:mod:`saslauthd_oidc.protocol.dovecot`; all authentication decisions by the
-engine (:class:`~saslauthd_oidc.core.engine.Authenticates`: ``start`` decides
+:mod:`.accept`), handing socket connections to one :class:`~.reactor.Reactor`
+per listener (one task, one epoll for all of them), a task per connection for
+any other stream (tests' memory streams, a platform without epoll), the line
+timeout, serialised writes, and what happens when a client vanishes. All wire
+decisions are made by :mod:`saslauthd_oidc.protocol.dovecot`; all
+authentication decisions by the engine
+(:class:`~saslauthd_oidc.core.engine.Authenticates`: ``start`` decides
 without I/O when it can, ``finish`` does the rest).
 
 The hot path, a request whose verdict needs no I/O (a cached token, a JWT
-whose keys are fresh), is one wait for the socket to be readable, one
-``recv``, the protocol and the engine's ``start`` inline, and one ``send``:
-no task, no timer, no cancel scope of its own. On a socket connection the
-reader calls the (non-blocking) socket directly and waits only when the
-kernel says it would block (``trio.lowlevel.wait_readable`` /
-``wait_writable``); any other stream (tests' memory streams) goes through
-``receive_some`` / ``send_all``. Only a request that needs I/O gets a task.
+whose keys are fresh), is one ``recv``, the protocol and the engine's
+``start`` inline, and one ``send``: no task, no timer, no cancel scope of its
+own. On the task path (:func:`handle_dovecot_stream`) a socket connection is
+read and written directly, waiting only when the kernel says it would block
+(``trio.lowlevel.wait_readable`` / ``wait_writable``); any other stream goes
+through ``receive_some`` / ``send_all``. Only a request that needs I/O gets a
+task.
 
-``line_timeout`` is one deadline per connection, on the connection's own
-cancel scope, moved in place: ``line_timeout`` seconds for the first line
-after connecting, for each line once its first byte has arrived, and for a
-blocked send of replies; no deadline while the client is idle between lines
-(Postfix holds its connection open between logins).
+``line_timeout`` is one deadline per connection, moved in place:
+``line_timeout`` seconds for the first line after connecting, for each line
+once its first byte has arrived, and for a blocked send of replies; no
+deadline while the client is idle between lines (Postfix holds its
+connection open between logins).
 """
 
 from __future__ import annotations
@@ -39,7 +42,15 @@ import trio
 from saslauthd_oidc.core.engine import Authenticates, Authenticator
 from saslauthd_oidc.core.outcome import Outcome, Reason, Verdict
 from saslauthd_oidc.core.request import AuthRequest, Mechanism
-from saslauthd_oidc.frontends.accept import ConnectionTable, serve_connections
+from saslauthd_oidc.frontends import reactor as _reactor
+from saslauthd_oidc.frontends.accept import (
+    Connection,
+    ConnectionTable,
+    NoReplies,
+    Replies,
+    serve_connections,
+)
+from saslauthd_oidc.frontends.reactor import Reactor, log_protocol_error
 from saslauthd_oidc.protocol.dovecot import DovecotServerConnection, NeedVerdict, ProtocolError
 
 __all__ = [
@@ -102,6 +113,38 @@ def _steps(authenticate: Authenticates | Authenticator, request_timeout: float) 
     return _Deferred(authenticate, request_timeout)
 
 
+class _Answers:
+    """The engine's steps for the reactor, each with the connection's catch-all."""
+
+    __slots__ = ("_steps", "tempfail_disconnect")
+
+    def __init__(self, steps: _Steps, *, tempfail_disconnect: bool) -> None:
+        self._steps = steps
+        self.tempfail_disconnect = tempfail_disconnect
+
+    def start(self, need: NeedVerdict) -> Verdict | Any:
+        try:
+            return self._steps.start(need.request)
+        except Exception as exc:  # the engine's bug must not take the connection down
+            return _raised(need, exc)
+
+    async def finish(self, need: NeedVerdict, pending: Any) -> Verdict:
+        try:
+            return await self._steps.finish(pending)
+        except Exception as exc:  # finish has its own catch-all; this is the connection's
+            return _raised(need, exc)
+
+
+def _raised(need: NeedVerdict, exc: Exception) -> Verdict:
+    log.error(
+        "authenticate_failed",
+        request_id=need.request_id,
+        error=type(exc).__name__,
+        exc_info=True,
+    )
+    return Verdict(reason=Reason.INTERNAL_ERROR, detail="authenticator raised")
+
+
 async def serve_dovecot_listener(
     listener: trio.abc.Listener[Any],  # any stream: a worker's listener counts its connections
     authenticate: Authenticates | Authenticator,
@@ -112,17 +155,22 @@ async def serve_dovecot_listener(
     max_connections: int = 4096,
     table: ConnectionTable | None = None,  # the cap and its counts, shared with /metrics
     line_timeout: float = 30.0,
+    replies: Replies | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept connections on ``listener`` forever, at most ``max_connections`` at a time.
 
     ``authenticate`` is the engine (or ``lifecycle.Current``): its ``start`` /
     ``finish`` steps; a plain async callable is accepted too (it is never
-    answered inline and is bounded by ``request_timeout`` here).
+    answered inline and is bounded by ``request_timeout`` here). ``replies``
+    hears of each reply decided but not yet written (the daemon's drain).
+    Socket connections are served by one :class:`~.reactor.Reactor` (Linux);
+    any other stream by a task of its own.
     """
     cuids = itertools.count(1)
     spid = os.getpid()
     steps = _steps(authenticate, request_timeout)
+    owed = replies if replies is not None else NoReplies()
 
     async def serve_one(stream: trio.abc.Stream) -> None:
         await _serve_stream(
@@ -133,15 +181,48 @@ async def serve_dovecot_listener(
             cuid=next(cuids),
             tempfail_disconnect=tempfail_disconnect,
             line_timeout=line_timeout,
+            replies=owed,
         )
 
-    await serve_connections(
-        listener,
-        serve_one,
-        max_connections=max_connections,
-        table=table,
-        task_status=task_status,
-    )
+    if not _reactor.available:  # pragma: no cover - the daemon runs on Linux
+        await serve_connections(
+            listener,
+            serve_one,
+            max_connections=max_connections,
+            table=table,
+            task_status=task_status,
+        )
+        return
+
+    def make_proto() -> DovecotServerConnection:
+        return DovecotServerConnection(
+            mechanisms, spid=spid, cuid=next(cuids), cookie=secrets.token_hex(16)
+        )
+
+    async with trio.open_nursery() as nursery:
+        reactor = Reactor(
+            nursery,
+            _Answers(steps, tempfail_disconnect=tempfail_disconnect),
+            line_timeout=line_timeout,
+            replies=owed,
+            raw_socket=lambda fileno: _RawSocket(fileno=fileno),
+        )
+        nursery.start_soon(reactor.run, name="dovecot-reactor")
+
+        def adopt(record: Connection) -> bool:
+            return reactor.adopt(record, make_proto)
+
+        await serve_connections(
+            listener,
+            serve_one,
+            max_connections=max_connections,
+            table=table,
+            adopt=adopt,
+            task_status=task_status,
+        )
+        # Stopped accepting: the reactor's connections go on to their end, as tasks' do.
+        await reactor.wait_empty()
+        nursery.cancel_scope.cancel()
 
 
 async def handle_dovecot_stream(
@@ -171,6 +252,7 @@ async def handle_dovecot_stream(
         cuid=cuid,
         tempfail_disconnect=tempfail_disconnect,
         line_timeout=line_timeout,
+        replies=NoReplies(),
     )
 
 
@@ -183,6 +265,7 @@ async def _serve_stream(
     cuid: int,
     tempfail_disconnect: bool,
     line_timeout: float,
+    replies: Replies,
 ) -> None:
     connection = DovecotServerConnection(
         mechanisms, spid=spid, cuid=cuid, cookie=secrets.token_hex(16)
@@ -198,6 +281,7 @@ async def _serve_stream(
                 steps,
                 tempfail_disconnect=tempfail_disconnect,
                 line_timeout=line_timeout,
+                replies=replies,
             ).run()
         finally:
             if raw is not None:
@@ -236,7 +320,9 @@ class _Session:
         *,
         tempfail_disconnect: bool,
         line_timeout: float,
+        replies: Replies,
     ) -> None:
+        self._replies = replies
         self._stream = stream
         self._raw = raw
         self._fd = raw.fileno() if raw is not None else -1
@@ -369,10 +455,14 @@ class _Session:
             await self._flush()  # what other requests were answered still goes out
             self._hang_up()
             return
-        error = self._connection.conclude(need.request_id, verdict)
-        if error is not None:
-            _log_protocol_error(error)
-        await self._flush()
+        self._replies.owe()  # until it is written (or the client is gone)
+        try:
+            error = self._connection.conclude(need.request_id, verdict)
+            if error is not None:
+                _log_protocol_error(error)
+            await self._flush()
+        finally:
+            self._replies.paid()
 
     def _tempfail(self, need: NeedVerdict) -> None:
         # Postfix turns every FAIL into 535 and reads it before noticing a
@@ -458,5 +548,4 @@ class _Session:
         self._hang_up()
 
 
-def _log_protocol_error(error: ProtocolError) -> None:
-    log.info("protocol_error", request_id=error.request_id, error=error.message)
+_log_protocol_error = log_protocol_error

@@ -17,7 +17,7 @@ import trio
 from saslauthd_oidc.core.engine import Authenticator
 from saslauthd_oidc.core.outcome import Reason, Verdict
 from saslauthd_oidc.core.request import AuthRequest
-from saslauthd_oidc.frontends.accept import ConnectionTable, serve_connections
+from saslauthd_oidc.frontends.accept import ConnectionTable, NoReplies, Replies, serve_connections
 from saslauthd_oidc.protocol.saslauthd import (
     NeedData,
     Rejected,
@@ -43,9 +43,13 @@ async def serve_saslauthd_listener(
     max_connections: int = 4096,
     table: ConnectionTable | None = None,  # the cap and its counts, shared with /metrics
     max_password_bytes: int = 16384,
+    replies: Replies | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept connections on ``listener`` forever, at most ``max_connections`` at a time."""
+    """Accept connections on ``listener`` forever, at most ``max_connections`` at a time.
+
+    ``replies`` hears of each reply decided but not yet written (the daemon's drain).
+    """
 
     async def serve_one(stream: trio.SocketStream) -> None:
         await handle_saslauthd_stream(
@@ -53,6 +57,7 @@ async def serve_saslauthd_listener(
             authenticate,
             request_timeout=request_timeout,
             max_password_bytes=max_password_bytes,
+            replies=replies,
         )
 
     await serve_connections(
@@ -70,14 +75,21 @@ async def handle_saslauthd_stream(
     *,
     request_timeout: float = 5.0,
     max_password_bytes: int = 16384,
+    replies: Replies | None = None,
 ) -> None:
     """Serve one request on ``stream`` and close it. Never raises for anything the client does."""
     connection = SaslauthdServerConnection(max_password_bytes=max_password_bytes)
+    owed = replies if replies is not None else NoReplies()
     async with stream:
         try:
             event = await _read_request(stream, connection, request_timeout)
             if isinstance(event, Request):
                 verdict = await _verdict_for(authenticate, event.request, request_timeout)
+                owed.owe()  # until the reply is written (or the client is gone)
+                try:
+                    await stream.send_all(encode_reply(verdict))
+                finally:
+                    owed.paid()
             else:
                 log.info(
                     "protocol_error",
@@ -85,8 +97,7 @@ async def handle_saslauthd_stream(
                     reason=event.verdict.reason.value,
                     error=event.verdict.detail,
                 )
-                verdict = event.verdict
-            await stream.send_all(encode_reply(verdict))
+                await stream.send_all(encode_reply(event.verdict))
             await stream.send_eof()
             await _drain(stream, request_timeout)
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -8,8 +8,10 @@
 * :class:`Current` is what the frontends call: ``authenticate`` delegates to
   the engine in service when the request arrives, so a reload swaps the
   engine atomically and in-flight requests finish on the one they started
-  on. It counts requests in flight; :meth:`Current.drain` stops taking new
-  ones and waits (bounded) for those in flight.
+  on. It counts requests in flight, and the replies the frontends have
+  decided but not yet written (``owe`` / ``paid``, HTTP requests till the
+  app returns); :meth:`Current.drain` stops taking new ones and waits
+  (bounded) until both are done.
 * :class:`DrainableListener` wraps a listening socket so that accepting can
   stop while the connections already accepted carry on.
 * :class:`ReloadReport` / :class:`ReloadReporter`: the daemon's answer to a
@@ -97,10 +99,29 @@ class Current:
 
     def __init__(self, engine: Authenticates, http_app: AsgiApp | None = None) -> None:
         self.swap(engine, http_app)
-        self.in_flight = 0
+        self.in_flight = 0  # requests the engine is deciding
+        self.owed = 0  # decided, the reply not yet written (frontends report: owe, paid)
         self.draining = False
         self._idle = trio.Event()
         self._idle.set()
+
+    def _enter(self) -> None:
+        if self.in_flight + self.owed == 0:
+            self._idle = trio.Event()
+
+    def _leave(self) -> None:
+        if self.in_flight + self.owed == 0:
+            self._idle.set()
+
+    def owe(self) -> None:
+        """A frontend holds a decided request's reply, not yet written."""
+        self._enter()
+        self.owed += 1
+
+    def paid(self) -> None:
+        """That reply is written, or its client gone."""
+        self.owed -= 1
+        self._leave()
 
     def swap(self, engine: Authenticates, http_app: AsgiApp | None = None) -> None:
         """Later requests go to ``engine``; those in flight finish where they started."""
@@ -114,15 +135,13 @@ class Current:
             # report as a temporary failure (454), not as a wrong password.
             await trio.sleep_forever()
         engine = self.engine
+        self._enter()
         self.in_flight += 1
-        if self.in_flight == 1:
-            self._idle = trio.Event()
         try:
             return await engine.authenticate(request)
         finally:
             self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
+            self._leave()
 
     def start(self, request: AuthRequest) -> Verdict | Pending:
         """The engine's :meth:`~saslauthd_oidc.core.engine.Engine.start` (nothing while
@@ -137,32 +156,42 @@ class Current:
         if engine is None:  # arrived while draining: never answered (see authenticate)
             await trio.sleep_forever()
         assert engine is not None
+        self._enter()
         self.in_flight += 1
-        if self.in_flight == 1:
-            self._idle = trio.Event()
         try:
             return await engine.finish(pending)
         finally:
             self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
+            self._leave()
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         """ASGI entry point that delegates to the HTTP app in service."""
         app = self.http_app
         if app is None:  # pragma: no cover - only mounted when there is an app
             return
-        await app(scope, receive, send)
+        if scope["type"] != "http":  # lifespan lasts as long as the server
+            await app(scope, receive, send)
+            return
+        # The app returns once hypercorn has written its response: counted till then.
+        self.owe()
+        try:
+            await app(scope, receive, send)
+        finally:
+            self.paid()
 
     async def drain(self, timeout: float) -> int:
-        """Take no new requests; wait up to ``timeout`` s for those in flight.
+        """Take no new requests; wait up to ``timeout`` s for those in flight
+        and for the frontends to write the replies they owe.
 
-        Returns how many were still in flight when the time ran out (0: all done).
+        Returns how many were still in flight or owed when the time ran out (0: all done).
         """
         self.draining = True
         with trio.move_on_after(timeout):
-            await self._idle.wait()
-        return self.in_flight
+            # A request's reply is owed the moment its engine step ends, so the
+            # count passes through 0 only when nothing is left; checked again anyway.
+            while self.in_flight + self.owed:
+                await self._idle.wait()
+        return self.in_flight + self.owed
 
 
 class _Closable(Protocol):
