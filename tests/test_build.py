@@ -10,10 +10,12 @@ daemon the tests start, or these tests fail.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import runpy
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -77,3 +79,36 @@ def test_default_build_is_pure_and_needs_no_compiler(tmp_path: Path) -> None:
     assert not [n for n in names if n.endswith((".so", ".pyd", ".c"))]
     for name in build.MYPYC_MODULES:
         assert name.replace(".", "/") + ".py" in names
+
+
+def test_started_log_line_says_which_build_runs(tmp_path: Path) -> None:
+    path = tmp_path / "conf.toml"
+    path.write_text(
+        f'[server]\nauth_socket = "{tmp_path}/auth"\n[logging]\nformat = "json"\n'
+        '[[provider]]\nname = "p"\nissuer = "https://127.0.0.1:1"\n'
+        'jwks_uri = "https://127.0.0.1:1/jwks"\n'
+        '[[rule]]\nname = "r"\nprovider = "p"\naudiences = ["mail"]\nusername = "{email}"\n'
+    )
+    log = tmp_path / "log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "saslauthd_oidc", "serve", "--config", str(path)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while b'"event": "started"' not in log.read_bytes():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    started = next(e for e in events if e["event"] == "started")
+    n = len(build.MYPYC_MODULES)
+    assert started["build"] == (
+        f"compiled: mypyc, {n} modules" if EXPECT_COMPILED else "interpreted"
+    )
