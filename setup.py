@@ -2,9 +2,11 @@
 
 The metadata is in pyproject.toml. This file only adds the compiled modules
 (``saslauthd_oidc/service/build.py``'s ``MYPYC_MODULES``) when compiling was
-asked for: then a C compiler, the Python headers and mypy are needed (the
-build backend in ``build_backend/`` adds mypy to the build requirements), and
-a failure to compile fails the build rather than falling back. Editable
+asked for: then a C compiler, the Python headers and mypy are needed (mypy
+is asked for through ``setup_requires``, which setuptools' PEP 517 backend
+turns into a build requirement, since ``[build-system] requires`` cannot
+depend on the environment), and a failure to compile fails the build rather
+than falling back. Editable
 installs are always pure: a compiled module in the source tree would shadow
 edits to its ``.py`` file.
 """
@@ -23,6 +25,7 @@ from typing import Any
 from setuptools import setup
 
 HERE = Path(__file__).resolve().parent
+MYPY = "mypy>=1.10"
 
 
 def mypyc_modules() -> list[str]:
@@ -56,6 +59,8 @@ _BUILDS = frozenset({"bdist_wheel", "build", "build_ext", "install"})
 
 def main() -> None:
     kwargs: dict[str, Any] = {}
+    if compile_requested():
+        kwargs["setup_requires"] = [MYPY]
     if compile_requested() and _BUILDS.intersection(sys.argv[1:]):
         from mypyc.build import mypycify  # noqa: PLC0415 - only there when compiling
 
