@@ -19,8 +19,12 @@ everyone else. Usage::
     bench/run-all --compare main --scenarios repeated8 --runs 9 --log-level info
     bench/run-all --compare main --scenarios memory   # RSS: 100,000 cached tokens, 1,000 idle conns
     bench/run-all --compare main --quick           # smoke test: the numbers mean nothing
+    bench/run-all --compare HEAD --head-package-from .venv-compiled   # compiled vs interpreted
 
-The dependencies come from this checkout's venv for both sides.
+The dependencies come from this checkout's venv for both sides. With
+``--head-package-from VENV`` the head daemon imports the package installed in
+another venv of the same Python (its site-packages on ``PYTHONPATH``, ahead of
+this checkout's editable install): ``scripts/test-compiled`` builds one.
 """
 
 from __future__ import annotations
@@ -102,6 +106,19 @@ class Side:
     runs: dict[str, list[LoadResult]] = field(default_factory=dict)
 
 
+def _installed(venv: Path) -> tuple[str, str]:
+    """The label and the site-packages of the package installed in ``venv``."""
+    python = venv.resolve() / "bin" / "python"
+    code = (
+        "import sysconfig, saslauthd_oidc.service.build as b;"
+        "print(sysconfig.get_paths()['purelib']); print(b.describe())"
+    )
+    out = subprocess.run(
+        [python, "-P", "-c", code], capture_output=True, text=True, check=True, cwd="/"
+    ).stdout.split("\n")
+    return f"{venv} ({out[1]})", out[0]
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -162,6 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--compare", metavar="REV", required=True, help="the base revision")
     p.add_argument("--head", metavar="REV", help="the other revision (default: this checkout)")
+    p.add_argument(
+        "--head-package-from",
+        metavar="VENV",
+        type=Path,
+        help="the head daemon runs the package installed in VENV (e.g. .venv-compiled)",
+    )
     p.add_argument("--runs", type=int, default=5, help="runs per side and scenario")
     p.add_argument("--requests", type=int, default=4000, help="per run (repeated: twice this)")
     p.add_argument("--log-level", default="warning", help="logging.level of both daemons")
@@ -195,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.compare} = {base_commit[:10]}",
             str(export(base_commit, workdir / "base")),
         )
-        if args.head:
+        if args.head_package_from:
+            head = Side(*_installed(args.head_package_from))
+        elif args.head:
             head_commit = resolve(args.head)
             head = Side(
                 f"{args.head} = {head_commit[:10]}", str(export(head_commit, workdir / "head"))

@@ -855,3 +855,30 @@ async def test_a_finish_that_raises_fails_that_request_only(
     reply = await client.authenticate(1, "good-x")  # not inline: goes to finish
     assert reply is not None and reply.startswith("FAIL\t1\tcode=temp_fail")
     assert await client.authenticate(2, "now-alice") == "OK\t2\tuser=alice"
+
+
+def test_unique_tokens_sharing_a_header_decode_its_json_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import json
+
+    from saslauthd_oidc.providers import jwt as jwt_mod
+    from tests.support import token as signed_token
+
+    decoded: list[str] = []
+    strict = jwt_mod._STRICT_DECODER
+
+    class Counting(json.JSONDecoder):
+        def decode(self, s: str, *args: Any, **kwargs: Any) -> Any:
+            decoded.append(s)
+            return strict.decode(s)
+
+    monkeypatch.setattr(jwt_mod, "_STRICT_DECODER", Counting())
+    jwt_mod._header_memo.clear()
+    tokens = [signed_token("RS256", jti=f"unique-{i}") for i in range(10)]
+    assert len(set(tokens)) == 10
+    for tok in tokens:
+        assert isinstance(peek(tok), UnverifiedToken)
+    headers = [text for text in decoded if '"alg"' in text]
+    assert len(headers) == 1
+    assert len(decoded) == 11  # one header, ten payloads

@@ -763,3 +763,57 @@ def test_keyset_maps_curves_to_algorithms() -> None:
     }
     only_rs = keyset(public_jwk(rsa_key(), "e"), algorithms=("RS256",))
     assert sorted(a for _, a in only_rs.keys) == ["RS256"]
+
+
+# --------------------------------------------------------------------------- header memo
+
+
+HEADERS_TO_MEMO: list[bytes | str] = [
+    json.dumps({"alg": "RS256", "kid": "k1", "typ": "at+jwt"}),
+    '{"alg":"RS256","alg":"none"}',  # duplicate key
+    '{"alg":"RS256","x":NaN}',  # non-standard constant
+    "[1,2]",  # not an object
+    b"\xff\xfe",  # not UTF-8
+    '{"alg":"RS256","x":' + "[" * 40 + "]" * 40 + "}",  # too deep
+    '{"alg":"RS256","jwk":{"kty":"RSA"}}',  # nested: parsed, not memoised
+    '{"alg":"RS256"',  # truncated
+    json.dumps({"alg": "RS256", "pad": "x" * 5000}),  # oversized
+]
+
+
+@pytest.mark.parametrize("header", HEADERS_TO_MEMO)
+def test_header_memo_gives_the_uncached_verdict(header: bytes | str) -> None:
+    from saslauthd_oidc.providers import jwt as jwt_mod
+
+    tok = raw(header)
+    jwt_mod._header_memo.clear()
+    uncached = peek(tok)
+    for _ in range(2):  # now from the memo, where the header was kept
+        assert peek(tok) == uncached
+    kept = tok.split(".")[0] in jwt_mod._header_memo
+    assert kept == (isinstance(uncached, UnverifiedToken) and "jwk" not in uncached.header)
+
+
+def test_memoised_header_is_shared_and_read_only() -> None:
+    first, second = must_peek(token("RS256")), must_peek(token("RS256", jti="other"))
+    assert first.header is second.header
+    with pytest.raises(TypeError):
+        first.header["alg"] = "none"  # type: ignore[index]
+    assert peek(token("RS256")).header["alg"] == "RS256"  # type: ignore[union-attr]
+
+
+def test_header_with_nested_values_is_not_shared() -> None:
+    tok = raw({"alg": "RS256", "x": {"y": 1}})
+    a, b = peek(tok), peek(tok)
+    assert isinstance(a, UnverifiedToken) and isinstance(b, UnverifiedToken)
+    assert a.header == b.header and a.header is not b.header
+
+
+def test_header_memo_is_bounded() -> None:
+    from saslauthd_oidc.providers import jwt as jwt_mod
+
+    for i in range(3 * jwt_mod.MAX_HEADER_MEMO):
+        peek(raw({"alg": "RS256", "kid": f"attacker-{i}"}))
+        assert len(jwt_mod._header_memo) <= jwt_mod.MAX_HEADER_MEMO
+    # Still correct after the clears.
+    assert peek(raw({"alg": "RS256", "kid": "attacker-0"})).header["kid"] == "attacker-0"  # type: ignore[union-attr]

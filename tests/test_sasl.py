@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -956,3 +957,34 @@ def test_exchange_login_out_of_order_between_prompts() -> None:
     ex = SaslExchange(Mechanism.LOGIN)
     assert ex.start(b"alice") == Challenge(b"Password:")
     assert ex.start(b"alice") == UNEXPECTED
+
+
+def test_request_and_verdict_values_behave_as_frozen_dataclasses() -> None:
+    import dataclasses
+
+    from saslauthd_oidc.core.outcome import NO_HINT, RuleTrace
+    from saslauthd_oidc.core.request import NO_CONTEXT, AuthRequest, RequestContext
+
+    values: list[Any] = [
+        Credentials("secret-token", "alice", "imap.example.org", 993),
+        AuthRequest(Mechanism.XOAUTH2, Credentials("t"), RequestContext(service="smtp"), False),
+        RuleTrace("r", True, Reason.OK, "d"),
+        Verdict(Reason.OK, "alice", "r", "p", "d", DiscoveryHint(scope="s"), (), {"a": 1}),
+    ]
+    for value in values:
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        assert type(value)(**fields) == value
+        assert dataclasses.replace(value) == value
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(value, dataclasses.fields(value)[0].name, None)
+    assert hash(values[0]) == hash(Credentials("secret-token", "alice", "imap.example.org", 993))
+    assert "secret-token" not in repr(values[0]) and "secret-token" not in repr(
+        AuthRequest(Mechanism.OAUTHBEARER, values[0])
+    )
+    assert Credentials("t") == Credentials("t", None, None, None)
+    assert AuthRequest(Mechanism.PLAIN, Credentials("t")).context is NO_CONTEXT == RequestContext()
+    assert AuthRequest(Mechanism.PLAIN, Credentials("t")).negotiated is True
+    plain = Verdict(Reason.BAD_SIGNATURE)
+    assert plain.hint is NO_HINT == DiscoveryHint()
+    assert (plain.account, plain.detail, plain.trace, plain.claims) == (None, "", (), None)
+    assert RuleTrace("r", False, Reason.NO_RULE_FOR_CONTEXT).detail == ""

@@ -233,7 +233,7 @@ def decode_oauthbearer(data: bytes) -> Credentials | Refusal:
     token = _bearer_token(pairs[b"auth"])
     if isinstance(token, Refusal):
         return token
-    return Credentials(token=token, authzid=authzid, host=host, port=port)
+    return Credentials(token, authzid, host, port)
 
 
 # --- XOAUTH2, PLAIN, LOGIN ---------------------------------------------------
@@ -263,7 +263,7 @@ def decode_xoauth2(data: bytes) -> Credentials | Refusal:
     token = _bearer_token(fields[b"auth"])
     if isinstance(token, Refusal):
         return token
-    return Credentials(token=token, authzid=user)
+    return Credentials(token, user)
 
 
 def decode_plain(data: bytes) -> Credentials | Refusal:
@@ -285,7 +285,7 @@ def decode_plain(data: bytes) -> Credentials | Refusal:
     token = _token(password)
     if isinstance(token, Refusal):
         return token
-    return Credentials(token=token, authzid=authcid)
+    return Credentials(token, authcid)
 
 
 def _decode_login_user(data: bytes) -> str | Refusal:

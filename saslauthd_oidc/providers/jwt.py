@@ -5,6 +5,8 @@ No trio, no httpx, no clock of its own: :func:`verify_jwt` receives ``now``.
 * :func:`peek` parses a token *without* verifying it, strictly (length cap first,
   base64url without padding, UTF-8 JSON objects, no duplicate keys, bounded
   nesting). The result may only narrow the candidate providers by ``iss``.
+  The JOSE header's parse is memoised per distinct header segment (bounded);
+  a memoised header is a shared read-only mapping.
 * :class:`KeySet` turns a JWKS document into ``PyJWK`` objects keyed by
   ``(kid, alg)``, once, with each key bound to the algorithms of its family that
   the provider allows. ``oct`` keys from a JWKS are always dropped; HMAC keys
@@ -32,7 +34,8 @@ import re
 import sys
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Final
 
 import jwt as pyjwt
 from cryptography.exceptions import InvalidSignature
@@ -211,6 +214,31 @@ def _decode_object(segment: str, what: str) -> dict[str, Any] | Refusal:
     return value
 
 
+# The strict header parse, memoised by the header's base64url segment: a
+# provider's tokens share a handful of JOSE headers. Only headers whose values
+# are all scalars are kept (then the read-only proxy is immutable all the way
+# down); the dict is cleared when full, as an attacker can send unique headers.
+MAX_HEADER_MEMO: Final = 64
+_SCALARS: Final = (str, int, float, bool, type(None))
+_header_memo: dict[str, Mapping[str, Any]] = {}
+
+
+def _decode_header(segment: str) -> Mapping[str, Any] | Refusal:
+    header = _header_memo.get(segment)
+    if header is not None:
+        return header
+    parsed = _decode_object(segment, "header")
+    if isinstance(parsed, Refusal):
+        return parsed
+    if not all(isinstance(value, _SCALARS) for value in parsed.values()):
+        return parsed
+    if len(_header_memo) >= MAX_HEADER_MEMO:
+        _header_memo.clear()
+    shared = MappingProxyType(parsed)
+    _header_memo[segment] = shared
+    return shared
+
+
 def peek(token: str, *, max_bytes: int = MAX_TOKEN_BYTES) -> UnverifiedToken | Refusal:
     """Parse a compact JWS strictly without verifying it (see module docstring)."""
     if len(token) > max_bytes:
@@ -225,7 +253,7 @@ def peek(token: str, *, max_bytes: int = MAX_TOKEN_BYTES) -> UnverifiedToken | R
         return Refusal(Reason.MALFORMED_TOKEN, f"JWT header over {MAX_HEADER_BYTES} bytes")
     if not _B64URL_RE.fullmatch(sig_seg) or len(sig_seg) % 4 == 1:
         return Refusal(Reason.MALFORMED_TOKEN, "JWT signature is not base64url")
-    header = _decode_object(head_seg, "header")
+    header = _decode_header(head_seg)
     if isinstance(header, Refusal):
         return header
     claims = _decode_object(body_seg, "payload")

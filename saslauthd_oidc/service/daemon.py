@@ -36,6 +36,7 @@ from saslauthd_oidc.frontends.saslauthd import serve_saslauthd_listener
 from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.providers.registry import ProviderRegistry
 from saslauthd_oidc.providers.verification_cache import VerificationCache
+from saslauthd_oidc.service import build
 from saslauthd_oidc.service.lifecycle import Current, ReloadReporter, plan_reload
 from saslauthd_oidc.service.limits import Caps, budget_for, caps_for, raise_nofile_limit
 from saslauthd_oidc.service.listeners import (
@@ -339,6 +340,7 @@ async def run_daemon(
                     providers=[p.name for p in config.providers],
                     rules=[r.name for r in config.rules],
                     socket_activation=listeners.passed or None,
+                    build=build.describe(),
                 )
                 notifier.ready(status=runtime.status())
                 runtime.reports.started()

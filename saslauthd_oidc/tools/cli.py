@@ -37,6 +37,7 @@ from saslauthd_oidc.core.rules import config_warnings, ordered, token_policy
 from saslauthd_oidc.frontends.http_callers import load_caller_auth
 from saslauthd_oidc.providers.http import make_http_client
 from saslauthd_oidc.providers.registry import ProviderRegistry
+from saslauthd_oidc.service import build
 from saslauthd_oidc.service.daemon import run_daemon
 from saslauthd_oidc.service.lifecycle import read_reload_report
 from saslauthd_oidc.service.limits import current_nofile_limit, limit_warnings
@@ -621,7 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="saslauthd-oidc",
         description="SASL OAUTHBEARER/XOAUTH2 for mail servers, against several OpenID providers.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__} ({build.describe()})"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the daemon in the foreground")
