@@ -7,6 +7,7 @@ cap, and what happens to open connections when the listener stops.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import socket
 from collections.abc import Iterator, MutableMapping
@@ -53,17 +54,43 @@ class Steps:
         raise AssertionError("the frontend uses start/finish")
 
 
+class SmallSendBuffers(trio.abc.Listener[trio.SocketStream]):
+    """Accepted Unix sockets with a small send buffer (they do not inherit the listener's)."""
+
+    def __init__(self, inner: trio.abc.Listener[Any], sndbuf: int) -> None:
+        self.inner = inner
+        self.sndbuf = sndbuf
+
+    async def accept(self) -> trio.SocketStream:
+        stream = await self.inner.accept()
+        assert isinstance(stream, trio.SocketStream)
+        stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
+        return stream
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 async def listen(
-    nursery: trio.Nursery, path: str, steps: Steps, *, max_connections: int = 64, **kw: Any
+    nursery: trio.Nursery,
+    path: str,
+    steps: Steps,
+    *,
+    max_connections: int = 64,
+    sndbuf: int | None = None,
+    **kw: Any,
 ) -> ConnectionTable:
     table = ConnectionTable("auth", max_connections)
     sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
     await sock.bind(path)
     sock.listen(64)
+    listener: trio.abc.Listener[Any] = trio.SocketListener(sock)
+    if sndbuf is not None:
+        listener = SmallSendBuffers(listener, sndbuf)
     await nursery.start(
         functools.partial(
             serve_dovecot_listener,
-            trio.SocketListener(sock),
+            listener,
             steps,
             mechanisms=MECHS,
             table=table,
@@ -161,6 +188,41 @@ async def test_a_client_that_does_not_read_is_cut_off_and_others_are_served(
     assert [e["event"] for e in logs if "timeout" in e["event"]] == ["send_timeout"]
     await trio.testing.wait_all_tasks_blocked()
     assert len(table) == 1
+
+
+async def test_a_slow_reader_that_keeps_taking_replies_is_not_cut_off(
+    nursery: trio.Nursery, socket_path: str, mock_clock: trio.testing.MockClock
+) -> None:
+    """The send deadline runs from the last progress, not from the first blocked send.
+
+    A small send buffer keeps replies waiting in the reactor while the client
+    takes some of them at each step, so the output never empties.
+    """
+    await listen(nursery, socket_path, Steps(), sndbuf=8192)
+    slow = await connected(socket_path)
+    stop = trio.Event()
+
+    async def flood() -> None:
+        rid = 1
+        with contextlib.suppress(trio.BrokenResourceError):  # cut off: asserted below
+            while not stop.is_set():
+                chunk = "".join(auth_line(r, f"now-u{r}") + "\n" for r in range(rid, rid + 50))
+                rid += 50
+                await slow.stream.send_all(chunk.encode())
+
+    with capture_logs() as logs:
+        nursery.start_soon(flood)
+        await trio.testing.wait_all_tasks_blocked()  # replies are backed up
+        for _ in range(6):  # 6 x 0.6 line timeouts: well past one in total
+            mock_clock.jump(0.6 * LINE_TIMEOUT)
+            taken = 0
+            while taken < 64 << 10:
+                data = await slow.stream.receive_some(4096)
+                assert data, f"the slow reader was cut off: {[e['event'] for e in logs]}"
+                taken += len(data)
+            await trio.testing.wait_all_tasks_blocked()
+        stop.set()
+    assert not [e for e in logs if "timeout" in e["event"]]
 
 
 async def test_replies_made_before_the_client_closed_its_side_all_go_out(

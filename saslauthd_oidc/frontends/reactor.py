@@ -15,7 +15,7 @@ hands connections over and gets them back closed.
   takes it, else when epoll reports the socket writable. Replies leave in
   the order they were concluded, as on the task-per-connection path.
 * ``line_timeout``: one deadline per connection (the first line owed, a
-  partial line owed, a blocked send; none while idle between lines), all in
+  partial line owed, a send that makes no progress; none while idle between lines), all in
   one heap; the reactor's wait runs in one cancel scope whose deadline is
   moved in place to the earliest, replaced only when it fires.
 * Backpressure: a connection whose unsent output is over ``OUTPUT_LIMIT``
@@ -432,7 +432,10 @@ class Reactor:
             self._hang_up(conn)
             return
         conn.out = conn.out[sent:]
-        if not conn.out:
+        if conn.out:
+            if sent:  # the deadline is on a client that takes nothing, not on a slow reader
+                self._set_deadline(conn, send=trio.current_time() + self._line_timeout)
+        else:
             self._set_deadline(conn, send=math.inf)
             if conn.owed:
                 conn.owed = False
