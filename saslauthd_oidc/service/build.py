@@ -18,10 +18,12 @@ MYPYC_MODULES: Final = (
     "saslauthd_oidc.core.request",
     "saslauthd_oidc.core.identity",
     "saslauthd_oidc.core.rules",
+    "saslauthd_oidc.core.engine",
     "saslauthd_oidc.protocol.sasl",
     "saslauthd_oidc.protocol.dovecot",
     "saslauthd_oidc.protocol.saslauthd",
     "saslauthd_oidc.providers.jwt",
+    "saslauthd_oidc.providers.verification_cache",
 )
 
 _EXTENSION_SUFFIXES: Final = (".so", ".pyd")
