@@ -24,6 +24,7 @@ MYPYC_MODULES: Final = (
     "saslauthd_oidc.protocol.saslauthd",
     "saslauthd_oidc.providers.jwt",
     "saslauthd_oidc.providers.verification_cache",
+    "saslauthd_oidc.frontends.reactor",
 )
 
 _EXTENSION_SUFFIXES: Final = (".so", ".pyd")
