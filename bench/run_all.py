@@ -14,6 +14,10 @@ What it does (``bench/run-all`` calls it; ``--quick`` shrinks everything to a sm
    runs every scenario 3 times against each and keeps the median.
 3. Prints the table and the ratios (and ``--json`` writes everything).
 
+``--package-from VENV`` runs saslauthd-oidc from the package installed in
+another venv (e.g. ``.venv-compiled``, the mypyc build) instead of this
+checkout's; the report names the build that ran.
+
 Server CPU is read from ``/proc/<pid>/stat``: for Dovecot its ``auth``
 process, for saslauthd-oidc the whole process tree (parent and workers).
 """
