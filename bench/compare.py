@@ -108,15 +108,8 @@ class Side:
 
 def _installed(venv: Path) -> tuple[str, str]:
     """The label and the site-packages of the package installed in ``venv``."""
-    python = venv.resolve() / "bin" / "python"
-    code = (
-        "import sysconfig, saslauthd_oidc.service.build as b;"
-        "print(sysconfig.get_paths()['purelib']); print(b.describe())"
-    )
-    out = subprocess.run(
-        [python, "-P", "-c", code], capture_output=True, text=True, check=True, cwd="/"
-    ).stdout.split("\n")
-    return f"{venv} ({out[1]})", out[0]
+    build, site = run_all.installed_package(venv)
+    return f"{venv} ({build})", site
 
 
 def median(values: list[float]) -> float:

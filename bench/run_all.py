@@ -14,6 +14,10 @@ What it does (``bench/run-all`` calls it; ``--quick`` shrinks everything to a sm
    runs every scenario 3 times against each and keeps the median.
 3. Prints the table and the ratios (and ``--json`` writes everything).
 
+``--package-from VENV`` runs saslauthd-oidc from the package installed in
+another venv (e.g. ``.venv-compiled``, the mypyc build) instead of this
+checkout's; the report names the build that ran.
+
 Server CPU is read from ``/proc/<pid>/stat``: for Dovecot its ``auth``
 process, for saslauthd-oidc the whole process tree (parent and workers).
 """
@@ -268,6 +272,19 @@ def ours(
         _stop(proc)
 
 
+def installed_package(venv: Path) -> tuple[str, str]:
+    """The build (``--version``'s words) and the site-packages of the package in ``venv``."""
+    python = venv.resolve() / "bin" / "python"
+    code = (
+        "import sysconfig, saslauthd_oidc.service.build as b;"
+        "print(sysconfig.get_paths()['purelib']); print(b.describe())"
+    )
+    out = subprocess.run(
+        [python, "-P", "-c", code], capture_output=True, text=True, check=True, cwd="/"
+    ).stdout.split("\n")
+    return out[1], out[0]
+
+
 def _daemon_env(pythonpath: str | None = None) -> dict[str, str]:
     """The daemon's environment: ``BENCH_DAEMON_PYTHONPATH`` runs another copy of the package.
 
@@ -387,6 +404,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path)
     p.add_argument("--json", type=Path, help="write all results here")
     p.add_argument(
+        "--package-from",
+        metavar="VENV",
+        type=Path,
+        help="run the daemon with the package installed in VENV (e.g. .venv-compiled)",
+    )
+    p.add_argument(
         "--compare",
         metavar="REV",
         help="instead: this checkout against revision REV, interleaved (see bench/compare.py)",
@@ -407,6 +430,16 @@ def main(argv: list[str] | None = None) -> int:
             pwd.getpwnam("dovenull")
         except KeyError:
             use_dovecot = False
+
+    build, pythonpath = "interpreted (this checkout)", None
+    if args.package_from:
+        build, pythonpath = installed_package(args.package_from)
+        build = f"{build} ({args.package_from})"
+
+    def daemon(
+        workers: int, level: str = args.log_level
+    ) -> contextlib.AbstractContextManager[tuple[Path, int]]:
+        return ours(workdir, jwks, workers=workers, level=level, pythonpath=pythonpath)
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="saslo-bench-", dir="/tmp"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -443,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     suffix = {alg: [auth_suffix(tok, USER) for tok in pool] for alg, pool in pools.items()}
     check_suffix = auth_suffix(check, USER)
     rows: list[Row] = []
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"build": build}
 
     def series(name: str, server: str, fn: Callable[[int], LoadResult]) -> Row:
         row = Row(name, server)
@@ -491,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
                 series("unique RS256, 64 conns", "dovecot", unique(sock, pid, "RS256", 64))
         for workers in [int(w) for w in args.workers.split(",")]:
             w = f"ours w={workers}"
-            with ours(workdir, jwks, workers=workers, level=args.log_level) as (sock, pid):
+            with daemon(workers) as (sock, pid):
                 for _ in range(workers * 4):  # every worker loads its keys
                     check_accepts(sock, pid, check_suffix, "saslauthd-oidc")
                 print(f"{w} accepts the check token", file=log)
@@ -502,11 +535,11 @@ def main(argv: list[str] | None = None) -> int:
                     series("unique ES256, 8 conns", w, unique(sock, pid, "ES256"))
                     series("unique EdDSA, 8 conns", w, unique(sock, pid, "EdDSA"))
                 # reuses the RS256 slices: they are cached by now, so restart first
-            with ours(workdir, jwks, workers=workers, level=args.log_level) as (sock, pid):
+            with daemon(workers) as (sock, pid):
                 for _ in range(workers * 4):
                     check_accepts(sock, pid, check_suffix, "saslauthd-oidc")
                 series("unique RS256, 64 conns", w, unique(sock, pid, "RS256", 64))
-        with ours(workdir, jwks, workers=1, level=args.log_level) as (sock, pid):
+        with daemon(1) as (sock, pid):
             check_accepts(sock, pid, check_suffix, "saslauthd-oidc")
             mem_pool = [auth_suffix(tok, USER) for tok in mint("EdDSA", args.cached)]
             extra["memory"] = memory_scenario(sock, pid, mem_pool, args.idle)
@@ -514,8 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         # What the shipped default (info: one line per authentication) costs: a
         # daemon at info beside one at warning, runs alternating between them.
         with (
-            ours(workdir, jwks, workers=1, level="warning") as (quiet, quiet_pid),
-            ours(workdir, jwks, workers=1, level="info") as (loud, loud_pid),
+            daemon(1, "warning") as (quiet, quiet_pid),
+            daemon(1, "info") as (loud, loud_pid),
         ):
             for sock, pid in ((quiet, quiet_pid), (loud, loud_pid)):
                 check_accepts(sock, pid, check_suffix, "saslauthd-oidc")
@@ -665,6 +698,7 @@ def render(rows: list[Row], extra: dict[str, Any]) -> str:
                 out.append(f"- overhead above one openssl signature check, {name}: {over:.0f} µs")
     out.append("")
     out.append("openssl speed verify/s: " + ", ".join(f"{k} {v:.0f}" for k, v in ssl.items()))
+    out.append("saslauthd-oidc build: " + str(extra.get("build", "?")))
     out.append("machine: " + json.dumps(extra.get("machine", {})))
     return "\n".join(out)
 

@@ -10,6 +10,7 @@ import dataclasses
 import importlib.machinery
 import importlib.util
 import re
+import runpy
 import tomllib
 from pathlib import Path
 from types import ModuleType
@@ -60,6 +61,24 @@ def test_rules_build_with_debians_python_and_the_lock_only() -> None:
     assert "PYTHON := /usr/bin/python3" in rules
     assert "--requirements debian/requirements.lock" in rules
     assert "--extra-pip-arg=--no-deps" in rules  # nothing but the lock is installed
+
+
+def test_the_package_is_compiled_with_the_mypy_of_the_lock() -> None:
+    """debian/rules builds with SASLAUTHD_OIDC_COMPILE=1; the lock pins setup.py's mypy."""
+    rules = (DEBIAN / "rules").read_text()
+    assert "SASLAUTHD_OIDC_COMPILE=1 dh_virtualenv" in rules
+    assert "build.compiled_modules() != build.MYPYC_MODULES" in rules  # no quiet fallback
+    control = (DEBIAN / "control").read_text()
+    assert "python3-dev" in control.split("Standards-Version")[0]
+    setup_py = runpy.run_path(str(ROOT / "setup.py"), run_name="setup")
+    mypy = Requirement(setup_py["MYPY"])
+    version, _ = pins()[canonicalize_name(mypy.name)]
+    assert mypy.specifier.contains(version)
+    # What compiles the package is removed from the venv it ships.
+    removed = re.search(r"MYPY_PACKAGES := (.*)", rules)
+    assert removed and "pip uninstall --yes --quiet $(MYPY_PACKAGES)" in rules
+    for dist in removed.group(1).split():
+        assert canonicalize_name(dist) in pins(), dist
 
 
 def load_make_conffile() -> ModuleType:

@@ -7,6 +7,7 @@ driven with systemctl: socket activation, an authentication through the
 socket (a development issuer inside the container on loopback), reload of
 a good and of a broken file, stop, the watchdog, a broken configuration at
 start, the http socket with the shipped defaults, upgrade, remove, purge.
+The package ships the mypyc-compiled build (``--version`` says so).
 
 Needs root, dpkg-dev, debhelper, dh-virtualenv, mmdebstrap and
 systemd-container; skipped with the reason otherwise (a failure under
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from saslauthd_oidc.service import build
 from tests.conftest import require_peer
 from tests.systemd_deb import harness
 from tests.systemd_deb.harness import Container, Debs, apt_install, journal, status
@@ -142,11 +144,13 @@ def test_install_gives_command_user_conffile_units_and_man_pages(ct: Container, 
     assert (
         f"saslauthd-oidc: not configured yet: add a [[provider]] and a [[rule]] to {CONF}" in output
     )
-    assert ct.run("saslauthd-oidc", "--version").stdout.split() == [
-        "saslauthd-oidc",
-        debs.version.split("~")[0],
-        "(interpreted)",  # the package ships the pure build
-    ]
+    # The package ships the mypyc-compiled build, every module of MYPYC_MODULES.
+    assert ct.run("saslauthd-oidc", "--version").stdout.strip() == (
+        f"saslauthd-oidc {debs.version.split('~')[0]} "
+        f"(compiled: mypyc, {len(build.MYPYC_MODULES)} modules)"
+    )
+    site = "/opt/venvs/saslauthd-oidc/lib/python3.11/site-packages"
+    assert ct.run("ls", site).stdout.split().count("mypy") == 0  # build-time only
     assert ct.run("readlink", "-f", "/usr/bin/saslauthd-oidc").stdout.startswith("/opt/venvs/")
     assert (
         ct.run("getent", "passwd", "saslauthd-oidc").stdout.split(":")[6].strip()

@@ -38,6 +38,7 @@ DEB_INPUTS = (
     "MANIFEST.in",
     "README.md",
     "pyproject.toml",
+    "setup.py",
     "contrib",
     "debian",
     "docs",
