@@ -6,14 +6,29 @@ decides level and format once. Filtered-out levels cost one method call
 before rendering and replaces anything shaped like a JWT or a bearer
 credential with its fingerprint, so a mistake elsewhere cannot put a token in
 a log file.
+
+Rendered lines go to :data:`sink` (one per process), which writes each at once
+(one flushed ``write``, as structlog's ``PrintLogger`` did) except inside a
+round of the Dovecot reactor (:mod:`saslauthd_oidc.frontends.reactor` calls
+:meth:`LineSink.hold` and :meth:`LineSink.release` around each round): there
+the lines of the round are kept and written together, in one ``write``, when
+the round ends or when more than :data:`HELD_LIMIT` characters are kept. A
+round never awaits, so nothing else runs while lines are held: every line
+logged elsewhere (HTTP, saslauthd, tasks, start-up, workers) is written
+before its caller goes on, and the order of the lines is the order of the
+calls. What is held is written at exit too (``atexit``, and the daemon's
+``finally``). The write blocks as before; only the number of writes changes.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
 import re
 import sys
+import threading
 import time
 from collections.abc import MutableMapping
 from typing import Any, TextIO
@@ -22,6 +37,7 @@ import structlog
 
 from saslauthd_oidc.config import LoggingConfig
 from saslauthd_oidc.core.request import token_fingerprint
+from saslauthd_oidc.frontends import reactor
 
 _JWT_SHAPED = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
 _BEARER = re.compile(r"(?i)(bearer\s+)([A-Za-z0-9._~+/=-]{8,})")
@@ -87,6 +103,91 @@ class _JsonLine:
         return self._encode(event)
 
 
+#: Characters held in a round above which they are written at once.
+HELD_LIMIT = 65536
+
+
+class LineSink:
+    """Where every rendered line goes: written at once, or held for the rest of a round.
+
+    structlog's logger for every module (its ``logger_factory`` returns this
+    one object). The lock keeps a line logged from a thread (the reload's
+    configuration read) in order with the others.
+    """
+
+    __slots__ = ("_file", "_held", "_holding", "_lock", "_size")
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+        self._held: list[str] = []
+        self._size = 0
+        self._holding = False
+        self._lock = threading.Lock()
+
+    def msg(self, message: str) -> None:
+        with self._lock:
+            if not self._holding:
+                self._file.write(message + "\n")
+                self._file.flush()
+                return
+            self._held.append(message)
+            self._size += len(message)
+            if self._size > HELD_LIMIT:
+                self._write_held()
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
+    failure = msg
+
+    def hold(self) -> None:
+        """From now on keep the lines (a reactor round starts)."""
+        self._holding = True
+
+    def release(self) -> None:
+        """Write what was kept, in one ``write``; lines are written at once again.
+
+        A round's end must not take the reactor down: a stream that cannot be
+        written loses these lines (as a failed ``write`` loses its line).
+        """
+        with self._lock:
+            self._holding = False
+            if self._held:
+                with contextlib.suppress(OSError, ValueError):
+                    self._write_held()
+
+    def flush(self) -> None:
+        """Write what is kept now (exit, shutdown), and keep holding if it was."""
+        with self._lock:
+            if self._held:
+                self._write_held()
+
+    def switch(self, file: TextIO) -> None:
+        """Write to ``file`` from now on, after writing what is kept to the old one."""
+        with self._lock:
+            if self._held:
+                self._write_held()
+            self._file = file
+
+    def _write_held(self) -> None:
+        held, self._held, self._size = self._held, [], 0
+        held.append("")
+        self._file.write("\n".join(held))
+        self._file.flush()
+
+
+#: The process's one sink; :func:`configure_logging` points it at its stream.
+sink = LineSink(sys.stderr)
+atexit.register(sink.flush)
+
+
+def flush_logs() -> None:
+    """Write the lines held (the daemon's last step; exit does it too)."""
+    sink.flush()
+
+
+def _sink_factory(*_args: Any) -> LineSink:
+    return sink
+
+
 def configure_logging(
     cfg: LoggingConfig, stream: TextIO | None = None, *, cache_loggers: bool = False
 ) -> None:
@@ -111,6 +212,9 @@ def configure_logging(
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(level),
-        logger_factory=structlog.PrintLoggerFactory(file=stream or sys.stderr),
+        logger_factory=_sink_factory,
         cache_logger_on_first_use=cache_loggers,
     )
+    sink.switch(stream or sys.stderr)
+    reactor.round_hooks.begin = sink.hold
+    reactor.round_hooks.end = sink.release
