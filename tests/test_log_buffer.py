@@ -206,6 +206,9 @@ class Logging:
     async def finish(self, pending: Any) -> Verdict:
         raise AssertionError("everything is inline")
 
+    async def authenticate(self, req: AuthRequest) -> Verdict:
+        return self.start(req)
+
 
 class _Fatal(BaseException):
     """Not an ``Exception``: no catch-all takes it, it ends the reactor's round."""
