@@ -25,12 +25,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import json
+import json.encoder
 import logging
 import re
 import sys
 import threading
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -74,14 +75,46 @@ class _JsonLine:
     Exactly what ``add_log_level``, ``TimeStamper(fmt="iso", utc=True)``,
     ``format_exc_info``, :func:`redact_secrets` and ``JSONRenderer()`` produce
     one after the other (same keys, same order, same text), without a call per
-    processor, a scan per value for tokens that cannot be there, or a new
-    ``json`` encoder per line (``json.dumps`` with ``default=`` builds one).
+    processor, a scan per value for tokens that cannot be there (the encoded
+    line is scanned once), or a new ``json`` encoder per line (``json.dumps``
+    with ``default=`` builds one, and ``JSONEncoder.encode`` its C encoder).
     """
 
     def __init__(self) -> None:
-        self._encode = json.JSONEncoder(default=_json_fallback).encode
+        self._encoder = json.JSONEncoder(default=_json_fallback)
+        self._encode = self._encoder.encode
+        self._c_encode = self._c_encoder()
         self._second = -1
         self._prefix = ""
+
+    def _c_encoder(self) -> Callable[[Any, int], Any] | None:
+        """What ``JSONEncoder.encode`` builds for every call, built once (same arguments)."""
+        make = getattr(json.encoder, "c_make_encoder", None)
+        if make is None:
+            return None
+        e = self._encoder
+        encoder: Callable[[Any, int], Any] = make(
+            {},  # the circular-reference markers; empty again after each encoding
+            e.default,
+            json.encoder.encode_basestring_ascii,
+            e.indent,
+            e.key_separator,
+            e.item_separator,
+            e.sort_keys,
+            e.skipkeys,
+            e.allow_nan,
+        )
+        return encoder
+
+    def _json(self, event: MutableMapping[str, Any]) -> str:
+        encode = self._c_encode
+        if encode is None:
+            return self._encode(event)
+        try:
+            return "".join(encode(event, 0))
+        except BaseException:
+            self._c_encode = self._c_encoder()  # markers left behind by the failure
+            raise
 
     def _timestamp(self) -> str:
         """What structlog's ISO UTC stamp says; the date part is formatted once a second."""
@@ -97,10 +130,15 @@ class _JsonLine:
         event["timestamp"] = self._timestamp()
         if "exc_info" in event:
             event = structlog.processors.format_exc_info(logger, method, event)
-        for key, value in event.items():
-            if isinstance(value, str) and ("eyJ" in value or "earer" in value):
-                event[key] = _scrub(value)
-        return self._encode(event)
+        text = self._json(event)
+        # A string value holding either holds it in the JSON text too (ASCII is not
+        # escaped); text without both needs no scrubbing. Otherwise, as before.
+        if "eyJ" in text or "earer" in text:
+            for key, value in event.items():
+                if isinstance(value, str) and ("eyJ" in value or "earer" in value):
+                    event[key] = _scrub(value)
+            text = self._json(event)
+        return text
 
 
 #: Characters held in a round above which they are written at once.
