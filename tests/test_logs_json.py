@@ -45,12 +45,13 @@ def test_the_prebuilt_encoder_writes_what_json_dumps_writes(event: dict[str, Any
 
 def test_after_an_encoding_that_failed_the_next_line_is_encoded_as_usual() -> None:
     line = _JsonLine()
-    shared = [1, 2]
+    box: dict[str, Any] = {"bad": _Broken()}
     with pytest.raises(ValueError, match="cannot say"):
-        line(None, "info", {"event": "x", "items": shared, "bad": _Broken()})
-    # the list that was being encoded when it failed is no "circular reference" now
-    got = json.loads(line(None, "info", {"event": "y", "a": shared, "b": shared}))
-    assert (got["a"], got["b"]) == ([1, 2], [1, 2])
+        line(None, "info", {"event": "x", "box": box})
+    box["bad"] = 1
+    # the dict that was being encoded when it failed is no "circular reference" now
+    got = json.loads(line(None, "info", {"event": "y", "a": box, "b": [box]}))
+    assert (got["a"], got["b"]) == ({"bad": 1}, [{"bad": 1}])
     looped: list[Any] = []
     looped.append(looped)
     with pytest.raises(ValueError, match="Circular reference"):
