@@ -64,3 +64,13 @@ def test_a_token_in_a_top_level_value_is_redacted_and_elsewhere_left_as_before()
     got = json.loads(line(None, "info", {"event": "x", "detail": f"Bearer {JWT}", "n": [JWT]}))
     assert JWT not in got["detail"] and got["detail"].startswith("Bearer <token ")
     assert got["n"] == [JWT]  # nested values were never scanned (redact_secrets neither)
+
+
+def test_a_dict_another_line_is_encoding_is_no_circular_reference() -> None:
+    """The prebuilt encoder's markers are shared: another thread's line may be inside
+    the same dict; the line is then encoded with markers of its own."""
+    line = _JsonLine()
+    box = {"k": "v"}
+    encoder: Any = line._c_encode
+    encoder.markers[id(box)] = box  # as while another thread encodes it
+    assert json.loads(line(None, "info", {"event": "x", "box": box}))["box"] == {"k": "v"}

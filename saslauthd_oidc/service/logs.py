@@ -112,8 +112,14 @@ class _JsonLine:
             return self._encode(event)
         try:
             return "".join(encode(event, 0))
+        except Exception:
+            # Markers left behind by the failure (or by another thread's line, the
+            # markers being shared) are dropped; then as ``JSONEncoder.encode``, with
+            # its own markers: the same error if this event cannot be encoded.
+            self._c_encode = self._c_encoder()
+            return self._encode(event)
         except BaseException:
-            self._c_encode = self._c_encoder()  # markers left behind by the failure
+            self._c_encode = self._c_encoder()
             raise
 
     def _timestamp(self) -> str:
