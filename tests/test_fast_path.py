@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import json
 import socket
 import sys
 import unicodedata
@@ -822,6 +823,80 @@ async def test_reactor_per_request_on_ready_sockets(
             sock.close()
         nursery.cancel_scope.cancel()
     assert _auth_counts(metrics) == {"ok": requests + connections}
+
+
+async def test_reactor_writes_the_log_lines_of_a_round_at_once(socket_path: str) -> None:
+    """At ``info``, one line per authentication: the lines of one reactor round go out
+    in one write of the log stream, at the round's end, all of them and in order."""
+    import io
+
+    from saslauthd_oidc.config import LoggingConfig
+    from saslauthd_oidc.frontends import dovecot
+    from saslauthd_oidc.service.logs import configure_logging
+    from tests.support import auth_line
+
+    class Raw(io.RawIOBase):  # the descriptor under sys.stderr's layers: write(2)s
+        def __init__(self) -> None:
+            self.writes: list[bytes] = []
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: Any) -> int:
+            self.writes.append(bytes(data))
+            return len(data)
+
+    raw = Raw()
+    stream = io.TextIOWrapper(io.BufferedWriter(raw), encoding="utf-8", line_buffering=True)
+    configure_logging(LoggingConfig(level="info", format="json"), stream=stream)
+    lookup = FakeLookup(a=SyncVerifier(A, REJECTIONS), b=SyncVerifier(B, REJECTIONS))
+    engine = Engine(parse_config(CONFIG), lookup)
+    toks = [token(iss=A, aud="web", email="alice@example.org", jti=f"j{i}") for i in range(3)]
+    listening = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await listening.bind(socket_path)
+    listening.listen(16)
+    rounds = 4
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                functools.partial(
+                    dovecot.serve_dovecot_listener,
+                    trio.SocketListener(listening),
+                    engine,
+                    mechanisms=MECHS,
+                )
+            )
+            clients = []
+            for tok in toks:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(10)
+                sock.connect(socket_path)
+                sock.sendall(b"VERSION\t1\t2\nCPID\t1\n" + (auth_line(1, tok) + "\n").encode())
+                clients.append(sock)
+            await trio.testing.wait_all_tasks_blocked()
+            for sock in clients:
+                assert sock.recv(65536)  # the handshake and the first (verifying) answer
+            del raw.writes[:]
+            for _ in range(rounds):
+                for rid, (sock, tok) in enumerate(zip(clients, toks, strict=True), 2):
+                    sock.sendall((auth_line(rid, tok) + "\n").encode())
+                await trio.testing.wait_all_tasks_blocked()  # one round for the three
+                for sock in clients:
+                    assert sock.recv(65536).startswith(b"OK\t")
+            assert len(raw.writes) == rounds
+            for sock in clients:
+                sock.close()
+            nursery.cancel_scope.cancel()
+    finally:
+        configure_logging(LoggingConfig(level="info", format="json"))
+    from saslauthd_oidc.core.request import token_fingerprint
+
+    for chunk in raw.writes:
+        lines = [json.loads(x) for x in chunk.decode().splitlines()]
+        # (the connections of a round in the order epoll reports them)
+        assert sorted((e["event"], e["outcome"], e["token"]) for e in lines) == sorted(
+            ("authentication", "ok", token_fingerprint(tok)) for tok in toks
+        )
 
 
 @pytest.mark.parametrize(

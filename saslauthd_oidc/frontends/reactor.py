@@ -22,6 +22,8 @@ hands connections over and gets them back closed.
   is not read from until the client takes it.
 * Fairness: at most ``EVENTS_PER_ROUND`` requests of one connection are
   answered per round; the rest wait for the next round, after the others.
+* :data:`round_hooks` run before and after each round (the service's log
+  lines are held during a round and written together at its end).
 """
 
 from __future__ import annotations
@@ -55,6 +57,27 @@ _OUT = select.EPOLLOUT
 _BROKEN = select.EPOLLHUP | select.EPOLLERR
 
 available = hasattr(select, "epoll")
+
+
+def _nothing() -> None:
+    pass
+
+
+class RoundHooks:
+    """What runs when a round starts and when it ends (even by an exception).
+
+    A module-level object, so that the compiled build sees what the service
+    (or a test) sets; both do nothing until then. ``end`` must not raise.
+    """
+
+    __slots__ = ("begin", "end")
+
+    def __init__(self) -> None:
+        self.begin: Callable[[], None] = _nothing
+        self.end: Callable[[], None] = _nothing
+
+
+round_hooks = RoundHooks()
 
 
 class _Conn:
@@ -254,22 +277,27 @@ class Reactor:
     async def _rounds(self) -> None:
         epoll = self._epoll
         epfd = epoll.fileno()
+        hooks = round_hooks
         while True:
             if self._backlog:
                 await trio.lowlevel.checkpoint()  # the rest of the process gets its turn
             else:
                 await trio.lowlevel.wait_readable(epfd)
-            # Those with requests left from earlier rounds go after the ready ones;
-            # one backlogged in this round waits for the next.
-            waiting, self._backlog = self._backlog, []
-            for fd, events in epoll.poll(0):
-                conn = self._conns.get(fd)
-                if conn is not None:
-                    self._ready(conn, events)
-            for conn in waiting:
-                # (one that a tempfail ended meanwhile has no backlog left)
-                if self._conns.get(conn.fd) is conn and conn.backlog is not None:
-                    self._work(conn)
+            hooks.begin()
+            try:
+                # Those with requests left from earlier rounds go after the ready ones;
+                # one backlogged in this round waits for the next.
+                waiting, self._backlog = self._backlog, []
+                for fd, events in epoll.poll(0):
+                    conn = self._conns.get(fd)
+                    if conn is not None:
+                        self._ready(conn, events)
+                for conn in waiting:
+                    # (one that a tempfail ended meanwhile has no backlog left)
+                    if self._conns.get(conn.fd) is conn and conn.backlog is not None:
+                        self._work(conn)
+            finally:
+                hooks.end()
 
     def _ready(self, conn: _Conn, events: int) -> None:
         if events & _OUT:
@@ -462,4 +490,4 @@ def log_protocol_error(error: ProtocolError) -> None:
     log.info("protocol_error", request_id=error.request_id, error=error.message)
 
 
-__all__ = ["Answering", "Reactor", "available", "log_protocol_error"]
+__all__ = ["Answering", "Reactor", "RoundHooks", "available", "log_protocol_error", "round_hooks"]

@@ -46,7 +46,7 @@ from saslauthd_oidc.service.listeners import (
     http_problems,
     open_listeners,
 )
-from saslauthd_oidc.service.logs import configure_logging
+from saslauthd_oidc.service.logs import configure_logging, flush_logs
 from saslauthd_oidc.service.metrics import Metrics
 from saslauthd_oidc.service.systemd import Notifier
 
@@ -349,6 +349,7 @@ async def run_daemon(
     finally:
         listeners.close()
         notifier.close()
+        flush_logs()  # what a round held when it ended by an exception, before the traceback
     log.info("stopped")
 
 
