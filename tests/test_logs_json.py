@@ -74,3 +74,10 @@ def test_a_dict_another_line_is_encoding_is_no_circular_reference() -> None:
     encoder: Any = line._c_encode
     encoder.markers[id(box)] = box  # as while another thread encodes it
     assert json.loads(line(None, "info", {"event": "x", "box": box}))["box"] == {"k": "v"}
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+def test_an_opaque_bearer_token_is_redacted_whatever_the_case_of_the_scheme(scheme: str) -> None:
+    opaque = "a1B2c3D4e5F6g7H8i9J0"
+    got = json.loads(_JsonLine()(None, "info", {"event": "x", "detail": f"{scheme} {opaque}"}))
+    assert opaque not in got["detail"] and got["detail"].startswith(f"{scheme} <token ")

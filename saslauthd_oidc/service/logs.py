@@ -47,7 +47,7 @@ _BEARER = re.compile(r"(?i)(bearer\s+)([A-Za-z0-9._~+/=-]{8,})")
 def _scrub(text: str) -> str:
     if "eyJ" in text:
         text = _JWT_SHAPED.sub(lambda m: f"<token {token_fingerprint(m.group(0))}>", text)
-    if "earer" in text:
+    if "earer" in text.lower():  # BEARER, Bearer, bearer
         text = _BEARER.sub(lambda m: f"{m.group(1)}<token {token_fingerprint(m.group(2))}>", text)
     return text
 
@@ -139,9 +139,9 @@ class _JsonLine:
         text = self._json(event)
         # A string value holding either holds it in the JSON text too (ASCII is not
         # escaped); text without both needs no scrubbing. Otherwise, as before.
-        if "eyJ" in text or "earer" in text:
+        if "eyJ" in text or "earer" in text.lower():
             for key, value in event.items():
-                if isinstance(value, str) and ("eyJ" in value or "earer" in value):
+                if isinstance(value, str) and ("eyJ" in value or "earer" in value.lower()):
                     event[key] = _scrub(value)
             text = self._json(event)
         return text
