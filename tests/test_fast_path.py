@@ -426,14 +426,20 @@ def test_cache_key_separates_provider_kind_and_token() -> None:
     assert secret.encode() not in cache_key("a", Lookup.TOKEN, token_digest(secret))
 
 
-def test_peeked_claim_names_and_short_values_are_shared() -> None:
-    a, b = peek(token(iss=A, aud="web", jti="x" * 10)), peek(token(iss=A, aud="web", jti="y" * 10))
-    assert isinstance(a, UnverifiedToken) and isinstance(b, UnverifiedToken)
-    name_a = next(k for k in a.claims if k == "aud")
-    name_b = next(k for k in b.claims if k == "aud")
-    assert name_a is name_b
-    assert a.claims["iss"] is b.claims["iss"]
-    assert a.claims["jti"] != b.claims["jti"]
+def test_cached_claim_names_and_short_values_are_shared() -> None:
+    """What the cache keeps of two tokens shares their claim names and short values."""
+    kept = []
+    for jti in ("x" * 10, "y" * 10):
+        peeked = peek(token(iss=A, aud="web", jti=jti))
+        assert isinstance(peeked, UnverifiedToken)
+        result = vcache.compact(VerifiedClaims(peeked.claims, peeked.header, 2e9))
+        assert isinstance(result, VerifiedClaims)
+        kept.append(result.claims)
+    a, b = kept
+    assert a is not b  # their jti differ: two claims objects
+    assert next(k for k in a if k == "aud") is next(k for k in b if k == "aud")
+    assert a["iss"] is b["iss"]
+    assert a["jti"] != b["jti"]
 
 
 def test_memoised_ip_parsing_agrees() -> None:

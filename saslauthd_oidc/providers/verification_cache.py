@@ -169,12 +169,30 @@ def _compact_claims(claims: Mapping[str, Any], kept: Kept) -> Mapping[str, Any]:
     try:
         shared = _shared_claims.get(key)
     except TypeError:  # a value that cannot be hashed (a list, an object): not shared
-        return CompactClaims(index, values)
+        return CompactClaims(index, _interned(names, values))
     if shared is None:
         if len(_shared_claims) >= MAX_SHARED:
             _shared_claims.clear()
-        shared = _shared_claims[key] = CompactClaims(index, values)
+        shared = _shared_claims[key] = CompactClaims(index, _interned(names, values))
     return shared
+
+
+# Short string values are interned: iss, aud, scope, client_id, the user's sub
+# and email repeat from token to token, and an entry may live for minutes.
+# Only when a claims object is made (rare: one per user's set of values).
+_INTERN_MAX = 128
+_UNIQUE_VALUES = frozenset({"jti"})
+
+
+def _interned(names: tuple[str, ...], values: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(
+        [
+            sys.intern(v)
+            if type(v) is str and len(v) <= _INTERN_MAX and n not in _UNIQUE_VALUES
+            else v
+            for n, v in zip(names, values, strict=True)
+        ]
+    )
 
 
 def compact(result: Result, kept: Kept = None) -> Result:
