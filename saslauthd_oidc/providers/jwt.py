@@ -31,6 +31,7 @@ import binascii
 import json
 import math
 import re
+import sys
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -415,7 +416,12 @@ def _key_label(index: int, jwk: Any) -> str:
 # --------------------------------------------------------------------------- verification
 
 
+_FLOAT_MAX_INT: Final = int(sys.float_info.max)
+
+
 def _is_number(value: Any) -> bool:
+    if type(value) is int and 0 <= value <= _FLOAT_MAX_INT:
+        return True  # the usual case: a JSON integer (a larger one fails below, as ever)
     return (
         isinstance(value, int | float)
         and not isinstance(value, bool)
@@ -429,10 +435,14 @@ def check_time_claims(claims: Mapping[str, Any], *, now: float, leeway: float) -
     exp = claims.get("exp")
     if exp is None:
         return Refusal(Reason.BAD_CLAIM, "exp claim missing")
-    for name in ("exp", "nbf", "iat"):
-        if name in claims and not _is_number(claims[name]):
-            return Refusal(Reason.BAD_CLAIM, f"{name} claim is not a non-negative number")
     nbf, iat = claims.get("nbf"), claims.get("iat")
+    # A present claim whose JSON value is null is not a number either.
+    if not _is_number(exp):
+        return Refusal(Reason.BAD_CLAIM, "exp claim is not a non-negative number")
+    if (nbf is not None or "nbf" in claims) and not _is_number(nbf):
+        return Refusal(Reason.BAD_CLAIM, "nbf claim is not a non-negative number")
+    if (iat is not None or "iat" in claims) and not _is_number(iat):
+        return Refusal(Reason.BAD_CLAIM, "iat claim is not a non-negative number")
     if iat is not None and exp < iat:
         return Refusal(Reason.BAD_CLAIM, "exp is before iat")
     if nbf is not None and exp < nbf:
@@ -535,6 +545,8 @@ SCOPE_CLAIMS = ("scope", "scp", "roles")
 _KEYCLOAK_ACCESS = "bearer"
 _KEYCLOAK_ID = "id"
 _KEYCLOAK_OTHER = frozenset({"refresh", "offline", "logout"})
+_CLIENT_OR_SCOPE: Final = frozenset((*CLIENT_CLAIMS, *SCOPE_CLAIMS))
+_ID_TOKEN_CLAIMS: Final = frozenset(ID_TOKEN_CLAIMS)
 
 
 def bearer_problem(claims: Mapping[str, Any], *, accept_id_tokens: bool) -> Refusal | None:
@@ -562,10 +574,14 @@ def bearer_problem(claims: Mapping[str, Any], *, accept_id_tokens: bool) -> Refu
         return Refusal(Reason.WRONG_TOKEN_TYPE, f"typ claim {kind!r}: not an access token")
     if kind == _KEYCLOAK_ACCESS or accept_id_tokens:
         return None
+    names = claims.keys()
+    has_client = not names.isdisjoint(_CLIENT_OR_SCOPE)
+    if has_client and kind != _KEYCLOAK_ID and names.isdisjoint(_ID_TOKEN_CLAIMS):
+        return None  # the usual access token: nothing below applies
     markers = [name for name in ID_TOKEN_CLAIMS if name in claims]
     if kind == _KEYCLOAK_ID:
         markers.insert(0, "typ ID")
-    if not any(name in claims for name in (*CLIENT_CLAIMS, *SCOPE_CLAIMS)):
+    if not has_client:
         markers.append("no client_id, azp or scope: the client only in aud")
     if markers:
         return Refusal(
