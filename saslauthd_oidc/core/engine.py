@@ -193,6 +193,9 @@ class _Decision:
     digest: bytes
     known: dict[bytes, Result]  # answers at hand, by cache key
     trace: list[RuleTrace]
+    #: The cache was asked for every candidate's token entry in this step and
+    #: had none (so :meth:`Engine._answer` need not ask it again).
+    missed: bool = False
 
 
 _NO_HIT: Any = object()
@@ -404,6 +407,7 @@ class Engine:
             if entry is not None:
                 d.known[key] = entry.result
                 return _NO_HIT if entry.iss is OPAQUE else entry.iss
+        d.missed = True
         return _NO_HIT
 
     def _opaque(
@@ -452,17 +456,19 @@ class Engine:
         answer = d.known.get(key)
         if answer is not None:
             return answer
-        entry = self.cache.lookup(key)
-        if entry is not None:
-            return entry.result
+        if lookup is Lookup.USERINFO or not d.missed:
+            # (d.missed: this token entry was looked up in this step, and absent.)
+            entry = self.cache.lookup(key)
+            if entry is not None:
+                return entry.result
         if isinstance(unverified, _Unparsed):  # the cache knew it, but not this provider's answer
             unverified = self._reparse(d.token)
-        need = Verification(provider, lookup, key, d.token, unverified, iss)
         if lookup is Lookup.USERINFO or self.cache.in_flight(key):
-            return need  # userinfo is always a call; a flight under way is waited for
+            # userinfo is always a call; a flight under way is waited for
+            return Verification(provider, lookup, key, d.token, unverified, iss)
         result = self.providers.get(provider).verify_now(d.token, unverified)
         if result is None:
-            return need
+            return Verification(provider, lookup, key, d.token, unverified, iss)
         return self.cache.store(key, provider, result, iss)
 
     def _select(
