@@ -77,6 +77,9 @@ class UnverifiedToken:
     #: The compact JWS these were parsed from (set by :func:`peek`), so that
     #: :func:`verify_jwt` can use these claims once the signature over it holds.
     token: str | None = field(default=None, repr=False, compare=False)
+    #: The decoded signature of ``token`` (set by :func:`peek`, which checks it
+    #: is base64url), for the signature check.
+    signature: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def issuer(self) -> str | None:
@@ -253,7 +256,9 @@ def peek(token: str, *, max_bytes: int = MAX_TOKEN_BYTES) -> UnverifiedToken | R
     head_seg, body_seg, sig_seg = parts
     if len(head_seg) * 3 // 4 > MAX_HEADER_BYTES:
         return Refusal(Reason.MALFORMED_TOKEN, f"JWT header over {MAX_HEADER_BYTES} bytes")
-    if not _B64URL_RE.fullmatch(sig_seg) or len(sig_seg) % 4 == 1:
+    try:
+        signature = _b64url_decode(sig_seg)
+    except ValueError:
         return Refusal(Reason.MALFORMED_TOKEN, "JWT signature is not base64url")
     header = _decode_header(head_seg)
     if isinstance(header, Refusal):
@@ -261,7 +266,7 @@ def peek(token: str, *, max_bytes: int = MAX_TOKEN_BYTES) -> UnverifiedToken | R
     claims = _decode_object(body_seg, "payload")
     if isinstance(claims, Refusal):
         return claims
-    return UnverifiedToken(header=header, claims=claims, token=token)
+    return UnverifiedToken(header, claims, token, signature)
 
 
 # --------------------------------------------------------------------------- key sets
@@ -488,17 +493,21 @@ def check_header(
     return None
 
 
-def _check_signature(token: str, key: pyjwt.PyJWK, alg: str) -> Refusal | None:
+def _check_signature(
+    token: str, key: pyjwt.PyJWK, alg: str, signature: bytes | None = None
+) -> Refusal | None:
     """Verify the JWS signature over the signing input with the key's own algorithm object.
 
     The key was built for exactly ``alg`` (:class:`KeySet` binds every key to one
     algorithm of its family); a key bound to another algorithm is refused.
+    ``signature``: the token's, decoded already (by :func:`peek`).
     """
     if key.algorithm_name != alg:
         return Refusal(Reason.UNSUPPORTED_ALGORITHM, "algorithm does not fit the key")
     signing_input, _, sig_seg = token.rpartition(".")
     try:
-        signature = _b64url_decode(sig_seg)
+        if signature is None:
+            signature = _b64url_decode(sig_seg)
         valid = key.Algorithm.verify(signing_input.encode("ascii"), key.key, signature)
     except (ValueError, TypeError, InvalidSignature):
         valid = False
@@ -623,7 +632,7 @@ def verify_jwt(
         if reparsed.header != header:
             return Refusal(Reason.MALFORMED_TOKEN, "token differs from the peek")
         unverified = reparsed
-    refused = _check_signature(token, key, alg)
+    refused = _check_signature(token, key, alg, unverified.signature)
     if refused is not None:
         return refused
     claims = unverified.claims
