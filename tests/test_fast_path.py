@@ -501,29 +501,26 @@ class _Calls:
 class _Parses:
     """Counts the JWT payloads :func:`peek` decodes (one per token parsed).
 
-    Counted through ``providers/jwt.py``'s module-level decoder, which the
+    Counted through ``providers/jwt.py``'s module-level JSON scanner, which the
     compiled build looks up at run time too (a patched ``engine.peek`` would
     not be seen by a compiled engine, which calls ``peek`` directly). JOSE
     headers (memoised; they have ``alg``) are not counted.
     """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import json
 
         from saslauthd_oidc.providers import jwt as jwt_mod
 
-        strict = jwt_mod._STRICT_DECODER
-        outer = self
+        strict = jwt_mod._strict_scan
         self.count = 0
 
-        class Counting(json.JSONDecoder):
-            def decode(self, s: str, *args: Any, **kwargs: Any) -> Any:
-                value = strict.decode(s)
-                if not (isinstance(value, dict) and "alg" in value):
-                    outer.count += 1
-                return value
+        def counting(s: str, idx: int) -> tuple[Any, int]:
+            value, end = strict(s, idx)
+            if not (isinstance(value, dict) and "alg" in value):
+                self.count += 1
+            return value, end
 
-        monkeypatch.setattr(jwt_mod, "_STRICT_DECODER", Counting())
+        monkeypatch.setattr(jwt_mod, "_strict_scan", counting)
 
 
 def _count_timers(monkeypatch: pytest.MonkeyPatch) -> list[_Calls]:
@@ -894,20 +891,18 @@ async def test_a_finish_that_raises_fails_that_request_only(
 def test_unique_tokens_sharing_a_header_decode_its_json_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import json
 
     from saslauthd_oidc.providers import jwt as jwt_mod
     from tests.support import token as signed_token
 
     decoded: list[str] = []
-    strict = jwt_mod._STRICT_DECODER
+    strict = jwt_mod._strict_scan
 
-    class Counting(json.JSONDecoder):
-        def decode(self, s: str, *args: Any, **kwargs: Any) -> Any:
-            decoded.append(s)
-            return strict.decode(s)
+    def counting(s: str, idx: int) -> tuple[Any, int]:
+        decoded.append(s)
+        return strict(s, idx)
 
-    monkeypatch.setattr(jwt_mod, "_STRICT_DECODER", Counting())
+    monkeypatch.setattr(jwt_mod, "_strict_scan", counting)
     jwt_mod._header_memo.clear()
     tokens = [signed_token("RS256", jti=f"unique-{i}") for i in range(10)]
     assert len(set(tokens)) == 10

@@ -32,14 +32,17 @@ import json
 import math
 import re
 import sys
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
 
 import jwt as pyjwt
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
 from jwt import exceptions as jwt_exc
+from jwt.algorithms import RSAAlgorithm
 
 from saslauthd_oidc.core.outcome import Reason, Refusal
 from saslauthd_oidc.providers.keypolicy import hmac_secret_refusal, jwk_refusal
@@ -126,9 +129,28 @@ def _reject_constant(name: str) -> Any:
 
 
 # One decoder, built once (json.loads with hooks would build one per call).
+# Its C scanner is called directly (what JSONDecoder.decode does, in one frame).
 _STRICT_DECODER = json.JSONDecoder(
     object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
 )
+#: (text, index) -> (value, end): the scanner, a module-level object (a seam the
+#: compiled build looks up at run time too).
+_strict_scan: Callable[[str, int], tuple[Any, int]] = _STRICT_DECODER.scan_once  # type: ignore[attr-defined]
+_WHITESPACE: Final = re.compile(r"[ \t\n\r]*")
+
+
+def _strict_decode(text: str) -> Any:
+    """``_STRICT_DECODER.decode(text)``: one JSON value, only whitespace around it."""
+    start = _WHITESPACE.match(text, 0)
+    try:
+        value, end = _strict_scan(text, start.end() if start else 0)
+    except StopIteration as err:
+        raise json.JSONDecodeError("Expecting value", text, err.value) from None
+    tail = _WHITESPACE.match(text, end)
+    end = tail.end() if tail else end
+    if end != len(text):
+        raise json.JSONDecodeError("Extra data", text, end)
+    return value
 
 
 def json_depth_ok(text: str, max_depth: int = MAX_JSON_DEPTH) -> bool:
@@ -165,7 +187,7 @@ def strict_json_loads(data: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     text = data.decode("utf-8")
     if not json_depth_ok(text, max_depth):
         raise ValueError("JSON nested too deeply")
-    return _STRICT_DECODER.decode(text)
+    return _strict_decode(text)
 
 
 # --------------------------------------------------------------------------- peek
@@ -493,6 +515,17 @@ def check_header(
     return None
 
 
+# PyJWT's RS256/384/512 algorithm class (not its RSA-PSS subclass), and the
+# padding and hashes it would build on every verify: they hold no state.
+_RSA: Final = RSAAlgorithm
+_PKCS1V15: Final = padding.PKCS1v15()
+_RSA_PKCS1_HASHES: Final[dict[Any, hashes.HashAlgorithm]] = {
+    hashes.SHA256: hashes.SHA256(),
+    hashes.SHA384: hashes.SHA384(),
+    hashes.SHA512: hashes.SHA512(),
+}
+
+
 def _check_signature(
     token: str, key: pyjwt.PyJWK, alg: str, signature: bytes | None = None
 ) -> Refusal | None:
@@ -508,7 +541,15 @@ def _check_signature(
     try:
         if signature is None:
             signature = _b64url_decode(sig_seg)
-        valid = key.Algorithm.verify(signing_input.encode("ascii"), key.key, signature)
+        algorithm = key.Algorithm
+        rsa_hash = _RSA_PKCS1_HASHES.get(algorithm.hash_alg) if type(algorithm) is _RSA else None
+        if rsa_hash is not None:
+            # What PyJWT's RSAAlgorithm.verify does, without building a padding
+            # and a hash object per call; InvalidSignature is caught below.
+            key.key.verify(signature, signing_input.encode("ascii"), _PKCS1V15, rsa_hash)
+            valid = True
+        else:
+            valid = algorithm.verify(signing_input.encode("ascii"), key.key, signature)
     except (ValueError, TypeError, InvalidSignature):
         valid = False
     except jwt_exc.PyJWTError:
