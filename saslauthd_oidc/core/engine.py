@@ -201,6 +201,21 @@ class _Decision:
 _NO_HIT: Any = object()
 
 
+def _refused(
+    trace: list[RuleTrace], rule: RuleConfig, refusal: Refusal, hint: DiscoveryHint
+) -> Verdict:
+    """The verdict of a rule that holds for the token but refuses its account."""
+    trace.append(RuleTrace(rule.name, False, refusal.reason, refusal.detail))
+    return Verdict(
+        reason=refusal.reason,
+        rule=rule.name,
+        provider=rule.provider,
+        detail=refusal.detail,
+        hint=hint,
+        trace=tuple(trace),
+    )
+
+
 class Authenticates(Protocol):
     """The engine as frontends see it (the Engine, or ``lifecycle.Current`` in front of it)."""
 
@@ -357,10 +372,6 @@ class Engine:
                 trace=tuple(trace),
             )
         hint = self._hints[id(candidates[0])]
-
-        def refuse(reason: Reason, detail: str) -> Verdict:
-            return Verdict(reason=reason, detail=detail, hint=hint, trace=tuple(trace))
-
         token = request.credentials.token
         d = _Decision(request, token, digest, dict(answers) if answers else {}, trace)
         iss = self._cached_issuer(candidates, d)
@@ -392,7 +403,12 @@ class Engine:
                 hint = self._hints[id(rule)]
                 break
         if not by_issuer:
-            return refuse(Reason.UNKNOWN_ISSUER, "no rule's provider has the token's issuer")
+            return Verdict(
+                reason=Reason.UNKNOWN_ISSUER,
+                detail="no rule's provider has the token's issuer",
+                hint=hint,
+                trace=tuple(trace),
+            )
         return self._select(d, by_issuer, unverified, iss, hint)
 
     def _cached_issuer(self, candidates: list[RuleConfig], d: _Decision) -> Any:
@@ -541,23 +557,11 @@ class Engine:
     ) -> Verdict | Verification | None:
         """The rule's account, or its refusal; None: not this rule after all (try the next)."""
         request, trace = d.request, d.trace
-
-        def refuse(reason: Reason, detail: str) -> Verdict:
-            trace.append(RuleTrace(rule.name, False, reason, detail))
-            return Verdict(
-                reason=reason,
-                rule=rule.name,
-                provider=rule.provider,
-                detail=detail,
-                hint=hint,
-                trace=tuple(trace),
-            )
-
         enriched = self._enrich(d, rule, claims)
         if isinstance(enriched, Verification):
             return enriched
         if isinstance(enriched, Refusal):
-            return refuse(enriched.reason, enriched.detail)
+            return _refused(trace, rule, enriched, hint)
         claims = enriched
         account = map_account(
             rule,
@@ -570,7 +574,7 @@ class Engine:
             assert isinstance(account, str)
             problem = check_authzid(account, request.credentials.authzid, normalize=rule.normalize)
         if problem is not None:
-            return refuse(problem.reason, problem.detail)
+            return _refused(trace, rule, problem, hint)
         assert isinstance(account, str)
         outside = account_domain_mismatch(rule, request, account)
         if outside is not None:
