@@ -911,3 +911,57 @@ def test_unique_tokens_sharing_a_header_decode_its_json_once(
     headers = [text for text in decoded if '"alg"' in text]
     assert len(headers) == 1
     assert len(decoded) == 11  # one header, ten payloads
+
+
+class _Calls64:
+    """Counts ``binascii.a2b_base64`` calls (looked up at run time by both builds)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import binascii
+
+        real = binascii.a2b_base64
+        self.count = 0
+
+        def counting(data: Any, *args: Any, **kwargs: Any) -> bytes:
+            self.count += 1
+            return real(data, *args, **kwargs)
+
+        monkeypatch.setattr(binascii, "a2b_base64", counting)
+
+
+async def test_a_new_jwt_is_decoded_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new JWT through the engine and a provider with keys: payload and signature
+    base64-decoded once each, the payload JSON-scanned once (the header is memoised)."""
+    import time
+
+    from saslauthd_oidc.providers.jwt import KeySet
+
+    issuer = DevIssuer(algorithms=("RS256",))
+    iss = "https://idp.example.org"
+    cfg = parse_config(
+        {
+            "provider": [{"name": "p", "issuer": iss, "jwks_uri": iss + "/jwks.json"}],
+            "rule": [{"name": "r", "provider": "p", "audiences": ["mail"]}],
+        }
+    )
+    async with make_http_client(timeout=2.0) as client:
+        p = OidcProvider(cfg.providers[0], client)
+        p._keys.jwks = KeySet.from_jwks(issuer.jwks(), cfg.providers[0].algorithms)
+        p._keys.loaded_at = time.time()
+
+        class One:
+            def get(self, name: str) -> OidcProvider:
+                return p
+
+        engine = Engine(cfg, One())
+        tokens = [issuer.mint(alg="RS256", claims={"iss": iss}) for _ in range(4)]
+        first = engine.start(request(tokens[0]))
+        assert isinstance(first, Verdict) and first.ok  # the header is memoised now
+        decodes, parses = _Calls64(monkeypatch), _Parses(monkeypatch)
+        for tok in tokens[1:]:
+            verdict = engine.start(request(tok))
+            assert isinstance(verdict, Verdict) and verdict.ok
+        assert decodes.count == 2 * 3  # payload and signature, once each
+        assert parses.count == 3
+        assert isinstance(engine.start(request(tokens[1])), Verdict)  # cached: nothing decoded
+        assert (decodes.count, parses.count) == (6, 3)
