@@ -373,6 +373,10 @@ class VerificationCache:
         until = float(math.floor(until))  # never later than exp; lets entries be shared
         if until <= now:
             return
+        if type(iss) is str:
+            # The peeked iss is a fresh string per token: one object for them
+            # all keeps an entry small and lets entries alike be one.
+            iss = sys.intern(iss)
         alike = (id(result), until, id(iss))
         entry = self._alike.get(alike)
         if entry is None or entry.result is not result or entry.iss is not iss:
