@@ -6,7 +6,8 @@ No trio, no httpx, no clock of its own: :func:`verify_jwt` receives ``now``.
   base64url without padding, UTF-8 JSON objects, no duplicate keys, bounded
   nesting). The result may only narrow the candidate providers by ``iss``.
   The JOSE header's parse is memoised per distinct header segment (bounded);
-  a memoised header is a shared read-only mapping.
+  a memoised header is a shared read-only mapping. The signature segment is
+  decoded here (that is its base64url check) and kept for :func:`verify_jwt`.
 * :class:`KeySet` turns a JWKS document into ``PyJWK`` objects keyed by
   ``(kid, alg)``, once, with each key bound to the algorithms of its family that
   the provider allows. ``oct`` keys from a JWKS are always dropped; HMAC keys
@@ -14,7 +15,9 @@ No trio, no httpx, no clock of its own: :func:`verify_jwt` receives ``now``.
 * :func:`verify_jwt` checks ``alg`` against the allow-list, refuses ``crit``,
   applies the ``typ`` policy, looks the key up (never from ``jku``/``x5u``/
   ``jwk``/``x5c``), verifies the signature over the signing input with the
-  key's PyJWT algorithm object (built once per JWKS), and then checks the
+  key's PyJWT algorithm object (built once per JWKS; RS256/384/512 call
+  ``cryptography`` as that object would, with a padding and hash built once),
+  and then checks the
   claims :func:`peek` already parsed — exact ``iss``, ``sub``/``jti`` types and
   the time claims — so a token's JSON is decoded once — and finally that the
   token is a plain bearer access token (:func:`bearer_problem`: no ``cnf``,
