@@ -272,3 +272,19 @@ async def test_a_listed_claim_is_in_the_introspection_answer_cached_or_fresh() -
     replies = [introspection_reply(await engine.authenticate(req)) for _ in range(2)]
     assert lookup.verifiers["a"].calls == 1 and replies[0] == replies[1]
     assert b'"groups":["mail","staff"]' in replies[0].body and b"jti" not in replies[0].body
+
+
+def test_entries_of_new_tokens_share_their_issuer_and_entry() -> None:
+    """Two new tokens of one user ending in the same second: one entry, one iss string."""
+    cache = VerificationCache(CacheConfig(), clock=lambda: 1000.0)
+    entries = []
+    for i in range(2):
+        iss = "".join(["https://idp.example.org/", "tenant"])  # a new string each time
+        claims = {"iss": iss, "sub": "alice", "exp": 2000, "jti": f"j{i}"}
+        cache.keep({"p": frozenset({"iss", "sub", "exp"})})
+        cache.store(bytes([i]) * 32 + b"tp", "p", VerifiedClaims(claims, {}, 2000.0), iss)
+        entry = cache.lookup(bytes([i]) * 32 + b"tp")
+        assert entry is not None
+        entries.append(entry)
+    assert entries[0].iss is entries[1].iss
+    assert entries[0] is entries[1]

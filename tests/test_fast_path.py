@@ -427,14 +427,20 @@ def test_cache_key_separates_provider_kind_and_token() -> None:
     assert secret.encode() not in cache_key("a", Lookup.TOKEN, token_digest(secret))
 
 
-def test_peeked_claim_names_and_short_values_are_shared() -> None:
-    a, b = peek(token(iss=A, aud="web", jti="x" * 10)), peek(token(iss=A, aud="web", jti="y" * 10))
-    assert isinstance(a, UnverifiedToken) and isinstance(b, UnverifiedToken)
-    name_a = next(k for k in a.claims if k == "aud")
-    name_b = next(k for k in b.claims if k == "aud")
-    assert name_a is name_b
-    assert a.claims["iss"] is b.claims["iss"]
-    assert a.claims["jti"] != b.claims["jti"]
+def test_cached_claim_names_and_short_values_are_shared() -> None:
+    """What the cache keeps of two tokens shares their claim names and short values."""
+    kept = []
+    for jti in ("x" * 10, "y" * 10):
+        peeked = peek(token(iss=A, aud="web", jti=jti))
+        assert isinstance(peeked, UnverifiedToken)
+        result = vcache.compact(VerifiedClaims(peeked.claims, peeked.header, 2e9))
+        assert isinstance(result, VerifiedClaims)
+        kept.append(result.claims)
+    a, b = kept
+    assert a is not b  # their jti differ: two claims objects
+    assert next(k for k in a if k == "aud") is next(k for k in b if k == "aud")
+    assert a["iss"] is b["iss"]
+    assert a["jti"] != b["jti"]
 
 
 def test_memoised_ip_parsing_agrees() -> None:
@@ -496,29 +502,26 @@ class _Calls:
 class _Parses:
     """Counts the JWT payloads :func:`peek` decodes (one per token parsed).
 
-    Counted through ``providers/jwt.py``'s module-level decoder, which the
+    Counted through ``providers/jwt.py``'s module-level JSON scanner, which the
     compiled build looks up at run time too (a patched ``engine.peek`` would
     not be seen by a compiled engine, which calls ``peek`` directly). JOSE
     headers (memoised; they have ``alg``) are not counted.
     """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import json
 
         from saslauthd_oidc.providers import jwt as jwt_mod
 
-        strict = jwt_mod._STRICT_DECODER
-        outer = self
+        strict = jwt_mod._strict_scan
         self.count = 0
 
-        class Counting(json.JSONDecoder):
-            def decode(self, s: str, *args: Any, **kwargs: Any) -> Any:
-                value = strict.decode(s)
-                if not (isinstance(value, dict) and "alg" in value):
-                    outer.count += 1
-                return value
+        def counting(s: str, idx: int) -> tuple[Any, int]:
+            value, end = strict(s, idx)
+            if not (isinstance(value, dict) and "alg" in value):
+                self.count += 1
+            return value, end
 
-        monkeypatch.setattr(jwt_mod, "_STRICT_DECODER", Counting())
+        monkeypatch.setattr(jwt_mod, "_strict_scan", counting)
 
 
 def _count_timers(monkeypatch: pytest.MonkeyPatch) -> list[_Calls]:
@@ -963,20 +966,18 @@ async def test_a_finish_that_raises_fails_that_request_only(
 def test_unique_tokens_sharing_a_header_decode_its_json_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import json
 
     from saslauthd_oidc.providers import jwt as jwt_mod
     from tests.support import token as signed_token
 
     decoded: list[str] = []
-    strict = jwt_mod._STRICT_DECODER
+    strict = jwt_mod._strict_scan
 
-    class Counting(json.JSONDecoder):
-        def decode(self, s: str, *args: Any, **kwargs: Any) -> Any:
-            decoded.append(s)
-            return strict.decode(s)
+    def counting(s: str, idx: int) -> tuple[Any, int]:
+        decoded.append(s)
+        return strict(s, idx)
 
-    monkeypatch.setattr(jwt_mod, "_STRICT_DECODER", Counting())
+    monkeypatch.setattr(jwt_mod, "_strict_scan", counting)
     jwt_mod._header_memo.clear()
     tokens = [signed_token("RS256", jti=f"unique-{i}") for i in range(10)]
     assert len(set(tokens)) == 10
@@ -985,3 +986,57 @@ def test_unique_tokens_sharing_a_header_decode_its_json_once(
     headers = [text for text in decoded if '"alg"' in text]
     assert len(headers) == 1
     assert len(decoded) == 11  # one header, ten payloads
+
+
+class _Calls64:
+    """Counts ``binascii.a2b_base64`` calls (looked up at run time by both builds)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import binascii
+
+        real = binascii.a2b_base64
+        self.count = 0
+
+        def counting(data: Any, *args: Any, **kwargs: Any) -> bytes:
+            self.count += 1
+            return real(data, *args, **kwargs)
+
+        monkeypatch.setattr(binascii, "a2b_base64", counting)
+
+
+async def test_a_new_jwt_is_decoded_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new JWT through the engine and a provider with keys: payload and signature
+    base64-decoded once each, the payload JSON-scanned once (the header is memoised)."""
+    import time
+
+    from saslauthd_oidc.providers.jwt import KeySet
+
+    issuer = DevIssuer(algorithms=("RS256",))
+    iss = "https://idp.example.org"
+    cfg = parse_config(
+        {
+            "provider": [{"name": "p", "issuer": iss, "jwks_uri": iss + "/jwks.json"}],
+            "rule": [{"name": "r", "provider": "p", "audiences": ["mail"]}],
+        }
+    )
+    async with make_http_client(timeout=2.0) as client:
+        p = OidcProvider(cfg.providers[0], client)
+        p._keys.jwks = KeySet.from_jwks(issuer.jwks(), cfg.providers[0].algorithms)
+        p._keys.loaded_at = time.time()
+
+        class One:
+            def get(self, name: str) -> OidcProvider:
+                return p
+
+        engine = Engine(cfg, One())
+        tokens = [issuer.mint(alg="RS256", claims={"iss": iss}) for _ in range(4)]
+        first = engine.start(request(tokens[0]))
+        assert isinstance(first, Verdict) and first.ok  # the header is memoised now
+        decodes, parses = _Calls64(monkeypatch), _Parses(monkeypatch)
+        for tok in tokens[1:]:
+            verdict = engine.start(request(tok))
+            assert isinstance(verdict, Verdict) and verdict.ok
+        assert decodes.count == 2 * 3  # payload and signature, once each
+        assert parses.count == 3
+        assert isinstance(engine.start(request(tokens[1])), Verdict)  # cached: nothing decoded
+        assert (decodes.count, parses.count) == (6, 3)

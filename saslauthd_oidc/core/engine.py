@@ -193,9 +193,27 @@ class _Decision:
     digest: bytes
     known: dict[bytes, Result]  # answers at hand, by cache key
     trace: list[RuleTrace]
+    #: The cache was asked for every candidate's token entry in this step and
+    #: had none (so :meth:`Engine._answer` need not ask it again).
+    missed: bool = False
 
 
 _NO_HIT: Any = object()
+
+
+def _refused(
+    trace: list[RuleTrace], rule: RuleConfig, refusal: Refusal, hint: DiscoveryHint
+) -> Verdict:
+    """The verdict of a rule that holds for the token but refuses its account."""
+    trace.append(RuleTrace(rule.name, False, refusal.reason, refusal.detail))
+    return Verdict(
+        reason=refusal.reason,
+        rule=rule.name,
+        provider=rule.provider,
+        detail=refusal.detail,
+        hint=hint,
+        trace=tuple(trace),
+    )
 
 
 class Authenticates(Protocol):
@@ -354,10 +372,6 @@ class Engine:
                 trace=tuple(trace),
             )
         hint = self._hints[id(candidates[0])]
-
-        def refuse(reason: Reason, detail: str) -> Verdict:
-            return Verdict(reason=reason, detail=detail, hint=hint, trace=tuple(trace))
-
         token = request.credentials.token
         d = _Decision(request, token, digest, dict(answers) if answers else {}, trace)
         iss = self._cached_issuer(candidates, d)
@@ -389,7 +403,12 @@ class Engine:
                 hint = self._hints[id(rule)]
                 break
         if not by_issuer:
-            return refuse(Reason.UNKNOWN_ISSUER, "no rule's provider has the token's issuer")
+            return Verdict(
+                reason=Reason.UNKNOWN_ISSUER,
+                detail="no rule's provider has the token's issuer",
+                hint=hint,
+                trace=tuple(trace),
+            )
         return self._select(d, by_issuer, unverified, iss, hint)
 
     def _cached_issuer(self, candidates: list[RuleConfig], d: _Decision) -> Any:
@@ -404,6 +423,7 @@ class Engine:
             if entry is not None:
                 d.known[key] = entry.result
                 return _NO_HIT if entry.iss is OPAQUE else entry.iss
+        d.missed = True
         return _NO_HIT
 
     def _opaque(
@@ -452,17 +472,19 @@ class Engine:
         answer = d.known.get(key)
         if answer is not None:
             return answer
-        entry = self.cache.lookup(key)
-        if entry is not None:
-            return entry.result
+        if lookup is Lookup.USERINFO or not d.missed:
+            # (d.missed: this token entry was looked up in this step, and absent.)
+            entry = self.cache.lookup(key)
+            if entry is not None:
+                return entry.result
         if isinstance(unverified, _Unparsed):  # the cache knew it, but not this provider's answer
             unverified = self._reparse(d.token)
-        need = Verification(provider, lookup, key, d.token, unverified, iss)
         if lookup is Lookup.USERINFO or self.cache.in_flight(key):
-            return need  # userinfo is always a call; a flight under way is waited for
+            # userinfo is always a call; a flight under way is waited for
+            return Verification(provider, lookup, key, d.token, unverified, iss)
         result = self.providers.get(provider).verify_now(d.token, unverified)
         if result is None:
-            return need
+            return Verification(provider, lookup, key, d.token, unverified, iss)
         return self.cache.store(key, provider, result, iss)
 
     def _select(
@@ -535,23 +557,11 @@ class Engine:
     ) -> Verdict | Verification | None:
         """The rule's account, or its refusal; None: not this rule after all (try the next)."""
         request, trace = d.request, d.trace
-
-        def refuse(reason: Reason, detail: str) -> Verdict:
-            trace.append(RuleTrace(rule.name, False, reason, detail))
-            return Verdict(
-                reason=reason,
-                rule=rule.name,
-                provider=rule.provider,
-                detail=detail,
-                hint=hint,
-                trace=tuple(trace),
-            )
-
         enriched = self._enrich(d, rule, claims)
         if isinstance(enriched, Verification):
             return enriched
         if isinstance(enriched, Refusal):
-            return refuse(enriched.reason, enriched.detail)
+            return _refused(trace, rule, enriched, hint)
         claims = enriched
         account = map_account(
             rule,
@@ -564,7 +574,7 @@ class Engine:
             assert isinstance(account, str)
             problem = check_authzid(account, request.credentials.authzid, normalize=rule.normalize)
         if problem is not None:
-            return refuse(problem.reason, problem.detail)
+            return _refused(trace, rule, problem, hint)
         assert isinstance(account, str)
         outside = account_domain_mismatch(rule, request, account)
         if outside is not None:

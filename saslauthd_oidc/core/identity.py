@@ -59,29 +59,42 @@ def account_claims(rule: RuleConfig) -> frozenset[str]:
     return frozenset(names)
 
 
+@functools.lru_cache(maxsize=256)
+def _compiled(template: str) -> tuple[tuple[tuple[str, str, tuple[str, ...]], ...], str]:
+    """A template as (literal text before, claim, filter names) per placeholder, and the tail."""
+    parts = []
+    start = 0
+    for m in _PLACEHOLDER.finditer(template):
+        claim, *filters = (part.strip() for part in m.group(1).split("|"))
+        parts.append((template[start : m.start()], claim, tuple(filters)))
+        start = m.end()
+    return tuple(parts), template[start:]
+
+
 def render_username(
     template: str, claims: Mapping[str, Any], *, normalize: bool = True
 ) -> str | Refusal:
-    missing: list[str] = []
-
-    def substitute(m: re.Match[str]) -> str:
-        claim, *filters = (part.strip() for part in m.group(1).split("|"))
+    parts, tail = _compiled(template)
+    out: list[str] = []
+    missing: str | None = None
+    for literal, claim, filters in parts:
+        out.append(literal)
         value = claims.get(claim)
         if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
-            missing.append(claim)
-            return ""
+            if missing is None:
+                missing = claim
+            continue
         text = str(value)
         for f in filters:
             text = FILTERS[f](text)
-        return text
-
-    rendered = _PLACEHOLDER.sub(substitute, template)
-    if missing:
+        out.append(text)
+    if missing is not None:
         return Refusal(
             Reason.IDENTITY_UNMAPPABLE,
-            f"claim {missing[0]!r} is missing or not a string in the verified token",
+            f"claim {missing!r} is missing or not a string in the verified token",
         )
-    return validate_account(rendered, normalize=normalize)
+    out.append(tail)
+    return validate_account("".join(out), normalize=normalize)
 
 
 def email_problem(

@@ -145,8 +145,10 @@ def condition_claims(rule: RuleConfig) -> frozenset[str]:
 
 def claim_mismatch(rule: RuleConfig, claims: Mapping[str, Any]) -> Refusal | None:
     """Why the verified ``claims`` do not satisfy ``rule``'s claim conditions."""
-    audiences = _as_list(claims.get("aud"))
-    if audiences is not None and not all(isinstance(a, str) for a in audiences):
+    aud = claims.get("aud")
+    single = type(aud) is str  # the usual case: one audience, no sets to build
+    audiences = [aud] if single else _as_list(aud)
+    if not single and audiences is not None and not all(isinstance(a, str) for a in audiences):
         return Refusal(Reason.BAD_CLAIM, "aud is not a string or a list of strings")
     azp = claims.get("azp")
     party = azp if azp is not None else claims.get("client_id")
@@ -155,9 +157,9 @@ def claim_mismatch(rule: RuleConfig, claims: Mapping[str, Any]) -> Refusal | Non
     if rule.audiences:
         if not audiences:
             return Refusal(Reason.WRONG_AUDIENCE, "token has no aud")
-        if not set(audiences) & set(rule.audiences):
+        if (aud not in rule.audiences) if single else not set(audiences) & set(rule.audiences):
             return Refusal(Reason.WRONG_AUDIENCE, f"aud {audiences!r} not in rule")
-    if audiences and len(set(audiences)) > 1:
+    if not single and audiences and len(set(audiences)) > 1:
         # OIDC Core 3.1.3.7: with several audiences, azp must name a party we trust.
         trusted = rule.authorized_parties or rule.audiences
         if not isinstance(azp, str) or azp not in trusted:

@@ -6,7 +6,8 @@ No trio, no httpx, no clock of its own: :func:`verify_jwt` receives ``now``.
   base64url without padding, UTF-8 JSON objects, no duplicate keys, bounded
   nesting). The result may only narrow the candidate providers by ``iss``.
   The JOSE header's parse is memoised per distinct header segment (bounded);
-  a memoised header is a shared read-only mapping.
+  a memoised header is a shared read-only mapping. The signature segment is
+  decoded here (that is its base64url check) and kept for :func:`verify_jwt`.
 * :class:`KeySet` turns a JWKS document into ``PyJWK`` objects keyed by
   ``(kid, alg)``, once, with each key bound to the algorithms of its family that
   the provider allows. ``oct`` keys from a JWKS are always dropped; HMAC keys
@@ -14,7 +15,9 @@ No trio, no httpx, no clock of its own: :func:`verify_jwt` receives ``now``.
 * :func:`verify_jwt` checks ``alg`` against the allow-list, refuses ``crit``,
   applies the ``typ`` policy, looks the key up (never from ``jku``/``x5u``/
   ``jwk``/``x5c``), verifies the signature over the signing input with the
-  key's PyJWT algorithm object (built once per JWKS), and then checks the
+  key's PyJWT algorithm object (built once per JWKS; RS256/384/512 call
+  ``cryptography`` as that object would, with a padding and hash built once),
+  and then checks the
   claims :func:`peek` already parsed — exact ``iss``, ``sub``/``jti`` types and
   the time claims — so a token's JSON is decoded once — and finally that the
   token is a plain bearer access token (:func:`bearer_problem`: no ``cnf``,
@@ -32,14 +35,17 @@ import json
 import math
 import re
 import sys
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final
 
 import jwt as pyjwt
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import padding
 from jwt import exceptions as jwt_exc
+from jwt.algorithms import RSAAlgorithm
 
 from saslauthd_oidc.core.outcome import Reason, Refusal
 from saslauthd_oidc.providers.keypolicy import hmac_secret_refusal, jwk_refusal
@@ -77,6 +83,9 @@ class UnverifiedToken:
     #: The compact JWS these were parsed from (set by :func:`peek`), so that
     #: :func:`verify_jwt` can use these claims once the signature over it holds.
     token: str | None = field(default=None, repr=False, compare=False)
+    #: The decoded signature of ``token`` (set by :func:`peek`, which checks it
+    #: is base64url), for the signature check.
+    signature: bytes | None = field(default=None, repr=False, compare=False)
 
     @property
     def issuer(self) -> str | None:
@@ -104,23 +113,17 @@ class _DuplicateKeyError(ValueError):
     pass
 
 
-# Short string values are interned like the names: iss, aud, scope, client_id,
-# the user's sub and email repeat from token to token, and a verified token's
-# claims may sit in the cache for minutes. jti is unique per token by design.
-_INTERN_MAX = 128
-_UNIQUE_VALUES = frozenset({"jti"})
-
-
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        name = sys.intern(key)
-        if name in out:
-            raise _DuplicateKeyError(key)
-        if type(value) is str and len(value) <= _INTERN_MAX and name not in _UNIQUE_VALUES:
-            out[name] = sys.intern(value)
-        else:
-            out[name] = value
+    # The dict at C speed; a shorter dict than the pairs means a repeated name.
+    # (Names and values are not interned here: what the cache keeps of a
+    # verified token is interned when it is compacted.)
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKeyError(key)
+            seen.add(key)
     return out
 
 
@@ -129,9 +132,28 @@ def _reject_constant(name: str) -> Any:
 
 
 # One decoder, built once (json.loads with hooks would build one per call).
+# Its C scanner is called directly (what JSONDecoder.decode does, in one frame).
 _STRICT_DECODER = json.JSONDecoder(
     object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
 )
+#: (text, index) -> (value, end): the scanner, a module-level object (a seam the
+#: compiled build looks up at run time too).
+_strict_scan: Callable[[str, int], tuple[Any, int]] = _STRICT_DECODER.scan_once  # type: ignore[attr-defined]
+_WHITESPACE: Final = re.compile(r"[ \t\n\r]*")
+
+
+def _strict_decode(text: str) -> Any:
+    """``_STRICT_DECODER.decode(text)``: one JSON value, only whitespace around it."""
+    start = _WHITESPACE.match(text, 0)
+    try:
+        value, end = _strict_scan(text, start.end() if start else 0)
+    except StopIteration as err:
+        raise json.JSONDecodeError("Expecting value", text, err.value) from None
+    tail = _WHITESPACE.match(text, end)
+    end = tail.end() if tail else end
+    if end != len(text):
+        raise json.JSONDecodeError("Extra data", text, end)
+    return value
 
 
 def json_depth_ok(text: str, max_depth: int = MAX_JSON_DEPTH) -> bool:
@@ -168,19 +190,27 @@ def strict_json_loads(data: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
     text = data.decode("utf-8")
     if not json_depth_ok(text, max_depth):
         raise ValueError("JSON nested too deeply")
-    return _STRICT_DECODER.decode(text)
+    return _strict_decode(text)
 
 
 # --------------------------------------------------------------------------- peek
 
 
+_FROM_URLSAFE: Final = bytes.maketrans(b"-_", b"+/")
+_PADDING: Final = (b"", b"===", b"==", b"=")
+
+
 def _b64url_decode(segment: str) -> bytes:
     """Decode base64url without padding; raise ValueError on anything else."""
-    if not _B64URL_RE.fullmatch(segment) or len(segment) % 4 == 1:
+    # "+", "/" and "=" are the standard alphabet's and padding: not base64url
+    # without padding, though they would survive the translation below; the
+    # strict decoder refuses every other character.
+    if len(segment) % 4 == 1 or "+" in segment or "/" in segment or "=" in segment:
         raise ValueError("not base64url without padding")
     try:
-        return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    except binascii.Error as exc:  # pragma: no cover - excluded by the regex
+        raw = segment.encode("ascii").translate(_FROM_URLSAFE) + _PADDING[len(segment) % 4]
+        return binascii.a2b_base64(raw, strict_mode=True)
+    except binascii.Error as exc:
         raise ValueError("not base64url") from exc
 
 
@@ -251,7 +281,9 @@ def peek(token: str, *, max_bytes: int = MAX_TOKEN_BYTES) -> UnverifiedToken | R
     head_seg, body_seg, sig_seg = parts
     if len(head_seg) * 3 // 4 > MAX_HEADER_BYTES:
         return Refusal(Reason.MALFORMED_TOKEN, f"JWT header over {MAX_HEADER_BYTES} bytes")
-    if not _B64URL_RE.fullmatch(sig_seg) or len(sig_seg) % 4 == 1:
+    try:
+        signature = _b64url_decode(sig_seg)
+    except ValueError:
         return Refusal(Reason.MALFORMED_TOKEN, "JWT signature is not base64url")
     header = _decode_header(head_seg)
     if isinstance(header, Refusal):
@@ -259,7 +291,7 @@ def peek(token: str, *, max_bytes: int = MAX_TOKEN_BYTES) -> UnverifiedToken | R
     claims = _decode_object(body_seg, "payload")
     if isinstance(claims, Refusal):
         return claims
-    return UnverifiedToken(header=header, claims=claims, token=token)
+    return UnverifiedToken(header, claims, token, signature)
 
 
 # --------------------------------------------------------------------------- key sets
@@ -414,7 +446,12 @@ def _key_label(index: int, jwk: Any) -> str:
 # --------------------------------------------------------------------------- verification
 
 
+_FLOAT_MAX_INT: Final = int(sys.float_info.max)
+
+
 def _is_number(value: Any) -> bool:
+    if type(value) is int and 0 <= value <= _FLOAT_MAX_INT:
+        return True  # the usual case: a JSON integer (a larger one fails below, as ever)
     return (
         isinstance(value, int | float)
         and not isinstance(value, bool)
@@ -428,10 +465,14 @@ def check_time_claims(claims: Mapping[str, Any], *, now: float, leeway: float) -
     exp = claims.get("exp")
     if exp is None:
         return Refusal(Reason.BAD_CLAIM, "exp claim missing")
-    for name in ("exp", "nbf", "iat"):
-        if name in claims and not _is_number(claims[name]):
-            return Refusal(Reason.BAD_CLAIM, f"{name} claim is not a non-negative number")
     nbf, iat = claims.get("nbf"), claims.get("iat")
+    # A present claim whose JSON value is null is not a number either.
+    if not _is_number(exp):
+        return Refusal(Reason.BAD_CLAIM, "exp claim is not a non-negative number")
+    if (nbf is not None or "nbf" in claims) and not _is_number(nbf):
+        return Refusal(Reason.BAD_CLAIM, "nbf claim is not a non-negative number")
+    if (iat is not None or "iat" in claims) and not _is_number(iat):
+        return Refusal(Reason.BAD_CLAIM, "iat claim is not a non-negative number")
     if iat is not None and exp < iat:
         return Refusal(Reason.BAD_CLAIM, "exp is before iat")
     if nbf is not None and exp < nbf:
@@ -477,18 +518,41 @@ def check_header(
     return None
 
 
-def _check_signature(token: str, key: pyjwt.PyJWK, alg: str) -> Refusal | None:
+# PyJWT's RS256/384/512 algorithm class (not its RSA-PSS subclass), and the
+# padding and hashes it would build on every verify: they hold no state.
+_RSA: Final = RSAAlgorithm
+_PKCS1V15: Final = padding.PKCS1v15()
+_RSA_PKCS1_HASHES: Final[dict[Any, hashes.HashAlgorithm]] = {
+    hashes.SHA256: hashes.SHA256(),
+    hashes.SHA384: hashes.SHA384(),
+    hashes.SHA512: hashes.SHA512(),
+}
+
+
+def _check_signature(
+    token: str, key: pyjwt.PyJWK, alg: str, signature: bytes | None = None
+) -> Refusal | None:
     """Verify the JWS signature over the signing input with the key's own algorithm object.
 
     The key was built for exactly ``alg`` (:class:`KeySet` binds every key to one
     algorithm of its family); a key bound to another algorithm is refused.
+    ``signature``: the token's, decoded already (by :func:`peek`).
     """
     if key.algorithm_name != alg:
         return Refusal(Reason.UNSUPPORTED_ALGORITHM, "algorithm does not fit the key")
     signing_input, _, sig_seg = token.rpartition(".")
     try:
-        signature = _b64url_decode(sig_seg)
-        valid = key.Algorithm.verify(signing_input.encode("ascii"), key.key, signature)
+        if signature is None:
+            signature = _b64url_decode(sig_seg)
+        algorithm = key.Algorithm
+        rsa_hash = _RSA_PKCS1_HASHES.get(algorithm.hash_alg) if type(algorithm) is _RSA else None
+        if rsa_hash is not None:
+            # What PyJWT's RSAAlgorithm.verify does, without building a padding
+            # and a hash object per call; InvalidSignature is caught below.
+            key.key.verify(signature, signing_input.encode("ascii"), _PKCS1V15, rsa_hash)
+            valid = True
+        else:
+            valid = algorithm.verify(signing_input.encode("ascii"), key.key, signature)
     except (ValueError, TypeError, InvalidSignature):
         valid = False
     except jwt_exc.PyJWTError:
@@ -534,6 +598,8 @@ SCOPE_CLAIMS = ("scope", "scp", "roles")
 _KEYCLOAK_ACCESS = "bearer"
 _KEYCLOAK_ID = "id"
 _KEYCLOAK_OTHER = frozenset({"refresh", "offline", "logout"})
+_CLIENT_OR_SCOPE: Final = frozenset((*CLIENT_CLAIMS, *SCOPE_CLAIMS))
+_ID_TOKEN_CLAIMS: Final = frozenset(ID_TOKEN_CLAIMS)
 
 
 def bearer_problem(claims: Mapping[str, Any], *, accept_id_tokens: bool) -> Refusal | None:
@@ -561,10 +627,14 @@ def bearer_problem(claims: Mapping[str, Any], *, accept_id_tokens: bool) -> Refu
         return Refusal(Reason.WRONG_TOKEN_TYPE, f"typ claim {kind!r}: not an access token")
     if kind == _KEYCLOAK_ACCESS or accept_id_tokens:
         return None
+    names = claims.keys()
+    has_client = not names.isdisjoint(_CLIENT_OR_SCOPE)
+    if has_client and kind != _KEYCLOAK_ID and names.isdisjoint(_ID_TOKEN_CLAIMS):
+        return None  # the usual access token: nothing below applies
     markers = [name for name in ID_TOKEN_CLAIMS if name in claims]
     if kind == _KEYCLOAK_ID:
         markers.insert(0, "typ ID")
-    if not any(name in claims for name in (*CLIENT_CLAIMS, *SCOPE_CLAIMS)):
+    if not has_client:
         markers.append("no client_id, azp or scope: the client only in aud")
     if markers:
         return Refusal(
@@ -606,7 +676,7 @@ def verify_jwt(
         if reparsed.header != header:
             return Refusal(Reason.MALFORMED_TOKEN, "token differs from the peek")
         unverified = reparsed
-    refused = _check_signature(token, key, alg)
+    refused = _check_signature(token, key, alg, unverified.signature)
     if refused is not None:
         return refused
     claims = unverified.claims

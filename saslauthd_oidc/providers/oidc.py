@@ -294,27 +294,31 @@ class OidcProvider:
         """
         if unverified is None or self.config.force_introspection:
             return None
-        if self.needs_jwks and (
-            self._keys.jwks is None
-            or self._clock() - self._keys.loaded_at >= self._keys.jwks_lifetime
-        ):
-            return None
-        keys = self._keyset()
+        cache = self._keys
+        jwks = cache.jwks
+        keys: KeySet | None
+        if self._asymmetric:  # needs_jwks
+            if jwks is None or self._clock() - cache.loaded_at >= cache.jwks_lifetime:
+                return None
+            keys = jwks if self._hmac is None else jwks.merged(self._hmac)
+        else:
+            keys = self._keyset()
         if keys is None:
             return None
         result = self._verify_with(token, unverified, keys)
-        if self._should_refetch(result, unverified):
+        if type(result) is Refusal and self._should_refetch(result, unverified):
             return None
         return result
 
     def _verify_with(
         self, token: str, unverified: UnverifiedToken, keys: KeySet
     ) -> VerifiedClaims | Refusal:
-        issuer = self.config.issuer
+        config = self.config
+        issuer = config.issuer
         tenant: str | None = None
-        if self.config.multi_tenant:
+        if config.multi_tenant:
             iss = unverified.claims.get("iss")
-            tenant = tenant_of(self.config, iss)
+            tenant = tenant_of(config, iss)
             if tenant is None or not isinstance(iss, str):
                 return Refusal(Reason.WRONG_ISSUER, "iss is not an allowed tenant's issuer")
             issuer = iss
@@ -323,11 +327,11 @@ class OidcProvider:
             unverified,
             keys,
             issuer=issuer,
-            algorithms=self.config.algorithms,
-            leeway=self.config.leeway,
-            token_types=self.config.token_types,
+            algorithms=config.algorithms,
+            leeway=config.leeway,
+            token_types=config.token_types,
             now=self._clock(),
-            accept_id_tokens=self.config.accept_id_tokens,
+            accept_id_tokens=config.accept_id_tokens,
         )
         if tenant is not None and isinstance(result, VerifiedClaims):
             tid = result.claims.get("tid")

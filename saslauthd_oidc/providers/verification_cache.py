@@ -35,6 +35,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import math
+import operator
 import sys
 import time
 from collections import OrderedDict
@@ -154,27 +155,67 @@ class CompactClaims(Mapping[str, Any]):
         return f"CompactClaims({dict(self)!r})"
 
 
+# Per (kept names, a token's claim names in order): the names an entry keeps,
+# their layout, and a getter of their values. Derived from the two, so it is
+# started afresh when full.
+_Layout = tuple[tuple[str, ...], dict[str, int], Callable[[Mapping[str, Any]], tuple[Any, ...]]]
+_layouts: dict[tuple[Kept, tuple[str, ...]], _Layout] = {}
+
+
+def _getter(names: tuple[str, ...]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
+    if len(names) >= 2:
+        get: Callable[[Mapping[str, Any]], tuple[Any, ...]] = operator.itemgetter(*names)
+        return get  # a C getter of a tuple (itemgetter of one name gives a bare value)
+    return lambda claims: tuple([claims[n] for n in names])
+
+
 def _compact_claims(claims: Mapping[str, Any], kept: Kept) -> Mapping[str, Any]:
     if isinstance(claims, CompactClaims) and kept is None:
         return claims
-    names = tuple(claims) if kept is None else tuple(n for n in claims if n in kept)
-    index = _shapes.get(names)
-    if index is None:
-        if len(_shapes) >= MAX_SHAPES:
-            return MappingProxyType({n: claims[n] for n in names})
-        index = _shapes[names] = {sys.intern(n): i for i, n in enumerate(names)}
-    values = tuple([claims[n] for n in names])
+    order = tuple(claims)
+    layout = _layouts.get((kept, order))
+    if layout is None:
+        names = order if kept is None else tuple(n for n in order if n in kept)
+        index = _shapes.get(names)
+        if index is None:
+            if len(_shapes) >= MAX_SHAPES:
+                return MappingProxyType({n: claims[n] for n in names})
+            index = _shapes[names] = {sys.intern(n): i for i, n in enumerate(names)}
+        if len(_layouts) >= MAX_SHARED:
+            _layouts.clear()
+        layout = _layouts[(kept, order)] = (names, index, _getter(names))
+    names, index, get = layout
+    values = get(claims)
     # With the types: 1 == True == 1.0 as dict keys, but email_verified = 1 is not true.
-    key = (names, values, tuple([type(v) for v in values]))
+    key = (names, values, tuple(map(type, values)))
     try:
         shared = _shared_claims.get(key)
     except TypeError:  # a value that cannot be hashed (a list, an object): not shared
-        return CompactClaims(index, values)
+        return CompactClaims(index, _interned(names, values))
     if shared is None:
         if len(_shared_claims) >= MAX_SHARED:
             _shared_claims.clear()
-        shared = _shared_claims[key] = CompactClaims(index, values)
+        values = _interned(names, values)
+        shared = _shared_claims[(names, values, key[2])] = CompactClaims(index, values)
     return shared
+
+
+# Short string values are interned: iss, aud, scope, client_id, the user's sub
+# and email repeat from token to token, and an entry may live for minutes.
+# Only when a claims object is made (rare: one per user's set of values).
+_INTERN_MAX = 128
+_UNIQUE_VALUES = frozenset({"jti"})
+
+
+def _interned(names: tuple[str, ...], values: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(
+        [
+            sys.intern(v)
+            if type(v) is str and len(v) <= _INTERN_MAX and n not in _UNIQUE_VALUES
+            else v
+            for n, v in zip(names, values, strict=True)
+        ]
+    )
 
 
 def compact(result: Result, kept: Kept = None) -> Result:
@@ -332,6 +373,10 @@ class VerificationCache:
         until = float(math.floor(until))  # never later than exp; lets entries be shared
         if until <= now:
             return
+        if type(iss) is str:
+            # The peeked iss is a fresh string per token: one object for them
+            # all keeps an entry small and lets entries alike be one.
+            iss = sys.intern(iss)
         alike = (id(result), until, id(iss))
         entry = self._alike.get(alike)
         if entry is None or entry.result is not result or entry.iss is not iss:
